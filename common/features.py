@@ -1,0 +1,294 @@
+"""The Arrow feature schema of the data plane and its zero-copy torch codec.
+
+Legend (shapes):  T tokens of one sample, N tokens of one record batch (sum of T),
+H target hidden size, K top-k width.
+
+One record batch row is one *chunk* of one sample (a long sample may span several rows, in
+order, so record batches stay a few MiB even at H=8192):
+
+    sample_id   int64
+    start       int32          index of the chunk's first token within the sample
+    num_tokens  int32          total tokens of the sample (chunks are complete at start+len == num_tokens)
+    aux         list<fixed_size_list<E, 3H>>   aux hidden states of the chunk, [t, 3H]
+    teacher     list<fixed_size_list<E, H>>    final normed hidden state, [t, H]   (teacher=hidden)
+    topk_ids    list<fixed_size_list<int32, K>>                                   (teacher=topk)
+    topk_logprobs list<fixed_size_list<float32, K>>                               (teacher=topk)
+
+E is the storage type of the wire dtype: uint16 for bfloat16/float16 (Arrow has no bfloat16),
+float32 for float32. Schema metadata carries `specrelay.schema_version`, `specrelay.dtype`,
+`specrelay.hidden_size`, `specrelay.teacher`.
+
+Decoding never copies: the fixed-size-list child buffer of a column is one contiguous
+[N, width] array; `torch.frombuffer` over the Arrow buffer gives a tensor whose data pointer is
+the buffer's address (tests check this), and per-row tensors are slices of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from common.errors import SchemaError
+
+FEATURE_SCHEMA_VERSION = 1
+
+_META_VERSION = b"specrelay.schema_version"
+_META_DTYPE = b"specrelay.dtype"
+_META_HIDDEN = b"specrelay.hidden_size"
+_META_TEACHER = b"specrelay.teacher"
+_META_TOPK = b"specrelay.topk"
+
+WIRE_DTYPES: dict[str, tuple[torch.dtype, pa.DataType]] = {
+    "bfloat16": (torch.bfloat16, pa.uint16()),
+    "float16": (torch.float16, pa.uint16()),
+    "float32": (torch.float32, pa.float32()),
+}
+_TORCH_TO_WIRE = {v[0]: k for k, v in WIRE_DTYPES.items()}
+
+
+def wire_dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+        name = aliases.get(dtype, dtype)
+        if name not in WIRE_DTYPES:
+            raise SchemaError(f"unsupported wire dtype {dtype!r}; use one of {list(WIRE_DTYPES)}")
+        return name
+    if dtype not in _TORCH_TO_WIRE:
+        raise SchemaError(f"unsupported wire dtype {dtype}; use one of {list(WIRE_DTYPES)}")
+    return _TORCH_TO_WIRE[dtype]
+
+
+def _storage_np_dtype(storage: pa.DataType) -> np.dtype:
+    return np.dtype(storage.to_pandas_dtype())
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    hidden_size: int
+    dtype: str  # wire dtype name
+    teacher: str = "hidden"  # "hidden" | "topk"
+    topk: int = 0
+
+    def arrow(self) -> pa.Schema:
+        storage = WIRE_DTYPES[self.dtype][1]
+        H = self.hidden_size
+        fields = [
+            pa.field("sample_id", pa.int64(), nullable=False),
+            pa.field("start", pa.int32(), nullable=False),
+            pa.field("num_tokens", pa.int32(), nullable=False),
+            pa.field("aux", pa.list_(pa.list_(storage, 3 * H)), nullable=False),
+        ]
+        if self.teacher == "hidden":
+            fields.append(pa.field("teacher", pa.list_(pa.list_(storage, H)), nullable=False))
+        elif self.teacher == "topk":
+            fields.append(pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), self.topk)), nullable=False))
+            fields.append(pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32(), self.topk)), nullable=False))
+        else:
+            raise SchemaError(f"unknown teacher mode {self.teacher!r}")
+        meta = {
+            _META_VERSION: str(FEATURE_SCHEMA_VERSION).encode(),
+            _META_DTYPE: self.dtype.encode(),
+            _META_HIDDEN: str(H).encode(),
+            _META_TEACHER: self.teacher.encode(),
+            _META_TOPK: str(self.topk).encode(),
+        }
+        return pa.schema(fields, metadata=meta)
+
+    @classmethod
+    def from_arrow(cls, schema: pa.Schema) -> "FeatureSchema":
+        meta = schema.metadata or {}
+        try:
+            version = int(meta[_META_VERSION])
+        except (KeyError, ValueError):
+            raise SchemaError("feature batch has no specrelay.schema_version metadata: not a SpecRelay feature stream") from None
+        if version != FEATURE_SCHEMA_VERSION:
+            raise SchemaError(
+                f"feature schema version {version} from the server, but this trainer speaks version "
+                f"{FEATURE_SCHEMA_VERSION}: upgrade the older side"
+            )
+        out = cls(
+            hidden_size=int(meta[_META_HIDDEN]),
+            dtype=meta[_META_DTYPE].decode(),
+            teacher=meta[_META_TEACHER].decode(),
+            topk=int(meta.get(_META_TOPK, b"0")),
+        )
+        if not out.arrow().equals(schema, check_metadata=False):
+            raise SchemaError(f"feature batch schema does not match its metadata:\n{schema}")
+        return out
+
+
+@dataclass
+class SampleFeatures:
+    """Features for one sample (or one chunk of it). Tensors may be views of Arrow buffers."""
+
+    sample_id: int
+    start: int
+    num_tokens: int
+    aux_T3H: torch.Tensor
+    teacher_TH: torch.Tensor | None = None
+    topk_ids_TK: torch.Tensor | None = None
+    topk_logprobs_TK: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.aux_T3H.shape[0]
+
+
+def _tensor_to_storage_np(x: torch.Tensor, dtype_name: str) -> np.ndarray:
+    torch_dtype, storage = WIRE_DTYPES[dtype_name]
+    x = x.detach().to(device="cpu", dtype=torch_dtype).contiguous()
+    if storage == pa.uint16():
+        x = x.view(torch.uint16) if hasattr(torch, "uint16") else x.view(torch.int16)
+    return x.numpy().reshape(-1)
+
+
+def _nested_list(flat: np.ndarray, width: int, lengths: list[int], storage: pa.DataType) -> pa.Array:
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.view(_storage_np_dtype(storage)), type=storage), width)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.RecordBatch:
+    """Build one record batch from sample chunks (server side; one copy into Arrow memory)."""
+    if not rows:
+        raise SchemaError("cannot encode an empty feature batch")
+    H = schema.hidden_size
+    lengths = [r.length for r in rows]
+    for r in rows:
+        if r.aux_T3H.ndim != 2 or r.aux_T3H.shape[1] != 3 * H:
+            raise SchemaError(f"sample {r.sample_id}: aux must be [T, {3 * H}], got {tuple(r.aux_T3H.shape)}")
+    aux = _tensor_to_storage_np(torch.cat([r.aux_T3H for r in rows]), schema.dtype)
+    storage = WIRE_DTYPES[schema.dtype][1]
+    arrays = [
+        pa.array([r.sample_id for r in rows], pa.int64()),
+        pa.array([r.start for r in rows], pa.int32()),
+        pa.array([r.num_tokens for r in rows], pa.int32()),
+        _nested_list(aux, 3 * H, lengths, storage),
+    ]
+    if schema.teacher == "hidden":
+        for r in rows:
+            if r.teacher_TH is None or tuple(r.teacher_TH.shape) != (r.length, H):
+                got = None if r.teacher_TH is None else tuple(r.teacher_TH.shape)
+                raise SchemaError(f"sample {r.sample_id}: teacher must be [{r.length}, {H}], got {got}")
+        teacher = _tensor_to_storage_np(torch.cat([r.teacher_TH for r in rows]), schema.dtype)
+        arrays.append(_nested_list(teacher, H, lengths, storage))
+    else:
+        K = schema.topk
+        ids = torch.cat([r.topk_ids_TK for r in rows]).to(torch.int32).contiguous().numpy().reshape(-1)
+        lps = torch.cat([r.topk_logprobs_TK for r in rows]).to(torch.float32).contiguous().numpy().reshape(-1)
+        arrays.append(_nested_list(ids, K, lengths, pa.int32()))
+        arrays.append(_nested_list(lps, K, lengths, pa.float32()))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema.arrow())
+
+
+def _column_tensor(col: pa.Array, width: int, torch_dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """Zero-copy: list<fixed_size_list<E,width>> column -> ([N, width] tensor view, row offsets)."""
+    if col.null_count:
+        raise SchemaError("feature column has nulls")
+    inner = col.values  # FixedSizeListArray child of the whole (unsliced) column
+    values = inner.values
+    buf = values.buffers()[1]
+    itemsize = values.type.bit_width // 8
+    first = (inner.offset * width + values.offset)
+    n_rows = len(inner)
+    count = n_rows * width
+    if count == 0:
+        flat = torch.empty(0, dtype=torch_dtype)
+    else:
+        # numpy reads Arrow's (read-only) buffer protocol without copying; torch shares numpy's memory.
+        arr = np.frombuffer(buf, dtype=_storage_np_dtype(values.type), count=count, offset=first * itemsize)
+        flat = torch.from_numpy(arr).view(torch_dtype)
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
+    # Offsets index the whole child array (`col.values` ignores a slice's offset), so keep them absolute.
+    return flat.view(n_rows, width), offsets
+
+
+def decode_batch(batch: pa.RecordBatch) -> list[SampleFeatures]:
+    """Record batch -> per-row SampleFeatures whose tensors are views of the Arrow buffers.
+
+    The tensors share memory with `batch` (keep the batch alive, or copy, before mutating).
+    """
+    schema = FeatureSchema.from_arrow(batch.schema)
+    torch_dtype = WIRE_DTYPES[schema.dtype][0]
+    H = schema.hidden_size
+    import warnings
+
+    with warnings.catch_warnings():
+        # from_numpy warns that Arrow buffers are read-only; we never write through these views.
+        warnings.simplefilter("ignore", UserWarning)
+        aux, offs = _column_tensor(batch.column("aux"), 3 * H, torch_dtype)
+        cols = {}
+        if schema.teacher == "hidden":
+            cols["teacher_TH"], _ = _column_tensor(batch.column("teacher"), H, torch_dtype)
+        else:
+            cols["topk_ids_TK"], _ = _column_tensor(batch.column("topk_ids"), schema.topk, torch.int32)
+            cols["topk_logprobs_TK"], _ = _column_tensor(batch.column("topk_logprobs"), schema.topk, torch.float32)
+    ids = batch.column("sample_id").to_numpy()
+    starts = batch.column("start").to_numpy()
+    totals = batch.column("num_tokens").to_numpy()
+    out = []
+    for i in range(batch.num_rows):
+        a, b = int(offs[i]), int(offs[i + 1])
+        out.append(SampleFeatures(
+            sample_id=int(ids[i]), start=int(starts[i]), num_tokens=int(totals[i]), aux_T3H=aux[a:b],
+            **{k: v[a:b] for k, v in cols.items()},
+        ))
+    return out
+
+
+def split_rows(row: SampleFeatures, max_tokens: int) -> list[SampleFeatures]:
+    """Split one sample's features into chunks of at most max_tokens rows (views, no copy)."""
+    if row.length <= max_tokens:
+        return [row]
+    out = []
+    for s in range(0, row.length, max_tokens):
+        e = min(s + max_tokens, row.length)
+        out.append(SampleFeatures(
+            sample_id=row.sample_id, start=row.start + s, num_tokens=row.num_tokens, aux_T3H=row.aux_T3H[s:e],
+            teacher_TH=None if row.teacher_TH is None else row.teacher_TH[s:e],
+            topk_ids_TK=None if row.topk_ids_TK is None else row.topk_ids_TK[s:e],
+            topk_logprobs_TK=None if row.topk_logprobs_TK is None else row.topk_logprobs_TK[s:e],
+        ))
+    return out
+
+
+class SampleAssembler:
+    """Joins the chunks of each sample, in order, as they arrive from a stream.
+
+    A sample that arrived in one chunk is returned as-is (still a zero-copy view); a sample that
+    spanned several chunks is concatenated once.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[int, list[SampleFeatures]] = {}
+        self._have: dict[int, int] = {}
+
+    def add(self, row: SampleFeatures) -> SampleFeatures | None:
+        have = self._have.get(row.sample_id, 0)
+        if row.start != have:
+            raise SchemaError(f"sample {row.sample_id}: chunk starts at token {row.start}, expected {have}")
+        if row.start == 0 and row.length == row.num_tokens:
+            return row
+        self._parts.setdefault(row.sample_id, []).append(row)
+        self._have[row.sample_id] = have + row.length
+        if self._have[row.sample_id] < row.num_tokens:
+            return None
+        parts = self._parts.pop(row.sample_id)
+        del self._have[row.sample_id]
+
+        def cat(name: str) -> torch.Tensor | None:
+            ts = [getattr(p, name) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        return SampleFeatures(
+            sample_id=row.sample_id, start=0, num_tokens=row.num_tokens, aux_T3H=cat("aux_T3H"),
+            teacher_TH=cat("teacher_TH"), topk_ids_TK=cat("topk_ids_TK"), topk_logprobs_TK=cat("topk_logprobs_TK"),
+        )
+
+    @property
+    def pending(self) -> list[int]:
+        return list(self._parts)

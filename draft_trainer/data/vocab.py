@@ -1,0 +1,110 @@
+"""The draft vocabulary: which Vd of the V target tokens the draft can emit.
+
+`used` = the Vd most frequent target ids at supervised positions (padded with unseen ids when
+fewer were seen), sorted ascending. SGLang's format stores it as two buffers:
+  d2t[i] = used[i] - i   (int64 [Vd]; SGLang rebuilds hot_token_id = d2t + arange(Vd))
+  t2d[j] = j in used     (bool [V])
+The mapping is pinned per run (saved with every checkpoint, checked on resume and export):
+a missing or different mapping silently collapses acceptance in serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import DataError, ExportError
+
+
+@dataclass
+class VocabMapping:
+    used: torch.Tensor  # int64 [Vd], ascending target ids
+    vocab_size: int     # V
+    coverage: float = 1.0  # fraction of supervised tokens inside the draft vocab
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return int(self.used.numel())
+
+    @property
+    def d2t(self) -> torch.Tensor:
+        return self.used - torch.arange(self.draft_vocab_size, dtype=torch.long)
+
+    @property
+    def t2d(self) -> torch.Tensor:
+        t2d = torch.zeros(self.vocab_size, dtype=torch.bool)
+        t2d[self.used] = True
+        return t2d
+
+    @property
+    def target_to_draft(self) -> torch.Tensor:
+        """int64 [V]: draft id of each target id (0 where not in the draft vocab; mask with t2d)."""
+        out = torch.zeros(self.vocab_size, dtype=torch.long)
+        out[self.used] = torch.arange(self.draft_vocab_size, dtype=torch.long)
+        return out
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.used.numpy().astype(np.int64).tobytes()
+                              + str(self.vocab_size).encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"vocab_size": self.vocab_size, "coverage": self.coverage,
+                                   "fingerprint": self.fingerprint(), "used": self.used.tolist()}))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "VocabMapping":
+        try:
+            d = json.loads(Path(path).read_text())
+            m = cls(used=torch.tensor(d["used"], dtype=torch.long), vocab_size=int(d["vocab_size"]),
+                    coverage=float(d.get("coverage", 1.0)))
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"cannot read the draft vocabulary {path}: {e}") from None
+        if d.get("fingerprint") and d["fingerprint"] != m.fingerprint():
+            raise DataError(f"draft vocabulary {path} is corrupt (fingerprint mismatch)")
+        return m
+
+    @classmethod
+    def from_buffers(cls, d2t: torch.Tensor, t2d: torch.Tensor) -> "VocabMapping":
+        """Rebuild from d2t/t2d and check they describe the same, valid mapping."""
+        Vd, V = d2t.numel(), t2d.numel()
+        used = d2t.long() + torch.arange(Vd)
+        if used.min() < 0 or used.max() >= V:
+            raise ExportError(f"d2t maps draft ids outside the target vocabulary [0, {V})")
+        if not bool((used[1:] > used[:-1]).all()):
+            raise ExportError("d2t does not map to strictly increasing target ids (corrupt or not a SpecRelay mapping)")
+        if int(t2d.sum()) != Vd or not bool(t2d[used].all()):
+            raise ExportError(f"t2d marks {int(t2d.sum())} target ids but d2t maps {Vd}, or they disagree")
+        return cls(used=used, vocab_size=V)
+
+
+def build_vocab_mapping(counts_V: torch.Tensor | np.ndarray, draft_vocab_size: int) -> VocabMapping:
+    """Top-`draft_vocab_size` ids by count (ties broken by lower id), padded with unseen ids."""
+    counts = torch.as_tensor(np.asarray(counts_V), dtype=torch.long)
+    V = counts.numel()
+    if not 0 < draft_vocab_size <= V:
+        raise DataError(f"draft vocab size {draft_vocab_size} must be in 1..{V} (the target vocabulary)")
+    # Stable sort by descending count keeps the lower id first among ties: deterministic.
+    order = torch.sort(-counts, stable=True).indices
+    used = torch.sort(order[:draft_vocab_size]).values
+    total = int(counts.sum())
+    coverage = float(counts[used].sum()) / total if total else 0.0
+    return VocabMapping(used=used, vocab_size=V, coverage=coverage)
+
+
+def count_supervised_tokens(input_ids: list[list[int]] | list[np.ndarray], loss_masks, vocab_size: int) -> np.ndarray:
+    """Token counts at supervised positions (the ids the draft will be asked to predict)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for ids, mask in zip(input_ids, loss_masks):
+        ids = np.asarray(ids)
+        sel = ids[np.asarray(mask).astype(bool)]
+        if sel.size and (sel.max() >= vocab_size or sel.min() < 0):
+            raise DataError(f"token id {int(sel.max())} outside the vocabulary of size {vocab_size}")
+        np.add.at(counts, sel, 1)
+    return counts

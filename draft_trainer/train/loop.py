@@ -1,0 +1,271 @@
+"""The training loop (one rank): dataset order -> target features -> TTT step -> optimizer.
+
+    trainer = Trainer(cfg); summary = trainer.run()
+
+Reading order: `Trainer.setup` (handshake with the targets, frozen tensors, vocab mapping,
+draft model, optimizer), then `Trainer.run` (the loop), then `train_step` (one TTT step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import dump_yaml
+from common.contract import ModelInfo
+from common.errors import ContractError, DataError
+from draft_trainer.client.embedded import EmbeddedServer
+from draft_trainer.client.target import TargetClient
+from draft_trainer.config import TrainConfig
+from draft_trainer.data.dataset import TokenizedDataset
+from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_supervised_tokens
+from draft_trainer.model.config import DraftConfig
+from draft_trainer.model.draft import Eagle3Draft, shift_left
+from draft_trainer.model.losses import StepStats, teacher_from_hidden, teacher_from_topk, ttt_loss
+from draft_trainer.train.batch import Batch, collate
+
+log = logging.getLogger(__name__)
+
+
+def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier for the base lr: linear warm-up, then cosine to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | None, used_Vd: torch.Tensor, t2d_V: torch.Tensor, t2d_index_V: torch.Tensor,
+               ttt_steps: int) -> tuple[torch.Tensor, StepStats]:
+    """One TTT forward + loss (the caller runs backward and the optimizer)."""
+    if batch.teacher_BTH is not None:
+        teacher = teacher_from_hidden(batch.teacher_BTH, target_head_VH, used_Vd, t2d_V, batch.loss_mask_BT)
+    else:
+        teacher = teacher_from_topk(batch.topk_ids_BTK, batch.topk_logprobs_BTK, t2d_V, t2d_index_V, batch.loss_mask_BT)
+    # Step 0 at position t reads token t+1 (the target feature at t was computed reading token t).
+    draft_ids_BT = shift_left(batch.input_ids_BT, 1)
+    g_steps = model.ttt_forward(batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
+    return ttt_loss(model, g_steps, teacher)
+
+
+@dataclass
+class RunCounters:
+    samples_total: int = 0
+    samples_consumed: int = 0
+    samples_truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    data_wait_s: float = 0.0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.counters = RunCounters()
+        self._stack = contextlib.ExitStack()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dataset = TokenizedDataset(cfg.data.path)
+        self.counters.samples_total = len(self.dataset)
+        if len(self.dataset) == 0:
+            raise DataError(f"dataset {cfg.data.path} has no samples")
+
+        endpoint = cfg.targets.endpoints
+        if not endpoint:
+            server = EmbeddedServer(cfg.targets.embedded_model, dtype=cfg.targets.embedded_dtype,
+                                    startup_timeout_s=cfg.targets.startup_timeout_s,
+                                    log_path=self.out / "embedded_server.log")
+            endpoint = self._stack.enter_context(server)
+            log.info("embedded target server at %s", endpoint)
+        endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
+        self.client = TargetClient(endpoints[0], timeout_s=cfg.targets.request_timeout_s)
+        self._stack.callback(self.client.close)
+        self.client.wait_ready(cfg.targets.startup_timeout_s)
+        self.info: ModelInfo = self.client.model_info()
+        self._check_dataset_contract(self.info)
+
+        frozen = self.client.fetch_tensors(["embed_tokens", "lm_head"])
+        self.vocab = self._vocab_mapping(self.info.vocab_size)
+        dcfg = DraftConfig.from_model_info(self.info, self.vocab.draft_vocab_size)
+        self.model = Eagle3Draft(dcfg)
+        with torch.no_grad():
+            self.model.embed_tokens.weight.copy_(frozen["embed_tokens"].float())
+        self.model.set_vocab_mapping(self.vocab.d2t, self.vocab.t2d)
+        self.target_head_VH = frozen["lm_head"].float()
+        self.used_Vd = self.vocab.used
+        self.t2d_V = self.vocab.t2d
+        self.t2d_index_V = self.vocab.target_to_draft
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.warmup = max(1, int(o.warmup_ratio * cfg.max_steps))
+        (self.out / "config.yaml").write_text(dump_yaml(cfg))
+        log.info("draft: %d trainable params, Vd=%d (coverage %.3f), K=%d", sum(p.numel() for p in params),
+                 self.vocab.draft_vocab_size, self.vocab.coverage, cfg.model.ttt_steps)
+
+    def _check_dataset_contract(self, info: ModelInfo) -> None:
+        fp = self.dataset.tokenizer_fingerprint
+        if fp and fp != info.tokenizer_fingerprint:
+            raise ContractError(
+                f"tokenizer mismatch: dataset {self.cfg.data.path} was tokenized with tokenizer {fp[:12]}… but the "
+                f"target server uses {info.tokenizer_fingerprint[:12]}…; re-run prepare-data with the served model"
+            )
+
+    def _vocab_mapping(self, vocab_size: int) -> VocabMapping:
+        pinned = Path(self.cfg.data.vocab_path) if self.cfg.data.vocab_path else Path(self.cfg.data.path) / "vocab.json"
+        Vd = min(self.cfg.data.draft_vocab_size, vocab_size)
+        if pinned.is_file():
+            m = VocabMapping.load(pinned)
+            if m.vocab_size != vocab_size:
+                raise ContractError(f"pinned draft vocabulary {pinned} is for V={m.vocab_size}, target has V={vocab_size}")
+            return m
+        ids = [self.dataset[i][1] for i in range(len(self.dataset))]
+        masks = [self.dataset[i][2] for i in range(len(self.dataset))]
+        m = build_vocab_mapping(count_supervised_tokens(ids, masks, vocab_size), Vd)
+        m.save(self.out / "vocab.json")
+        return m
+
+    # ------------------------------------------------------------------ data
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.dataset))
+
+    def _samples(self):
+        """(sample_id, ids, mask) in the run's deterministic order, truncated, counted."""
+        for epoch in range(self.cfg.epochs):
+            for i in self._epoch_order(epoch):
+                sid, ids, mask = self.dataset[int(i)]
+                if len(ids) < 2:
+                    self.counters.drop("too_short")
+                    continue
+                if not mask[1:].any():
+                    self.counters.drop("no_supervised_tokens")
+                    continue
+                if len(ids) > self.cfg.data.max_length:
+                    ids, mask = ids[: self.cfg.data.max_length], mask[: self.cfg.data.max_length]
+                    self.counters.samples_truncated += 1
+                yield sid, ids, mask
+
+    def _batches(self):
+        buf = []
+        for s in self._samples():
+            buf.append(s)
+            if len(buf) == self.cfg.batch_size:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    def _fetch(self, samples) -> Batch:
+        t0 = time.perf_counter()
+        t = self.cfg.targets
+        got = {f.sample_id: f for f in self.client.features(
+            [s[0] for s in samples], [s[1].tolist() for s in samples], teacher=t.teacher, topk=t.topk,
+            deadline_s=t.request_timeout_s)}
+        missing = [s[0] for s in samples if s[0] not in got]
+        if missing:
+            raise ContractError(f"target server returned no features for samples {missing}")
+        batch = collate(samples, [got[s[0]] for s in samples])
+        self.counters.data_wait_s += time.perf_counter() - t0
+        return batch
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        try:
+            self.setup()
+            return self._loop()
+        finally:
+            self._stack.close()
+
+    def _loop(self) -> dict:
+        cfg = self.cfg
+        metrics_f = open(self.out / "metrics.jsonl", "a")
+        t_start = time.perf_counter()
+        step = 0
+        last: StepStats | None = None
+        for samples in self._batches():
+            if step >= cfg.max_steps:
+                break
+            t0 = time.perf_counter()
+            batch = self._fetch(samples)
+            lr = cfg.optim.lr * cosine_lr(step, cfg.max_steps, self.warmup, cfg.optim.min_lr_ratio)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            loss, stats = train_step(self.model, batch, self.target_head_VH, self.used_Vd, self.t2d_V,
+                                     self.t2d_index_V, cfg.model.ttt_steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            self.optimizer.step()
+            step += 1
+            self.counters.samples_consumed += len(samples)
+            self.counters.tokens += batch.num_tokens
+            last = stats
+            rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), "acc": stats.acc,
+                   "cond_acc": stats.cond_acc, "exp_acc": stats.exp_acc, "sim_accept_len": stats.sim_accept_len,
+                   "tokens": batch.num_tokens, "samples": len(samples), "step_time_s": time.perf_counter() - t0}
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            if step % cfg.log_every == 0:
+                log.info("step %d loss %.4f acc0 %.3f sim_tau %.2f", step, rec["loss"], stats.acc[0],
+                         stats.sim_accept_len)
+            if cfg.save_every and step % cfg.save_every == 0:
+                self.save_checkpoint(step)
+        metrics_f.close()
+        ckpt = self.save_checkpoint(step)
+        wall = time.perf_counter() - t_start
+        c = self.counters
+        summary = {
+            "steps": step, "tokens": c.tokens, "samples_total": c.samples_total, "samples_consumed": c.samples_consumed,
+            "samples_truncated": c.samples_truncated, "samples_dropped": c.dropped,
+            "data_wait_s": c.data_wait_s, "wall_s": wall, "data_wait_fraction": c.data_wait_s / max(wall, 1e-9),
+            "final": None if last is None else {"loss": last.loss, "acc": last.acc, "cond_acc": last.cond_acc,
+                                                "sim_accept_len": last.sim_accept_len},
+            "checkpoint": str(ckpt),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, step: int) -> Path:
+        """Atomic: written to a temporary directory, then renamed to checkpoints/step_N."""
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(("embed_tokens", "rotary"))}
+        torch.save(state, tmp / "draft.pt")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "draft_config.json").write_text(json.dumps(self.model.cfg.to_dict(), indent=1))
+        (tmp / "model_info.json").write_text(json.dumps({k: v for k, v in vars(self.info).items()}, indent=1))
+        self.vocab.save(tmp / "vocab.json")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest = root / "latest"
+        tmp_link = root / ".latest.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(final.name)
+        os.replace(tmp_link, latest)
+        return final

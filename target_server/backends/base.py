@@ -1,0 +1,61 @@
+"""The backend interface: one batched, prefill-only forward that returns EAGLE-3 features.
+
+Legend (shapes): B sequences in a forward batch, T tokens of one sequence, H hidden size,
+K top-k width, V vocab size.
+
+A backend owns the model (HF transformers, SGLang's model runner, or the synthetic stand-in);
+the scheduler owns batching and the services own the wire. Backends never see Arrow or gRPC.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from common.contract import ModelInfo
+
+
+@dataclass
+class Capture:
+    """Features of one sequence. `teacher_TH` for teacher=hidden, `topk_*` for teacher=topk."""
+
+    aux_T3H: torch.Tensor
+    teacher_TH: torch.Tensor | None = None
+    topk_ids_TK: torch.Tensor | None = None
+    topk_logprobs_TK: torch.Tensor | None = None
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+class Backend(abc.ABC):
+    """What the scheduler and services need from a model."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def model_info(self) -> ModelInfo:
+        """The contract (without server-side fields like ports, which the server fills in)."""
+
+    @abc.abstractmethod
+    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
+        """One batched prefill over `seqs`; returns one Capture per sequence (CPU tensors)."""
+
+    @abc.abstractmethod
+    def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Canonical names: embed_tokens [V,H], lm_head [V,H], final_norm [H]."""
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, stop_token_ids: list[int]) -> list[Completion]:
+        raise NotImplementedError(f"backend {self.name!r} does not support generation")
+
+    def close(self) -> None:
+        pass
+
+
+FROZEN_TENSOR_NAMES = ("embed_tokens", "lm_head", "final_norm")

@@ -1,0 +1,189 @@
+"""HF transformers backend: Llama/Qwen-family causal LMs from a local directory, CPU or one GPU.
+
+Legend (shapes): B sequences, Tm longest sequence in the batch (right padding), T one
+sequence, H hidden size, V vocab, K top-k.
+
+One forward of the decoder stack per batch. Forward hooks keep only what EAGLE-3 needs: the
+outputs of the three aux layers and the final norm's output (never all layers' states).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
+from common.errors import AssetError
+from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
+from target_server.backends.base import Backend, Capture, Completion
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+MAX_TOPK = 256
+
+
+def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
+    """(decoder, its layers, its final norm) for Llama-style HF causal LMs."""
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    if decoder is None or layers is None or norm is None:
+        raise AssetError(
+            f"{type(model).__name__} does not look like a Llama-style causal LM (model.model.layers / "
+            "model.model.norm); supported families: Llama, Qwen2/3, Mistral"
+        )
+    return decoder, layers, norm
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "fp32",
+                 aux_layers: str | list[int] = "auto", max_length: int | None = None,
+                 max_topk: int = MAX_TOPK) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise AssetError(f"--model {path}: no config.json there; point at a local HF model directory")
+        if dtype not in DTYPES:
+            raise AssetError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.path = path
+        cfg = self.model.config
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.hidden_size = int(cfg.hidden_size)
+        self.vocab_size = int(cfg.vocab_size)
+        self.aux_layer_ids = parse_aux_layers(aux_layers, self.num_layers)
+        self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 4096))
+        self.max_topk = max_topk
+        self._decoder, layers, norm = decoder_parts(self.model)
+        self._captured: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # hooks write shared state: one forward at a time
+        for lid in self.aux_layer_ids:
+            layers[lid].register_forward_hook(self._hook(f"aux{lid}"))
+        norm.register_forward_hook(self._hook("final"))
+        log.info("hf backend: %s, %d layers, H=%d, aux=%s, %s on %s", path.name, self.num_layers,
+                 self.hidden_size, self.aux_layer_ids, self.dtype, self.device)
+
+    def _hook(self, key: str):
+        def hook(_module, _inputs, output):
+            self._captured[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def model_info(self) -> ModelInfo:
+        cfg = self.model.config
+        return ModelInfo(
+            architecture=(cfg.architectures or [type(self.model).__name__])[0],
+            model_type=cfg.model_type,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            aux_layer_ids=list(self.aux_layer_ids),
+            dtype=wire_dtype_name(self.dtype),
+            max_length=self.max_length,
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            chat_template=self.tokenizer.chat_template or "",
+            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
+            max_topk=self.max_topk,
+            hf_config_json=json.dumps(cfg.to_dict(), default=str),
+            backend=self.name,
+            model_name=self.path.name,
+            feature_schema_version=FEATURE_SCHEMA_VERSION,
+        )
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
+        lengths = [len(s) for s in seqs]
+        B, Tm = len(seqs), max(lengths)
+        ids_BT = torch.zeros(B, Tm, dtype=torch.long)
+        mask_BT = torch.zeros(B, Tm, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids_BT[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask_BT[b, : len(s)] = 1
+        with self._lock:
+            self._captured.clear()
+            # A single unpadded sequence runs without a mask: the exact path transformers takes.
+            self._decoder(input_ids=ids_BT.to(self.device),
+                          attention_mask=None if B == 1 else mask_BT.to(self.device), use_cache=False)
+            aux_BT3H = torch.cat([self._captured[f"aux{lid}"] for lid in self.aux_layer_ids], dim=-1)
+            final_BTH = self._captured["final"]
+            self._captured.clear()
+        out = []
+        for b, T in enumerate(lengths):
+            cap = Capture(aux_T3H=aux_BT3H[b, :T].to("cpu"))
+            if teacher == TEACHER_HIDDEN:
+                cap.teacher_TH = final_BTH[b, :T].to("cpu")
+            else:
+                cap.topk_ids_TK, cap.topk_logprobs_TK = self._topk(final_BTH[b, :T], topk)
+            out.append(cap)
+        return out
+
+    def _topk(self, final_TH: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k log-probs of the full vocabulary, chunked over tokens to bound [T,V] memory."""
+        head = self.model.get_output_embeddings()
+        ids, lps = [], []
+        for s in range(0, final_TH.shape[0], chunk):
+            logp_tV = torch.log_softmax(head(final_TH[s : s + chunk]).float(), dim=-1)
+            v, i = logp_tV.topk(k, dim=-1)
+            ids.append(i.to(torch.int32).cpu())
+            lps.append(v.cpu())
+        return torch.cat(ids), torch.cat(lps)
+
+    def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        table = {
+            "embed_tokens": lambda: self.model.get_input_embeddings().weight,
+            "lm_head": lambda: self.model.get_output_embeddings().weight,
+            "final_norm": lambda: self._decoder.norm.weight,
+        }
+        return {n: table[n]().detach().to("cpu").contiguous() for n in names}
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, stop_token_ids: list[int]) -> list[Completion]:
+        stops = set(stop_token_ids) or set(_eos_ids(self.model))
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        with self._lock:
+            for prompt in prompts:  # one at a time: exact, simple; batching is the scheduler's job
+                ids = torch.as_tensor([prompt], dtype=torch.long, device=self.device)
+                past = None
+                new: list[int] = []
+                reason = "length"
+                step_ids = ids
+                for _ in range(max_new_tokens):
+                    o = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
+                    past = o.past_key_values
+                    logits_V = o.logits[0, -1].float()
+                    if temperature > 0:
+                        probs = torch.softmax(logits_V / temperature, dim=-1)
+                        if 0 < top_p < 1:
+                            sp, si = probs.sort(descending=True)
+                            keep = sp.cumsum(0) - sp < top_p
+                            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+                        tok = int(torch.multinomial(probs.cpu(), 1, generator=gen))
+                    else:
+                        tok = int(logits_V.argmax())
+                    new.append(tok)
+                    if tok in stops:
+                        reason = "stop"
+                        break
+                    step_ids = torch.tensor([[tok]], device=self.device)
+                out.append(Completion(token_ids=new, finish_reason=reason))
+        return out
+
+
+def _eos_ids(model: torch.nn.Module) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
