@@ -232,3 +232,49 @@ def build_tiny_model(dest: Path, family: str = "llama", *, num_layers: int = 4, 
             model.get_output_embeddings().weight.normal_(0.0, 0.5)
         model.save_pretrained(tmp)
     return dest
+
+
+TINY_CHATS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Write a short poem about the sea.", "Waves roll in, the tide runs out, gulls cry over the sea."),
+    ("Add two numbers in Python.", "def add(a, b): return a + b"),
+    ("Count to five.", "1 2 3 4 5"),
+    ("What does a speculative decoder do?", "It drafts tokens cheaply and the target model verifies them."),
+    ("Name a lazy animal.", "The lazy dog, over which the quick brown fox jumps."),
+]
+
+
+def build_tiny_dataset(model_dir: Path, out: Path, num_samples: int = 48, seed: int = 0) -> Path:
+    """A small tokenized chat dataset for the tiny model (tests, quick demo).
+
+    Rendered with the tokenizer's ChatML template; the loss mask covers assistant turns by the
+    exact ChatML rule (after '<|im_start|>assistant\\n', up to and including '<|im_end|>').
+    Real data goes through `draft-trainer prepare-data` instead.
+    """
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from common.contract import tokenizer_fingerprint
+    from draft_trainer.data.dataset import write_tokenized_dataset
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    start = tok.encode("<|im_start|>assistant\n")
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_samples):
+        turns = [TINY_CHATS[j] for j in rng.integers(0, len(TINY_CHATS), size=int(rng.integers(1, 4)))]
+        msgs = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        inside = False
+        for t in range(len(ids)):
+            if not inside and ids[max(0, t - len(start)) : t] == start:
+                inside = True
+            if inside:
+                mask[t] = 1
+                if ids[t] == end_id:
+                    inside = False
+        rows.append((1000 + i, np.asarray(ids, dtype=np.int32), mask))
+    return write_tokenized_dataset(out, rows, {"tokenizer_fingerprint": tokenizer_fingerprint(tok)})

@@ -221,7 +221,7 @@ class Trainer:
             self.counters.samples_consumed += len(samples)
             self.counters.tokens += batch.num_tokens
             last = stats
-            rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), "acc": stats.acc,
+            rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), "step_loss": stats.loss, "acc": stats.acc,
                    "cond_acc": stats.cond_acc, "exp_acc": stats.exp_acc, "sim_accept_len": stats.sim_accept_len,
                    "tokens": batch.num_tokens, "samples": len(samples), "step_time_s": time.perf_counter() - t0}
             metrics_f.write(json.dumps(rec) + "\n")

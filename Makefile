@@ -1,0 +1,32 @@
+# SpecRelay developer commands. Everything runs inside .venv, created on first use with the
+# local CPU torch wheel installed *before* the project (a bare torch requirement pulls CUDA).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast proto bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m draft_trainer.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+proto: $(STAMP)
+	$(BIN)/python -m common.rpc.generate
+
+clean:
+	rm -rf runs .pytest_cache

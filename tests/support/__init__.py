@@ -1,0 +1,1 @@
+"""Shared test support: real processes on 127.0.0.1, tiny models, tiny datasets."""
