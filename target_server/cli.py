@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, default=d.max_length)
     s.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, dest="drain_timeout_s")
     s.add_argument("--ready-file", default=d.ready_file, help="write ports + pid as JSON here once serving")
+    g = s.add_argument_group("synthetic backend")
+    g.add_argument("--synthetic-hidden-size", type=int, default=d.synthetic_hidden_size)
+    g.add_argument("--synthetic-num-layers", type=int, default=d.synthetic_num_layers)
+    g.add_argument("--synthetic-vocab-size", type=int, default=d.synthetic_vocab_size)
+    g.add_argument("--synthetic-cost-per-token-us", type=float, default=d.synthetic_cost_per_token_us,
+                   help="simulated device time per token (microseconds)")
     s.add_argument("--log-level", default="INFO")
     return p
 

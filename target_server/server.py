@@ -54,6 +54,11 @@ class ServerConfig:
     max_length: int = 0  # 0 = the model's max_position_embeddings
     drain_timeout_s: float = 30.0
     ready_file: str = ""  # written (JSON: ports, pid) once serving; for supervisors and tests
+    # synthetic backend only
+    synthetic_hidden_size: int = 64
+    synthetic_num_layers: int = 8
+    synthetic_vocab_size: int = 512
+    synthetic_cost_per_token_us: float = 0.0
 
     def validate(self) -> None:
         if self.backend not in ("hf", "synthetic", "sglang"):
