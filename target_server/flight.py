@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, teacher_mode_from_pb
 from common.errors import ContractError, SchemaError
+from common import status
 from common.features import FEATURE_SCHEMA_VERSION, FeatureSchema, SampleFeatures, encode_batch, split_rows
 from common.rpc import target_pb2 as pb
 from target_server.scheduler import DeadlineExceeded, Draining, Overloaded, Request, Scheduler
@@ -98,7 +99,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             req = parse_request(ticket.ticket, self.info, self.max_request_tokens)
         except (SchemaError, ContractError) as e:
             self._count("invalid")
-            raise flight.FlightServerError(f"INVALID_ARGUMENT: {e}") from None
+            raise flight.FlightServerError(status.message(status.INVALID_ARGUMENT, str(e))) from None
         try:
             self.scheduler.submit(req)
         except Overloaded as e:
@@ -106,7 +107,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise flight.FlightUnavailableError(str(e)) from None
         except Draining as e:
             self._count("draining")
-            raise flight.FlightUnavailableError(f"UNAVAILABLE: {e}") from None
+            raise flight.FlightUnavailableError(status.message(status.UNAVAILABLE, str(e))) from None
         schema = FeatureSchema(self.info.hidden_size, self.info.dtype, req.teacher, req.topk)
         return flight.GeneratorStream(schema.arrow(), self._stream(req, schema))
 
@@ -148,14 +149,14 @@ class FeatureFlightServer(flight.FlightServerBase):
                 yield self._emit(schema, pending)
         except DeadlineExceeded as e:
             status = "deadline_exceeded"
-            raise flight.FlightTimedOutError(f"DEADLINE_EXCEEDED: {e}") from None
+            raise flight.FlightTimedOutError(status.message(status.DEADLINE_EXCEEDED, str(e))) from None
         except GeneratorExit:
             status = "cancelled"
             raise
         except Exception as e:
             status = "error"
             log.exception("request %s failed", req.request_id)
-            raise flight.FlightInternalError(f"INTERNAL: {type(e).__name__}: {e}") from None
+            raise flight.FlightInternalError(status.message(status.INTERNAL, f"{type(e).__name__}: {e}")) from None
         finally:
             req.cancel()  # no-op when complete; stops queued work if the client went away
             self._count(status)

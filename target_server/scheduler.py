@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from common import status
 from common.errors import SpecRelayError
 from target_server.backends.base import Backend, Capture
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 class Overloaded(SpecRelayError):
     def __init__(self, queued: int, limit: int, retry_after_s: float) -> None:
-        super().__init__(f"RESOURCE_EXHAUSTED: {queued} tokens queued, limit {limit}; retry_after_ms={int(retry_after_s * 1000)}")
+        super().__init__(status.message(status.RESOURCE_EXHAUSTED, f"{queued} tokens queued, limit {limit}", retry_after_s))
         self.retry_after_s = retry_after_s
 
 
