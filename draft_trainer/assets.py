@@ -278,3 +278,26 @@ def build_tiny_dataset(model_dir: Path, out: Path, num_samples: int = 48, seed: 
                     inside = False
         rows.append((1000 + i, np.asarray(ids, dtype=np.int32), mask))
     return write_tokenized_dataset(out, rows, {"tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+
+
+def build_synthetic_dataset(out: Path, num_samples: int = 64, *, vocab_size: int = 512, min_len: int = 16,
+                            max_len: int = 96, seed: int = 0) -> Path:
+    """Random token ids for the synthetic target backend (pool tests and benchmarks).
+
+    The tokenizer fingerprint is the synthetic backend's (`synthetic-v<vocab>`), so the trainer's
+    dataset check passes against synthetic servers of that vocabulary and fails against others.
+    The second half of each sample is supervised.
+    """
+    import numpy as np
+
+    from draft_trainer.data.dataset import write_tokenized_dataset
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_samples):
+        n = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(0, vocab_size, size=n).astype(np.int32)
+        mask = np.zeros(n, dtype=np.uint8)
+        mask[n // 2:] = 1
+        rows.append((i, ids, mask))
+    return write_tokenized_dataset(out, rows, {"tokenizer_fingerprint": f"synthetic-v{vocab_size}"})

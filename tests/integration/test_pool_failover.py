@@ -1,0 +1,202 @@
+"""The target pool against real synthetic servers on 127.0.0.1: servers die, join, come back, lag.
+
+Every test checks the same invariant: each sample is delivered exactly once, in the source
+order, with exactly the features a local synthetic backend computes for its tokens.
+"""
+
+import signal
+import time
+
+import pytest
+
+from common.errors import TargetUnavailableError
+from draft_trainer.client.discovery import EndpointSource
+from draft_trainer.client.dispatcher import Dispatcher
+from draft_trainer.client.pool import TargetPool
+from tests.support.pool import Checker, in_thread, make_samples, open_stream, syn, targets
+from tests.support.procs import start_server, start_servers
+
+
+def test_kill_one_of_three_mid_run(tmp_path):
+    servers = start_servers(tmp_path, [(f"s{i}", syn(150)) for i in range(3)])
+    samples = make_samples(240)
+    pool, stream = open_stream(targets(",".join(s.endpoint for s in servers)), samples)
+    check = Checker(samples)
+    victim = servers[1]
+    try:
+        for d in stream:
+            check(d)
+            if check.count == 60:
+                served_before = pool.endpoints[victim.endpoint].samples
+                victim.stop(signal.SIGKILL)
+        summary = stream.summary()
+    finally:
+        stream.close()
+        pool.close()
+        for s in servers:
+            s.stop(signal.SIGKILL)
+    assert check.count == 240 and not check.drops
+    assert served_before > 0
+    ep = summary["endpoints"][victim.endpoint]
+    assert ep["state"] == "down" and ep["errors"] >= 1
+    assert summary["reissued"] >= 1, summary  # the victim had work in flight; it was answered elsewhere
+    assert summary["delivered"] == summary["pulled"] == summary["dispatched"] == 240
+    others = [summary["endpoints"][s.endpoint]["samples"] for s in servers if s is not victim]
+    assert all(n > 0 for n in others)
+
+
+def test_fourth_server_joins_through_the_endpoint_file(tmp_path):
+    servers = start_servers(tmp_path, [(f"s{i}", syn(150)) for i in range(3)])
+    listing = tmp_path / "targets.txt"
+    listing.write_text("# the pool re-reads this file\n" + "\n".join(s.endpoint for s in servers) + "\n")
+    state = {}
+
+    def add_fourth():
+        state["new"] = start_server(tmp_path, *syn(150), name="s3")
+        listing.write_text(listing.read_text() + state["new"].endpoint + "\n")
+
+    def source():
+        # Produce until the newcomer has served work (bounded), so the test does not race its start-up.
+        for s in make_samples(4000, seed=1):
+            new = state.get("new")
+            if new is not None and new.endpoint in pool.endpoints and pool.endpoints[new.endpoint].samples >= 20:
+                return
+            yield s
+
+    cfg = targets(f"file:{listing}")
+    pool = TargetPool(EndpointSource(cfg.endpoints), cfg)
+    pool.start()
+    stream = Dispatcher(pool, source(), cfg).start()
+    check = Checker()
+    starter = None
+    try:
+        for d in stream:
+            check(d)
+            if check.count == 20:
+                starter = in_thread(add_fourth)
+        summary = stream.summary()
+    finally:
+        stream.close()
+        pool.close()
+        if starter is not None:
+            starter.join(timeout=120)
+        for s in [*servers, state.get("new")]:
+            if s is not None:
+                s.stop(signal.SIGKILL)
+    new = summary["endpoints"][state["new"].endpoint]
+    assert new["state"] == "up" and new["samples"] >= 20, summary
+    assert check.count < 4000  # stopped because the newcomer served, not because the source ran out
+    assert summary["delivered"] == summary["pulled"] == check.count
+
+
+def test_server_removed_from_the_file_is_drained(tmp_path):
+    servers = start_servers(tmp_path, [(f"s{i}", syn(100)) for i in range(2)])
+    listing = tmp_path / "targets.txt"
+    listing.write_text("\n".join(s.endpoint for s in servers))
+    samples = make_samples(400, seed=2)
+    pool, stream = open_stream(targets(f"file:{listing}"), samples)
+    check = Checker(samples)
+    try:
+        for d in stream:
+            check(d)
+            if check.count == 40:
+                listing.write_text(servers[0].endpoint + "\n")
+                removed_at = pool.endpoints[servers[1].endpoint].samples
+        summary = stream.summary()
+    finally:
+        stream.close()
+        pool.close()
+        for s in servers:
+            s.stop(signal.SIGKILL)
+    assert check.count == 400 and not check.drops
+    # Drained and removed: it finished what it had (a few requests at most) and got nothing new.
+    assert servers[1].endpoint not in summary["endpoints"]
+    assert summary["endpoints"][servers[0].endpoint]["samples"] >= 400 - removed_at - 40
+
+
+def test_all_servers_down_then_one_back_on_the_same_port(tmp_path):
+    servers = start_servers(tmp_path, [(f"s{i}", syn(100)) for i in range(2)])
+    samples = make_samples(160, seed=3)
+    pool, stream = open_stream(targets(",".join(s.endpoint for s in servers), unavailable_timeout_s=60), samples)
+    check = Checker(samples)
+    back = None
+    try:
+        for d in stream:
+            check(d)
+            if check.count == 30:
+                for s in servers:
+                    s.stop(signal.SIGKILL)
+                time.sleep(1.0)  # the pool notices, marks both down and probes in vain
+                assert pool.num_up() == 0
+                back = start_server(tmp_path, *syn(100), "--grpc-port", str(servers[0].grpc_port), name="back")
+        summary = stream.summary()
+    finally:
+        stream.close()
+        pool.close()
+        if back is not None:
+            back.stop(signal.SIGKILL)
+    assert check.count == 160 and not check.drops
+    ep = summary["endpoints"][servers[0].endpoint]
+    assert ep["state"] == "up"
+    assert summary["endpoints"][servers[1].endpoint]["state"] == "down"
+
+
+def test_no_server_for_too_long_is_a_clear_error_not_a_hang(tmp_path):
+    server = start_server(tmp_path, *syn(200), name="only")
+    samples = make_samples(200, seed=4)
+    pool, stream = open_stream(targets(server.endpoint, unavailable_timeout_s=1.5), samples)
+    check = Checker(samples)
+    try:
+        with pytest.raises(TargetUnavailableError) as err:
+            for d in stream:
+                check(d)
+                if check.count == 10:
+                    server.stop(signal.SIGKILL)
+    finally:
+        stream.close()
+        pool.close()
+    msg = str(err.value)
+    assert "no target server reachable" in msg and server.endpoint in msg and "unavailable_timeout_s" in msg
+    assert 10 <= check.count < 200  # everything received before the outage was still handed out, in order
+
+
+def test_slow_server_gets_less_work(tmp_path):
+    servers = start_servers(tmp_path, [("fast0", syn(50)), ("fast1", syn(50)), ("slow", syn(1000))])
+    samples = make_samples(300, seed=5)
+    pool, stream = open_stream(targets(",".join(s.endpoint for s in servers), hedge_after_s=0.5), samples)
+    check = Checker(samples)
+    try:
+        for d in stream:
+            check(d)
+        summary = stream.summary()
+    finally:
+        stream.close()
+        pool.close()
+        for s in servers:
+            s.stop(signal.SIGKILL)
+    assert check.count == 300 and not check.drops
+    n = {s.endpoint: summary["endpoints"][s.endpoint]["samples"] for s in servers}
+    slow = n[servers[2].endpoint]
+    assert slow < n[servers[0].endpoint] and slow < n[servers[1].endpoint], n
+
+
+def test_server_slower_than_the_deadline_is_failed_over(tmp_path):
+    # 20 ms per token: every request to the slow server (>= 64 tokens) outlives its 1 s deadline.
+    servers = start_servers(tmp_path, [("fast", syn(50)), ("stuck", syn(20000))])
+    samples = make_samples(120, seed=6, min_len=64, max_len=96)
+    cfg = targets(",".join(s.endpoint for s in servers), request_timeout_s=1.0, hedge_after_s=0, max_attempts=50)
+    pool, stream = open_stream(cfg, samples)
+    check = Checker(samples)
+    try:
+        for d in stream:
+            check(d)
+        summary = stream.summary()
+    finally:
+        stream.close()
+        pool.close()
+        for s in servers:
+            s.stop(signal.SIGKILL)
+    assert check.count == 120 and not check.drops
+    assert summary["requests"].get("deadline_exceeded", 0) >= 1, summary["requests"]
+    assert summary["retries"].get("deadline_exceeded", 0) >= 1
+    assert summary["endpoints"][servers[1].endpoint]["samples"] == 0
