@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
+import math
 import threading
 import time
 import uuid
@@ -54,6 +55,7 @@ from draft_trainer.metrics import TrainerMetrics
 log = logging.getLogger(__name__)
 
 WAKE_S = 0.05  # the dispatch thread re-checks timers (backoff, hedging, unavailability) this often
+IDLE_FORGET_S = 5.0  # an idle server's speed estimate fades back to the best server's with this time constant
 
 
 @dataclass
@@ -263,15 +265,26 @@ class Dispatcher:
         """The server expected to finish `tokens` soonest: least outstanding tokens, weighted by the
         server's measured time per token (plain least-outstanding-tokens while servers look alike).
         A server with a full window is waited for when the best one with room would take over twice
-        as long: a slow server gets only the work it can finish about as soon as the fast ones."""
+        as long: a slow server gets only the work it can finish about as soon as the fast ones.
+        An idle server's estimate fades back to the best one's (IDLE_FORGET_S), so a server judged
+        slow is tried again instead of starving on an old measurement."""
         if not eps:
             return None
         known = [e.sec_per_token for e in eps if e.sec_per_token]
-        default = min(known) if known else 1.0  # unmeasured (new) servers: assume the best, then measure
+        best_spt = min(known) if known else 1.0  # unmeasured (new) servers: assume the best, then measure
         want = min(self._pending_tokens, self._request_cap(None))
+        now = time.monotonic()
+
+        def spt(e: Endpoint) -> float:
+            if not e.sec_per_token:
+                return best_spt
+            if e.inflight_tokens:
+                return e.sec_per_token
+            fade = math.exp(-(now - e.idle_since) / IDLE_FORGET_S)
+            return best_spt + (e.sec_per_token - best_spt) * fade
 
         def eta(e: Endpoint) -> float:
-            return (e.inflight_tokens + tokens) * (e.sec_per_token or default)
+            return (e.inflight_tokens + tokens) * spt(e)
 
         def has_room(e: Endpoint) -> bool:  # idle, or room for a full-size request (fewer, larger requests)
             return e.inflight_tokens == 0 or e.inflight_tokens + max(tokens, want) <= e.window_tokens
@@ -331,6 +344,8 @@ class Dispatcher:
 
     def _move_tokens(self, ep: Endpoint, n: int) -> None:
         ep.inflight_tokens += n
+        if ep.inflight_tokens == 0:
+            ep.idle_since = time.monotonic()
         self._inflight_tokens += n
         self.metrics.inflight_tokens.set(self._inflight_tokens)
         self.metrics.endpoint_inflight_tokens.labels(endpoint=ep.address).set(ep.inflight_tokens)

@@ -47,7 +47,12 @@ R = TypeVar("R")
 @dataclass
 class Endpoint:
     address: str
-    window_tokens: int                 # current per-endpoint window (halved on RESOURCE_EXHAUSTED)
+    # Current per-endpoint window: starts at one sample, grows by each answered request's size
+    # (doubling per round trip, like TCP slow start) up to max_endpoint_inflight_tokens, halves on
+    # RESOURCE_EXHAUSTED. Starting small spreads the first batches over all servers: the server
+    # computes what it holds in one forward pass, so a full window up front would delay the first
+    # sample by the whole window's compute time.
+    window_tokens: int = 1
     state: str = JOINING
     client: TargetClient | None = None
     info: ModelInfo | None = None
@@ -60,6 +65,8 @@ class Endpoint:
     last_used: float = 0.0
     retired: list[TargetClient] = field(default_factory=list)  # replaced clients, closed once idle
     sec_per_token: float | None = None  # measured: request time / (tokens ahead of it there + its own)
+    warm: bool = False                 # the first answer after a (re)join is not timed (process warm-up)
+    idle_since: float = 0.0            # when its last token in flight came back (monotonic)
     requests: int = 0
     samples: int = 0
     errors: int = 0
@@ -99,7 +106,7 @@ class TargetPool:
         delay = PROBE_BASE_S
         while True:
             for addr in self.source.resolve():
-                self.endpoints.setdefault(addr, Endpoint(addr, cfg.max_endpoint_inflight_tokens))
+                self.endpoints.setdefault(addr, Endpoint(addr))
             pending = [ep for ep in self.endpoints.values() if ep.state in (JOINING, DOWN)]
             results = self._handshake_all([ep.address for ep in pending])
             ok = {a: r for a, r in results.items() if isinstance(r[1], ModelInfo)}
@@ -183,7 +190,8 @@ class TargetPool:
         was = ep.state
         ep.client, ep.info, ep.state = client, info, UP
         ep.not_before = 0.0
-        ep.window_tokens = self.cfg.max_endpoint_inflight_tokens
+        ep.window_tokens = 1  # slow start again: it may be a fresh process
+        ep.warm = False
         log.info("target %s %s (%s, flight port %d)", ep.address, "joined" if was == JOINING else "is back up",
                  info.model_name, info.flight_port)
         self._publish_states()
@@ -230,6 +238,9 @@ class TargetPool:
         """Fold one request's time per token (its own tokens plus those queued ahead of it) into the
         server's estimate; `at_least` (a timeout) only ever makes the estimate slower."""
         s = seconds / max(1, tokens)
+        if not ep.warm and not at_least:
+            ep.warm = True  # a fresh process's first batch includes one-off start-up costs
+            return
         if ep.sec_per_token is None:
             ep.sec_per_token = s
         elif at_least:
@@ -287,7 +298,7 @@ class TargetPool:
         for addr in listed:
             ep = self.endpoints.get(addr)
             if ep is None:
-                self.endpoints[addr] = Endpoint(addr, self.cfg.max_endpoint_inflight_tokens)
+                self.endpoints[addr] = Endpoint(addr)
                 log.info("target %s listed by discovery: joining", addr)
             elif ep.state == DRAINING:
                 ep.state, ep.next_probe = DOWN, 0.0  # listed again: re-handshake before use
