@@ -290,12 +290,19 @@ class Dispatcher:
             return e.inflight_tokens == 0 or e.inflight_tokens + max(tokens, want) <= e.window_tokens
 
         order = lambda e: (eta(e), e.failures, e.last_used)  # noqa: E731
-        best = min(eps, key=order)
         roomy = [e for e in eps if has_room(e)]
         if not roomy:
             return None
         pick = min(roomy, key=order)
+        # Worth waiting for only if it is answering: a server holding an overdue request may be hung.
+        overdue = now - self._overdue_s()
+        stuck = {r.endpoint for r in self._active if r.started < overdue}
+        best = min([e for e in eps if e not in stuck] or eps, key=order)
         return pick if pick is best or eta(pick) <= 2 * eta(best) else None
+
+    def _overdue_s(self) -> float:
+        """A request older than this is late: hedge it, and stop waiting for its server."""
+        return max(self.cfg.hedge_after_s, 4 * self._typical_s)
 
     def _request_cap(self, ep: Endpoint | None) -> int:
         cap = self.cfg.request_tokens
@@ -476,7 +483,7 @@ class Dispatcher:
         if head is None or head.done or head.hedged or head.inflight != 1:
             return
         req = next((r for r in self._active if head in r.works and head.seq not in r.received), None)
-        if req is None or now - req.started < max(self.cfg.hedge_after_s, 4 * self._typical_s):
+        if req is None or now - req.started < self._overdue_s():
             return
         others = [ep for ep in self.pool.usable(now) if ep is not req.endpoint
                   and ep.inflight_tokens + head.tokens <= max(ep.window_tokens, head.tokens)]

@@ -44,7 +44,7 @@ HANDSHAKE_TIMEOUT_S = 5.0
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: endpoints are hashed and compared by object
 class Endpoint:
     address: str
     # Current per-endpoint window: starts at one sample, grows by each answered request's size

@@ -102,8 +102,7 @@ class Trainer:
         if len(self.dataset) == 0:
             raise DataError(f"dataset {cfg.data.path} has no samples")
 
-        if cfg.metrics_port >= 0:
-            serve_metrics(self.metrics.registry, cfg.metrics_host, cfg.metrics_port)
+        self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_host, cfg.metrics_port)
         resume = self._read_resume_state() if cfg.resume_from else None
 
         endpoint = cfg.targets.endpoints

@@ -6,7 +6,7 @@ import signal
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, ContractError
+from common.errors import ContractError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.dispatcher import Sample
 from draft_trainer.client.pool import TargetPool
@@ -113,14 +113,3 @@ def test_dns_endpoints_resolve_to_every_address(tmp_path):
         assert check.count == 20
     finally:
         server.stop(signal.SIGKILL)
-
-
-def test_endpoint_spec_errors_say_what_to_write(tmp_path):
-    with pytest.raises(ConfigError, match="dns:NAME:PORT"):
-        EndpointSource("dns:no-port")
-    with pytest.raises(ConfigError, match="does not exist"):
-        EndpointSource(f"file:{tmp_path / 'missing.txt'}")
-    with pytest.raises(ConfigError, match="host:port"):
-        EndpointSource("localhost:50051,oops")
-    (tmp_path / "eps").write_text("# comment\n127.0.0.1:1, 127.0.0.1:2\n\n127.0.0.1:3  # third\n")
-    assert EndpointSource(f"file:{tmp_path / 'eps'}").resolve() == {"127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"}

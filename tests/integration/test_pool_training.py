@@ -9,6 +9,7 @@ import json
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -46,7 +47,8 @@ def train_in_thread(cfg: TrainConfig) -> tuple[threading.Thread, dict]:
 
     def run():
         try:
-            box["summary"] = Trainer(cfg).run()
+            box["trainer"] = Trainer(cfg)
+            box["summary"] = box["trainer"].run()
         except BaseException as e:  # handed to the test
             box["error"] = e
 
@@ -73,11 +75,13 @@ def test_losses_identical_with_one_server_or_three_with_one_killed(dataset, tmp_
     ref, *trio = start_servers(tmp_path, [(f"s{i}", syn(COST_US)) for i in range(4)])
     try:
         a = Trainer(config(dataset, tmp_path / "one", ref.endpoint)).run()
-        t, box = train_in_thread(config(dataset, tmp_path / "three", ",".join(s.endpoint for s in trio)))
+        t, box = train_in_thread(config(dataset, tmp_path / "three", ",".join(s.endpoint for s in trio),
+                                        "metrics_port=0"))
         killed_at = kill_after_steps(tmp_path / "three", 5, [trio[1]], t)
         t.join(timeout=120)
         assert "error" not in box, box.get("error")
         b = box["summary"]
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{box['trainer'].metrics_port}/metrics", timeout=10).read()
     finally:
         for s in [ref, *trio]:
             s.stop(signal.SIGKILL)
@@ -91,6 +95,11 @@ def test_losses_identical_with_one_server_or_three_with_one_killed(dataset, tmp_
     assert pool["reissued"] >= 1, pool  # the killed server had work in flight; others answered it
     assert b["samples_consumed"] == a["samples_consumed"] == 40
     assert pool["pulled"] == pool["delivered"] + sum(pool["dropped"].values()) + pool["unconsumed"]
+    text = scrape.decode()
+    assert "specrelay_trainer_samples_consumed_total 40.0" in text
+    assert f'specrelay_trainer_samples_dispatched_total {float(pool["dispatched"])}' in text
+    assert 'specrelay_trainer_endpoints{state="down"} 1.0' in text
+    assert "specrelay_trainer_failovers_total 1.0" in text and "specrelay_trainer_data_wait_seconds_total" in text
 
 
 def test_all_servers_gone_stops_with_a_checkpoint_and_resume_is_exactly_once(dataset, tmp_path):
