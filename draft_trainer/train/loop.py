@@ -169,8 +169,10 @@ class Trainer:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.dataset))
 
-    def _samples(self, start: tuple[int, int]):
-        """The rank's deterministic order from `start` as dispatcher Samples (unusable ones as drops)."""
+    def _samples(self, start: tuple[int, int], budget: int):
+        """The rank's deterministic order from `start` as dispatcher Samples (unusable ones as drops),
+        at most `budget` usable ones: the dispatcher prefetches, and target compute past the last
+        step would be wasted."""
         max_len = self.cfg.data.max_length
         for epoch in range(start[0], self.cfg.epochs):
             order = self._epoch_order(epoch)
@@ -180,7 +182,10 @@ class Trainer:
                     yield Sample((epoch, index), sid, ids, drop_reason="too_short")
                 elif not mask[1:].any():
                     yield Sample((epoch, index), sid, ids, drop_reason="no_supervised_tokens")
+                elif budget <= 0:
+                    return
                 else:
+                    budget -= 1
                     truncated = len(ids) > max_len
                     yield Sample((epoch, index), sid, ids[:max_len], data=(mask[:max_len], truncated))
 
@@ -222,7 +227,10 @@ class Trainer:
     def _loop(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()
-        stream = Dispatcher(self.pool, self._samples(self.cursor), cfg.targets, self.metrics).start()
+        # One spare batch covers samples a server rejects (dropped) without changing which samples
+        # the last step gets, so a resumed run ends exactly where an uninterrupted one does.
+        budget = (cfg.max_steps - self.step + 1) * cfg.batch_size
+        stream = Dispatcher(self.pool, self._samples(self.cursor, budget), cfg.targets, self.metrics).start()
         metrics_f = open(self.out / "metrics.jsonl", "a")
         try:
             last = self._train(stream, metrics_f)
