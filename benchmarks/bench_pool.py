@@ -205,46 +205,65 @@ def real_config(data_dir: Path, out: Path, endpoints: str, steps: int, batch: in
     return load_config(TrainConfig, None, over)
 
 
-def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: int, steps: int) -> dict:
+def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: int, steps: int,
+                       attempts: int = 3) -> dict:
+    """The real loop against servers sized to supply ~`supply_ratio` x its demand.
+
+    The demand (tokens/s the loop trains on) is first measured against instant servers (median
+    step time: the first steps carry one-off warm-up). On a shared machine the trainer's speed
+    drifts, so each pool run also measures the demand it actually had (tokens / (wall - data
+    wait)); a run whose realised supply/demand falls outside [1.1, 1.6] is repeated with servers
+    re-sized from that measurement (at most `attempts` runs; every attempt is reported).
+    """
     import logging
 
     from draft_trainer.train.loop import Trainer
 
     logging.getLogger("draft_trainer").setLevel(logging.WARNING)
     data_dir = build_synthetic_dataset(tmp / "data", 256, vocab_size=512, min_len=32, max_len=96)
-    # Calibrate the real step time against instant servers.
     (fast,) = start_servers(tmp, [("calib", server_args(0))])
     warm_up([fast])
     try:
         cal = Trainer(real_config(data_dir, tmp / "calib", fast.endpoint, max(10, steps // 2), batch, True)).run()
     finally:
         fast.stop(signal.SIGKILL)
-    # Median step time: the first steps carry one-off warm-up (allocator, kernels), which would make
-    # the trainer look slower than it is and the servers too generous.
     times = sorted(json.loads(line)["step_time_s"] for line in (tmp / "calib" / "metrics.jsonl").open())
-    step_s = times[len(times) // 2]
-    demand = cal["tokens"] / cal["steps"] / step_s                 # tokens/s the trainer consumes
-    cost_us = n_servers * 1e6 / (supply_ratio * demand)
-    servers = start_servers(tmp, [(f"real{i}", server_args(cost_us)) for i in range(n_servers)])
-    warm_up(servers)
-    eps = ",".join(s.endpoint for s in servers)
-    try:
-        pool = Trainer(real_config(data_dir, tmp / "pool", eps, steps, batch, True)).run()
-        sync = Trainer(real_config(data_dir, tmp / "sync", eps, steps, batch, False)).run()
-    finally:
-        for s in servers:
-            s.stop(signal.SIGKILL)
+    demand = cal["tokens"] / cal["steps"] / times[len(times) // 2]   # tokens/s the trainer consumes
 
     def row(s):
         return {"steps": s["steps"], "wall_s": round(s["wall_s"], 3), "data_wait_s": round(s["data_wait_s"], 3),
                 "data_wait_fraction": round(s["data_wait_fraction"], 4)}
 
-    out = {"servers": n_servers, "cost_per_token_us": round(cost_us, 1), "calibrated_step_s": round(step_s, 4),
-           "demand_tokens_per_s": round(demand, 1), "supply_over_demand": supply_ratio, "batch": batch,
-           "pool": row(pool), "one_sample_ahead": row(sync)}
-    print(f"overlap (real loop, step {step_s * 1000:.0f} ms): data-wait pool {100 * pool['data_wait_fraction']:.1f}% "
-          f"vs one-sample-ahead {100 * sync['data_wait_fraction']:.1f}%", flush=True)
-    return out
+    runs = []
+    for attempt in range(attempts):
+        cost_us = n_servers * 1e6 / (supply_ratio * demand)
+        servers = start_servers(tmp, [(f"real{attempt}-{i}", server_args(cost_us)) for i in range(n_servers)])
+        warm_up(servers)
+        eps = ",".join(s.endpoint for s in servers)
+        try:
+            pool = Trainer(real_config(data_dir, tmp / f"pool{attempt}", eps, steps, batch, True)).run()
+            realised = pool["tokens"] / max(1e-9, pool["wall_s"] - pool["data_wait_s"])
+            ratio = n_servers * 1e6 / cost_us / realised
+            run = {"cost_per_token_us": round(cost_us, 1), "planned_demand_tokens_per_s": round(demand, 1),
+                   "realised_demand_tokens_per_s": round(realised, 1), "realised_supply_over_demand": round(ratio, 2),
+                   "pool": row(pool)}
+            runs.append(run)
+            print(f"overlap (real loop) attempt {attempt}: supply/demand {ratio:.2f}, data-wait "
+                  f"{100 * pool['data_wait_fraction']:.1f}%", flush=True)
+            if 1.1 <= ratio <= 1.6 or attempt == attempts - 1:
+                sync = Trainer(real_config(data_dir, tmp / "sync", eps, steps, batch, False)).run()
+                run["one_sample_ahead"] = row(sync)
+                break
+        finally:
+            for s in servers:
+                s.stop(signal.SIGKILL)
+        demand = realised
+    final = runs[-1]
+    print(f"overlap (real loop): data-wait pool {100 * final['pool']['data_wait_fraction']:.1f}% vs one-sample-ahead "
+          f"{100 * final['one_sample_ahead']['data_wait_fraction']:.1f}% at supply/demand "
+          f"{final['realised_supply_over_demand']}", flush=True)
+    return {"servers": n_servers, "target_supply_over_demand": supply_ratio, "batch": batch,
+            "calibrated_step_s": round(times[len(times) // 2], 4), **final, "attempts": runs}
 
 
 # ---------------------------------------------------------------------------- report
@@ -272,13 +291,14 @@ def markdown(res: dict) -> str:
                      "(synchronous fetch) |")
     r = res.get("overlap_real")
     if r:
-        lines.append(f"| real loop (CPU draft) | {1000 * r['calibrated_step_s']:.0f} ms | {r['servers']} | "
-                     f"{100 * r['pool']['data_wait_fraction']:.1f}% | "
+        step_ms = 1000 * (r["pool"]["wall_s"] - r["pool"]["data_wait_s"]) / r["pool"]["steps"]
+        lines.append(f"| real loop (CPU draft), supply/demand {r['realised_supply_over_demand']} | {step_ms:.0f} ms | "
+                     f"{r['servers']} | {100 * r['pool']['data_wait_fraction']:.1f}% | "
                      f"{100 * r['one_sample_ahead']['data_wait_fraction']:.1f}% (one sample ahead) |")
     fill = f" ({o['pool']['first_step_wait_s']} s of the simulated run's {o['pool']['data_wait_s']} s)" if o else ""
     lines += ["", f"Target: <= 5% with prefetch. The data wait includes filling the pipeline before step 1{fill}. "
               "Servers are warmed with one tiny request first (a fresh process pays ~1 s once). The real loop's "
-              "servers are sized from its median step time measured against instant servers just before.", ""]
+              "servers are sized from its measured demand; the supply/demand it really had is shown.", ""]
     return "\n".join(lines)
 
 
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ns, cost, per_server, lo, hi = [1, 2, 4, 8], 1000.0, 48, 64, 192
         ov = dict(n_servers=2, cost_us=1000.0, supply_ratio=1.2, batch=4, steps=80, lo=64, hi=192)
-        real = dict(n_servers=2, supply_ratio=1.2, batch=4, steps=40)
+        real = dict(n_servers=2, supply_ratio=1.2, batch=4, steps=30)
     parts = set(args.parts.split(","))
     res: dict = {"smoke": args.smoke, "machine": machine(), "scaling_cost_us": cost}
     if "scaling" in parts:

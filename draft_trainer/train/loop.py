@@ -189,8 +189,9 @@ class Trainer:
                     truncated = len(ids) > max_len
                     yield Sample((epoch, index), sid, ids[:max_len], data=(mask[:max_len], truncated))
 
-    def _next_batch(self, stream: Dispatcher) -> tuple[Batch, tuple[int, int]] | None:
-        """The next `batch_size` samples with features, in order, and the cursor after them."""
+    def _next_batch(self, stream: Dispatcher) -> tuple[Batch, tuple[int, int], float] | None:
+        """The next `batch_size` samples with features, in order, the cursor after them, and the
+        seconds spent waiting for them."""
         got = []
         cursor = self.cursor
         t0 = time.perf_counter()
@@ -210,7 +211,7 @@ class Trainer:
             return None
         self.counters.samples_truncated += sum(d.sample.data[1] for d in got)
         samples = [(d.sample.sample_id, d.sample.token_ids, d.sample.data[0]) for d in got]
-        return collate(samples, [d.features for d in got]), cursor
+        return collate(samples, [d.features for d in got]), cursor, wait
 
     def _client_kwargs(self) -> dict:
         """Extra TargetClient arguments for every server (the one place to wire auth / TLS)."""
@@ -254,7 +255,7 @@ class Trainer:
             got = self._next_batch(stream)
             if got is None:
                 break
-            batch, cursor = got
+            batch, cursor, wait = got
             step = self.step
             lr = cfg.optim.lr * cosine_lr(step, cfg.max_steps, self.warmup, cfg.optim.min_lr_ratio)
             for g in self.optimizer.param_groups:
@@ -275,7 +276,7 @@ class Trainer:
             rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), "step_loss": stats.loss, "acc": stats.acc,
                    "cond_acc": stats.cond_acc, "exp_acc": stats.exp_acc, "sim_accept_len": stats.sim_accept_len,
                    "tokens": batch.num_tokens, "samples": len(batch.sample_ids), "step_time_s": time.perf_counter() - t0,
-                   "sample_ids": batch.sample_ids, "cursor": list(cursor)}
+                   "data_wait_s": wait, "sample_ids": batch.sample_ids, "cursor": list(cursor)}
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
             if step % cfg.log_every == 0:

@@ -10,7 +10,7 @@ from common.errors import ContractError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.dispatcher import Sample
 from draft_trainer.client.pool import TargetPool
-from tests.support.pool import Checker, make_samples, open_stream, syn, targets
+from tests.support.pool import make_samples, run_stream, syn, targets
 from tests.support.procs import start_server, start_servers
 
 
@@ -34,20 +34,12 @@ def test_late_joiner_with_another_model_is_refused_and_never_used(tmp_path):
     good, bad = start_servers(tmp_path, [("good", syn(100)), ("bad", syn(0, "--synthetic-hidden-size", "24"))])
     listing = tmp_path / "targets.txt"
     listing.write_text(good.endpoint + "\n")
-    samples = make_samples(200, seed=7)
-    pool, stream = open_stream(targets(f"file:{listing}"), samples)
-    check = Checker(samples)
-    try:
-        for d in stream:
-            check(d)
-            if check.count == 10:
-                listing.write_text(f"{good.endpoint}\n{bad.endpoint}\n")
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        good.stop(signal.SIGKILL)
-        bad.stop(signal.SIGKILL)
+
+    def list_bad_at_10(check, pool):
+        if check.count == 10:
+            listing.write_text(f"{good.endpoint}\n{bad.endpoint}\n")
+
+    check, summary = run_stream(targets(f"file:{listing}"), make_samples(200, seed=7), [good, bad], list_bad_at_10)
     assert check.count == 200 and not check.drops
     ep = summary["endpoints"][bad.endpoint]
     assert ep["state"] == "refused" and ep["requests"] == 0 and ep["samples"] == 0, ep
@@ -58,18 +50,8 @@ def test_resource_exhausted_slows_the_sender_instead_of_failing(tmp_path):
     # A server whose queue holds 200 tokens: a window of 2048 tokens must be refused, then paced.
     server = start_server(tmp_path, *syn(200, "--max-queue-tokens", "200", "--max-request-tokens", "200"),
                           name="tight")
-    samples = make_samples(80, seed=8, min_len=40, max_len=80)
     cfg = targets(server.endpoint, request_tokens=160, max_endpoint_inflight_tokens=2048)
-    pool, stream = open_stream(cfg, samples)
-    check = Checker(samples)
-    try:
-        for d in stream:
-            check(d)
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        server.stop(signal.SIGKILL)
+    check, summary = run_stream(cfg, make_samples(80, seed=8, min_len=40, max_len=80), [server])
     assert check.count == 80 and not check.drops
     assert summary["requests"].get("resource_exhausted", 0) >= 1, summary
     assert summary["retries"].get("resource_exhausted", 0) >= 1
@@ -81,16 +63,7 @@ def test_invalid_sample_is_dropped_with_a_reason_and_the_rest_flow(tmp_path):
     samples = make_samples(60, seed=9)
     bad_pos = 23
     samples[bad_pos] = Sample((0, bad_pos), 4242, np.array([1, 2, 600, 3], dtype=np.int32))  # 600 >= vocab 512
-    pool, stream = open_stream(targets(server.endpoint, request_tokens=4096), samples)
-    check = Checker(samples)
-    try:
-        for d in stream:
-            check(d)
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        server.stop(signal.SIGKILL)
+    check, summary = run_stream(targets(server.endpoint, request_tokens=4096), samples, [server])
     assert check.count == 60 and check.drops == {bad_pos: "invalid_argument"}
     assert summary["dropped"] == {"invalid_argument": 1} and summary["delivered"] == 59
     assert summary["retries"].get("isolate_invalid", 0) >= 1  # its request's other samples were retried alone
@@ -103,13 +76,7 @@ def test_dns_endpoints_resolve_to_every_address(tmp_path):
         src = EndpointSource(f"dns:localhost:{server.grpc_port}")
         eps = src.resolve()
         assert server.endpoint in eps
-        samples = make_samples(20, seed=10)
-        pool, stream = open_stream(targets(f"dns:localhost:{server.grpc_port}"), samples)
-        check = Checker(samples)
-        for d in stream:
-            check(d)
-        stream.close()
-        pool.close()
+        check, _ = run_stream(targets(f"dns:localhost:{server.grpc_port}"), make_samples(20, seed=10))
         assert check.count == 20
     finally:
         server.stop(signal.SIGKILL)

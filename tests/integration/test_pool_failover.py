@@ -13,28 +13,23 @@ from common.errors import TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.dispatcher import Dispatcher
 from draft_trainer.client.pool import TargetPool
-from tests.support.pool import Checker, in_thread, make_samples, open_stream, syn, targets
+from tests.support.pool import Checker, in_thread, make_samples, open_stream, run_stream, syn, targets
 from tests.support.procs import start_server, start_servers
 
 
 def test_kill_one_of_three_mid_run(tmp_path):
     servers = start_servers(tmp_path, [(f"s{i}", syn(150)) for i in range(3)])
-    samples = make_samples(240)
-    pool, stream = open_stream(targets(",".join(s.endpoint for s in servers)), samples)
-    check = Checker(samples)
     victim = servers[1]
-    try:
-        for d in stream:
-            check(d)
-            if check.count == 60:
-                served_before = pool.endpoints[victim.endpoint].samples
-                victim.stop(signal.SIGKILL)
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        for s in servers:
-            s.stop(signal.SIGKILL)
+    seen = {}
+
+    def kill_at_60(check, pool):
+        if check.count == 60:
+            seen["served_before"] = pool.endpoints[victim.endpoint].samples
+            victim.stop(signal.SIGKILL)
+
+    check, summary = run_stream(targets(",".join(s.endpoint for s in servers)), make_samples(240), servers,
+                                kill_at_60)
+    served_before = seen["served_before"]
     assert check.count == 240 and not check.drops
     assert served_before > 0
     ep = summary["endpoints"][victim.endpoint]
@@ -93,52 +88,39 @@ def test_server_removed_from_the_file_is_drained(tmp_path):
     servers = start_servers(tmp_path, [(f"s{i}", syn(100)) for i in range(2)])
     listing = tmp_path / "targets.txt"
     listing.write_text("\n".join(s.endpoint for s in servers))
-    samples = make_samples(400, seed=2)
-    pool, stream = open_stream(targets(f"file:{listing}"), samples)
-    check = Checker(samples)
-    leaving = pool.endpoints[servers[1].endpoint]
-    try:
-        for d in stream:
-            check(d)
-            if check.count == 40:
-                listing.write_text(servers[0].endpoint + "\n")
-                end = time.monotonic() + 10
-                while leaving.state == "up" and time.monotonic() < end:
-                    time.sleep(0.02)
-                assert leaving.state == "draining"
-                requests_at_drain = leaving.requests
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        for s in servers:
-            s.stop(signal.SIGKILL)
+    seen = {}
+
+    def remove_at_40(check, pool):
+        if check.count == 40:
+            leaving = seen["leaving"] = pool.endpoints[servers[1].endpoint]
+            listing.write_text(servers[0].endpoint + "\n")
+            end = time.monotonic() + 10
+            while leaving.state == "up" and time.monotonic() < end:
+                time.sleep(0.02)
+            assert leaving.state == "draining"
+            seen["requests_at_drain"] = leaving.requests
+
+    check, summary = run_stream(targets(f"file:{listing}"), make_samples(400, seed=2), servers, remove_at_40)
+    leaving = seen["leaving"]
     assert check.count == 400 and not check.drops
-    assert leaving.samples > 0 and leaving.requests == requests_at_drain  # finished its work, got nothing new
+    assert leaving.samples > 0 and leaving.requests == seen["requests_at_drain"]  # finished its work, got nothing new
     assert servers[1].endpoint not in summary["endpoints"]                # then removed from the pool
 
 
 def test_all_servers_down_then_one_back_on_the_same_port(tmp_path):
     servers = start_servers(tmp_path, [(f"s{i}", syn(100)) for i in range(2)])
-    samples = make_samples(160, seed=3)
-    pool, stream = open_stream(targets(",".join(s.endpoint for s in servers), unavailable_timeout_s=60), samples)
-    check = Checker(samples)
-    back = None
-    try:
-        for d in stream:
-            check(d)
-            if check.count == 30:
-                for s in servers:
-                    s.stop(signal.SIGKILL)
-                time.sleep(1.0)  # the pool notices, marks both down and probes in vain
-                assert pool.num_up() == 0
-                back = start_server(tmp_path, *syn(100), "--grpc-port", str(servers[0].grpc_port), name="back")
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        if back is not None:
-            back.stop(signal.SIGKILL)
+    started = []
+
+    def outage_at_30(check, pool):
+        if check.count == 30:
+            for s in servers:
+                s.stop(signal.SIGKILL)
+            time.sleep(1.0)  # the pool notices, marks both down and probes in vain
+            assert pool.num_up() == 0
+            started.append(start_server(tmp_path, *syn(100), "--grpc-port", str(servers[0].grpc_port), name="back"))
+
+    check, summary = run_stream(targets(",".join(s.endpoint for s in servers), unavailable_timeout_s=60),
+                                make_samples(160, seed=3), started, outage_at_30)
     assert check.count == 160 and not check.drops
     ep = summary["endpoints"][servers[0].endpoint]
     assert ep["state"] == "up"
@@ -166,18 +148,8 @@ def test_no_server_for_too_long_is_a_clear_error_not_a_hang(tmp_path):
 
 def test_slow_server_gets_less_work(tmp_path):
     servers = start_servers(tmp_path, [("fast0", syn(50)), ("fast1", syn(50)), ("slow", syn(1000))])
-    samples = make_samples(300, seed=5)
-    pool, stream = open_stream(targets(",".join(s.endpoint for s in servers), hedge_after_s=0.5), samples)
-    check = Checker(samples)
-    try:
-        for d in stream:
-            check(d)
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        for s in servers:
-            s.stop(signal.SIGKILL)
+    check, summary = run_stream(targets(",".join(s.endpoint for s in servers), hedge_after_s=0.5),
+                                make_samples(300, seed=5), servers)
     assert check.count == 300 and not check.drops
     n = {s.endpoint: summary["endpoints"][s.endpoint]["samples"] for s in servers}
     slow = n[servers[2].endpoint]
@@ -187,19 +159,8 @@ def test_slow_server_gets_less_work(tmp_path):
 def test_server_slower_than_the_deadline_is_failed_over(tmp_path):
     # 20 ms per token: every request to the slow server (>= 64 tokens) outlives its 1 s deadline.
     servers = start_servers(tmp_path, [("fast", syn(50)), ("stuck", syn(20000))])
-    samples = make_samples(120, seed=6, min_len=64, max_len=96)
     cfg = targets(",".join(s.endpoint for s in servers), request_timeout_s=1.0, hedge_after_s=0, max_attempts=50)
-    pool, stream = open_stream(cfg, samples)
-    check = Checker(samples)
-    try:
-        for d in stream:
-            check(d)
-        summary = stream.summary()
-    finally:
-        stream.close()
-        pool.close()
-        for s in servers:
-            s.stop(signal.SIGKILL)
+    check, summary = run_stream(cfg, make_samples(120, seed=6, min_len=64, max_len=96), servers)
     assert check.count == 120 and not check.drops
     assert summary["requests"].get("deadline_exceeded", 0) >= 1, summary["requests"]
     assert summary["retries"].get("deadline_exceeded", 0) >= 1

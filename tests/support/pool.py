@@ -73,3 +73,27 @@ def in_thread(fn, *args) -> threading.Thread:
     t = threading.Thread(target=fn, args=args, daemon=True)
     t.start()
     return t
+
+
+def run_stream(cfg: TargetsConfig, samples, servers=(), on_delivery=None) -> tuple[Checker, dict]:
+    """Open the pool, check every delivery in order, call `on_delivery(check, pool)` after each,
+    and always clean up (the stream, the pool, then SIGKILL `servers`). Returns (checker, summary)."""
+    import signal
+
+    samples = list(samples)
+    pool = stream = None
+    check = Checker(samples)
+    try:
+        pool, stream = open_stream(cfg, samples)
+        for d in stream:
+            check(d)
+            if on_delivery is not None:
+                on_delivery(check, pool)
+        return check, stream.summary()
+    finally:
+        if stream is not None:
+            stream.close()
+        if pool is not None:
+            pool.close()
+        for s in servers:
+            s.stop(signal.SIGKILL)
