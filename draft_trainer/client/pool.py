@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from common.contract import ModelInfo, check_compatible
-from common.errors import ContractError, SpecRelayError, TargetUnavailableError
+from common.errors import ConfigError, ContractError, SpecRelayError, TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.target import TargetClient
 from draft_trainer.config import TargetsConfig
@@ -104,8 +104,16 @@ class TargetPool:
         cfg = self.cfg
         deadline = time.monotonic() + cfg.startup_timeout_s
         delay = PROBE_BASE_S
+        resolve_error = ""
         while True:
-            for addr in self.source.resolve():
+            try:
+                listed = self.source.resolve()
+            except ConfigError as e:
+                if not self.source.dynamic:
+                    raise
+                # A headless Service has no records until a pod is ready: keep asking until the deadline.
+                listed, resolve_error = set(), f"\n  {e}"
+            for addr in listed:
                 self.endpoints.setdefault(addr, Endpoint(addr))
             pending = [ep for ep in self.endpoints.values() if ep.state in (JOINING, DOWN)]
             results = self._handshake_all([ep.address for ep in pending])
@@ -120,7 +128,7 @@ class TargetPool:
             if time.monotonic() + delay > deadline:
                 raise TargetUnavailableError(
                     f"no target server reachable at {self.source.spec} after {cfg.startup_timeout_s:.0f}s "
-                    f"(targets.startup_timeout_s):\n  " + self.describe()
+                    f"(targets.startup_timeout_s):\n  " + self.describe() + resolve_error
                     + "\nStart the servers, or check the address and that the port is the gRPC port.")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -7,7 +7,7 @@ import pytest
 
 from common.config import load_config
 from common.contract import ModelInfo
-from common.errors import ConfigError
+from common.errors import ConfigError, TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.dispatcher import Dispatcher, _Request
 from draft_trainer.client.pool import UP, Endpoint, TargetPool
@@ -84,3 +84,13 @@ def test_endpoint_spec_errors_say_what_to_write(tmp_path):
     assert src.resolve() == {"127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"}
     listing.write_text("127.0.0.1:4\n")
     assert src.resolve() == {"127.0.0.1:4"}
+
+
+def test_unresolvable_dns_name_is_retried_until_the_startup_timeout():
+    cfg = TargetsConfig(endpoints="dns:no-such-host.invalid:50051", startup_timeout_s=1.0)
+    pool = TargetPool(EndpointSource(cfg.endpoints), cfg)
+    t0 = time.monotonic()
+    with pytest.raises(TargetUnavailableError) as err:
+        pool.start()
+    assert time.monotonic() - t0 >= 0.5  # waited instead of failing at once
+    assert "no-such-host.invalid" in str(err.value) and "startup_timeout_s" in str(err.value)
