@@ -44,6 +44,7 @@ from draft_trainer.config import TargetsConfig, TrainConfig  # noqa: E402
 from tests.support.procs import start_servers  # noqa: E402
 
 HIDDEN = 64
+FILL_STEPS = 3  # steps during which the pipeline fills (slow start, empty buffer): reported apart
 
 
 def server_args(cost_us: float) -> list[str]:
@@ -137,8 +138,7 @@ def bench_scaling(servers, ns: list[int], cost_us: float, per_server: int, lo: i
 def run_sleep_trainer(endpoints: list[str], data: list[Sample], batch: int, step_s: float, prefetch: bool) -> dict:
     """A trainer that sleeps `step_s` per batch; returns wall, data wait and the fraction."""
     steps = len(data) // batch
-    wait = 0.0
-    first = None
+    waits: list[float] = []
     t_start = time.perf_counter()
     if prefetch:
         pool = TargetPool(EndpointSource(",".join(endpoints)), pool_targets(""))
@@ -149,8 +149,7 @@ def run_sleep_trainer(endpoints: list[str], data: list[Sample], batch: int, step
             t0 = time.perf_counter()
             for _ in range(batch):
                 next(stream)
-            wait += time.perf_counter() - t0
-            first = wait if first is None else first
+            waits.append(time.perf_counter() - t0)
             time.sleep(step_s)
         stream.close()
         pool.close()
@@ -162,14 +161,21 @@ def run_sleep_trainer(endpoints: list[str], data: list[Sample], batch: int, step
             chunk = data[i * batch:(i + 1) * batch]
             t0 = time.perf_counter()
             list(clients[i % len(clients)].features([s.sample_id for s in chunk], [s.token_ids.tolist() for s in chunk]))
-            wait += time.perf_counter() - t0
-            first = wait if first is None else first
+            waits.append(time.perf_counter() - t0)
             time.sleep(step_s)
         for c in clients:
             c.close()
     wall = time.perf_counter() - t_start
-    return {"steps": steps, "wall_s": round(wall, 3), "data_wait_s": round(wait, 3),
-            "data_wait_fraction": round(wait / wall, 4), "first_step_wait_s": round(first, 3)}
+    return wait_stats(waits, [w + step_s for w in waits], wall)
+
+
+def wait_stats(waits: list[float], step_times: list[float], wall: float) -> dict:
+    """Data wait over the whole run, and after the pipeline has filled (from step FILL_STEPS + 1 on)."""
+    wait = sum(waits)
+    later = sum(waits[FILL_STEPS:]) / max(1e-9, sum(step_times[FILL_STEPS:]))
+    return {"steps": len(waits), "wall_s": round(wall, 3), "data_wait_s": round(wait, 3),
+            "data_wait_fraction": round(wait / wall, 4), "fill_wait_s": round(sum(waits[:FILL_STEPS]), 3),
+            "after_fill_data_wait_fraction": round(later, 4)}
 
 
 def bench_overlap_sleep(tmp: Path, n_servers: int, cost_us: float, supply_ratio: float, batch: int, steps: int,
@@ -230,9 +236,9 @@ def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: in
     times = sorted(json.loads(line)["step_time_s"] for line in (tmp / "calib" / "metrics.jsonl").open())
     demand = cal["tokens"] / cal["steps"] / times[len(times) // 2]   # tokens/s the trainer consumes
 
-    def row(s):
-        return {"steps": s["steps"], "wall_s": round(s["wall_s"], 3), "data_wait_s": round(s["data_wait_s"], 3),
-                "data_wait_fraction": round(s["data_wait_fraction"], 4)}
+    def row(s, out):
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        return wait_stats([r["data_wait_s"] for r in recs], [r["step_time_s"] for r in recs], s["wall_s"])
 
     runs = []
     for attempt in range(attempts):
@@ -246,13 +252,13 @@ def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: in
             ratio = n_servers * 1e6 / cost_us / realised
             run = {"cost_per_token_us": round(cost_us, 1), "planned_demand_tokens_per_s": round(demand, 1),
                    "realised_demand_tokens_per_s": round(realised, 1), "realised_supply_over_demand": round(ratio, 2),
-                   "pool": row(pool)}
+                   "pool": row(pool, tmp / f"pool{attempt}")}
             runs.append(run)
             print(f"overlap (real loop) attempt {attempt}: supply/demand {ratio:.2f}, data-wait "
                   f"{100 * pool['data_wait_fraction']:.1f}%", flush=True)
             if 1.1 <= ratio <= 1.6 or attempt == attempts - 1:
                 sync = Trainer(real_config(data_dir, tmp / "sync", eps, steps, batch, False)).run()
-                run["one_sample_ahead"] = row(sync)
+                run["one_sample_ahead"] = row(sync, tmp / "sync")
                 break
         finally:
             for s in servers:
@@ -283,20 +289,23 @@ def markdown(res: dict) -> str:
     lines += ["", "Target: >= 3.5x at 4 servers. CPU columns are CPU-seconds per wall second (2 cores = 2.0):",
               "they show the simulated cost, not the machine, bounds the rate.", "",
               "## Overlap (supply ~1.2x demand): data-wait fraction", "",
-              "| trainer | step | servers | pool (prefetch) | without prefetch |", "|---|---:|---:|---:|---:|"]
+              "| trainer | step | servers | pool (prefetch) | pool, after fill | without prefetch |",
+              "|---|---:|---:|---:|---:|---:|"]
     o = res.get("overlap_sleep")
     if o:
         lines.append(f"| simulated (sleep) | {1000 * o['step_s']:.0f} ms | {o['servers']} | "
-                     f"{100 * o['pool']['data_wait_fraction']:.1f}% | {100 * o['sync']['data_wait_fraction']:.1f}% "
-                     "(synchronous fetch) |")
+                     f"{100 * o['pool']['data_wait_fraction']:.1f}% | {100 * o['pool']['after_fill_data_wait_fraction']:.1f}% | "
+                     f"{100 * o['sync']['data_wait_fraction']:.1f}% (synchronous fetch) |")
     r = res.get("overlap_real")
     if r:
         step_ms = 1000 * (r["pool"]["wall_s"] - r["pool"]["data_wait_s"]) / r["pool"]["steps"]
         lines.append(f"| real loop (CPU draft), supply/demand {r['realised_supply_over_demand']} | {step_ms:.0f} ms | "
                      f"{r['servers']} | {100 * r['pool']['data_wait_fraction']:.1f}% | "
+                     f"{100 * r['pool']['after_fill_data_wait_fraction']:.1f}% | "
                      f"{100 * r['one_sample_ahead']['data_wait_fraction']:.1f}% (one sample ahead) |")
-    fill = f" ({o['pool']['first_step_wait_s']} s of the simulated run's {o['pool']['data_wait_s']} s)" if o else ""
-    lines += ["", f"Target: <= 5% with prefetch. The data wait includes filling the pipeline before step 1{fill}. "
+    fill = f" ({o['pool']['fill_wait_s']} s of the simulated run's {o['pool']['data_wait_s']} s)" if o else ""
+    lines += ["", f"Target: <= 5% with prefetch. The data wait includes filling the pipeline in the first "
+              f"{FILL_STEPS} steps{fill}; 'after fill' is the wait from step {FILL_STEPS + 1} on, what a long run sees. "
               "Servers are warmed with one tiny request first (a fresh process pays ~1 s once). The real loop's "
               "servers are sized from its measured demand; the supply/demand it really had is shown.", ""]
     return "\n".join(lines)
