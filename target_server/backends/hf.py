@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-MAX_TOPK = 256
+MAX_TOPK = 64
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
@@ -69,6 +69,7 @@ class HFBackend(Backend):
         self._decoder, layers, norm = decoder_parts(self.model)
         self._captured: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # hooks write shared state: one forward at a time
+        self._keys = [f"aux{lid}" for lid in self.aux_layer_ids] + ["final"]
         for lid in self.aux_layer_ids:
             layers[lid].register_forward_hook(self._hook(f"aux{lid}"))
         norm.register_forward_hook(self._hook("final"))
@@ -94,7 +95,7 @@ class HFBackend(Backend):
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
             chat_template=self.tokenizer.chat_template or "",
             teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
-            max_topk=self.max_topk,
+            max_topk=min(self.max_topk, self.vocab_size),
             hf_config_json=json.dumps(cfg.to_dict(), default=str),
             backend=self.name,
             model_name=self.path.name,
@@ -115,14 +116,20 @@ class HFBackend(Backend):
             # A single unpadded sequence runs without a mask: the exact path transformers takes.
             self._decoder(input_ids=ids_BT.to(self.device),
                           attention_mask=None if B == 1 else mask_BT.to(self.device), use_cache=False)
-            aux_BT3H = torch.cat([self._captured[f"aux{lid}"] for lid in self.aux_layer_ids], dim=-1)
+            missing = [k for k in self._keys if k not in self._captured]
+            if missing:
+                raise RuntimeError(f"forward hooks did not fire for {missing}: unsupported model structure")
+            # One device->host copy per batch, then per-sequence views.
+            aux_BT3H = torch.cat([self._captured[f"aux{lid}"] for lid in self.aux_layer_ids], dim=-1).to("cpu")
             final_BTH = self._captured["final"]
             self._captured.clear()
         out = []
+        if teacher == TEACHER_HIDDEN:
+            final_BTH = final_BTH.to("cpu")
         for b, T in enumerate(lengths):
-            cap = Capture(aux_T3H=aux_BT3H[b, :T].to("cpu"))
+            cap = Capture(aux_T3H=aux_BT3H[b, :T])
             if teacher == TEACHER_HIDDEN:
-                cap.teacher_TH = final_BTH[b, :T].to("cpu")
+                cap.teacher_TH = final_BTH[b, :T]
             else:
                 cap.topk_ids_TK, cap.topk_logprobs_TK = self._topk(final_BTH[b, :T], topk)
             out.append(cap)

@@ -2,7 +2,9 @@
 
 For tests and scale simulations of many servers without model compute. Every value is a pure
 function of (token id, previous token id, position in the sequence, layer): any server answers
-any request identically, as real servers do. `cost_per_token_us` sleeps (releasing the GIL) to
+any request identically, as real servers do. Producing a value costs two memory passes (a
+hashed row of a fixed per-layer basis, times a hashed scale), so benchmarks of the data plane
+measure the transport, not the stand-in. `cost_per_token_us` sleeps (releasing the GIL) to
 simulate a GPU's prefill time.
 
 Legend (shapes): T tokens, H hidden size, V vocab, K top-k.
@@ -22,14 +24,18 @@ from target_server.backends.base import Backend, Capture, Completion
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _pseudo(ids_T: torch.Tensor, layer: int, H: int) -> torch.Tensor:
-    """[T, H] values in [-1, 1): a cheap counter-based hash of (token, previous token, position, layer)."""
+_BASIS_ROWS = 256
+
+
+def _mix(ids_T: torch.Tensor, layer: int, seed: int) -> torch.Tensor:
+    """[T] int64 hash of (token, previous token, position, layer, seed); wraps deterministically."""
     T = ids_T.shape[0]
-    prev = torch.cat([ids_T.new_zeros(1), ids_T[:-1]])
-    pos = torch.arange(T, dtype=torch.float64)
-    seed_T = (ids_T.double() * 12.9898 + prev.double() * 4.1414 + pos * 0.7071 + layer * 78.233)
-    x_TH = torch.sin(seed_T[:, None] + torch.arange(H, dtype=torch.float64)[None] * 0.61803) * 43758.5453
-    return (2.0 * (x_TH - torch.floor(x_TH)) - 1.0).float()
+    prev = torch.cat([ids_T.new_full((1,), -1), ids_T[:-1]])
+    pos = torch.arange(T, dtype=torch.int64)
+    h = ids_T * 1000003 + prev * 999983 + pos * 7919 + (layer * 104729 + seed * 15485863)
+    h = h ^ (h >> 13)
+    h = h * 0x5BD1E995
+    return h ^ (h >> 15)
 
 
 class SyntheticBackend(Backend):
@@ -37,13 +43,16 @@ class SyntheticBackend(Backend):
 
     def __init__(self, *, hidden_size: int = 64, num_layers: int = 8, vocab_size: int = 512, dtype: str = "fp32",
                  aux_layers: str = "auto", max_length: int = 4096, cost_per_token_us: float = 0.0,
-                 num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0) -> None:
+                 num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0, max_topk: int = 64) -> None:
         self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
         self.dtype = _DTYPES[dtype]
         self.aux_layer_ids = parse_aux_layers(aux_layers, num_layers)
         self.max_length = max_length
         self.cost_per_token_us = cost_per_token_us
         self.heads, self.kv_heads = num_attention_heads, num_key_value_heads
+        self.seed = seed
+        self.max_topk = max_topk
+        self._basis: dict[int, torch.Tensor] = {}
         g = torch.Generator().manual_seed(seed)
         self.embed_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
         self.lm_head_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
@@ -53,7 +62,8 @@ class SyntheticBackend(Backend):
     def from_config(cls, cfg) -> "SyntheticBackend":
         return cls(hidden_size=cfg.synthetic_hidden_size, num_layers=cfg.synthetic_num_layers,
                    vocab_size=cfg.synthetic_vocab_size, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
-                   max_length=cfg.max_length or 4096, cost_per_token_us=cfg.synthetic_cost_per_token_us)
+                   max_length=cfg.max_length or 4096, cost_per_token_us=cfg.synthetic_cost_per_token_us,
+                   max_topk=cfg.max_topk)
 
     def hf_config(self) -> dict:
         return {
@@ -71,10 +81,25 @@ class SyntheticBackend(Backend):
             hidden_size=self.hidden_size, vocab_size=self.vocab_size, aux_layer_ids=list(self.aux_layer_ids),
             dtype=wire_dtype_name(self.dtype), max_length=self.max_length,
             tokenizer_fingerprint=f"synthetic-v{self.vocab_size}", chat_template="",
-            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK], max_topk=64, hf_config_json=json.dumps(self.hf_config()),
+            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK], max_topk=min(self.max_topk, self.vocab_size), hf_config_json=json.dumps(self.hf_config()),
             backend=self.name, model_name=f"synthetic-h{self.hidden_size}-l{self.num_layers}",
             feature_schema_version=FEATURE_SCHEMA_VERSION,
         )
+
+    def _layer_basis(self, layer: int) -> torch.Tensor:
+        """[P, H] fixed rows in [-1, 1) for one layer (seeded by layer and seed: same on every server)."""
+        if layer not in self._basis:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+            self._basis[layer] = (torch.rand(_BASIS_ROWS, self.hidden_size, generator=g) * 2 - 1).to(self.dtype)
+        return self._basis[layer]
+
+    def _pseudo(self, ids_T: torch.Tensor, layer: int, out_TH: torch.Tensor) -> None:
+        """out_TH <- basis row picked by the hash, times a hashed scale in [0.5, 1.5): two memory passes."""
+        h_T = _mix(ids_T, layer, self.seed)
+        scale_T = 0.5 + (h_T >> 8).remainder(1024).to(torch.float32) / 1024
+        rows_TH = self._layer_basis(layer)[h_T.remainder(_BASIS_ROWS)]
+        torch.mul(rows_TH, scale_T.to(self.dtype)[:, None], out=rows_TH)
+        out_TH.copy_(rows_TH)
 
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
         t0 = time.perf_counter()
@@ -82,8 +107,11 @@ class SyntheticBackend(Backend):
         H = self.hidden_size
         for s in seqs:
             ids_T = torch.as_tensor(s, dtype=torch.long)
-            aux_T3H = torch.cat([_pseudo(ids_T, lid, H) for lid in self.aux_layer_ids], dim=-1).to(self.dtype)
-            final_TH = _pseudo(ids_T, self.num_layers, H).to(self.dtype)
+            aux_T3H = torch.empty(len(s), 3 * H, dtype=self.dtype)
+            for j, lid in enumerate(self.aux_layer_ids):
+                self._pseudo(ids_T, lid, aux_T3H[:, j * H : (j + 1) * H])
+            final_TH = torch.empty(len(s), H, dtype=self.dtype)
+            self._pseudo(ids_T, self.num_layers, final_TH)
             cap = Capture(aux_T3H=aux_T3H)
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_TH
