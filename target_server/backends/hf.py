@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
-from common.errors import AssetError
+from common.errors import AssetError, ConfigError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion
 
@@ -47,25 +47,31 @@ class HFBackend(Backend):
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                  aux_layers: str | list[int] = "auto", max_length: int | None = None,
                  max_topk: int = MAX_TOPK) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise AssetError(f"--model {path}: no config.json there; point at a local HF model directory")
         if dtype not in DTYPES:
-            raise AssetError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
-        self.device = torch.device(device)
+            raise ConfigError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {device!r}: {e}; use cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is visible to this process; use --device cpu")
         self.dtype = DTYPES[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.path = path
-        cfg = self.model.config
+        # Everything checkable from the config is checked before the (slow) weight load.
+        cfg = AutoConfig.from_pretrained(path)
         self.num_layers = int(cfg.num_hidden_layers)
         self.hidden_size = int(cfg.hidden_size)
         self.vocab_size = int(cfg.vocab_size)
         self.aux_layer_ids = parse_aux_layers(aux_layers, self.num_layers)
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 4096))
         self.max_topk = max_topk
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.path = path
         self._decoder, layers, norm = decoder_parts(self.model)
         self._captured: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # hooks write shared state: one forward at a time
