@@ -48,6 +48,9 @@ class HFBackend(Backend):
                  aux_layers: str | list[int] = "auto", max_length: int | None = None,
                  max_topk: int = MAX_TOPK) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a server log is not a terminal
 
         path = Path(model_path)
         if not (path / "config.json").is_file():
