@@ -25,6 +25,9 @@ class TargetsConfig:
     topk: int = 0                    # for teacher=topk
     request_timeout_s: float = 120.0
     startup_timeout_s: float = 300.0
+    auth_token_file: str = ""        # the servers' bearer token (same file as their --auth-token-file)
+    tls_root_cert: str = ""          # PEM root that signed the servers' --tls-cert; enables TLS
+    tls_server_name: str = ""        # name to verify when the certificate does not name the dialled address
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from common.config import dump_yaml
 from common.contract import ModelInfo
 from common.errors import ContractError, DataError
+from common.security import read_token_file
 from draft_trainer.client.embedded import EmbeddedServer
 from draft_trainer.client.target import TargetClient
 from draft_trainer.config import TrainConfig
@@ -97,7 +98,10 @@ class Trainer:
             endpoint = self._stack.enter_context(server)
             log.info("embedded target server at %s", endpoint)
         endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
-        self.client = TargetClient(endpoints[0], timeout_s=cfg.targets.request_timeout_s)
+        t = cfg.targets
+        self.client = TargetClient(endpoints[0], timeout_s=t.request_timeout_s,
+                                   auth_token=read_token_file(t.auth_token_file) if t.auth_token_file else None,
+                                   tls_root_cert=t.tls_root_cert or None, tls_server_name=t.tls_server_name or None)
         self._stack.callback(self.client.close)
         self.client.wait_ready(cfg.targets.startup_timeout_s)
         self.info: ModelInfo = self.client.model_info()

@@ -123,8 +123,14 @@ class HFBackend(Backend):
         with self._lock:
             self._captured.clear()
             # A single unpadded sequence runs without a mask: the exact path transformers takes.
-            self._decoder(input_ids=ids_BT.to(self.device),
-                          attention_mask=None if B == 1 else mask_BT.to(self.device), use_cache=False)
+            try:
+                self._decoder(input_ids=ids_BT.to(self.device),
+                              attention_mask=None if B == 1 else mask_BT.to(self.device), use_cache=False)
+            except torch.cuda.OutOfMemoryError:
+                # Free the failed pass's blocks so the scheduler's one-sample-at-a-time retry can fit.
+                self._captured.clear()
+                torch.cuda.empty_cache()
+                raise
             missing = [k for k in self._keys if k not in self._captured]
             if missing:
                 raise RuntimeError(f"forward hooks did not fire for {missing}: unsupported model structure")

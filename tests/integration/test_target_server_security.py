@@ -136,3 +136,22 @@ def test_bad_security_flags_are_config_errors(tmp_path, secrets):
     assert res.returncode == 2 and "--tls-cert and --tls-key go together" in res.stderr
     res = run_cli("target_server", "serve", *SYNTH, "--auth-token-file", str(tmp_path / "missing"), timeout=120)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_trainer_trains_against_a_secured_server(secrets, tiny_llama, tiny_dataset, tmp_path):
+    from tests.support.procs import run_cli
+
+    srv = start_server(tmp_path, "--model", str(tiny_llama), "--backend", "hf", "--auth-token-file",
+                       str(secrets["token"]), "--tls-cert", str(secrets["cert"]), "--tls-key", str(secrets["key"]))
+    try:
+        common = ["draft_trainer", "train", f"targets.endpoints={srv.endpoint}", f"data.path={tiny_dataset}",
+                  "max_steps=2", "batch_size=2", "model.ttt_steps=2", f"targets.tls_root_cert={secrets['cert']}",
+                  "targets.startup_timeout_s=20"]
+        res = run_cli(*common, f"output_dir={tmp_path / 'ok'}", f"targets.auth_token_file={secrets['token']}",
+                      timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()) == 2
+        res = run_cli(*common, f"output_dir={tmp_path / 'no'}", timeout=600)  # no token
+        assert res.returncode != 0 and "UNAUTHENTICATED" in res.stderr, res.stderr[-3000:]
+    finally:
+        srv.stop()
