@@ -5,14 +5,17 @@ same bytes in protobuf `bytes` messages (target >= 2x).
     python -m benchmarks.bench_dataplane            # H=4096 bf16 (Llama-3-8B-sized features)
     python -m benchmarks.bench_dataplane --smoke
 
+All processes apply `common.memory.tune_malloc()` (as both CLIs do).
 - ours: `TargetClient.features` against `target-server --backend synthetic` (cost 0): request
   parsing, scheduling, the synthetic forward, chunking, Arrow encoding, Flight, zero-copy decode
   and sample reassembly.
 - raw Flight: a bare FlightServerBase replaying, for every DoGet, the exact record batches our
   server sent for one request (fetched from it once); the client only reads the batches.
 - gRPC bytes: a grpcio server streaming those batches' IPC bytes as `TensorChunk.data`
-  (protobuf) messages; the client decodes each message and takes a numpy view.
-One request at a time on each path; rounds alternate between the paths; medians reported.
+  (protobuf) messages of at most 4 MiB (gRPC's default message limit, and where protobuf
+  decoding does best); the client decodes each message and takes a numpy view.
+`--inflight` requests are open at a time on each path (1: pure per-stream cost; 2: as a
+trainer's dispatcher runs it); rounds alternate between the paths; medians reported.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -31,6 +35,7 @@ import numpy as np
 from benchmarks.harness import REPO, Server, env, markdown_table, median, write_results
 
 GRPC_METHOD = "/specrelay.bench.Bytes/Stream"
+GRPC_MESSAGE_BYTES = 4 << 20
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 
 
@@ -69,7 +74,8 @@ def serve_baselines(source_flight: str, ticket_hex: str, ready_file: str) -> Non
 
     raw = Raw("grpc://127.0.0.1:0")
     blobs = [b.serialize().to_pybytes() for b in batches]
-    messages = [pb.TensorChunk(data=blob, offset=i, total_bytes=len(blob)) for i, blob in enumerate(blobs)]
+    messages = [pb.TensorChunk(data=blob[o : o + GRPC_MESSAGE_BYTES], offset=o, total_bytes=len(blob))
+                for blob in blobs for o in range(0, len(blob), GRPC_MESSAGE_BYTES)]
 
     def stream(_request, _context):
         yield from messages
@@ -81,7 +87,7 @@ def serve_baselines(source_flight: str, ticket_hex: str, ready_file: str) -> Non
     server.add_generic_rpc_handlers((handler,))
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    info = {"flight_port": raw.port, "grpc_port": grpc_port, "batches": len(batches),
+    info = {"flight_port": raw.port, "grpc_port": grpc_port, "batches": len(batches), "grpc_messages": len(messages),
             "arrow_bytes": sum(b.nbytes for b in batches), "ipc_bytes": sum(map(len, blobs))}
     tmp = ready_file + ".tmp"
     Path(tmp).write_text(json.dumps(info))
@@ -91,47 +97,84 @@ def serve_baselines(source_flight: str, ticket_hex: str, ready_file: str) -> Non
 
 # ------------------------------------------------------------------ clients (this process)
 
-def run_ours(client, tickets_args) -> float:
+def _parallel(fn, items: list, inflight: int) -> float:
+    """Run fn(item) over items with `inflight` threads (each its own connection); wall seconds."""
+    todo = list(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker():
+        state: dict = {}
+        try:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    item = todo.pop(0)
+                fn(item, state)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+        finally:
+            for closer in state.get("close", []):
+                closer()
+
     t0 = time.perf_counter()
-    for sample_ids, seqs in tickets_args:
-        n = 0
-        for f in client.features(sample_ids, seqs):
-            n += f.aux_T3H.shape[0]
-        assert n == sum(map(len, seqs))
+    threads = [threading.Thread(target=worker) for _ in range(inflight)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
     return time.perf_counter() - t0
 
 
-def run_raw(location: str, n_requests: int) -> float:
+def run_ours(endpoint: str, reqs: list, inflight: int) -> float:
+    from draft_trainer.client.target import TargetClient
+
+    def one(req, state):
+        if "client" not in state:
+            state["client"] = TargetClient(endpoint, timeout_s=600)
+            state["close"] = [state["client"].close]
+        sample_ids, seqs = req
+        n = sum(f.aux_T3H.shape[0] for f in state["client"].features(sample_ids, seqs))
+        assert n == sum(map(len, seqs))
+
+    return _parallel(one, reqs, inflight)
+
+
+def run_raw(location: str, n_requests: int, inflight: int) -> float:
     import pyarrow.flight as flight
 
-    fc = flight.FlightClient(location)
-    t0 = time.perf_counter()
-    for _ in range(n_requests):
-        reader = fc.do_get(flight.Ticket(b"x"))
+    def one(_i, state):
+        if "fc" not in state:
+            state["fc"] = flight.FlightClient(location)
+            state["close"] = [state["fc"].close]
+        reader = state["fc"].do_get(flight.Ticket(b"x"))
         while True:
             try:
                 reader.read_chunk()
             except StopIteration:
                 break
-    dt = time.perf_counter() - t0
-    fc.close()
-    return dt
+
+    return _parallel(one, list(range(n_requests)), inflight)
 
 
-def run_grpc(port: int, n_requests: int) -> float:
+def run_grpc(port: int, n_requests: int, inflight: int) -> float:
     import grpc
 
     from common.rpc import target_pb2 as pb
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
-    call = channel.unary_stream(GRPC_METHOD, request_serializer=None, response_deserializer=pb.TensorChunk.FromString)
-    t0 = time.perf_counter()
-    for _ in range(n_requests):
-        for msg in call(b"", timeout=600):
+    def one(_i, state):
+        if "call" not in state:
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+            state["call"] = channel.unary_stream(GRPC_METHOD, request_serializer=None,
+                                                 response_deserializer=pb.TensorChunk.FromString)
+            state["close"] = [channel.close]
+        for msg in state["call"](b"", timeout=600):
             np.frombuffer(msg.data, dtype=np.uint8)
-    dt = time.perf_counter() - t0
-    channel.close()
-    return dt
+
+    return _parallel(one, list(range(n_requests)), inflight)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,20 +185,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=4, help="samples per request")
     p.add_argument("--requests", type=int, default=16, help="requests per round and path")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--inflight", type=int, default=1, help="requests open at once on each path")
+    p.add_argument("--batch-tokens", type=int, default=0, help="server --max-batch-tokens (0 = one request per pass)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--serve-baselines", nargs=3, metavar=("SOURCE", "TICKET_HEX", "READY"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    # Every process here uses the allocator settings the server and trainer CLIs apply, so the
+    # paths differ only in what they do, not in how malloc treats their buffers.
+    from common.memory import tune_malloc
+
+    tune_malloc()
     if a.serve_baselines:
         serve_baselines(*a.serve_baselines)
         return {}
     if a.smoke:
         a.hidden, a.seq_len, a.samples, a.requests, a.rounds = 256, 64, 2, 2, 1
-    from draft_trainer.client.target import TargetClient
-
     vocab = 512
     ours = Server("--backend", "synthetic", "--synthetic-hidden-size", str(a.hidden), "--dtype", a.dtype,
-                  "--synthetic-vocab-size", str(vocab), "--max-batch-tokens", str(a.samples * a.seq_len),
+                  "--synthetic-vocab-size", str(vocab), "--max-batch-tokens", str(a.batch_tokens or a.samples * a.seq_len),
                   "--max-request-tokens", str(1 << 22), "--max-queue-tokens", str(1 << 22))
     tmp = Path(tempfile.mkdtemp(prefix="specrelay-bench-"))
     ready = tmp / "baselines.json"
@@ -163,7 +211,6 @@ def main(argv: list[str] | None = None) -> dict:
         [sys.executable, "-m", "benchmarks.bench_dataplane", "--serve-baselines",
          f"grpc://127.0.0.1:{ours.flight_port}", feature_ticket(0, a.samples, a.seq_len, vocab).hex(), str(ready)],
         env=env(), cwd=REPO, stdout=open(tmp / "baselines.log", "wb"), stderr=subprocess.STDOUT)
-    client = TargetClient(ours.endpoint, timeout_s=600)
     try:
         end = time.monotonic() + 120
         while not ready.is_file():
@@ -179,16 +226,16 @@ def main(argv: list[str] | None = None) -> dict:
             msg = pb.FeatureRequest.FromString(feature_ticket(i, a.samples, a.seq_len, vocab))
             ids = list(msg.token_ids)
             reqs.append((list(msg.sample_ids), [ids[j * a.seq_len:(j + 1) * a.seq_len] for j in range(a.samples)]))
-        run_ours(client, reqs[:1]), run_raw(raw_loc, 1), run_grpc(base["grpc_port"], 1)  # warm-up
+        n = a.inflight
+        run_ours(ours.endpoint, reqs[:n], n), run_raw(raw_loc, n, n), run_grpc(base["grpc_port"], n, n)  # warm-up
         times = {"ours": [], "raw": [], "grpc": []}
         for r in range(a.rounds):
-            order = [("ours", lambda: run_ours(client, reqs)), ("raw", lambda: run_raw(raw_loc, a.requests)),
-                     ("grpc", lambda: run_grpc(base["grpc_port"], a.requests))]
+            order = [("ours", lambda: run_ours(ours.endpoint, reqs, n)), ("raw", lambda: run_raw(raw_loc, a.requests, n)),
+                     ("grpc", lambda: run_grpc(base["grpc_port"], a.requests, n))]
             for name, fn in (order if r % 2 == 0 else order[::-1]):
                 times[name].append(fn())
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
     finally:
-        client.close()
         baselines.kill()
         baselines.wait(timeout=30)
         ours.stop()
@@ -205,13 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
          "ratio": f"**{med['ours'] / med['grpc']:.2f}x** faster (target >= 2)"},
     ]
     desc = (f"H={a.hidden} {a.dtype}, {a.samples} samples x {a.seq_len} tokens per request "
-            f"({base['arrow_bytes'] / 2**20:.1f} MiB in {base['batches']} record batches), {a.requests} requests "
-            f"per round, {a.rounds} rounds, one request at a time, client and servers on the same host (loopback).")
+            f"({base['arrow_bytes'] / 2**20:.1f} MiB in {base['batches']} record batches / {base['grpc_messages']} gRPC "
+            f"messages), {a.requests} requests "
+            f"per round, {a.rounds} rounds, {a.inflight} request(s) open at a time on each path, client and servers "
+            "on the same host (loopback).")
     table = desc + "\n\n" + markdown_table(rows, ["path", "GB/s", "tokens/s", "ratio"])
     data = {"config": vars(a), "bytes_per_round": nbytes, "seconds": times, "gb_per_s": gbs, "median_gb_per_s": med,
             "ratio_vs_raw_flight": med["ours"] / med["raw"], "ratio_vs_grpc_bytes": med["ours"] / med["grpc"],
             "targets": {"vs_raw_flight": 0.8, "vs_grpc_bytes": 2.0}, "batches_per_request": base["batches"]}
-    write_results("dataplane" + ("_smoke" if a.smoke else ""), data, table, a.out)
+    name = "dataplane" + (f"_inflight{a.inflight}" if a.inflight != 1 else "") + ("_smoke" if a.smoke else "")
+    write_results(name, data, table, a.out)
     return data
 
 

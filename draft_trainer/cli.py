@@ -12,6 +12,7 @@ from common.errors import SpecRelayError
 
 def _train(args: argparse.Namespace) -> int:
     from common.config import dump_yaml, load_config
+    from common.memory import tune_malloc
     from draft_trainer.config import TrainConfig
     from draft_trainer.train.loop import Trainer
 
@@ -19,6 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg))
         return 0
+    tune_malloc()  # feature batches are multi-MiB: reuse heap memory instead of page-faulting it in
     summary = Trainer(cfg).run()
     print(json.dumps(summary, indent=1))
     return 0

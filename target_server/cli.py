@@ -14,6 +14,7 @@ import sys
 import threading
 
 from common.errors import SpecRelayError
+from common.memory import tune_malloc
 from target_server.server import CLOSE_TIMEOUT_S, ServerConfig, TargetServer
 
 log = logging.getLogger("target_server")
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__}
+    tune_malloc()  # multi-MiB feature tensors: reuse heap memory instead of page-faulting it in
     try:
         cfg = ServerConfig(**fields)
         server = TargetServer(cfg).start()

@@ -1,13 +1,14 @@
 """Synthetic backend: deterministic pseudo-features at a configurable cost per token.
 
-For tests and scale simulations of many servers without model compute. Every value is a pure
-function of (token id, previous token id, position in the sequence, layer): any server answers
-any request identically, as real servers do. Producing a value costs two memory passes (a
-hashed row of a fixed per-layer basis, times a hashed scale), so benchmarks of the data plane
-measure the transport, not the stand-in. `cost_per_token_us` sleeps (releasing the GIL) to
-simulate a GPU's prefill time.
+For tests and scale simulations of many servers without model compute. Features are a pure
+function of the sequence's token ids and the layer, so any server answers any request
+identically, as real servers do. Producing them costs nothing: each layer has a fixed pool of
+rows (seeded by layer and block, grown on demand, identical on every server), and a sequence's
+features are a *view* of `T` consecutive rows starting at an offset hashed from its token ids.
+So a data-plane benchmark measures the transport, not the stand-in, and many simulated servers
+fit on a few cores. `cost_per_token_us` sleeps (releasing the GIL) to simulate a GPU's prefill.
 
-Legend (shapes): T tokens, H hidden size, V vocab, K top-k.
+Legend (shapes): T tokens, N pool rows, H hidden size, V vocab, K top-k.
 """
 
 from __future__ import annotations
@@ -22,20 +23,16 @@ from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BLOCK = 256      # pool rows are generated in seeded blocks of this many rows
+_OFFSETS = 512    # distinct start rows: two sequences share features with probability 1/_OFFSETS
 
 
-_BASIS_ROWS = 256
-
-
-def _mix(ids_T: torch.Tensor, layer: int, seed: int) -> torch.Tensor:
-    """[T] int64 hash of (token, previous token, position, layer, seed); wraps deterministically."""
-    T = ids_T.shape[0]
-    prev = torch.cat([ids_T.new_full((1,), -1), ids_T[:-1]])
-    pos = torch.arange(T, dtype=torch.int64)
-    h = ids_T * 1000003 + prev * 999983 + pos * 7919 + (layer * 104729 + seed * 15485863)
-    h = h ^ (h >> 13)
-    h = h * 0x5BD1E995
-    return h ^ (h >> 15)
+def _offset(ids: list[int], seed: int) -> int:
+    """Deterministic start row for a sequence (FNV-1a over the ids; not Python's salted hash)."""
+    h = 0xCBF29CE484222325 ^ seed
+    for t in ids:
+        h = ((h ^ (t & 0xFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h % _OFFSETS
 
 
 class SyntheticBackend(Backend):
@@ -52,7 +49,9 @@ class SyntheticBackend(Backend):
         self.heads, self.kv_heads = num_attention_heads, num_key_value_heads
         self.seed = seed
         self.max_topk = max_topk
-        self._basis: dict[int, torch.Tensor] = {}
+        # [N, 3H]: the three aux layers' rows side by side; [N, H]: the last layer's (the teacher).
+        self._aux_pool_N3H = torch.empty(0, 3 * hidden_size, dtype=self.dtype)
+        self._final_pool_NH = torch.empty(0, hidden_size, dtype=self.dtype)
         g = torch.Generator().manual_seed(seed)
         self.embed_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
         self.lm_head_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
@@ -86,32 +85,29 @@ class SyntheticBackend(Backend):
             feature_schema_version=FEATURE_SCHEMA_VERSION,
         )
 
-    def _layer_basis(self, layer: int) -> torch.Tensor:
-        """[P, H] fixed rows in [-1, 1) for one layer (seeded by layer and seed: same on every server)."""
-        if layer not in self._basis:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-            self._basis[layer] = (torch.rand(_BASIS_ROWS, self.hidden_size, generator=g) * 2 - 1).to(self.dtype)
-        return self._basis[layer]
+    def _block(self, layer: int, block: int) -> torch.Tensor:
+        """[_BLOCK, H] rows in [-1, 1), seeded by (seed, layer, block): the same on every server."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + layer) * 1_000_033 + block)
+        return (torch.rand(_BLOCK, self.hidden_size, generator=g) * 2 - 1).to(self.dtype)
 
-    def _pseudo(self, ids_T: torch.Tensor, layer: int, out_TH: torch.Tensor) -> None:
-        """out_TH <- basis row picked by the hash, times a hashed scale in [0.5, 1.5): two memory passes."""
-        h_T = _mix(ids_T, layer, self.seed)
-        scale_T = 0.5 + (h_T >> 8).remainder(1024).to(torch.float32) / 1024
-        rows_TH = self._layer_basis(layer)[h_T.remainder(_BASIS_ROWS)]
-        torch.mul(rows_TH, scale_T.to(self.dtype)[:, None], out=rows_TH)
-        out_TH.copy_(rows_TH)
+    def _pools(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pools with at least `rows` rows (grown by whole blocks; views handed out stay valid)."""
+        have = self._aux_pool_N3H.shape[0]
+        if have < rows:
+            new = range(have // _BLOCK, -(-rows // _BLOCK))
+            aux = [torch.cat([self._block(lid, b) for lid in self.aux_layer_ids], dim=-1) for b in new]
+            fin = [self._block(self.num_layers, b) for b in new]
+            self._aux_pool_N3H = torch.cat([self._aux_pool_N3H, *aux])
+            self._final_pool_NH = torch.cat([self._final_pool_NH, *fin])
+        return self._aux_pool_N3H, self._final_pool_NH
 
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
         t0 = time.perf_counter()
         out = []
-        H = self.hidden_size
+        aux_pool_N3H, final_pool_NH = self._pools(_OFFSETS + max(map(len, seqs)))
         for s in seqs:
-            ids_T = torch.as_tensor(s, dtype=torch.long)
-            aux_T3H = torch.empty(len(s), 3 * H, dtype=self.dtype)
-            for j, lid in enumerate(self.aux_layer_ids):
-                self._pseudo(ids_T, lid, aux_T3H[:, j * H : (j + 1) * H])
-            final_TH = torch.empty(len(s), H, dtype=self.dtype)
-            self._pseudo(ids_T, self.num_layers, final_TH)
+            o = _offset(s, self.seed)
+            aux_T3H, final_TH = aux_pool_N3H[o : o + len(s)], final_pool_NH[o : o + len(s)]
             cap = Capture(aux_T3H=aux_T3H)
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_TH
