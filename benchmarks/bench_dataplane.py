@@ -25,14 +25,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import REPO, Server, env, markdown_table, median, write_results
+from benchmarks.harness import REPO, Server, env, markdown_table, median, run_parallel, write_results
 
 GRPC_METHOD = "/specrelay.bench.Bytes/Stream"
 GRPC_MESSAGE_BYTES = 4 << 20
@@ -52,7 +51,6 @@ def feature_ticket(request_index: int, samples: int, seq_len: int, vocab: int) -
 
 def serve_baselines(source_flight: str, ticket_hex: str, ready_file: str) -> None:
     import grpc
-    import pyarrow as pa
     import pyarrow.flight as flight
 
     from common.rpc import target_pb2 as pb
@@ -97,38 +95,6 @@ def serve_baselines(source_flight: str, ticket_hex: str, ready_file: str) -> Non
 
 # ------------------------------------------------------------------ clients (this process)
 
-def _parallel(fn, items: list, inflight: int) -> float:
-    """Run fn(item) over items with `inflight` threads (each its own connection); wall seconds."""
-    todo = list(items)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def worker():
-        state: dict = {}
-        try:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    item = todo.pop(0)
-                fn(item, state)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-        finally:
-            for closer in state.get("close", []):
-                closer()
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(inflight)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - t0
-
-
 def run_ours(endpoint: str, reqs: list, inflight: int) -> float:
     from draft_trainer.client.target import TargetClient
 
@@ -140,7 +106,7 @@ def run_ours(endpoint: str, reqs: list, inflight: int) -> float:
         n = sum(f.aux_T3H.shape[0] for f in state["client"].features(sample_ids, seqs))
         assert n == sum(map(len, seqs))
 
-    return _parallel(one, reqs, inflight)
+    return run_parallel(one, reqs, inflight)
 
 
 def run_raw(location: str, n_requests: int, inflight: int) -> float:
@@ -157,7 +123,7 @@ def run_raw(location: str, n_requests: int, inflight: int) -> float:
             except StopIteration:
                 break
 
-    return _parallel(one, list(range(n_requests)), inflight)
+    return run_parallel(one, list(range(n_requests)), inflight)
 
 
 def run_grpc(port: int, n_requests: int, inflight: int) -> float:
@@ -174,7 +140,7 @@ def run_grpc(port: int, n_requests: int, inflight: int) -> float:
         for msg in state["call"](b"", timeout=600):
             np.frombuffer(msg.data, dtype=np.uint8)
 
-    return _parallel(one, list(range(n_requests)), inflight)
+    return run_parallel(one, list(range(n_requests)), inflight)
 
 
 def main(argv: list[str] | None = None) -> dict:

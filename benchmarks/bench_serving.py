@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Server, markdown_table, median, write_results
+from benchmarks.harness import Server, markdown_table, median, run_parallel, write_results
 
 SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                      head_dim=64, intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
@@ -70,34 +70,16 @@ def run_inprocess(backend, requests) -> float:
 def run_wire(endpoint: str, requests, inflight: int) -> float:
     from draft_trainer.client.target import TargetClient
 
-    todo = list(enumerate(requests))
-    lock = threading.Lock()
-    errors: list[BaseException] = []
+    def one(item, state):
+        if "client" not in state:
+            state["client"] = TargetClient(endpoint, timeout_s=600)
+            state["close"] = [state["client"].close]
+        i, seqs = item
+        n = sum(1 for _ in state["client"].features(list(range(i * 1000, i * 1000 + len(seqs))), seqs))
+        assert n == len(seqs)
 
-    def worker():
-        client = TargetClient(endpoint, timeout_s=600)
-        try:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i, seqs = todo.pop(0)
-                n = sum(1 for _ in client.features(list(range(i * 1000, i * 1000 + len(seqs))), seqs))
-                assert n == len(seqs)
-        except BaseException as e:  # noqa: BLE001 - reported by the caller
-            errors.append(e)
-        finally:
-            client.close()
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(inflight)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return sum(len(s) for r in requests for s in r) / (time.perf_counter() - t0)
+    dt = run_parallel(one, list(enumerate(requests)), inflight)
+    return sum(len(s) for r in requests for s in r) / dt
 
 
 def main(argv: list[str] | None = None) -> dict:

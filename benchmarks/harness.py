@@ -10,7 +10,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +71,39 @@ def write_results(name: str, data: dict, table: str, out_dir: Path | None = None
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def run_parallel(fn: Callable[[object, dict], None], items: list, workers: int) -> float:
+    """fn(item, state) over items on `workers` threads (state: per-thread dict; callables in
+    state["close"] run at the end); re-raises the first error; returns wall seconds."""
+    todo = list(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker():
+        state: dict = {}
+        try:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    item = todo.pop(0)
+                fn(item, state)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+        finally:
+            for closer in state.get("close", []):
+                closer()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0
 
 
 def rss_kib(pid: int) -> dict[str, int]:

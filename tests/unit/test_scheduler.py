@@ -48,6 +48,17 @@ def collect(r: Request, timeout: float = 30.0) -> list:
     return out
 
 
+def run_all(s: Scheduler, *reqs: Request) -> list[list]:
+    """Submit, start the worker, collect every request's results, stop."""
+    for r in reqs:
+        s.submit(r)
+    s.start()
+    try:
+        return [collect(r) for r in reqs]
+    finally:
+        s.stop()
+
+
 def test_fair_in_tokens_between_clients_with_different_sample_lengths():
     be = RecordingBackend()
     s = Scheduler(be, max_batch_tokens=256, max_queue_tokens=1 << 20)
@@ -82,15 +93,7 @@ def test_fair_in_tokens_between_clients_with_different_sample_lengths():
 def test_batches_never_mix_teacher_modes_and_all_samples_arrive():
     be = RecordingBackend()
     s = Scheduler(be, max_batch_tokens=256, max_queue_tokens=1 << 20)
-    a = req("a", [8, 8, 8])
-    b = req("b", [8, 8], teacher="topk", topk=4)
-    s.submit(a)
-    s.submit(b)
-    s.start()
-    try:
-        ra, rb = collect(a), collect(b)
-    finally:
-        s.stop()
+    ra, rb = run_all(s, req("a", [8, 8, 8]), req("b", [8, 8], teacher="topk", topk=4))
     assert sorted(i for i, _ in ra) == [0, 1, 2] and sorted(i for i, _ in rb) == [0, 1]
     assert all(cap.topk_ids_TK.shape == (8, 4) for _, cap in rb)
     assert all(cap.teacher_TH is not None for _, cap in ra)
@@ -149,15 +152,7 @@ def test_cancel_purges_queued_work_at_once():
 def test_a_failing_sample_fails_only_its_request():
     be = RecordingBackend(poison=13)
     s = Scheduler(be, max_batch_tokens=256, max_queue_tokens=1 << 20)
-    good = req("good", [8, 8], token=2)
-    bad = req("bad", [8], token=13)
-    s.submit(good)
-    s.submit(bad)
-    s.start()
-    try:
-        rg, rb = collect(good), collect(bad)
-    finally:
-        s.stop()
+    rg, rb = run_all(s, req("good", [8, 8], token=2), req("bad", [8], token=13))
     assert sorted(i for i, _ in rg) == [0, 1]
     assert isinstance(rb[-1], ForwardFailed) and "poisoned" in str(rb[-1])
     assert len(be.calls[0][0]) == 3  # one packed pass first, then one sample at a time
