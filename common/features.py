@@ -4,7 +4,7 @@ Legend (shapes):  T tokens of one sample, N tokens of one record batch (sum of T
 H target hidden size, K top-k width.
 
 One record batch row is one *chunk* of one sample (a long sample may span several rows, in
-order, so record batches stay a few MiB even at H=8192):
+order, so record batches stay bounded (the server's batch size) even at H=8192):
 
     sample_id   int64
     start       int32          index of the chunk's first token within the sample

@@ -137,3 +137,32 @@ def test_default_bind_is_loopback():
     assert args.host == "127.0.0.1" and is_loopback(args.host)
     assert is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+
+
+def test_open_streams_are_capped(monkeypatch):
+    """In-process server: with the cap at 2, a third concurrent stream is refused (retryable)."""
+    import target_server.flight as tflight
+    from target_server.server import ServerConfig, TargetServer
+
+    monkeypatch.setattr(tflight, "MAX_OPEN_STREAMS", 2)
+    cfg = ServerConfig(backend="synthetic", synthetic_hidden_size=8, synthetic_cost_per_token_us=50000,
+                       grpc_port=0, flight_port=0, max_batch_tokens=4)
+    server = TargetServer(cfg).start()
+    fc = flight.FlightClient(f"grpc://127.0.0.1:{server.flight_port}")
+    try:
+        def ticket(i):
+            return flight.Ticket(pb.FeatureRequest(request_id=f"r{i}", sample_ids=[i], token_ids=[1] * 20, lengths=[20],
+                                                   feature_schema_version=1).SerializeToString())
+
+        readers = [fc.do_get(ticket(i)) for i in range(2)]  # ~1 s of simulated work each
+        end = time.monotonic() + 30
+        while server._flight.open_streams < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        with pytest.raises(flight.FlightError) as ei:
+            fc.do_get(ticket(3)).read_all()
+        c = status.classify(ei.value)
+        assert c.code == status.RESOURCE_EXHAUSTED and c.retry_after_s == 1.0, ei.value
+        assert all(r.read_all().num_rows == 1 for r in readers)
+    finally:
+        fc.close()
+        server.shutdown(drain=False)
