@@ -32,11 +32,14 @@ from target_server.scheduler import DeadlineExceeded, Overloaded, Request, Sched
 
 log = logging.getLogger(__name__)
 
-# Record batches of up to 16 MiB: a sample of up to 16 MiB of features (512 tokens at H=4096 bf16,
-# ~3.6k at H=576) travels in one batch and reaches the trainer as a zero-copy view, with no
-# reassembly copy. With common.memory.tune_malloc these buffers are reused, not page-faulted in;
-# measured 15-25% faster than 4 MiB batches end to end (benchmarks/bench_dataplane.py).
+# Record batches: a sample's features of at least PACK_BYTES go out alone, as one batch encoded
+# from the backend's tensor without a copy and decoded by the trainer as a view (samples over
+# DEFAULT_BATCH_BYTES are split into chunks); smaller samples are packed together (one copy)
+# up to PACK_BYTES, so tiny samples do not pay a batch each. 16 MiB holds 512 tokens at H=4096
+# bf16 (~3.6k at H=576). Measured (benchmarks/): packing several samples into 16 MiB batches
+# instead cost ~200 MiB more peak RSS under overload; 4 MiB chunks cost a reassembly copy.
 DEFAULT_BATCH_BYTES = 16 << 20
+PACK_BYTES = 1 << 20
 _WAIT_S = 0.5  # how often an idle stream re-checks its deadline
 # Each open stream holds a transport thread; the token-bounded queue does not bound their number
 # when requests are tiny, so streams are capped too (refused like a full queue).
@@ -197,9 +200,18 @@ class FeatureFlightServer(flight.FlightServerBase):
             schema.hidden_size * (4 if schema.dtype == "float32" else 2) if schema.teacher == TEACHER_HIDDEN
             else 8 * schema.topk)
         max_chunk_tokens = max(1, self.batch_bytes // per_token)
+        pack_tokens = max(1, min(self.batch_bytes, PACK_BYTES) // per_token)
         pending: list[SampleFeatures] = []
         pending_tokens = pending_done = 0
         remaining = len(req.seqs)
+
+        def sent() -> None:
+            # Flight asked for the next batch: the last one is with the transport.
+            nonlocal pending, pending_tokens, pending_done
+            state.served += pending_done
+            self.scheduler.release(req, pending_tokens)
+            pending, pending_tokens, pending_done = [], 0, 0
+
         try:
             while remaining:
                 try:
@@ -207,8 +219,7 @@ class FeatureFlightServer(flight.FlightServerBase):
                 except queue.Empty:
                     if pending:  # nothing ready right now: send what we have
                         yield self._emit(schema, pending)
-                        state.served += pending_done
-                        pending, pending_tokens, pending_done = [], 0, 0
+                        sent()
                     elif req.expired():
                         raise DeadlineExceeded(f"request {req.request_id} passed its deadline")
                     continue
@@ -222,16 +233,18 @@ class FeatureFlightServer(flight.FlightServerBase):
                 )
                 chunks = split_rows(row, max_chunk_tokens)
                 for i, chunk in enumerate(chunks):
+                    if chunk.length >= pack_tokens and pending:  # a large chunk goes out alone
+                        yield self._emit(schema, pending)
+                        sent()
                     pending.append(chunk)
                     pending_tokens += chunk.length
                     pending_done += i == len(chunks) - 1
-                    if pending_tokens >= max_chunk_tokens:
+                    if pending_tokens >= pack_tokens:
                         yield self._emit(schema, pending)
-                        state.served += pending_done
-                        pending, pending_tokens, pending_done = [], 0, 0
+                        sent()
             if pending:
                 yield self._emit(schema, pending)
-                state.served += pending_done
+                sent()
             state.status = "ok"
         except SchedulerError as e:
             state.status = _STATUS_LABEL.get(e.code, "error")

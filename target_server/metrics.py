@@ -40,7 +40,9 @@ class ServerMetrics:
         self.queue_wait_seconds = Histogram(P + "queue_wait_seconds", "Time a sample waited before its forward pass",
                                             buckets=TIME_BUCKETS, registry=r)
         self.queue_tokens = Gauge(P + "queue_tokens", "Tokens waiting in the scheduler queue", registry=r)
-        self.queue_limit_tokens = Gauge(P + "queue_limit_tokens", "Queue bound (--max-queue-tokens)", registry=r)
+        self.held_tokens = Gauge(P + "held_tokens", "Tokens computed and not yet sent (slow readers)", registry=r)
+        self.queue_limit_tokens = Gauge(P + "queue_limit_tokens", "Bound on queued + held tokens (--max-queue-tokens)",
+                                        registry=r)
         self.bytes_sent = Counter(P + "bytes_sent", "Feature bytes sent on the data plane", registry=r)
         self.active_streams = Gauge(P + "active_streams", "Feature streams being served", registry=r)
         self.auth_failures = Counter(P + "auth_failures", "Calls rejected for a missing or wrong token", ["plane"],

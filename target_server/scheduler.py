@@ -8,9 +8,11 @@
 - A forward pass takes samples while the padded batch (B x longest T) stays within
   `max_batch_tokens`, all with the same teacher mode (one post-processing per pass). A single
   sample longer than the budget runs alone.
-- Bounded queue: `submit` refuses a request that would push the queued tokens past
-  `max_queue_tokens` with `Overloaded` (RESOURCE_EXHAUSTED + a retry hint from the measured
-  throughput), so excess load never turns into an out-of-memory.
+- Bounded work in memory: `submit` refuses a request that would push the tokens the server is
+  responsible for — queued, plus computed but not yet sent (a slow reader's features) — past
+  `max_queue_tokens`, with `Overloaded` (RESOURCE_EXHAUSTED + a retry hint from the measured
+  throughput). So features held in memory never exceed `max_queue_tokens` tokens' worth and
+  excess load never turns into an out-of-memory.
 - Deadlines: a request already past its deadline is refused; queued work whose deadline
   passes, or whose client went away (`cancel`), is removed before it is computed.
 - A failing multi-sample forward is retried one sample at a time, so one poisonous sample
@@ -76,6 +78,7 @@ class Request:
 
     def __post_init__(self) -> None:
         self.tokens = sum(len(s) for s in self.seqs)
+        self.held = 0  # tokens computed for this request and not yet released by its stream
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline > 0 and (now or time.time()) > self.deadline
@@ -116,6 +119,7 @@ class Scheduler:
         self.metrics = metrics
         self._clients: dict[str, _Client] = {}
         self._queued_tokens = 0
+        self._held_tokens = 0  # computed, not yet sent
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
@@ -130,9 +134,10 @@ class Scheduler:
                 raise Draining("server is draining; send the request to another server")
             if req.expired():
                 raise DeadlineExceeded(f"request {req.request_id} arrived after its deadline")
-            if self._queued_tokens + req.tokens > self.max_queue_tokens:
+            if self._queued_tokens + self._held_tokens + req.tokens > self.max_queue_tokens:
                 raise Overloaded(
-                    f"{self._queued_tokens} tokens queued + {req.tokens} requested > limit {self.max_queue_tokens}",
+                    f"{self._queued_tokens} tokens queued + {self._held_tokens} computed and unsent + {req.tokens} "
+                    f"requested > limit {self.max_queue_tokens}",
                     retry_after_s=self._retry_hint(req.tokens),
                 )
             client = self._clients.get(req.client_id)
@@ -147,10 +152,24 @@ class Scheduler:
             self._cv.notify_all()
 
     def cancel(self, req: Request) -> int:
-        """Remove the request's queued samples (client gone, deadline passed); returns how many."""
-        req.cancelled.set()
+        """The request is over (finished, failed, client gone): drop its queued samples and release
+        what it holds; nothing more is computed for it. Returns how many queued samples were dropped."""
         with self._cv:
+            req.cancelled.set()
+            self._release(req, req.held)
             return self._purge(req)
+
+    def release(self, req: Request, tokens: int) -> None:
+        """The stream has handed `tokens` of this request's features to the transport."""
+        with self._cv:
+            self._release(req, tokens)
+
+    def _release(self, req: Request, tokens: int) -> None:
+        tokens = min(tokens, req.held)
+        if tokens:
+            req.held -= tokens
+            self._held_tokens -= tokens
+            self._report_queue()
 
     def _purge(self, req: Request) -> int:
         client = self._clients.get(req.client_id)
@@ -169,13 +188,17 @@ class Scheduler:
 
     def _retry_hint(self, tokens: int) -> float:
         """Seconds until `tokens` would fit, at the measured forward throughput (0.05 .. 10 s)."""
-        excess = self._queued_tokens + tokens - self.max_queue_tokens
+        excess = self._queued_tokens + self._held_tokens + tokens - self.max_queue_tokens
         rate = self._tokens_per_s or 1000.0
         return min(10.0, max(0.05, excess / rate))
 
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
+
+    @property
+    def held_tokens(self) -> int:
+        return self._held_tokens
 
     @property
     def idle(self) -> bool:
@@ -213,6 +236,7 @@ class Scheduler:
     def _report_queue(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_tokens.set(self._queued_tokens)
+            self.metrics.held_tokens.set(self._held_tokens)
 
     def _drop_expired(self, now: float) -> None:
         for client in list(self._clients.values()):
@@ -305,8 +329,17 @@ class Scheduler:
                 self._run_batch_one(it)
             return
         for it, cap in pairs:
-            if not it.request.cancelled.is_set():
-                it.request.results.put((it.index, cap))
+            self._deliver(it, cap)
+
+    def _deliver(self, it: _Item, cap: Capture) -> None:
+        # Checked and counted under the lock, so a stream closing at this moment cannot leak holds.
+        with self._cv:
+            if it.request.cancelled.is_set():
+                return
+            it.request.held += it.length
+            self._held_tokens += it.length
+            self._report_queue()
+        it.request.results.put((it.index, cap))
 
     def _fail(self, req: Request, exc: SchedulerError) -> None:
         req.fail(exc)
@@ -322,4 +355,4 @@ class Scheduler:
             log.exception("forward failed for sample %d of request %s", it.index, it.request.request_id)
             self._fail(it.request, ForwardFailed(f"forward failed: {type(e).__name__}: {e}"))
             return
-        it.request.results.put((it.index, cap))
+        self._deliver(it, cap)

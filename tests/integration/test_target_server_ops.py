@@ -54,7 +54,7 @@ def test_metrics_scraped_after_real_traffic(tmp_path):
     assert m[P + "batches_total"] >= 2 and m[P + "forward_seconds_count"] == m[P + "batches_total"]
     assert m[P + "batch_tokens_count"] == m[P + "batches_total"]
     assert m[P + "bytes_sent_total"] > 11 * 3 * 16 * 4
-    assert m[P + "queue_tokens"] == 0 and m[P + "queue_limit_tokens"] == 4096
+    assert m[P + "queue_tokens"] == 0 and m[P + "held_tokens"] == 0 and m[P + "queue_limit_tokens"] == 4096
     assert m[P + "active_streams"] == 0 and m[P + "ready"] == 1
     info = [k for k in m if k.startswith(P + "model_info{")]
     assert len(info) == 1 and 'backend="synthetic"' in info[0] and 'hidden_size="16"' in info[0]

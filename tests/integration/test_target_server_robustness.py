@@ -184,7 +184,8 @@ def test_concurrent_good_and_bad_clients(server, tiny_llama):
     while True:
         m = scrape(server.metrics_port)
         finished = m[P + 'requests_total{status="ok"}'] + m[P + 'requests_total{status="cancelled"}']
-        if m[P + "active_streams"] == 0 and m[P + "queue_tokens"] == 0 and finished == accepted:
+        if m[P + "active_streams"] == 0 and m[P + "queue_tokens"] == 0 and m[P + "held_tokens"] == 0 \
+                and finished == accepted:
             break
         assert time.monotonic() < end, {k: v for k, v in m.items() if "requests" in k or "streams" in k}
         time.sleep(0.2)

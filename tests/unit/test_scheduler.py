@@ -48,6 +48,13 @@ def collect(r: Request, timeout: float = 30.0) -> list:
     return out
 
 
+def wait_idle(s: Scheduler, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not s.idle:
+        assert time.monotonic() < end, "scheduler did not go idle"
+        time.sleep(0.01)
+
+
 def run_all(s: Scheduler, *reqs: Request) -> list[list]:
     """Submit, start the worker, collect every request's results, stop."""
     for r in reqs:
@@ -201,3 +208,33 @@ def test_metrics_observe_batches_and_queue():
     assert m.registry.get_sample_value("specrelay_target_batches_total") == 1
     assert m.registry.get_sample_value("specrelay_target_queue_tokens") == 0
     assert m.registry.get_sample_value("specrelay_target_queue_wait_seconds_count") == 2
+
+
+def test_computed_but_unsent_features_count_against_the_bound():
+    """A slow reader's computed features stay in memory: they count until its stream releases them."""
+    s = Scheduler(RecordingBackend(), max_batch_tokens=64, max_queue_tokens=100)
+    slow = req("slow", [30, 30])
+    s.submit(slow)
+    s.start()
+    try:
+        assert len(collect(slow)) == 2
+        wait_idle(s)
+        assert s.queued_tokens == 0 and s.held_tokens == 60  # nothing released by a stream yet
+        with pytest.raises(Overloaded, match="60 computed and unsent"):
+            s.submit(req("other", [50]))
+        s.release(slow, 30)  # the stream sent one sample
+        assert s.held_tokens == 30
+    finally:
+        s.stop()
+    s2 = Scheduler(RecordingBackend(), max_batch_tokens=64, max_queue_tokens=100)
+    r = req("a", [40])
+    s2.submit(r)
+    s2.start()
+    try:
+        collect(r)
+        wait_idle(s2)
+        assert s2.held_tokens == 40
+        s2.cancel(r)  # the stream closed: everything it held is released
+        assert s2.held_tokens == 0
+    finally:
+        s2.stop()
