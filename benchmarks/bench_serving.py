@@ -69,13 +69,13 @@ def run_inprocess(backend, requests) -> float:
     return out[0]
 
 
-def run_wire(endpoint: str, requests, inflight: int) -> float:
-    from draft_trainer.client.target import TargetClient
+def run_wire(clients: list, requests, inflight: int) -> float:
+    """`inflight` workers, each with its own persistent client (connections are set up once)."""
 
     def one(item, state):
         if "client" not in state:
-            state["client"] = TargetClient(endpoint, timeout_s=600)
-            state["close"] = [state["client"].close]
+            state["client"] = c = clients.pop()
+            state["close"] = [lambda: clients.append(c)]
         i, seqs = item
         n = sum(1 for _ in state["client"].features(list(range(i * 1000, i * 1000 + len(seqs))), seqs))
         assert n == len(seqs)
@@ -118,21 +118,26 @@ def main(argv: list[str] | None = None) -> dict:
     server = Server("--model", str(model), "--backend", "hf", "--dtype", a.dtype,
                     "--max-batch-tokens", str(a.batch * a.seq_len), "--max-queue-tokens", str(1 << 22),
                     "--max-request-tokens", str(1 << 22), threads=a.threads)
+    from draft_trainer.client.target import TargetClient
+
+    clients = [TargetClient(server.endpoint, timeout_s=600) for _ in range(a.inflight)]
     try:
-        # Warm-up both sides (allocator, threads, first-call paths).
+        # Warm-up both sides (allocator, threads, connections, first-call paths).
         run_inprocess(backend, requests[:1])
-        run_wire(server.endpoint, requests[:1], 1)
+        run_wire(clients, requests[: a.inflight], a.inflight)
         inproc, wire = [], []
         for r in range(a.rounds):
             if r % 2 == 0:
                 inproc.append(run_inprocess(backend, requests))
-                wire.append(run_wire(server.endpoint, requests, a.inflight))
+                wire.append(run_wire(clients, requests, a.inflight))
             else:
-                wire.append(run_wire(server.endpoint, requests, a.inflight))
+                wire.append(run_wire(clients, requests, a.inflight))
                 inproc.append(run_inprocess(backend, requests))
             print(f"round {r}: in-process {inproc[-1]:.0f} tok/s, wire {wire[-1]:.0f} tok/s, "
                   f"ratio {wire[-1] / inproc[-1]:.3f}")
     finally:
+        for c in clients:
+            c.close()
         server.stop()
     ratios = [w / i for w, i in zip(wire, inproc)]
     ratio = median(ratios)
