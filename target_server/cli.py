@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=d.backend, choices=["hf", "synthetic", "sglang"])
     s.add_argument("--device", default=d.device)
     s.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"])
+    s.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks (sglang backend; one GPU each)")
     s.add_argument("--aux-layers", default=d.aux_layers, help="'auto' = [1, L//2-1, L-4], or i,j,k")
     s.add_argument("--host", default=d.host, help="bind address (default loopback; 0.0.0.0 must be explicit)")
     s.add_argument("--grpc-port", type=int, default=d.grpc_port, help="control plane port (0 = any free)")

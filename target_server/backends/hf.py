@@ -19,7 +19,7 @@ import torch
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
 from common.errors import AssetError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
-from target_server.backends.base import Backend, Capture, Completion
+from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +124,10 @@ class HFBackend(Backend):
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_BTH[b, :T].to("cpu")
             else:
-                cap.topk_ids_TK, cap.topk_logprobs_TK = self._topk(final_BTH[b, :T], topk)
+                cap.topk_ids_TK, cap.topk_logprobs_TK = topk_logprobs(
+                    final_BTH[b, :T], self.model.get_output_embeddings(), topk)
             out.append(cap)
         return out
-
-    def _topk(self, final_TH: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k log-probs of the full vocabulary, chunked over tokens to bound [T,V] memory."""
-        head = self.model.get_output_embeddings()
-        ids, lps = [], []
-        for s in range(0, final_TH.shape[0], chunk):
-            logp_tV = torch.log_softmax(head(final_TH[s : s + chunk]).float(), dim=-1)
-            v, i = logp_tV.topk(k, dim=-1)
-            ids.append(i.to(torch.int32).cpu())
-            lps.append(v.cpu())
-        return torch.cat(ids), torch.cat(lps)
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         table = {
