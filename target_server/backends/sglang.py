@@ -441,6 +441,7 @@ class SGLangBackend(Backend):
     # ------------------------------------------------------------------ Backend
     def model_info(self) -> ModelInfo:
         cfg = self.hf_config
+        cfg.dtype = self.dtype  # what transformers records when it loads at this dtype (as the hf backend does)
         return ModelInfo(
             architecture=(cfg.architectures or ["unknown"])[0],
             model_type=cfg.model_type,
