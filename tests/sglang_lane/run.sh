@@ -14,7 +14,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 [[ $# -eq 0 ]] && set -- tests/sglang_lane
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -p no:warnings "$@"
 rc=$?
 set -e
 echo "sglang lane: wall time $(( $(date +%s) - start ))s (exit $rc)"
