@@ -125,6 +125,9 @@ class _Runner:
                                                       gpu_id=tp_rank))
         _init_process_global_configs()
         model_config = ModelConfig.from_server_args(sa)
+        # A file-based rendezvous: SGLang's default TCP store listens on every interface, and the
+        # server must listen only where it was told to (all ranks share one host).
+        os.environ["SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE"] = spec["dist_init_method"]
         bootstrap.init_parallel_runtime(server_args=sa, device=get_device().device, dist_port=spec["dist_port"])
         bootstrap.init_layer_runtime(model_config=model_config)
         self.mr = ModelRunner(model_config=model_config, mem_fraction_static=cfg.mem_fraction_static, gpu_id=tp_rank,
@@ -384,6 +387,7 @@ class SGLangBackend(Backend):
             "kv_tokens": max(max_batch_tokens, self.max_length) + 64,
             "context_length": self.max_length if self.max_length != model_max else None,
             "dist_port": _free_port(), "mem_fraction_static": mem_fraction_static,
+            "dist_init_method": f"file://{_rendezvous_file()}",
         }
         self._lock = threading.Lock()
         self._workers = []
@@ -482,6 +486,12 @@ class SGLangBackend(Backend):
                                                        stop_token_ids=stops)))
 
     def close(self) -> None:
+        store = self.spec["dist_init_method"].removeprefix("file://")
+        if os.path.exists(store):
+            try:
+                os.remove(store)
+            except OSError:
+                pass
         if self.tp > 1 and self._workers:
             try:
                 with self._lock:
@@ -531,6 +541,13 @@ def _eos_ids(hf_config) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _rendezvous_file() -> str:
+    import tempfile
+    import uuid
+
+    return os.path.join(tempfile.gettempdir(), f"specrelay-sglang-{os.getpid()}-{uuid.uuid4().hex[:8]}.store")
 
 
 def _free_port() -> int:

@@ -74,6 +74,19 @@ def test_model_info_identical_except_backend(fp32_pair):
     assert set(differ) <= {"backend", "flight_port"}, differ
 
 
+def listening_addresses(pid: int) -> set[str]:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {c.laddr.ip for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
+def test_sglang_server_listens_on_loopback_only(fp32_pair):
+    # SGLang's default rendezvous store would listen on every interface (notes/sglang.md, trap 5).
+    addrs = listening_addresses(fp32_pair.sg_srv.proc.pid)
+    assert addrs and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addrs), addrs
+
+
 def test_fp32_single_sequence_exact(fp32_pair):
     for s in SEQS:  # one request per sequence, waited for: each is its own forward pass
         (a,), (b,) = fp32_pair.features([s])
