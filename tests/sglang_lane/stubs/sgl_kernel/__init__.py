@@ -208,6 +208,21 @@ def decode_attention_cpu(query, k_buffer, v_buffer, k_scale, v_scale, output, ke
         output[b] = _attend(query[b : b + 1], k_buffer[locs], v_buffer[locs], scaling, None)[0].to(output.dtype)
 
 
+def build_draft_decode_metadata_cpu(req_to_token, req_pool_indices, seq_lens, topk, num_steps, pool_len):
+    """Per draft candidate, a req->token row: the request's prefix, then its draft-step slots.
+
+    The draft slots of request i are req_to_token[req_i, seq_len_i : seq_len_i + topk*num_steps]
+    (assign_draft_cache_locs_contiguous). Only the chain (topk == 1) layout is implemented.
+    """
+    if topk != 1:
+        raise NotImplementedError("build_draft_decode_metadata_cpu stand-in: only --speculative-eagle-topk 1")
+    out = torch.zeros((req_pool_indices.numel(), pool_len), dtype=req_to_token.dtype)
+    for b, (req, S) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        n = min(S + num_steps, pool_len)
+        out[b, :n] = req_to_token[req, :n]
+    return out
+
+
 def _install_torch_ops() -> None:
     """Expose the attention ops as torch.ops.sgl_kernel.* (where SGLang looks them up)."""
     ns = torch.ops.sgl_kernel
