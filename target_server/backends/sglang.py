@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
+from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers
 from common.errors import AssetError, ConfigError
-from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
-from target_server.backends.hf import DTYPES, MAX_TOPK
+from target_server.backends.hf import DTYPES, MAX_TOPK, hf_model_info, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +243,7 @@ class _Runner:
             try:
                 batch, fb, lo = self._extend([prompt])
                 for step in range(max_new_tokens):
-                    tok = _sample(lo.next_token_logits[0, : self.vocab_size], temperature, top_p, gen)
+                    tok = sample_next(lo.next_token_logits[0, : self.vocab_size], temperature, top_p, gen)
                     new.append(tok)
                     if tok in stops:
                         reason = "stop"
@@ -273,18 +272,6 @@ class _Runner:
         if prog.op == "generate":
             return self.generate(**prog.gen)
         raise ValueError(prog.op)
-
-
-def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    logits_V = logits_V.float()
-    if temperature <= 0:
-        return int(logits_V.argmax())
-    probs = torch.softmax(logits_V / temperature, dim=-1)
-    if 0 < top_p < 1:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p
-        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
 def _server_args(spec: dict):
@@ -446,24 +433,10 @@ class SGLangBackend(Backend):
     def model_info(self) -> ModelInfo:
         cfg = self.hf_config
         cfg.dtype = self.dtype  # what transformers records when it loads at this dtype (as the hf backend does)
-        return ModelInfo(
-            architecture=(cfg.architectures or ["unknown"])[0],
-            model_type=cfg.model_type,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            vocab_size=self.vocab_size,
-            aux_layer_ids=list(self.aux_layer_ids),
-            dtype=wire_dtype_name(self.dtype),
-            max_length=self.max_length,
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            chat_template=self.tokenizer.chat_template or "",
-            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
-            max_topk=self.max_topk,
-            hf_config_json=json.dumps(cfg.to_dict(), default=str),
-            backend=self.name,
-            model_name=self.path.name,
-            feature_schema_version=FEATURE_SCHEMA_VERSION,
-        )
+        return hf_model_info(cfg, self.tokenizer, backend=self.name, model_name=self.path.name,
+                             num_layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                             aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
+                             max_topk=self.max_topk, default_arch="unknown")
 
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
         out: list[Capture] = []
