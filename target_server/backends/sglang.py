@@ -108,7 +108,8 @@ class _Runner:
     """SGLang's ModelRunner for one TP rank, plus the capture hook. Runs in every rank's process."""
 
     def __init__(self, spec: dict, tp_rank: int) -> None:
-        os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1" if spec["device"] == "cpu" else "0")
+        if spec["device"] == "cpu":
+            os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         from sglang.benchmark.one_batch import TreeCacheNamespace, _init_process_global_configs
         from sglang.srt.arg_groups.overrides import resolving_view
         from sglang.srt.configs.model_config import ModelConfig
@@ -343,6 +344,8 @@ class SGLangBackend(Backend):
             raise ConfigError(f"--tp {tp}: must be >= 1")
         # Everything that can be wrong is checked here, before SGLang is imported or started.
         self.sglang_version = check_sglang_version()
+        if device == "cpu":  # must precede the first sglang import (else it loads GPU-only ops)
+            os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         self.hf_config = AutoConfig.from_pretrained(path)
         text_cfg = getattr(self.hf_config, "text_config", None) or self.hf_config
         self.path = path
@@ -391,7 +394,6 @@ class SGLangBackend(Backend):
 
     def _check_architecture(self) -> None:
         archs = list(getattr(self.hf_config, "architectures", None) or [])
-        os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         from sglang.srt.models.registry import ModelRegistry
 
         try:
