@@ -1,15 +1,15 @@
 """SGLang backend vs HF backend: feature tokens/s through the wire, start-up time, memory.
 
 Both target servers run as real processes on 127.0.0.1 with the same model, dtype and CPU; a
-client streams the same requests to each, alternating rounds (A B A B ...) so background load
-hits both alike. Start-up = process launch -> ready file (imports, weight loading, engine).
+client streams the same requests to each, interleaved per request (A B A B ...) so background
+load hits both alike; tokens/s is the median over requests (min and max in the JSON). Start-up = process launch -> ready file (imports, weight loading, engine).
 Memory = peak RSS (VmHWM) of the server process plus its children.
 
     bash tests/sglang_lane/setup.sh      # the SGLang CPU venv
     PYTHONPATH=tests/sglang_lane/stubs:. SGLANG_USE_CPU_ENGINE=1 \\
         .venv-sglang/bin/python benchmarks/bench_sglang_backend.py [--smoke] [--model DIR]
 
-Writes benchmarks/results/bench_sglang_backend.json and prints a markdown table.
+Writes benchmarks/results/bench_sglang_backend_<dtype>.json (+ .md) and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -93,18 +94,21 @@ def run(args) -> dict:
         info = clients["hf"].model_info()
         reqs = workload(info.vocab_size, n_req, per_req, seq_len)
         tokens = {n: 0 for n in servers}
-        seconds = {n: 0.0 for n in servers}
+        rates: dict[str, list[float]] = {n: [] for n in servers}
         for n, c in clients.items():  # warm-up: first-call costs out of the measurement
             list(c.features([0], [reqs[0][0][:16]]))
         for _ in range(rounds):
-            for n, c in clients.items():  # alternate: A B A B
-                for i, seqs in enumerate(reqs):
+            for seqs in reqs:
+                for n, c in clients.items():  # interleaved per request: A B A B, so load hits both alike
                     t0 = time.perf_counter()
                     got = list(c.features(list(range(len(seqs))), seqs))
-                    seconds[n] += time.perf_counter() - t0
-                    tokens[n] += sum(f.length for f in got)
-                    assert sum(f.length for f in got) == sum(len(s) for s in seqs)
-        rows = {n: {"startup_s": round(startup[n], 2), "tokens_per_s": round(tokens[n] / seconds[n], 1),
+                    dt = time.perf_counter() - t0
+                    ntok = sum(f.length for f in got)
+                    assert ntok == sum(len(s) for s in seqs)
+                    tokens[n] += ntok
+                    rates[n].append(ntok / dt)
+        rows = {n: {"startup_s": round(startup[n], 2), "tokens_per_s": round(statistics.median(rates[n]), 1),
+                    "tokens_per_s_min_max": [round(min(rates[n]), 1), round(max(rates[n]), 1)],
                     "peak_rss_mb": round(peak_rss_mb(servers[n].proc.pid), 1), "tokens": tokens[n]}
                 for n in servers}
         for c in clients.values():
@@ -125,9 +129,10 @@ def run(args) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"SGLang vs HF backend, {res['model']} {res['dtype']}, {res['sequences_per_request']} x {res['seq_len']} "
              f"tokens per request, {res['machine']['cores']} cores ({res['machine']['cpu']}), SGLang {res['sglang']}",
-             "", "| backend | tokens/s (wire) | start-up s | peak RSS MiB |", "|---|---|---|---|"]
+             "", "| backend | tokens/s (wire, median) | min-max | start-up s | peak RSS MiB |", "|---|---|---|---|---|"]
     for n, r in res["results"].items():
-        lines.append(f"| {n} | {r['tokens_per_s']} | {r['startup_s']} | {r['peak_rss_mb']} |")
+        lo, hi = r["tokens_per_s_min_max"]
+        lines.append(f"| {n} | {r['tokens_per_s']} | {lo}-{hi} | {r['startup_s']} | {r['peak_rss_mb']} |")
     lines.append(f"\nsglang/hf tokens/s ratio: {res['ratio_sglang_over_hf_tokens_per_s']} ({res['machine']['note']})")
     return "\n".join(lines)
 
@@ -140,13 +145,13 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--per-request", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "bench_sglang_backend" + ("_smoke" if args.smoke else "")
+    name = "bench_sglang_backend" + ("_smoke" if args.smoke else f"_{args.dtype}")
     tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, out / f"{name}.json")
