@@ -63,15 +63,8 @@ def _write_json(path: Path, obj) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import ray
-    except ImportError:
-        print("deploy.ray.launch: error: Ray is not installed: pip install 'specrelay[ray]'", file=sys.stderr)
-        return 2
     from common.config import load_config
     from common.errors import SpecRelayError
-    from deploy.ray.servers import server_config, start_servers, stop_servers
-    from deploy.ray.train import run_trainer_pool
     from draft_trainer.config import TrainConfig
 
     out = Path(args.output).resolve()
@@ -79,10 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Validate the trainer config before anything starts (endpoints are filled in later).
         load_config(TrainConfig, args.config or None, [*overrides, "targets.endpoints=pending:0"])
-        server_config(args.server_args, args.bind)  # bad server flags exit here (argparse), before Ray starts
     except SpecRelayError as e:
         print(f"deploy.ray.launch: error: {e}", file=sys.stderr)
         return 2
+    from deploy.ray.servers import server_config
+
+    server_config(args.server_args, args.bind)  # bad server flags exit here (argparse), before Ray starts
+    try:
+        import ray
+    except ImportError:
+        print("deploy.ray.launch: error: Ray is not installed: pip install 'specrelay[ray]'", file=sys.stderr)
+        return 2
+    from deploy.ray.servers import start_servers, stop_servers
+    from deploy.ray.train import run_trainer_pool
 
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     runtime_env = {"working_dir": args.working_dir} if args.working_dir else {"env_vars": env}

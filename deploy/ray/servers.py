@@ -1,7 +1,8 @@
 """Target servers as Ray actors: each actor runs a TargetServer in-process on its node.
 
 The server code is the same as `target-server serve` (its own argument parser builds the
-config), so every flag works here too. Ports default to 0 (any free port) because several
+config), so every flag works here too. Ray is imported lazily: the launcher validates the
+server flags with `server_config` before Ray starts. Ports default to 0 (any free port) because several
 servers may share a node; each actor reports the endpoint it actually bound.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 import logging
 import shlex
 from dataclasses import dataclass
-
-import ray
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ class TargetServerActor:
 
     def __init__(self, server_args: str, bind_host: str) -> None:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        import ray
+
         from target_server.server import TargetServer
 
         cfg = server_config(server_args, bind_host)
@@ -66,6 +67,8 @@ class TargetServerActor:
 def start_servers(n: int, server_args: str, *, gpus: float, cpus: float, bind_host: str,
                   timeout_s: float = 1800.0) -> tuple[list, list[ServerEndpoint]]:
     """Start `n` server actors (each with `gpus` GPUs) and wait until every one is serving."""
+    import ray
+
     cls = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(TargetServerActor)
     actors = [cls.options(name=None).remote(server_args, bind_host) for _ in range(n)]
     endpoints = ray.get([a.endpoint.remote() for a in actors], timeout=timeout_s)
@@ -76,6 +79,8 @@ def start_servers(n: int, server_args: str, *, gpus: float, cpus: float, bind_ho
 
 def stop_servers(actors: list, timeout_s: float = 120.0) -> None:
     """Drain every server (finish in-flight work), then release the actors."""
+    import ray
+
     try:
         ray.get([a.shutdown.remote(drain=True) for a in actors], timeout=timeout_s)
     finally:
