@@ -9,20 +9,29 @@ and tolerate only these entries in the meantime.
 SERVER_FLAGS = {"--auth-token-file": "issue 3 (bearer token on gRPC and Flight)"}
 
 # TrainConfig keys (dotted) used in deploy/k8s and deploy/compose trainer configs.
-TRAIN_KEYS = {"targets.auth_token_file": "issue 7/8 (trainer side of the bearer token)"}
+TRAIN_KEYS = {
+    "targets.auth_token_file": "issue 3/7 (trainer side of the bearer token)",
+    "metrics_host": "issue 7/8 (trainer /metrics bind address; pods need 0.0.0.0)",
+    "metrics_port": "issue 7/8 (trainer /metrics port; base port + local rank per issue 8)",
+}
 
-# Trainer metrics (issue 7/8, prefix specrelay_trainer_) that the rules and the dashboard use.
-# The names follow the issues' wording; draft_trainer/metrics.py does not exist on main yet.
-# Once ANY specrelay_trainer_ metric is defined in the code, this set must be emptied and the
-# rules/dashboard aligned to the real names (tests/deploy/test_grafana.py enforces it).
+# Trainer metrics (prefix specrelay_trainer_) that the rules and the dashboard use, not on main yet.
+# Issue 7 names are the ones the pool branch defines in draft_trainer/metrics.py (TrainerMetrics);
+# issue 8 names follow the issue's wording. Each entry must still be missing from the code: once
+# it is defined, tests/deploy/test_grafana.py fails until it is removed from this set.
 TRAINER_METRICS = {
-    "specrelay_trainer_tokens_total",             # demand: tokens trained on
-    "specrelay_trainer_data_wait_seconds_total",  # time blocked on features
-    "specrelay_trainer_samples_consumed_total",
-    "specrelay_trainer_samples_dropped_total",    # label: reason
-    "specrelay_trainer_steps_total",
-    "specrelay_trainer_loss",
-    "specrelay_trainer_accuracy",                 # label: position (TTT step)
-    "specrelay_trainer_endpoint_up",              # label: endpoint
-    "specrelay_trainer_request_seconds_bucket",   # label: endpoint (histogram)
+    # issue 7 (target pool): as defined on the pool branch
+    "specrelay_trainer_data_wait_seconds_total": "issue 7",
+    "specrelay_trainer_samples_consumed_total": "issue 7",
+    "specrelay_trainer_samples_dropped_total": "issue 7",      # label: reason
+    "specrelay_trainer_endpoints": "issue 7",                  # label: state (joining/up/down/refused/draining)
+    "specrelay_trainer_endpoint_inflight_tokens": "issue 7",   # label: endpoint
+    "specrelay_trainer_request_seconds_bucket": "issue 7",
+    "specrelay_trainer_retries_total": "issue 7",              # label: reason
+    "specrelay_trainer_failovers_total": "issue 7",
+    # issue 8 (distributed trainer): names from the issue's wording, to be aligned when it lands
+    "specrelay_trainer_tokens_total": "issue 8",               # demand: tokens trained on
+    "specrelay_trainer_steps_total": "issue 8",
+    "specrelay_trainer_loss": "issue 8",
+    "specrelay_trainer_accuracy": "issue 8",                   # label: position (TTT step)
 }

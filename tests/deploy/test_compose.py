@@ -81,6 +81,8 @@ def test_compose_file_validates_and_wires_the_services(tmp_path):
     mounts_ = mounts(tr)
     raw = yaml.safe_load((COMPOSE / "trainer.yaml").read_text())
     assert mounts_["/etc/specrelay/trainer.yaml"] == str(COMPOSE / "trainer.yaml")
+    assert raw["metrics_host"] == "0.0.0.0" and raw["metrics_port"] == 9400  # what Prometheus scrapes below
+    raw = {k: v for k, v in raw.items() if k not in pending.TRAIN_KEYS}
     raw["targets"] = {k: v for k, v in raw["targets"].items() if f"targets.{k}" not in pending.TRAIN_KEYS}
     tmp = tmp_path / "trainer.yaml"
     tmp.write_text(yaml.safe_dump(raw))

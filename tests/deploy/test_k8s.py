@@ -330,6 +330,9 @@ def test_trainer_config_loads_as_a_train_config(overlay):
     assert out and out["persistentVolumeClaim"]["claimName"] == "specrelay-checkpoints"
     data = volume_for(spec, cfg.data.path)
     assert (data and "persistentVolumeClaim" in data) or (overlay == "cpu-demo" and cfg.data.path.startswith("/opt/specrelay/demo/"))
+    # The trainer's metrics endpoint is the first of the PodMonitor's rank ports, on all interfaces.
+    rank0 = next(p["containerPort"] for p in container(job)["ports"] if p["name"] == "metrics-0")
+    assert raw["metrics_port"] == rank0 and raw["metrics_host"] == "0.0.0.0"
 
 
 def test_pending_train_keys_are_still_pending():
