@@ -8,6 +8,10 @@ and tolerate only these entries in the meantime.
 # target-server serve flags (issue 3: auth). Used by deploy/k8s, deploy/compose, deploy/ray.
 SERVER_FLAGS = {"--auth-token-file": "issue 3 (bearer token on gRPC and Flight)"}
 
+# The trainers' DNS re-resolution interval for dns: endpoints (issue 7: targets.refresh_interval_s,
+# 10 s by default on the pool branch). Used until TargetsConfig has the field.
+DNS_REFRESH_S = 10.0
+
 # TrainConfig keys (dotted) used in deploy/k8s and deploy/compose trainer configs.
 TRAIN_KEYS = {
     "targets.auth_token_file": "issue 3/7 (trainer side of the bearer token)",

@@ -253,6 +253,12 @@ def test_probes_and_drain_match_the_server(overlay):
     grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     # preStop (DNS propagation) + the server's drain must fit the grace period, with margin for exit.
     assert grace >= pre_s + args.drain_timeout_s + 10, f"grace {grace}s < preStop {pre_s}s + drain {args.drain_timeout_s}s + 10s"
+    # The pod leaves the headless Service when deletion starts; the trainers notice at their next DNS
+    # refresh. preStop keeps the server serving until then, so requests are not refused needlessly.
+    from draft_trainer.config import TargetsConfig
+
+    refresh = getattr(TargetsConfig(), "refresh_interval_s", pending.DNS_REFRESH_S)
+    assert pre_s > refresh, f"preStop {pre_s}s must exceed the trainers' DNS refresh interval {refresh}s"
     # A draining server reports NOT_SERVING: the liveness window must outlast the drain.
     assert live["periodSeconds"] * live["failureThreshold"] > args.drain_timeout_s
     ready = c["readinessProbe"]
