@@ -27,9 +27,16 @@ def _str_value(node, consts: dict[str, str]) -> str | None:
     return None
 
 
-def defined_in_source(roots: list[Path]) -> dict[str, str]:
-    """{base metric name: type} for every prometheus_client metric constructed under `roots`."""
-    found: dict[str, str] = {}
+def _labels(call: ast.Call) -> tuple[str, ...]:
+    node = call.args[2] if len(call.args) > 2 else next((k.value for k in call.keywords if k.arg == "labelnames"), None)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return tuple(e.value for e in node.elts if isinstance(e, ast.Constant))
+    return ()
+
+
+def defined_with_labels(roots: list[Path]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{base metric name: (type, label names)} for every prometheus_client metric constructed under `roots`."""
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
     for root in roots:
         for path in root.rglob("*.py"):
             tree = ast.parse(path.read_text(), str(path))
@@ -43,8 +50,13 @@ def defined_in_source(roots: list[Path]) -> dict[str, str]:
                 if fn in KINDS:
                     name = _str_value(node.args[0], consts)
                     if name and name.startswith("specrelay_"):
-                        found[name] = fn
+                        found[name] = (fn, _labels(node))
     return found
+
+
+def defined_in_source(roots: list[Path]) -> dict[str, str]:
+    """{base metric name: type} for every prometheus_client metric constructed under `roots`."""
+    return {n: kind for n, (kind, _labels) in defined_with_labels(roots).items()}
 
 
 def exposition_names(defined: dict[str, str]) -> set[str]:

@@ -47,7 +47,7 @@ def test_quickstart_commands_parse_with_the_real_clis():
             parse_overrides(args.overrides, TrainConfig)
             seen.add("ray")
         elif argv[:2] == ["target-server", "serve"]:
-            server_parser().parse_args([a for a in argv[1:] if a.split("=")[0] not in pending.SERVER_FLAGS])
+            server_parser().parse_args([a for a in argv[1:] if a.split("=")[0] not in pending.missing_server_flags()])
             seen.add("server")
         elif argv[:2] == ["draft-trainer", "train"]:
             parse_overrides([a for a in argv[2:] if "=" in a], TrainConfig)

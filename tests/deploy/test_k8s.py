@@ -15,8 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from common.config import load_config, parse_overrides
-from common.errors import ConfigError
+from common.config import load_config
 from draft_trainer.cli import build_parser as trainer_parser
 from draft_trainer.config import TrainConfig
 from target_server.cli import build_parser as server_parser
@@ -226,22 +225,15 @@ def _without_pending(argv, flags):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_target_server_args_parse_with_the_real_cli(overlay):
     _sts, _c, argv = _server_args(overlay)
-    args = server_parser().parse_args(["serve", *_without_pending(argv, pending.SERVER_FLAGS)])
+    args = server_parser().parse_args(["serve", *_without_pending(argv, pending.missing_server_flags())])
     assert args.host == "0.0.0.0", "pods must bind all interfaces explicitly"
     assert (args.backend, args.device) == {"gpu": ("sglang", "cuda"), "cpu-demo": ("hf", "cpu")}[overlay]
-
-
-def test_pending_server_flags_are_still_pending():
-    for flag, issue in pending.SERVER_FLAGS.items():
-        with pytest.raises(SystemExit):
-            server_parser().parse_args(["serve", f"{flag}=x"])
-        # If this fails, {flag} ({issue}) has landed: drop it from tests/deploy/pending.py and check its name/semantics.
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_and_drain_match_the_server(overlay):
     sts, c, argv = _server_args(overlay)
-    args = server_parser().parse_args(["serve", *_without_pending(argv, pending.SERVER_FLAGS)])
+    args = server_parser().parse_args(["serve", *_without_pending(argv, pending.missing_server_flags())])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": args.grpc_port, "flight": args.flight_port, "metrics": args.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -323,7 +315,8 @@ def test_trainer_config_loads_as_a_train_config(overlay):
     docs = render(overlay)
     raw = trainer_config(docs)
     keys = dict(flatten(raw))
-    live = {k: v for k, v in keys.items() if k not in pending.TRAIN_KEYS}
+    missing = pending.missing_train_keys()
+    live = {k: v for k, v in keys.items() if k not in missing}
     cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in live.items()])
     job = one(docs, "Job")
     spec = job["spec"]["template"]["spec"]
@@ -339,13 +332,6 @@ def test_trainer_config_loads_as_a_train_config(overlay):
     # The trainer's metrics endpoint is the first of the PodMonitor's rank ports, on all interfaces.
     rank0 = next(p["containerPort"] for p in container(job)["ports"] if p["name"] == "metrics-0")
     assert raw["metrics_port"] == rank0 and raw["metrics_host"] == "0.0.0.0"
-
-
-def test_pending_train_keys_are_still_pending():
-    for key, issue in pending.TRAIN_KEYS.items():
-        with pytest.raises(ConfigError):
-            parse_overrides([f"{key}=x"], TrainConfig)
-        # If this fails, {key} ({issue}) has landed: drop it from tests/deploy/pending.py.
 
 
 def test_cpu_demo_paths_match_the_image():
