@@ -10,6 +10,8 @@ and the artefacts must be aligned.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +21,8 @@ def _server_accepts(flag: str) -> bool:
     from target_server.cli import build_parser
 
     try:
-        build_parser().parse_args(["serve", f"{flag}=x"])
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its usage on the way out
+            build_parser().parse_args(["serve", f"{flag}=x"])
     except SystemExit:
         return False
     return True

@@ -1,6 +1,7 @@
 """deploy/prometheus: promtool checks the scrape configs and rules and runs the rules' unit tests;
 an integration test runs a real Prometheus server (Debian package) on 127.0.0.1 that scrapes a
-real target server, evaluates the shipped rules, and answers queries through its HTTP API.
+real target server (and a real trainer training against it, once the trainer's metrics endpoint
+is in the code), evaluates the shipped rules, and answers queries through its HTTP API.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -17,7 +19,8 @@ import yaml
 
 from draft_trainer.client.target import TargetClient
 from tests.deploy.conftest import DEPLOY, require_tool
-from tests.support.procs import start_server
+from tests.deploy import pending
+from tests.support.procs import REPO, env_with_repo, start_server
 
 PROM = DEPLOY / "prometheus"
 RULES = PROM / "rules" / "specrelay.rules.yml"
@@ -68,12 +71,6 @@ def test_every_alert_is_unit_tested():
 
 # ----------------------------------------------------------------------------- a real Prometheus
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
@@ -101,25 +98,47 @@ def _wait(what: str, fn, timeout: float = 60.0, proc=None, log=None):
     raise AssertionError(f"timed out waiting for {what}; last: {last}\n{log.read_text() if log else ''}")
 
 
-def test_real_prometheus_scrapes_a_target_server_and_evaluates_the_rules(tmp_path):
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_real_prometheus_scrapes_a_target_server_and_a_trainer(tmp_path, tiny_llama, tiny_dataset):
+    """The target server always; the trainer too once its /metrics endpoint (issue 7) is in the code."""
     prometheus = require_tool("prometheus")
-    srv = start_server(tmp_path, "--backend", "synthetic", "--synthetic-hidden-size", "16", "--metrics-port", "0")
-    port = _free_port()
-    cfg = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "specrelay-target",
-                            "static_configs": [{"targets": [f"127.0.0.1:{srv.metrics_port}"]}]}],
-        # The trainer's metrics endpoint (issue 8) is added here once draft_trainer/metrics.py lands.
-    }
+    with_trainer = pending.GATES["pool"]()
+    srv = start_server(tmp_path, "--backend", "hf", "--model", str(tiny_llama), "--metrics-port", "0")
+    prom_port, trainer_metrics = _free_ports(2)
+    jobs = [{"job_name": "specrelay-target", "static_configs": [{"targets": [f"127.0.0.1:{srv.metrics_port}"]}]}]
+    if with_trainer:
+        jobs.append({"job_name": "specrelay-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_metrics}"]}]})
+    cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
+           "scrape_configs": jobs}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}",
                                  "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{prom_port}"
     client = TargetClient(srv.endpoint)
+    trainer = None
     try:
         # The first scrape sees the server idle; traffic after it makes rate() positive.
         _wait("the first scrape", lambda: _query(base, 'up{job="specrelay-target"} == 1'), proc=proc, log=log)
@@ -135,27 +154,38 @@ def test_real_prometheus_scrapes_a_target_server_and_evaluates_the_rules(tmp_pat
                                                if float(r["value"][1]) == sent], proc=proc, log=log)
         assert res[0]["metric"]["job"] == "specrelay-target"
         # The shipped recording rule sees the supply.
-        supply = _wait("supply recording rule",
-                       lambda: [r for r in _query(base, "specrelay:target_supply_tokens:rate1m") if float(r["value"][1]) > 0],
-                       proc=proc, log=log)
-        assert float(supply[0]["value"][1]) > 0
-        ready = _query(base, "specrelay_target_ready")
-        assert [float(r["value"][1]) for r in ready] == [1.0]
+        _wait("supply recording rule",
+              lambda: [r for r in _query(base, "specrelay:target_supply_tokens:rate1m") if float(r["value"][1]) > 0],
+              proc=proc, log=log)
+        assert [float(r["value"][1]) for r in _query(base, "specrelay_target_ready")] == [1.0]
         info = _query(base, "specrelay_target_model_info")
-        assert info and info[0]["metric"]["backend"] == "synthetic"
+        assert info and info[0]["metric"]["backend"] == "hf"
+        if with_trainer:
+            # A real trainer against the server, scraped while it trains.
+            with open(tmp_path / "trainer.log", "wb") as tlog:
+                trainer = subprocess.Popen(
+                    [sys.executable, "-m", "draft_trainer", "train", f"data.path={tiny_dataset}",
+                     f"targets.endpoints={srv.endpoint}", f"output_dir={tmp_path / 'run'}", "max_steps=100000",
+                     "epochs=1000", "batch_size=2", "model.ttt_steps=2", "log_every=1000",
+                     "metrics_host=127.0.0.1", f"metrics_port={trainer_metrics}"],
+                    stdout=tlog, stderr=subprocess.STDOUT, env=env_with_repo(), cwd=REPO)
+            consumed = _wait("trainer samples consumed", lambda: [
+                r for r in _query(base, 'specrelay_trainer_samples_consumed_total{job="specrelay-trainer"}')
+                if float(r["value"][1]) > 0], proc=proc, log=log, timeout=120)
+            assert consumed[0]["metric"]["instance"] == f"127.0.0.1:{trainer_metrics}"
+            wait = _wait("data-wait recording rule", lambda: _query(base, "specrelay:trainer_data_wait:fraction5m"),
+                         proc=proc, log=log)
+            assert 0.0 <= float(wait[0]["value"][1]) <= 1.0
         # Every shipped rule loaded and evaluates without error against real data.
         rules = _get(f"{base}/api/v1/rules")["data"]["groups"]
         evaluated = [r for g in rules for r in g["rules"]]
         assert len(evaluated) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
         assert all(r["health"] in ("ok", "unknown") for r in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
         firing = {a["labels"]["alertname"] for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]}
-        assert "SpecRelayTargetDown" not in firing
+        assert not firing & {"SpecRelayTargetDown", "SpecRelayNoTargetServing"}
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if trainer is not None:
+            _stop(trainer)
+        _stop(proc)
         srv.stop()
