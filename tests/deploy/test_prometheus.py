@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from draft_trainer.client.target import TargetClient
-from tests.deploy.conftest import DEPLOY, require_tool
 from tests.deploy import pending
+from tests.deploy.conftest import DEPLOY, require_tool
 from tests.support.procs import REPO, env_with_repo, start_server
 
 PROM = DEPLOY / "prometheus"
