@@ -106,5 +106,6 @@ def count_supervised_tokens(input_ids: list[list[int]] | list[np.ndarray], loss_
         sel = ids[np.asarray(mask).astype(bool)]
         if sel.size and (sel.max() >= vocab_size or sel.min() < 0):
             raise DataError(f"token id {int(sel.max())} outside the vocabulary of size {vocab_size}")
-        np.add.at(counts, sel, 1)
+        if sel.size:
+            counts += np.bincount(sel, minlength=vocab_size)
     return counts
