@@ -33,6 +33,12 @@ SCHEMA = pa.schema([
 ])
 
 
+def _arrow(a: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A numpy array as an Arrow array without a copy (and without pa.array's pandas import)."""
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(type_, len(a), [None, pa.py_buffer(a)])
+
+
 class DatasetWriter:
     """Builds a dataset in a temporary directory beside `path`; `commit()` swaps it into place.
 
@@ -67,14 +73,15 @@ class DatasetWriter:
     def _flush(self) -> None:
         if not self._buf:
             return
-        lengths = np.fromiter((len(r[1]) for r in self._buf), dtype=np.int32, count=len(self._buf))
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        n = len(self._buf)
+        lengths = np.fromiter((len(r[1]) for r in self._buf), dtype=np.int64, count=n)
+        offsets = _arrow(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
         ids = np.concatenate([np.asarray(r[1], dtype=np.int32) for r in self._buf])
         mask = np.concatenate([np.asarray(r[2], dtype=np.uint8) for r in self._buf])
         self._writer.write_batch(pa.RecordBatch.from_arrays([
-            pa.array([r[0] for r in self._buf], pa.int64()),
-            pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-            pa.ListArray.from_arrays(offsets, pa.array(mask, pa.uint8())),
+            _arrow(np.fromiter((r[0] for r in self._buf), dtype=np.int64, count=n), pa.int64()),
+            pa.ListArray.from_arrays(offsets, _arrow(ids, pa.int32())),
+            pa.ListArray.from_arrays(offsets, _arrow(mask, pa.uint8())),
         ], schema=SCHEMA))
         self._buf.clear()
 

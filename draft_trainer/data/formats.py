@@ -143,15 +143,12 @@ def _is_truncated_json(text: str) -> bool:
         return _ran_out(e, text)
 
 
-_NEXT_ELEMENT = re.compile(r",[ \t\r]*\n[ \t\r]*\{")
-
-
 def _read_json_array(path: Path, report: FileReport) -> Iterator[Record]:
     """Stream the elements of a top-level JSON array without loading it whole.
 
     A record that fails to decode only because the file ends inside it is the truncated tail
     (reported, not an error); any other failure is a bad record at a named line, after which
-    reading resumes at the next element that starts on its own line.
+    reading resumes at the next element that starts on its own line at the elements' indentation.
     """
     dec = json.JSONDecoder()
     with open(path, encoding="utf-8") as f:
@@ -186,6 +183,9 @@ def _read_json_array(path: Path, report: FileReport) -> Iterator[Record]:
             if buf[pos] == "]":
                 return
             where = f"{path}:record {index} (line {line})"
+            if index == 0:  # elements start on their own line at this indentation (resync points)
+                indent = buf[buf.rfind("\n", 0, pos) + 1 : pos]
+                next_element = re.compile(r",[ \t\r]*\n" + re.escape(indent) + r"\{") if not indent.strip() else None
             try:
                 obj, end = dec.raw_decode(buf, pos)
             except json.JSONDecodeError as e:
@@ -200,11 +200,15 @@ def _read_json_array(path: Path, report: FileReport) -> Iterator[Record]:
                                    f"{report.lost_bytes} bytes not recoverable")
                     return
                 yield Record(where, error=f"invalid JSON ({e.msg} at line {line + buf.count(chr(10), pos, e.pos)})")
-                while (m := _NEXT_ELEMENT.search(buf, e.pos)) is None and not eof:
+                m = None
+                while next_element is not None and (m := next_element.search(buf, e.pos)) is None and not eof:
                     refill(pos)
                     e.pos -= pos
                     pos = 0
                 if m is None:
+                    report.lost_bytes = len(buf[pos:].encode()) + sum(len(b.encode()) for b in iter(lambda: f.read(_JSON_CHUNK), ""))
+                    report.note = (f"cannot find where the record after bad record {index} starts (elements not "
+                                   f"one per line): {report.lost_bytes} bytes after line {line} not read")
                     return
                 line += buf.count("\n", pos, m.end() - 1)
                 pos = m.end() - 1

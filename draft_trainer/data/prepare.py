@@ -228,7 +228,8 @@ def _ordered_results(chunks: Iterator[list[tuple[int, Record]]], workers: int) -
             yield _encode_chunk(c)
         return
     # fork: workers inherit the loaded tokenizer and encoder instead of re-loading it.
-    with mp.get_context("fork").Pool(workers) as pool:
+    pool = mp.get_context("fork").Pool(workers)
+    try:
         window: deque = deque()
         for c in chunks:
             window.append(pool.apply_async(_encode_chunk, (c,)))
@@ -236,6 +237,10 @@ def _ordered_results(chunks: Iterator[list[tuple[int, Record]]], workers: int) -
                 yield window.popleft().get()
         while window:
             yield window.popleft().get()
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
 
 
 def _numbered_records(paths: list[str], reports: list[FileReport]) -> Iterator[list[tuple[int, Record]]]:
@@ -292,6 +297,8 @@ def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     bar = _progress_bar(progress)
     with DatasetWriter(out) as writer:
         conv_f = open(writer.tmp / CONVERSATIONS_FILE, "w", encoding="utf-8")
+        sup_ids: list[np.ndarray] = []
+        sup_masks: list[np.ndarray] = []
         for results in _ordered_results(_numbered_records(cfg.inputs, reports), cfg.workers):
             for r in results:
                 stats.samples_in += 1
@@ -310,7 +317,11 @@ def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
                 stats.tokens += len(ids)
                 full_lengths.append(full_len)
                 events.update(ev)
-                counts += count_supervised_tokens([ids], [mask], V)
+                sup_ids.append(ids)
+                sup_masks.append(mask)
+            counts += count_supervised_tokens(sup_ids, sup_masks, V)
+            sup_ids.clear()
+            sup_masks.clear()
             if bar is not None:
                 bar.update(len(results))
         if bar is not None:
