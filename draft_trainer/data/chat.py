@@ -51,7 +51,7 @@ class Encoded:
     input_ids: np.ndarray          # int32 [T], T <= max_length
     loss_mask: np.ndarray          # uint8 [T]
     full_length: int               # tokens before truncation
-    messages: list[dict[str, Any]]  # exactly what was rendered
+    messages: list[dict[str, Any]]  # what was rendered, before for_template (tool calls structured)
     events: Counter = field(default_factory=Counter)
 
     @property
@@ -190,17 +190,28 @@ class ChatEncoder:
                 continue
             self._apply_reasoning(m, ev)
             if m.get("tool_calls") and not self.supports_tool_calls:
-                # The template has no tool-call syntax: write the calls as text in the
-                # widespread Hermes form so they are still trained on.
-                calls = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
-                                                                "arguments": c["function"]["arguments"]},
-                                                               ensure_ascii=False) + "\n</tool_call>"
-                                  for c in m.pop("tool_calls"))
-                m["content"] = f"{m['content']}\n{calls}" if m["content"].strip() else calls
                 ev["tool_calls_inlined"] += 1
             if not (m["content"].strip() or m.get("tool_calls") or m.get("reasoning_content")):
                 ev["empty_assistant_turns"] += 1
         return msgs, ev
+
+    def for_template(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What the template is given: tool calls become text when it has no syntax for them."""
+        if self.supports_tool_calls or not any(m.get("tool_calls") for m in msgs):
+            return msgs
+        out = []
+        for m in msgs:
+            if m.get("tool_calls"):
+                # No tool-call syntax in the template: write the calls in the widespread Hermes
+                # form so they are still trained on.
+                calls = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                                "arguments": c["function"]["arguments"]},
+                                                               ensure_ascii=False) + "\n</tool_call>"
+                                  for c in m["tool_calls"])
+                m = {k: v for k, v in m.items() if k != "tool_calls"}
+                m["content"] = f"{m['content']}\n{calls}" if m["content"].strip() else calls
+            out.append(m)
+        return out
 
     @staticmethod
     def _check_order(msgs: list[dict[str, Any]]) -> None:
@@ -323,9 +334,10 @@ class ChatEncoder:
 
     def encode(self, conv: Conversation) -> Encoded:
         msgs, ev = self.prepare(conv)
+        shown = self.for_template(msgs)
         try:
-            full = self.render(msgs, tools=conv.tools)
-            spans = self.supervised_spans(msgs, full, conv.tools)
+            full = self.render(shown, tools=conv.tools)
+            spans = self.supervised_spans(shown, full, conv.tools)
         except Drop:
             raise
         except Exception as e:  # noqa: BLE001 - a template may raise anything (raise_exception, type errors)
@@ -344,5 +356,5 @@ class ChatEncoder:
 
     def prompt_ids(self, msgs: list[dict[str, Any]], tools=None) -> list[int]:
         """Token ids of the conversation so far followed by the assistant header (for generation)."""
-        text = self.render(msgs, generation_prompt=True, tools=tools)
+        text = self.render(self.for_template(msgs), generation_prompt=True, tools=tools)
         return list(self._backend.encode(text, add_special_tokens=False).ids)

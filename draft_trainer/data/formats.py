@@ -99,29 +99,29 @@ def read_records(path: str | Path, report: FileReport | None = None) -> Iterator
     report.format = fmt
     reader = {"json_array": _read_json_array, "jsonl": _read_jsonl, "parquet": _read_table,
               "arrow": _read_table}[fmt]
-    for rec in reader(path, report):
-        report.records += 1
-        yield rec
+    try:
+        for rec in reader(path, report):
+            report.records += 1
+            yield rec
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}) after record {report.records}; "
+                        "re-encode the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path, report: FileReport) -> Iterator[Record]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        while True:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:line {lineno}"
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield Record(f"{path}:line {lineno + 1}", error=f"not UTF-8 text ({e.reason})")
-                return
-            if not line:
-                return
-            lineno += 1
+                yield Record(where, error=f"not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:line {lineno}"
             if not line.endswith("\n") and _is_truncated_json(line):
-                report.lost_records, report.lost_bytes = 1, len(line.encode())
-                report.note = f"last line {lineno} is cut off mid-record (file truncated); {len(line)} chars lost"
+                report.lost_records, report.lost_bytes = 1, len(raw)
+                report.note = f"last line {lineno} is cut off mid-record (file truncated): {len(raw)} bytes lost"
                 return
             try:
                 yield Record(where, json.loads(line))

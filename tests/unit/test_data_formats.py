@@ -89,6 +89,23 @@ def test_jsonl_bad_line_and_truncated_last_line(tmp_path):
     assert rep.lost_records == 1 and "line 5" in rep.note
 
 
+def test_jsonl_bad_encoding_is_one_bad_line(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "ok"}]}).encode()
+    p.write_bytes(good + b"\n" + b'{"messages": "\xff\xfe"}\n' + good + b"\n")
+    recs, _ = _read(p)
+    assert [r.error is None for r in recs] == [True, False, True] and "not UTF-8" in recs[1].error
+
+
+def test_compact_array_with_a_bad_record_reports_what_was_not_read(tmp_path):
+    p = tmp_path / "compact.json"
+    text = json.dumps(SHAREGPT)  # one line: no safe place to resume after a fault
+    p.write_text(text.replace('"id": "c2"', '"id": "c2" oops'))
+    recs, rep = _read(p)
+    assert [r.raw["id"] for r in recs if not r.error] == ["c0", "c1"] and recs[2].error
+    assert rep.lost_bytes > 0 and "not read" in rep.note
+
+
 def test_roles_and_content_normalization():
     raw = {"id": 7, "conversations": [
         {"from": "system", "value": "be nice"}, {"from": "human", "value": "hi"}, {"from": "chatgpt", "value": "a"},
