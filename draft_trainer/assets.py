@@ -86,7 +86,7 @@ def _pip_install(*args: str) -> None:
         )
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +95,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _dir_digest(path: Path) -> dict[str, str]:
-    return {p.name: _sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != "CHECKSUMS.json"}
+    return {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != "CHECKSUMS.json"}
 
 
 def verify_checksums(path: Path) -> bool:

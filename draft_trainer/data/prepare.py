@@ -32,6 +32,7 @@ import numpy as np
 
 from common.contract import tokenizer_fingerprint
 from common.errors import ConfigError, DataError
+from draft_trainer.assets import sha256_file
 from draft_trainer.data.chat import DROP_REASONS, ChatEncoder, ChatOptions, Drop
 from draft_trainer.data.dataset import META_FILE, SAMPLES_FILE, DatasetWriter
 from draft_trainer.data.formats import BadRecord, FileReport, Record, normalize, read_records
@@ -146,14 +147,6 @@ class PrepareResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
@@ -272,13 +265,14 @@ def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     fp = tokenizer_fingerprint(tok)
     V = target_vocab_size(cfg.model, tok)
     out = Path(cfg.output)
-    key = cache_key(cfg, [_sha256_file(Path(p)) for p in cfg.inputs], fp, encoder.template)
+    key = cache_key(cfg, [sha256_file(Path(p)) for p in cfg.inputs], fp, encoder.template)
     Vd = min(cfg.draft_vocab_size, V)
 
-    if (out / META_FILE).is_file() and (out / SAMPLES_FILE).is_file():
-        meta = json.loads((out / META_FILE).read_text())
-        if meta.get("cache_key") == key:
-            stats = PrepareStats(**json.loads((out / STATS_FILE).read_text()))
+    meta = _read_json(out / META_FILE) if (out / SAMPLES_FILE).is_file() else None
+    if meta is not None:
+        stats_d = _read_json(out / STATS_FILE)
+        if meta.get("cache_key") == key and stats_d is not None and (out / COUNTS_FILE).is_file():
+            stats = PrepareStats(**stats_d)
             if stats.vocab.get("draft_vocab_size") != Vd:
                 stats.vocab = _write_vocab(out, np.load(out / COUNTS_FILE), Vd)
                 _atomic_write(out / STATS_FILE, json.dumps(asdict(stats), indent=1))
@@ -367,6 +361,13 @@ def _write_vocab(directory: Path, counts: np.ndarray, Vd: int) -> dict[str, Any]
     return {"draft_vocab_size": mapping.draft_vocab_size, "vocab_size": mapping.vocab_size,
             "coverage": mapping.coverage, "distinct_supervised": int((counts > 0).sum()),
             "coverage_by_size": curve, "fingerprint": mapping.fingerprint()}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

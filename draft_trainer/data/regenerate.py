@@ -138,7 +138,8 @@ class _Run:
         return None
 
     def worker(self, client: TargetClient) -> None:
-        st = self.servers.setdefault(client.endpoint, _ServerStats())
+        with self.lock:
+            st = self.servers.setdefault(client.endpoint, _ServerStats())
         backoff = 0.5
         while not self.stop.is_set():
             batch = self._take()
@@ -164,7 +165,8 @@ class _Run:
                                        top_p=self.cfg.top_p, seed=seed, stop_token_ids=self.encoder.eot_token_ids,
                                        timeout_s=self.cfg.request_timeout_s)
             except SpecRelayError as e:
-                st.errors += 1
+                with self.lock:
+                    st.errors += 1
                 log.warning("Generate on %s failed (%s); re-queueing %d conversations", client.endpoint, e, len(live))
                 for job in live:
                     job.attempts += 1
@@ -179,11 +181,12 @@ class _Run:
                 continue
             backoff = 0.5
             by_id = {cid: (tokens, reason) for cid, tokens, reason in outs}
-            st.requests += 1
-            st.prompts += len(live)
+            with self.lock:
+                st.requests += 1
+                st.prompts += len(live)
+                st.tokens += sum(len(t) for t, _ in by_id.values())
             for job in live:
                 tokens, reason = by_id[str(job.sid)]
-                st.tokens += len(tokens)
                 if reason == "stop" and tokens and tokens[-1] in self.encoder.eot_token_ids:
                     tokens = tokens[:-1]
                 text = self.encoder.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.errors import DataError
 from draft_trainer.data.dataset import TokenizedDataset
 from draft_trainer.data.prepare import PrepareConfig, prepare_data
 from draft_trainer.data.vocab import VocabMapping, count_supervised_tokens
@@ -105,8 +106,8 @@ def test_bad_row_is_an_error_naming_the_line_and_leaves_nothing(tiny_llama, inpu
     assert f"{bad}:line 2: message 0: unknown role 'wizard'" in res.stderr and "--skip-bad" in res.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")] == []
 
-    res = _cli(tiny_llama, [inputs[0], bad], out, "--skip-bad")
-    assert res.returncode == 0, res.stderr
+    prepare_data(PrepareConfig(model=str(tiny_llama), inputs=[str(inputs[0]), str(bad)], output=str(out),
+                               max_length=256, skip_bad=True), progress=False)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["dropped"]["malformed"] == 1 and stats["samples_in"] == 8
     assert stats["examples"]["malformed"] == [f"{bad}:line 2: message 0: unknown role 'wizard' (known: "
@@ -160,8 +161,9 @@ def test_refuses_to_replace_a_directory_that_is_not_a_dataset(tiny_llama, inputs
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    res = _cli(tiny_llama, inputs, out)
-    assert res.returncode == 2 and "not a tokenized dataset" in res.stderr
+    with pytest.raises(DataError, match="not a tokenized dataset"):
+        prepare_data(PrepareConfig(model=str(tiny_llama), inputs=[str(p) for p in inputs], output=str(out)),
+                     progress=False)
     assert (out / "notes.txt").read_text() == "keep me"
 
 
