@@ -75,6 +75,8 @@ def _abort_handler(handler):
 
 
 class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
+    """`on_reject(is_feature_request)` is called for every rejected call."""
+
     def __init__(self, token: str, on_reject=None) -> None:
         super().__init__()
         self.token = token
@@ -86,5 +88,5 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
             return None
         _rejections.warn("rejected unauthenticated Flight call %s", info.method)
         if self.on_reject is not None:
-            self.on_reject()
+            self.on_reject(info.method == flight.FlightMethod.DO_GET)
         raise flight.FlightUnauthenticatedError(status.message(status.UNAUTHENTICATED, UNAUTHENTICATED_TEXT))

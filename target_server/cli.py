@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     m.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"],
                    help="model compute dtype, also the wire dtype of hidden states")
+    m.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks (sglang backend; one GPU each)")
     m.add_argument("--aux-layers", default=d.aux_layers, help="'auto' = [1, L//2-1, L-4], or i,j,k (0-indexed)")
     m.add_argument("--max-length", type=int, default=d.max_length, help="longest sample (0 = the model's)")
     m.add_argument("--max-topk", type=int, default=d.max_topk, help="largest k for teacher=topk requests")

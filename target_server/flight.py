@@ -125,7 +125,12 @@ class FeatureFlightServer(flight.FlightServerBase):
                  auth_token: str | None = None, tls_certificates: list[tuple[bytes, bytes]] | None = None) -> None:
         middleware = None
         if auth_token:
-            on_reject = (lambda: metrics.auth_failures.labels(plane="flight").inc()) if metrics is not None else None
+            def on_reject(is_feature_request: bool) -> None:
+                if metrics is not None:
+                    metrics.auth_failures.labels(plane="flight").inc()
+                    if is_feature_request:
+                        metrics.requests.labels(status="unauthenticated").inc()
+
             middleware = {"auth": BearerTokenMiddlewareFactory(auth_token, on_reject)}
         super().__init__(location, tls_certificates=tls_certificates, middleware=middleware)
         self.scheduler = scheduler

@@ -27,7 +27,7 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(P + "requests", "Feature requests by final status", ["status"], registry=r)
+        self.requests = Counter(P + "requests", "Feature requests (DoGet) by final status", ["status"], registry=r)
         self.samples = Counter(P + "samples", "Samples by outcome (served, or dropped with the reason)",
                                ["outcome"], registry=r)
         self.tokens = Counter(P + "tokens", "Tokens run through forward passes", registry=r)

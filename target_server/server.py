@@ -50,6 +50,7 @@ class ServerConfig:
     backend: str = "hf"  # hf | synthetic | sglang
     device: str = "cpu"
     dtype: str = "fp32"
+    tp: int = 1  # tensor-parallel ranks (sglang backend only)
     aux_layers: str = "auto"
     host: str = "127.0.0.1"
     grpc_port: int = 50051
@@ -76,6 +77,10 @@ class ServerConfig:
             raise ConfigError(f"backend: {self.backend!r} is not one of hf, synthetic, sglang")
         if self.backend != "synthetic" and not self.model:
             raise ConfigError("--model: required for the hf and sglang backends (a local HF model directory)")
+        if self.tp < 1:
+            raise ConfigError(f"--tp: {self.tp} must be >= 1")
+        if self.tp > 1 and self.backend != "sglang":
+            raise ConfigError(f"--tp: {self.tp} needs --backend sglang (the {self.backend} backend runs on one device)")
         if self.max_batch_tokens <= 0 or self.max_queue_tokens <= 0 or self.max_request_tokens <= 0:
             raise ConfigError("--max-batch-tokens, --max-queue-tokens and --max-request-tokens must be > 0")
         if self.max_topk <= 0:

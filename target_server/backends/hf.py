@@ -19,7 +19,7 @@ import torch
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
 from common.errors import AssetError, ConfigError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
-from target_server.backends.base import Backend, Capture, Completion
+from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,10 @@ class HFBackend(Backend):
         return hook
 
     def model_info(self) -> ModelInfo:
-        cfg = self.model.config
-        return ModelInfo(
-            architecture=(cfg.architectures or [type(self.model).__name__])[0],
-            model_type=cfg.model_type,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            vocab_size=self.vocab_size,
-            aux_layer_ids=list(self.aux_layer_ids),
-            dtype=wire_dtype_name(self.dtype),
-            max_length=self.max_length,
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            chat_template=self.tokenizer.chat_template or "",
-            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
-            max_topk=min(self.max_topk, self.vocab_size),
-            hf_config_json=json.dumps(cfg.to_dict(), default=str),
-            backend=self.name,
-            model_name=self.path.name,
-            feature_schema_version=FEATURE_SCHEMA_VERSION,
-        )
+        return hf_model_info(self.model.config, self.tokenizer, backend=self.name, model_name=self.path.name,
+                             num_layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                             aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
+                             max_topk=min(self.max_topk, self.vocab_size), default_arch=type(self.model).__name__)
 
     @torch.inference_mode()
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
@@ -146,20 +131,10 @@ class HFBackend(Backend):
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_BTH[b, :T]
             else:
-                cap.topk_ids_TK, cap.topk_logprobs_TK = self._topk(final_BTH[b, :T], topk)
+                cap.topk_ids_TK, cap.topk_logprobs_TK = topk_logprobs(
+                    final_BTH[b, :T], self.model.get_output_embeddings(), topk)
             out.append(cap)
         return out
-
-    def _topk(self, final_TH: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k log-probs of the full vocabulary, chunked over tokens to bound [T,V] memory."""
-        head = self.model.get_output_embeddings()
-        ids, lps = [], []
-        for s in range(0, final_TH.shape[0], chunk):
-            logp_tV = torch.log_softmax(head(final_TH[s : s + chunk]).float(), dim=-1)
-            v, i = logp_tV.topk(k, dim=-1)
-            ids.append(i.to(torch.int32).cpu())
-            lps.append(v.cpu())
-        return torch.cat(ids), torch.cat(lps)
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         table = {
@@ -185,16 +160,7 @@ class HFBackend(Backend):
                 for _ in range(max_new_tokens):
                     o = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
                     past = o.past_key_values
-                    logits_V = o.logits[0, -1].float()
-                    if temperature > 0:
-                        probs = torch.softmax(logits_V / temperature, dim=-1)
-                        if 0 < top_p < 1:
-                            sp, si = probs.sort(descending=True)
-                            keep = sp.cumsum(0) - sp < top_p
-                            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-                        tok = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-                    else:
-                        tok = int(logits_V.argmax())
+                    tok = sample_next(o.logits[0, -1], temperature, top_p, gen)
                     new.append(tok)
                     if tok in stops:
                         reason = "stop"
@@ -202,6 +168,43 @@ class HFBackend(Backend):
                     step_ids = torch.tensor([[tok]], device=self.device)
                 out.append(Completion(token_ids=new, finish_reason=reason))
         return out
+
+
+def hf_model_info(cfg, tokenizer, *, backend: str, model_name: str, num_layers: int, hidden_size: int,
+                  vocab_size: int, aux_layer_ids: list[int], dtype: torch.dtype, max_length: int, max_topk: int,
+                  default_arch: str) -> ModelInfo:
+    """The contract for a model described by a transformers config + tokenizer (hf and sglang backends)."""
+    return ModelInfo(
+        architecture=(cfg.architectures or [default_arch])[0],
+        model_type=cfg.model_type,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        aux_layer_ids=list(aux_layer_ids),
+        dtype=wire_dtype_name(dtype),
+        max_length=max_length,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        chat_template=tokenizer.chat_template or "",
+        teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
+        max_topk=max_topk,
+        hf_config_json=json.dumps(cfg.to_dict(), default=str),
+        backend=backend,
+        model_name=model_name,
+        feature_schema_version=FEATURE_SCHEMA_VERSION,
+    )
+
+
+def sample_next(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy when temperature <= 0, else temperature + nucleus (top_p) sampling with `gen`."""
+    logits_V = logits_V.float()
+    if temperature <= 0:
+        return int(logits_V.argmax())
+    probs = torch.softmax(logits_V / temperature, dim=-1)
+    if 0 < top_p < 1:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < top_p
+        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
 def _eos_ids(model: torch.nn.Module) -> list[int]:

@@ -99,6 +99,7 @@ def test_token_required_on_both_planes(token_server):
     assert _metric(text, 'specrelay_target_auth_failures_total{plane="grpc"}') >= 6
     assert _metric(text, 'specrelay_target_auth_failures_total{plane="flight"}') >= 3
     assert _metric(text, 'specrelay_target_requests_total{status="ok"}') == 1
+    assert _metric(text, 'specrelay_target_requests_total{status="unauthenticated"}') == 3  # the DoGets
 
 
 def test_tls_on_both_planes_with_token(tls_server, secrets):
