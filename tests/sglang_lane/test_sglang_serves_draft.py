@@ -91,7 +91,8 @@ def test_sglang_serves_our_draft(trained, tiny_llama):
     our_accept = [a for _, a in ours]
     mean_sg, mean_ours = sum(sg_accept) / len(sg_accept), sum(our_accept) / len(our_accept)
     print(f"acceptance length: sglang {sg_accept} mean {mean_sg:.3f}; ours {our_accept} mean {mean_ours:.3f}")
-    # Measured: 1.52 / 1.10 / 1.07 / 1.03 on both sides (80 training steps on the tiny model).
-    assert mean_ours >= 1.1 and max(our_accept) >= 1.4, "the draft must be accepted, or the comparison says nothing"
+    # Measured 1.52/1.10/1.07/1.03 and 1.28/1.10/1.28/1.23 in two runs (80 training steps on the tiny
+    # model; the short run's quality varies), identical on both sides each time.
+    assert mean_ours >= 1.1, "the draft must be accepted, or the comparison says nothing"
     for a_sg, a_ours in zip(sg_accept, our_accept):
         assert abs(a_sg - a_ours) <= 0.10 * a_ours, (sg_accept, our_accept)
