@@ -1,7 +1,7 @@
 """Target-pool benchmarks: does the pool scale with servers, and does prefetch hide target compute?
 
-    python benchmarks/bench_pool.py            # full run (a few minutes)
-    python benchmarks/bench_pool.py --smoke    # seconds; exercised by tests/integration/test_bench_pool.py
+    python -m benchmarks.bench_pool            # full run (a few minutes)
+    python -m benchmarks.bench_pool --smoke    # seconds; exercised by tests/integration/test_bench_pool.py
 
 Writes benchmarks/results/pool.json and pool.md (or --out DIR).
 
@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import RESULTS, Server, write_results  # noqa: E402
 from common.config import load_config  # noqa: E402
 from draft_trainer.assets import build_synthetic_dataset  # noqa: E402
 from draft_trainer.client.discovery import EndpointSource  # noqa: E402
@@ -41,7 +41,6 @@ from draft_trainer.client.dispatcher import Dispatcher, Sample  # noqa: E402
 from draft_trainer.client.pool import TargetPool  # noqa: E402
 from draft_trainer.client.target import TargetClient  # noqa: E402
 from draft_trainer.config import TargetsConfig, TrainConfig  # noqa: E402
-from tests.support.procs import start_servers  # noqa: E402
 
 HIDDEN = 64
 FILL_STEPS = 3  # steps during which the pipeline fills (slow start, empty buffer): reported apart
@@ -87,18 +86,15 @@ def pool_targets(endpoints: str, **kw) -> TargetsConfig:
     return TargetsConfig(**base)
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import pyarrow
-    import torch
+def start_servers(n: int, cost_us: float) -> list[Server]:
+    """n synthetic servers, started in parallel (each is a separate process)."""
+    with ThreadPoolExecutor(n) as ex:
+        return list(ex.map(lambda _: Server(*server_args(cost_us)), range(n)))
 
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "pyarrow": pyarrow.__version__, "loadavg_start": os.getloadavg(),
-            "note": "shared machine: other jobs ran on the same cores; treat figures as ratios"}
+
+def stop_all(servers: list[Server]) -> None:
+    for srv in servers:
+        srv.stop()
 
 
 # ---------------------------------------------------------------------------- scaling
@@ -180,7 +176,7 @@ def wait_stats(waits: list[float], step_times: list[float], wall: float) -> dict
 
 def bench_overlap_sleep(tmp: Path, n_servers: int, cost_us: float, supply_ratio: float, batch: int, steps: int,
                         lo: int, hi: int) -> dict:
-    servers = start_servers(tmp, [(f"ov{i}", server_args(cost_us)) for i in range(n_servers)])
+    servers = start_servers(n_servers, cost_us)
     warm_up(servers)
     try:
         data = samples(batch * steps, lo, hi, seed=99)
@@ -191,8 +187,7 @@ def bench_overlap_sleep(tmp: Path, n_servers: int, cost_us: float, supply_ratio:
         pool = run_sleep_trainer(eps, data, batch, step_s, prefetch=True)
         sync = run_sleep_trainer(eps, data, batch, step_s, prefetch=False)
     finally:
-        for s in servers:
-            s.stop(signal.SIGKILL)
+        stop_all(servers)
     out = {"servers": n_servers, "cost_per_token_us": cost_us, "supply_tokens_per_s": supply,
            "demand_tokens_per_s": round(mean_tokens / step_s, 1), "supply_over_demand": supply_ratio,
            "step_s": round(step_s, 4), "batch": batch, "pool": pool, "sync": sync}
@@ -227,12 +222,12 @@ def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: in
 
     logging.getLogger("draft_trainer").setLevel(logging.WARNING)
     data_dir = build_synthetic_dataset(tmp / "data", 256, vocab_size=512, min_len=32, max_len=96)
-    (fast,) = start_servers(tmp, [("calib", server_args(0))])
+    (fast,) = start_servers(1, 0.0)
     warm_up([fast])
     try:
         cal = Trainer(real_config(data_dir, tmp / "calib", fast.endpoint, 20, batch, True)).run()
     finally:
-        fast.stop(signal.SIGKILL)
+        fast.stop()
     times = sorted(json.loads(line)["step_time_s"] for line in (tmp / "calib" / "metrics.jsonl").open())
     demand = cal["tokens"] / cal["steps"] / times[len(times) // 2]   # tokens/s the trainer consumes
     steps = int(min(400, max(30, seconds / times[len(times) // 2])))  # about `seconds` of training per run
@@ -244,7 +239,7 @@ def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: in
     runs = []
     for attempt in range(attempts):
         cost_us = n_servers * 1e6 / (supply_ratio * demand)
-        servers = start_servers(tmp, [(f"real{attempt}-{i}", server_args(cost_us)) for i in range(n_servers)])
+        servers = start_servers(n_servers, cost_us)
         warm_up(servers)
         eps = ",".join(s.endpoint for s in servers)
         try:
@@ -262,8 +257,7 @@ def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: in
                 run["one_sample_ahead"] = row(sync, tmp / "sync")
                 break
         finally:
-            for s in servers:
-                s.stop(signal.SIGKILL)
+            stop_all(servers)
         demand = realised
     final = runs[-1]
     print(f"overlap (real loop): data-wait pool {100 * final['pool']['data_wait_fraction']:.1f}% vs one-sample-ahead "
@@ -275,10 +269,8 @@ def bench_overlap_real(tmp: Path, n_servers: int, supply_ratio: float, batch: in
 
 # ---------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
-    m = res["machine"]
-    lines = [f"# Target pool benchmark{' (smoke)' if res['smoke'] else ''}", "",
-             f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, torch {m['torch']}, "
-             f"pyarrow {m['pyarrow']}; load average at start {m['loadavg_start']}. {m['note']}.", "",
+    """The body of pool.md (harness.write_results adds the title and the machine line)."""
+    lines = [f"Load average (1 min) at start {res['load_avg_start']:.1f}, at end {res['load_avg_end']:.1f}.", "",
              f"## Scaling (synthetic servers, {res['scaling_cost_us']:.0f} us simulated per token, H={HIDDEN} bf16, "
              "no training)", "",
              "| servers | samples/s | tokens/s | speed-up | of simulated supply | client CPU/s | servers CPU/s |",
@@ -315,7 +307,7 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for the test suite")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--parts", default="scaling,sleep,real", help="comma-separated subset of scaling,sleep,real")
     args = p.parse_args(argv)
     import tempfile
@@ -330,28 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         ov = dict(n_servers=2, cost_us=1000.0, supply_ratio=1.2, batch=4, steps=80, lo=64, hi=192)
         real = dict(n_servers=2, supply_ratio=1.2, batch=4, seconds=20.0)
     parts = set(args.parts.split(","))
-    res: dict = {"smoke": args.smoke, "machine": machine(), "scaling_cost_us": cost}
+    res: dict = {"smoke": args.smoke, "load_avg_start": os.getloadavg()[0], "scaling_cost_us": cost}
     if "scaling" in parts:
-        servers = start_servers(tmp, [(f"scale{i}", server_args(cost)) for i in range(max(ns))])
+        servers = start_servers(max(ns), cost)
         warm_up(servers)
         try:
             res["scaling"] = bench_scaling(servers, ns, cost, per_server, lo, hi)
         finally:
-            for s in servers:
-                s.stop(signal.SIGKILL)
+            stop_all(servers)
     if "sleep" in parts:
         res["overlap_sleep"] = bench_overlap_sleep(tmp, **ov)
     if real and "real" in parts:
         res["overlap_real"] = bench_overlap_real(tmp, **real)
-    res["machine"]["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "pool_smoke" if args.smoke else "pool"
-    for path, text in ((out / f"{name}.json", json.dumps(res, indent=1)), (out / f"{name}.md", markdown(res))):
-        tmp_f = path.with_suffix(path.suffix + ".tmp")
-        tmp_f.write_text(text)
-        os.replace(tmp_f, path)
-    print(markdown(res))
+    res["load_avg_end"] = os.getloadavg()[0]
+    write_results("pool_smoke" if args.smoke else "pool", res, markdown(res), Path(args.out))
     return 0
 
 

@@ -37,6 +37,9 @@ class TargetsConfig:
     hedge_after_s: float = 2.0             # a request blocking the trainer longer than max(this, 4x typical)
                                            # is also sent to another server; <= 0 disables
     probe_max_backoff_s: float = 10.0      # probes of a down server back off up to this interval
+    auth_token_file: str = ""        # the servers' bearer token (same file as their --auth-token-file)
+    tls_root_cert: str = ""          # PEM root that signed the servers' --tls-cert; enables TLS
+    tls_server_name: str = ""        # name to verify when the certificate does not name the dialled address
 
 
 @dataclass

@@ -47,7 +47,7 @@ import numpy as np
 from common import status
 from common.errors import SchemaError, TargetUnavailableError
 from common.features import SampleFeatures
-from draft_trainer.client.pool import Endpoint, TargetPool
+from draft_trainer.client.pool import AUTH_HINT, Endpoint, TargetPool
 from draft_trainer.client.reorder import ReorderBuffer
 from draft_trainer.config import TargetsConfig
 from draft_trainer.metrics import TrainerMetrics
@@ -443,7 +443,7 @@ class Dispatcher:
                     w.solo = True
                 self._requeue(missing, "isolate_invalid")
         elif c.code == status.UNAUTHENTICATED:
-            self.pool.refuse(ep, f"{detail}\nFix the credentials (auth token / TLS) of this trainer or server.")
+            self.pool.refuse(ep, f"{detail}\n{AUTH_HINT}")
             self._requeue(missing, "unauthenticated")
         else:  # UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, a malformed stream
             if c.code == status.DEADLINE_EXCEEDED:  # once back, it is known to be slow

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from common import status
 from common.contract import ModelInfo, check_compatible
 from common.errors import ConfigError, ContractError, SpecRelayError, TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
@@ -39,9 +40,15 @@ from draft_trainer.metrics import ENDPOINT_STATES, TrainerMetrics
 log = logging.getLogger(__name__)
 
 JOINING, UP, DOWN, REFUSED, DRAINING = ENDPOINT_STATES
+AUTH_HINT = ("Give the trainer the servers' token (targets.auth_token_file) and, for TLS, the root that signed "
+             "their certificate (targets.tls_root_cert).")
 PROBE_BASE_S = 0.25
 HANDSHAKE_TIMEOUT_S = 5.0
 R = TypeVar("R")
+
+
+def _unauthenticated(res: object) -> bool:
+    return isinstance(res, Exception) and status.classify(res).code == status.UNAUTHENTICATED
 
 
 @dataclass(eq=False)  # identity: endpoints are hashed and compared by object
@@ -118,6 +125,12 @@ class TargetPool:
             pending = [ep for ep in self.endpoints.values() if ep.state in (JOINING, DOWN)]
             results = self._handshake_all([ep.address for ep in pending])
             ok = {a: r for a, r in results.items() if isinstance(r[1], ModelInfo)}
+            denied = [f"{a}: {r[1]}" for a, r in sorted(results.items()) if _unauthenticated(r[1])]
+            if denied:
+                for client, _ in ok.values():
+                    client.close()
+                raise ConfigError("target servers rejected this trainer's credentials (before training):\n  "
+                                  + "\n  ".join(denied) + f"\n{AUTH_HINT}")
             for addr, (client, res) in results.items():
                 if not isinstance(res, ModelInfo):
                     ep = self.endpoints[addr]
@@ -346,6 +359,8 @@ class TargetPool:
                     self.refuse(ep, f"{e}\nFix or remove this server; the run continues without it.")
                     return
                 self._set_up(ep, client, res, now)
+            elif _unauthenticated(res):
+                self.refuse(ep, f"{res}\n{AUTH_HINT}")
             else:
                 ep.failures += 1
                 ep.last_error = str(res)

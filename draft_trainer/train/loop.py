@@ -34,6 +34,7 @@ from common.errors import ConfigError, ContractError, DataError, TargetUnavailab
 from common.metrics import serve_metrics
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.dispatcher import Dispatcher, Sample
+from common.security import read_token_file
 from draft_trainer.client.embedded import EmbeddedServer
 from draft_trainer.client.pool import TargetPool
 from draft_trainer.config import TrainConfig
@@ -214,8 +215,10 @@ class Trainer:
         return collate(samples, [d.features for d in got]), cursor, wait
 
     def _client_kwargs(self) -> dict:
-        """Extra TargetClient arguments for every server (the one place to wire auth / TLS)."""
-        return {}
+        """TargetClient arguments shared by every server of the pool (auth, TLS)."""
+        t = self.cfg.targets
+        return {"auth_token": read_token_file(t.auth_token_file) if t.auth_token_file else None,
+                "tls_root_cert": t.tls_root_cert or None, "tls_server_name": t.tls_server_name or None}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:

@@ -8,7 +8,7 @@ from tests.support.procs import REPO, env_with_repo
 
 
 def test_bench_pool_smoke(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pool.py"), "--smoke", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_pool", "--smoke", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env_with_repo(), cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "pool_smoke.json").read_text())
