@@ -6,7 +6,7 @@ import signal
 import numpy as np
 import pytest
 
-from common.errors import ContractError
+from common.errors import ConfigError, ContractError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.dispatcher import Sample
 from draft_trainer.client.pool import TargetPool
@@ -78,5 +78,26 @@ def test_dns_endpoints_resolve_to_every_address(tmp_path):
         assert server.endpoint in eps
         check, _ = run_stream(targets(f"dns:localhost:{server.grpc_port}"), make_samples(20, seed=10))
         assert check.count == 20
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_pool_sends_the_token_and_a_missing_token_fails_before_training(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("pool-t0ken\n")
+    server = start_server(tmp_path, *syn(0, "--auth-token-file", str(token)), name="auth")
+    try:
+        cfg = targets(server.endpoint)
+        pool = TargetPool(EndpointSource(cfg.endpoints), cfg)
+        with pytest.raises(ConfigError) as err:
+            pool.start()
+        pool.close()
+        assert "UNAUTHENTICATED" in str(err.value) and server.endpoint in str(err.value)
+        assert "targets.auth_token_file" in str(err.value)
+
+        from common.security import read_token_file
+
+        check, _ = run_stream(cfg, make_samples(30, seed=11), client_kwargs={"auth_token": read_token_file(str(token))})
+        assert check.count == 30 and not check.drops
     finally:
         server.stop(signal.SIGKILL)

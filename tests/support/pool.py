@@ -40,8 +40,8 @@ def make_samples(n: int, seed: int = 0, min_len: int = 32, max_len: int = 96, vo
     return out
 
 
-def open_stream(cfg: TargetsConfig, samples) -> tuple[TargetPool, Dispatcher]:
-    pool = TargetPool(EndpointSource(cfg.endpoints), cfg)
+def open_stream(cfg: TargetsConfig, samples, client_kwargs: dict | None = None) -> tuple[TargetPool, Dispatcher]:
+    pool = TargetPool(EndpointSource(cfg.endpoints), cfg, client_kwargs=client_kwargs)
     pool.start()
     return pool, Dispatcher(pool, iter(samples), cfg).start()
 
@@ -75,7 +75,8 @@ def in_thread(fn, *args) -> threading.Thread:
     return t
 
 
-def run_stream(cfg: TargetsConfig, samples, servers=(), on_delivery=None) -> tuple[Checker, dict]:
+def run_stream(cfg: TargetsConfig, samples, servers=(), on_delivery=None,
+               client_kwargs: dict | None = None) -> tuple[Checker, dict]:
     """Open the pool, check every delivery in order, call `on_delivery(check, pool)` after each,
     and always clean up (the stream, the pool, then SIGKILL `servers`). Returns (checker, summary)."""
     import signal
@@ -84,7 +85,7 @@ def run_stream(cfg: TargetsConfig, samples, servers=(), on_delivery=None) -> tup
     pool = stream = None
     check = Checker(samples)
     try:
-        pool, stream = open_stream(cfg, samples)
+        pool, stream = open_stream(cfg, samples, client_kwargs)
         for d in stream:
             check(d)
             if on_delivery is not None:
