@@ -24,7 +24,7 @@ import torch
 
 from common.config import dump_yaml
 from common.contract import ModelInfo
-from common.errors import ContractError, DataError
+from common.errors import ConfigError, ContractError, DataError
 from common.security import read_token_file
 from draft_trainer.client.embedded import EmbeddedServer
 from draft_trainer.client.target import TargetClient
@@ -33,7 +33,10 @@ from draft_trainer.data.dataset import TokenizedDataset
 from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_supervised_tokens
 from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft, shift_left
+from draft_trainer.model.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
 from draft_trainer.model.losses import StepStats, teacher_from_hidden, teacher_from_topk, ttt_loss
+from draft_trainer.model.precision import autocast, compute_dtype
+from draft_trainer.model.ttt_fused import ttt_forward_fused
 from draft_trainer.train.batch import Batch, collate
 
 log = logging.getLogger(__name__)
@@ -47,17 +50,37 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | None, used_Vd: torch.Tensor, t2d_V: torch.Tensor, t2d_index_V: torch.Tensor,
-               ttt_steps: int) -> tuple[torch.Tensor, StepStats]:
-    """One TTT forward + loss (the caller runs backward and the optimizer)."""
-    if batch.teacher_BTH is not None:
-        teacher = teacher_from_hidden(batch.teacher_BTH, target_head_VH, used_Vd, t2d_V, batch.loss_mask_BT)
-    else:
-        teacher = teacher_from_topk(batch.topk_ids_BTK, batch.topk_logprobs_BTK, t2d_V, t2d_index_V, batch.loss_mask_BT)
+def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | None, used_Vd: torch.Tensor,
+               t2d_V: torch.Tensor, t2d_index_V: torch.Tensor, ttt_steps: int, *, precision: str = "auto",
+               impl: str = "fused") -> tuple[torch.Tensor, StepStats]:
+    """One TTT forward + loss (the caller runs backward and the optimizer).
+
+    impl="fused" (default): fused TTT attention + chunked loss, matmuls in the `precision` dtype
+    (bf16 where supported) with fp32 master weights. impl="reference": the readable reference
+    (fp32), kept for equivalence tests.
+    """
     # Step 0 at position t reads token t+1 (the target feature at t was computed reading token t).
     draft_ids_BT = shift_left(batch.input_ids_BT, 1)
-    g_steps = model.ttt_forward(batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
-    return ttt_loss(model, g_steps, teacher)
+    if impl == "reference":
+        if batch.teacher_BTH is not None:
+            teacher = teacher_from_hidden(batch.teacher_BTH, target_head_VH, used_Vd, t2d_V, batch.loss_mask_BT)
+        else:
+            teacher = teacher_from_topk(batch.topk_ids_BTK, batch.topk_logprobs_BTK, t2d_V, t2d_index_V,
+                                        batch.loss_mask_BT)
+        g_steps = model.ttt_forward(batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
+        return ttt_loss(model, g_steps, teacher)
+    if impl != "fused":
+        raise ConfigError(f"train_step impl {impl!r}: use 'fused' or 'reference'")
+    cdt = compute_dtype(precision, batch.aux_BT3H.device)
+    if batch.teacher_BTH is not None:
+        rows = row_teacher_from_hidden(batch.teacher_BTH, target_head_VH, used_Vd, t2d_V, batch.loss_mask_BT,
+                                       compute_dtype=cdt)
+    else:
+        rows = row_teacher_from_topk(batch.topk_ids_BTK, batch.topk_logprobs_BTK, t2d_V, t2d_index_V,
+                                     batch.loss_mask_BT)
+    with autocast(batch.aux_BT3H.device, cdt):
+        g_steps = ttt_forward_fused(model, batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
+    return fused_ttt_loss(model, g_steps, rows, compute_dtype=cdt)
 
 
 @dataclass
@@ -215,7 +238,7 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             loss, stats = train_step(self.model, batch, self.target_head_VH, self.used_Vd, self.t2d_V,
-                                     self.t2d_index_V, cfg.model.ttt_steps)
+                                     self.t2d_index_V, cfg.model.ttt_steps, precision=cfg.model.precision)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
