@@ -166,7 +166,8 @@ def speculative_decode(target, draft: Eagle3Draft, prompt: list[int], num_steps:
         st.accepted.append(a)
         new = drafts[:a] + [bonus]
         # 3. caches: keep x_n, d_1..d_a in the target; rebuild the draft from real features.
-        tcache.crop(len(committed) + a)
+        if a < num_steps:                          # drop the rejected drafts' entries
+            tcache.crop(-(num_steps - a))
         dcache.truncate(real_len)
         feats_SH3 = _aux(out.hidden_states, aux_ids)[0, : a + 1]
         g_last = _draft_extend(draft, dcache, feats_SH3, new, real_len)
