@@ -68,11 +68,14 @@ def row_teacher_from_hidden(teacher_BTH: torch.Tensor, target_head_VH: torch.Ten
     W_VH = target_head_VH.to(cdt)
     R = rows_RH.shape[0]
     top = torch.empty(R, dtype=torch.long, device=teacher_BTH.device)
-    p = torch.empty(R, used_Vd.numel(), dtype=acc, device=teacher_BTH.device)
+    # Stored in the compute dtype when that is bf16/fp16 (half the memory traffic per step).
+    p_dtype = cdt if cdt in (torch.bfloat16, torch.float16) else acc
+    p = torch.empty(R, used_Vd.numel(), dtype=p_dtype, device=teacher_BTH.device)
     for s in range(0, R, chunk):
         z_cV = rows_RH[s : s + chunk].to(cdt) @ W_VH.T
         top[s : s + chunk] = z_cV.argmax(-1)
-        p[s : s + chunk] = torch.softmax(z_cV.index_select(1, used_Vd).to(acc), dim=-1)
+        z_cVd = z_cV.index_select(1, used_Vd)
+        p[s : s + chunk] = torch.softmax(z_cVd.to(acc) if p_dtype == acc else z_cVd, dim=-1)
     keep = t2d_V[top]
     return RowTeacher(b_R=b[keep], j_R=j[keep], top_R=top[keep], T=T, p_RVd=p[keep])
 
@@ -99,46 +102,52 @@ def row_teacher_from_topk(topk_ids_BTK: torch.Tensor, topk_logprobs_BTK: torch.T
 
 # ----------------------------------------------------------------------------- per-row soft CE
 
-def soft_ce_rows_torch(z_cVd: torch.Tensor, w_c: torch.Tensor, p_cVd: torch.Tensor | None = None,
-                       ids_cK: torch.Tensor | None = None, pk_cK: torch.Tensor | None = None,
-                       scratch_cVd: torch.Tensor | None = None):
-    """Soft cross-entropy of logits z against teacher p, per row, in place.
+def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, ids_cK: torch.Tensor | None = None,
+                       pk_cK: torch.Tensor | None = None):
+    """Soft cross-entropy of logits z against a teacher p, per row, in place and in z's dtype.
 
-    Returns (ce_c, argmax_c, exp_acc_c) and leaves dLoss/dz = w * (softmax(z) * sum(p) - p) in z.
-    Dense teacher: p_cVd; sparse (top-k): ids_cK + pk_cK.
+    Returns (ce_c, argmax_c, exp_acc_c) (reductions in >= fp32) and leaves
+    dCE/dz = softmax(z) * sum(p) - p in z. Dense teacher: p_cVd, whose rows are distributions
+    (sum 1: then sum_v min(p, q) = 1 - |q - p|_1 / 2 needs no extra [c,Vd] temporary);
+    sparse (top-k): ids_cK + pk_cK. Every step is one pass over z: on CPU this part is
+    memory-bound, so bf16 z halves its cost next to the bf16 matmuls.
     """
+    red = acc_dtype(z_cVd.dtype)
     m_c, amax_c = z_cVd.max(-1)
     z_cVd.sub_(m_c[:, None])
     if p_cVd is not None:
-        pz_c = torch.bmm(p_cVd[:, None, :], z_cVd[:, :, None]).view(-1)
-        sp_c = p_cVd.sum(-1)
+        pz_c = torch.bmm(p_cVd[:, None, :], z_cVd[:, :, None]).view(-1).to(red)
+        sp_c = torch.ones_like(pz_c)
     else:
-        pz_c = (pk_cK * z_cVd.gather(-1, ids_cK)).sum(-1)
-        sp_c = pk_cK.sum(-1)
+        pz_c = (pk_cK.to(red) * z_cVd.gather(-1, ids_cK).to(red)).sum(-1)
+        sp_c = pk_cK.to(red).sum(-1)
     z_cVd.exp_()
-    se_c = z_cVd.sum(-1)
-    z_cVd.div_(se_c[:, None])                               # z is now q = softmax(z)
+    se_c = z_cVd.sum(-1, dtype=red)
     ce_c = sp_c * se_c.log() - pz_c                         # sum_v p_v (lse - z_v)
+    z_cVd.mul_((sp_c / se_c).to(z_cVd.dtype)[:, None])       # q * sum(p)
     if p_cVd is not None:
-        mins = torch.minimum(z_cVd, p_cVd, out=scratch_cVd) if scratch_cVd is not None else torch.minimum(z_cVd, p_cVd)
-        ea_c = mins.sum(-1)
-        z_cVd.mul_((sp_c * w_c)[:, None]).addcmul_(p_cVd, -w_c[:, None])
+        z_cVd.sub_(p_cVd)
+        ea_c = 1.0 - 0.5 * torch.linalg.vector_norm(z_cVd, 1, dim=-1, dtype=red)
     else:
-        ea_c = torch.minimum(pk_cK, z_cVd.gather(-1, ids_cK)).sum(-1)
-        z_cVd.mul_((sp_c * w_c)[:, None]).scatter_add_(-1, ids_cK, -pk_cK * w_c[:, None])
+        ea_c = torch.minimum(pk_cK.to(red), z_cVd.gather(-1, ids_cK).to(red) / sp_c.clamp_min(1e-30)[:, None]).sum(-1)
+        z_cVd.scatter_add_(-1, ids_cK, -pk_cK.to(z_cVd.dtype))
     return ce_c, amax_c, ea_c
 
 
-def _soft_ce_rows(z, w, p=None, ids=None, pk=None, scratch=None):
+def _soft_ce_rows(z, p=None, ids=None, pk=None):
     if z.is_cuda and p is not None:
         from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton  # lazy: triton only on GPU
 
-        return soft_ce_rows_triton(z, w, p)
-    return soft_ce_rows_torch(z, w, p, ids, pk, scratch)
+        return soft_ce_rows_triton(z, p)
+    return soft_ce_rows_torch(z, p, ids, pk)
 
 
 class LinearSoftCE(torch.autograd.Function):
-    """sum_n w_n * CE(p_{r_n}, softmax(x_n W^T)), chunked over rows; grads computed in forward."""
+    """sum_n w_n * CE(p_{r_n}, softmax(x_n W^T)), chunked over rows; grads computed in forward.
+
+    The row weights w are applied on the [c,h] side (dx rows, x rows for dW), never as an extra
+    pass over the [c,Vd] logits.
+    """
 
     @staticmethod
     def forward(ctx, x_Nh, W_Vdh, teacher: RowTeacher, r_N, w_N, compute_dtype, chunk: int):
@@ -156,24 +165,22 @@ class LinearSoftCE(torch.autograd.Function):
             amax = torch.empty(N, dtype=torch.long, device=x.device)
             ea = torch.empty(N, dtype=acc, device=x.device)
             c = min(chunk, max(N, 1))
-            pbuf = torch.empty(c, Vd, dtype=acc, device=x.device) if dense else None
-            scratch = torch.empty(c, Vd, dtype=acc, device=x.device) if dense else None
+            pbuf = torch.empty(c, Vd, dtype=cdt, device=x.device) if dense else None
+            w_acc = w_N.to(acc)
             for s in range(0, N, c):
                 e = min(N, s + c)
-                xc = x[s:e].to(cdt)
-                z = (xc @ W.T).to(acc)
+                z = x[s:e].to(cdt) @ W.T
                 r = r_N[s:e]
                 if dense:
-                    p = torch.index_select(teacher.p_RVd, 0, r, out=pbuf[: e - s])
-                    out = _soft_ce_rows(z, w_N[s:e].to(acc), p=p, scratch=scratch[: e - s])
+                    p = torch.index_select(teacher.p_RVd.to(cdt), 0, r, out=pbuf[: e - s])
+                    out = _soft_ce_rows(z, p=p)
                 else:
-                    out = _soft_ce_rows(z, w_N[s:e].to(acc), ids=teacher.topk_ids_RK[r],
-                                        pk=teacher.topk_p_RK[r].to(acc))
+                    out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r])
                 ce[s:e], amax[s:e], ea[s:e] = out
-                g = z.to(cdt)
-                dx[s:e] = g @ W
-                dW += g.T @ xc
-            loss = (ce * w_N.to(acc)).sum()
+                w_c = w_acc[s:e, None]
+                dx[s:e] = (z @ W).to(acc) * w_c
+                dW += z.T @ (x[s:e] * w_c).to(cdt)
+            loss = (ce * w_acc).sum()
         ctx.save_for_backward(dx, dW)
         ctx.dtypes = (x_Nh.dtype, W_Vdh.dtype)
         ctx.mark_non_differentiable(ce, amax, ea)

@@ -1,8 +1,9 @@
 """Triton kernel: fused log-softmax + soft cross-entropy, forward and backward, one row per program.
 
 Same contract as `fused_loss.soft_ce_rows_torch` (the reference it is tested against under
-TRITON_INTERPRET=1): for logits z [N,Vd] (fp32, overwritten), teacher p [N,Vd] and row weights
-w [N], returns (ce [N], argmax [N], exp_acc [N]) and leaves w * (softmax(z) * sum(p) - p) in z.
+TRITON_INTERPRET=1): for logits z [N,Vd] (overwritten) and a teacher p [N,Vd], returns
+(ce [N], argmax [N], exp_acc [N]) and leaves softmax(z) * sum(p) - p in z. Math in fp32 registers
+whatever the storage dtype (bf16 logits lose nothing extra).
 Two passes over each row: an online max / sum-exp (plus p.z, sum p, argmax), then softmax,
 sum min(p, q) and the gradient. No [N,Vd] temporaries; used on CUDA by `LinearSoftCE`.
 """
@@ -15,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _soft_ce_kernel(Z, P, W, CE, AMAX, EA, stride_z, stride_p, V, BLOCK: tl.constexpr):
+def _soft_ce_kernel(Z, P, CE, AMAX, EA, stride_z, stride_p, V, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     p_row = P + row * stride_p
@@ -38,7 +39,6 @@ def _soft_ce_kernel(Z, P, W, CE, AMAX, EA, stride_z, stride_p, V, BLOCK: tl.cons
         pz += tl.sum(tl.where(ok, p * z, 0.0), 0)
         sp += tl.sum(p, 0)
     lse = m + tl.log(se)
-    w = tl.load(W + row).to(tl.float32)
     ea = tl.zeros([], tl.float32)
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
@@ -47,21 +47,20 @@ def _soft_ce_kernel(Z, P, W, CE, AMAX, EA, stride_z, stride_p, V, BLOCK: tl.cons
         p = tl.load(p_row + cols, mask=ok, other=0.0).to(tl.float32)
         q = tl.exp(z - lse)
         ea += tl.sum(tl.where(ok, tl.minimum(q, p), 0.0), 0)
-        tl.store(z_row + cols, w * (q * sp - p), mask=ok)
+        tl.store(z_row + cols, (q * sp - p).to(Z.dtype.element_ty), mask=ok)
     tl.store(CE + row, sp * lse - pz)
     tl.store(AMAX + row, best_i)
     tl.store(EA + row, ea)
 
 
-def soft_ce_rows_triton(z_NVd: torch.Tensor, w_N: torch.Tensor, p_NVd: torch.Tensor, block: int = 4096):
+def soft_ce_rows_triton(z_NVd: torch.Tensor, p_NVd: torch.Tensor, block: int = 4096):
     N, V = z_NVd.shape
     if z_NVd.stride(1) != 1 or p_NVd.stride(1) != 1:
         raise ValueError("soft_ce_rows_triton needs row-contiguous logits and teacher")
-    ce = torch.empty(N, dtype=z_NVd.dtype, device=z_NVd.device)
-    ea = torch.empty(N, dtype=z_NVd.dtype, device=z_NVd.device)
+    ce = torch.empty(N, dtype=torch.float32, device=z_NVd.device)
+    ea = torch.empty(N, dtype=torch.float32, device=z_NVd.device)
     amax = torch.empty(N, dtype=torch.long, device=z_NVd.device)
     if N:
         BLOCK = min(block, triton.next_power_of_2(V))
-        _soft_ce_kernel[(N,)](z_NVd, p_NVd, w_N.contiguous(), ce, amax, ea, z_NVd.stride(0), p_NVd.stride(0), V,
-                              BLOCK=BLOCK)
+        _soft_ce_kernel[(N,)](z_NVd, p_NVd, ce, amax, ea, z_NVd.stride(0), p_NVd.stride(0), V, BLOCK=BLOCK)
     return ce, amax, ea
