@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="python of a venv with specforge==0.2.0 (skipped if missing)")
     ap.add_argument("--specforge-dtypes", default="float32,bfloat16")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
     if args.worker:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
            "note": "Median step time after warm-up, each config in a fresh process; other jobs may share the "
                    "cores, so absolute numbers are noisy: compare ratios measured in the same run.",
            "results": results}
-    res_dir = HERE / "results"
+    res_dir = Path(args.out_dir)
     res_dir.mkdir(exist_ok=True)
     tmp = res_dir / f".{name}.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
