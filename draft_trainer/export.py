@@ -16,15 +16,13 @@ checkpoints to torch.distributed.checkpoint; only this function changes then).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.errors import ContractError, ExportError
+from draft_trainer.assets import _atomic_dir
 from draft_trainer.data.vocab import VocabMapping
 from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft
@@ -188,9 +186,7 @@ def export_sglang(checkpoint: str | Path, output: str | Path, overwrite: bool = 
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output directory {out} exists and is not empty; pass --overwrite or choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _atomic_dir(out) as tmp:   # temp dir next to `out`, renamed onto it only on success
         save_file(tensors, str(tmp / WEIGHT_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(sglang_config(td.cfg), indent=2))
         (tmp / PROVENANCE_FILE).write_text(json.dumps({
@@ -199,12 +195,6 @@ def export_sglang(checkpoint: str | Path, output: str | Path, overwrite: bool = 
             "target_tokenizer_fingerprint": td.model_info.get("tokenizer_fingerprint", ""),
             "draft_config": td.cfg.to_dict()}, indent=1))
         load_exported(tmp)  # read back through the same validation before publishing
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
