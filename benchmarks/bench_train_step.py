@@ -43,6 +43,7 @@ def run_ours(s: dict) -> dict:
     from draft_trainer.data.vocab import build_vocab_mapping
     from draft_trainer.model.config import DraftConfig
     from draft_trainer.model.draft import Eagle3Draft
+    from draft_trainer.model.precision import cast_frozen, compute_dtype
     from draft_trainer.train.batch import Batch
     from draft_trainer.train.loop import train_step
 
@@ -55,7 +56,10 @@ def run_ours(s: dict) -> dict:
     counts = torch.randint(0, 1000, (d["V"],))
     vocab = build_vocab_mapping(counts, d["Vd"])
     model.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    head = torch.randn(d["V"], d["H"]) * 0.02
+    impl, precision = s["impl"].split("-")
+    head = torch.randn(d["V"], d["H"]).mul_(0.02)
+    if impl == "fused":     # what the Trainer does: frozen tensors in the compute dtype
+        head = cast_frozen(model, head, compute_dtype(precision, "cpu"))
     B, T = s["B"], s["T"]
     g = torch.Generator().manual_seed(1)
     batch = Batch(list(range(B)), torch.randint(0, d["V"], (B, T), generator=g), torch.ones(B, T),
@@ -63,13 +67,12 @@ def run_ours(s: dict) -> dict:
                   teacher_BTH=torch.randn(B, T, d["H"], generator=g))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
-    impl, precision = s["impl"].split("-")
     times = []
     for i in range(s["warmup"] + s["steps"]):
         t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
         loss, _ = train_step(model, batch, head, vocab.used, vocab.t2d, vocab.target_to_draft, s["K"],
                              impl=impl, precision=precision)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.5)
         opt.step()

@@ -58,7 +58,7 @@ def _candidate_rows(loss_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def row_teacher_from_hidden(teacher_BTH: torch.Tensor, target_head_VH: torch.Tensor, used_Vd: torch.Tensor,
                             t2d_V: torch.Tensor, loss_mask_BT: torch.Tensor, compute_dtype: torch.dtype | None = None,
-                            chunk: int = 512) -> RowTeacher:
+                            chunk: int = 256) -> RowTeacher:
     """Dense teacher from the final normed hidden state and the frozen target lm_head."""
     B, T, H = teacher_BTH.shape
     cdt = compute_dtype or target_head_VH.dtype
@@ -166,6 +166,7 @@ class LinearSoftCE(torch.autograd.Function):
             ea = torch.empty(N, dtype=acc, device=x.device)
             c = min(chunk, max(N, 1))
             pbuf = torch.empty(c, Vd, dtype=cdt, device=x.device) if dense else None
+            dW_c = torch.empty(Vd, h, dtype=cdt, device=x.device) if cdt != acc else None
             w_acc = w_N.to(acc)
             for s in range(0, N, c):
                 e = min(N, s + c)
@@ -179,7 +180,10 @@ class LinearSoftCE(torch.autograd.Function):
                 ce[s:e], amax[s:e], ea[s:e] = out
                 w_c = w_acc[s:e, None]
                 dx[s:e] = (z @ W).to(acc) * w_c
-                dW += z.T @ (x[s:e] * w_c).to(cdt)
+                if dW_c is None:
+                    dW.addmm_(z.T, (x[s:e] * w_c).to(cdt))
+                else:
+                    dW += torch.mm(z.T, (x[s:e] * w_c).to(cdt), out=dW_c)
             loss = (ce * w_acc).sum()
         ctx.save_for_backward(dx, dW)
         ctx.dtypes = (x_Nh.dtype, W_Vdh.dtype)
@@ -189,12 +193,13 @@ class LinearSoftCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         dx, dW = ctx.saved_tensors
-        return ((dx * grad_loss).to(ctx.dtypes[0]), (dW * grad_loss).to(ctx.dtypes[1]),
+        # In place: backward runs once per graph, and a second [Vd,h] copy would be the peak.
+        return (dx.mul_(grad_loss).to(ctx.dtypes[0]), dW.mul_(grad_loss).to(ctx.dtypes[1]),
                 None, None, None, None, None)
 
 
 def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
-                   compute_dtype: torch.dtype | None = None, chunk: int = 512) -> tuple[torch.Tensor, StepStats]:
+                   compute_dtype: torch.dtype | None = None, chunk: int = 256) -> tuple[torch.Tensor, StepStats]:
     """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`)."""
     B, T, h = g_steps[0].shape
     rows, flat_pos, weights, counts = [], [], [], []

@@ -43,3 +43,16 @@ def autocast(device: torch.device | str, dtype: torch.dtype):
     if dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(dev.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+def cast_frozen(model: torch.nn.Module, target_head_VH: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Keep the frozen tensors (draft embedding, target lm_head) in the compute dtype.
+
+    They are only ever read in that dtype (bf16 matmuls / embeddings fed to autocast), so fp32
+    copies would just double their memory and cost a cast per step. Trainable weights stay fp32.
+    """
+    if dtype in (torch.bfloat16, torch.float16):
+        model.embed_tokens.weight.data = model.embed_tokens.weight.data.to(dtype)
+        if target_head_VH is not None:
+            target_head_VH = target_head_VH.to(dtype)
+    return target_head_VH

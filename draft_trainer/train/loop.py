@@ -35,7 +35,7 @@ from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft, shift_left
 from draft_trainer.model.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
 from draft_trainer.model.losses import StepStats, teacher_from_hidden, teacher_from_topk, ttt_loss
-from draft_trainer.model.precision import autocast, compute_dtype
+from draft_trainer.model.precision import autocast, cast_frozen, compute_dtype
 from draft_trainer.model.ttt_fused import ttt_forward_fused
 from draft_trainer.train.batch import Batch, collate
 
@@ -137,7 +137,8 @@ class Trainer:
         with torch.no_grad():
             self.model.embed_tokens.weight.copy_(frozen["embed_tokens"].float())
         self.model.set_vocab_mapping(self.vocab.d2t, self.vocab.t2d)
-        self.target_head_VH = frozen["lm_head"].float()
+        self.target_head_VH = cast_frozen(self.model, frozen["lm_head"].float(),
+                                          compute_dtype(cfg.model.precision, "cpu"))
         self.used_Vd = self.vocab.used
         self.t2d_V = self.vocab.t2d
         self.t2d_index_V = self.vocab.target_to_draft
@@ -237,9 +238,10 @@ class Trainer:
             lr = cfg.optim.lr * cosine_lr(step, cfg.max_steps, self.warmup, cfg.optim.min_lr_ratio)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+            # Free last step's grads before the forward: they are not needed and the forward is the peak.
+            self.optimizer.zero_grad(set_to_none=True)
             loss, stats = train_step(self.model, batch, self.target_head_VH, self.used_Vd, self.t2d_V,
                                      self.t2d_index_V, cfg.model.ttt_steps, precision=cfg.model.precision)
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.optim.grad_clip)
