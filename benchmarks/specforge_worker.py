@@ -75,11 +75,11 @@ def main() -> None:
                  "hidden_state": torch.randn(B, T, 3 * d["H"], generator=g).to(dtype),
                  "target": torch.randn(B, T, d["H"], generator=g)},
         metadata={"target_repr": "hidden_state"})
-    times = []
+    times, cpu = [], []
     warm_s = None
     t_all = time.perf_counter()
     for i in range(s["warmup"] + s["steps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = strategy.forward_loss(batch)
         out.loss.backward()
         opt.step()
@@ -87,11 +87,13 @@ def main() -> None:
         if i < s["warmup"]:
             continue
         times.append(dt)
+        cpu.append(time.process_time() - c0)
         if warm_s is None:
             warm_s = t0 - t_all
     med = statistics.median(times)
     print(json.dumps({"impl": f"specforge-{s['dtype']}", "B": B, "T": T, "step_s": med, "step_s_all": times,
-                      "tokens_per_s": B * T / med, "warmup_s": warm_s, "loss": float(out.loss.detach()),
+                      "tokens_per_s": B * T / med, "cpu_s": statistics.median(cpu),
+                      "tokens_per_cpu_s": B * T / statistics.median(cpu), "warmup_s": warm_s, "loss": float(out.loss.detach()),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
