@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from draft_trainer.eval import evaluate, load_prompts
 from draft_trainer.export import export_sglang
 from draft_trainer.model.draft import Eagle3Draft
-from tests.support.drafts import save_checkpoint, train_tiny_draft
+from tests.support.drafts import one_thread, save_checkpoint, train_tiny_draft
 from tests.support.procs import run_cli
 
 PROMPTS = ["What is the capital of France?", "Count to five.", "Write a short poem about the sea.",
@@ -46,14 +46,16 @@ def run_eval(tiny_llama, draft_dir, prompts_file, tmp_path, k=4, n=32):
 def test_trained_draft_is_accepted_random_is_not_and_both_lossless(tiny_llama, prompts_file, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     prompts = load_prompts(prompts_file, tok)
-    trained, vocab = train_tiny_draft(tiny_llama, prompts, steps=50, max_new_tokens=32)
+    with one_thread():
+        trained, vocab = train_tiny_draft(tiny_llama, prompts, steps=50, max_new_tokens=32)
     random_draft = Eagle3Draft(trained.cfg)                       # same geometry and mapping, untrained
     random_draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
     good = run_eval(tiny_llama, export(trained, vocab, tmp_path, "trained"), prompts_file, tmp_path)
     # The random draft in-process (same code path as the command, one subprocess less).
     rnd_dir = tmp_path / "draft-random"
     export_sglang(save_checkpoint(random_draft, vocab, tmp_path / "run-random"), rnd_dir)
-    bad = evaluate(tiny_llama, rnd_dir, prompts_file, num_steps=4, max_new_tokens=32)
+    with one_thread():
+        bad = evaluate(tiny_llama, rnd_dir, prompts_file, num_steps=4, max_new_tokens=32)
     print("tau trained", good["tau"], "random", bad["tau"])
     for r in (good, bad):
         assert r["lossless"] and not r["mismatches"] and r["prompts"] == 4

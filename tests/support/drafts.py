@@ -13,6 +13,18 @@ from draft_trainer.model.draft import Eagle3Draft
 from draft_trainer.train.loop import Trainer
 
 
+class one_thread:
+    """Tiny models: one thread is much faster than two fighting over a busy machine."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+        return False
+
+
 def save_checkpoint(model: Eagle3Draft, vocab: VocabMapping, out: Path, step: int = 1) -> Path:
     """The trainer's own checkpoint writer, on a model built by the caller."""
     cfg = TrainConfig(output_dir=str(out))
