@@ -67,6 +67,35 @@ def _regenerate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from draft_trainer.export import export_sglang
+
+    out = export_sglang(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(json.dumps({"exported": str(out)}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from draft_trainer.eval import evaluate
+
+    result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
+                      max_new_tokens=args.max_new_tokens)
+    text = json.dumps(result, indent=1)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text)
+    if not result["lossless"]:
+        print(f"draft-trainer: error: speculative output differs from greedy decoding for "
+              f"{len(result['mismatches'])} prompt(s); see 'mismatches'", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay EAGLE-3 draft trainer")
     p.add_argument("--log-level", default="INFO")
@@ -115,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per Generate request")
     r.set_defaults(func=_regenerate)
+
+    e = sub.add_parser("export", help="export a trained draft in SGLang's EAGLE-3 format (config.json + safetensors)")
+    e.add_argument("--checkpoint", required=True, help="checkpoints/step_N (or a run directory: its latest)")
+    e.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    e.set_defaults(func=_export)
+
+    v = sub.add_parser("eval", help="acceptance length by real speculative decoding (greedy), checked lossless")
+    v.add_argument("--target-model", required=True, help="HF model directory of the target")
+    v.add_argument("--draft", required=True, help="exported draft directory (draft-trainer export)")
+    v.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."} per line')
+    v.add_argument("--num-steps", type=int, default=7, help="draft tokens per target forward (chain length)")
+    v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--output", help="also write the JSON result here")
+    v.set_defaults(func=_eval)
     return p
 
 

@@ -45,6 +45,7 @@ class TargetsConfig:
 @dataclass
 class ModelConfig:
     ttt_steps: int = 7
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
 
 
 @dataclass
