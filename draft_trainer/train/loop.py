@@ -114,6 +114,7 @@ class Trainer:
         self.metrics = TrainerMetrics()
         self.step = 0
         self.cursor: tuple[int, int] = (0, 0)  # (epoch, index): the next position of the order to train on
+        self.dataset: TokenizedDataset | None = None
         self._stack = contextlib.ExitStack()
 
     # ------------------------------------------------------------------ setup
@@ -350,7 +351,7 @@ class Trainer:
         self.vocab.save(tmp / "vocab.json")
         (tmp / "trainer_state.json").write_text(json.dumps({
             "step": step, "cursor": {"epoch": self.cursor[0], "index": self.cursor[1]}, "seed": self.cfg.seed,
-            "epochs": self.cfg.epochs, "dataset_samples": len(self.dataset)}))
+            "epochs": self.cfg.epochs, "dataset_samples": None if self.dataset is None else len(self.dataset)}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
