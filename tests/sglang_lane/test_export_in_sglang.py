@@ -1,5 +1,6 @@
-"""The exported draft, loaded by SGLang's own LlamaForCausalLMEagle3 weight loader, computes the
-same logits as our Eagle3Draft on the same target features and tokens.
+"""A draft saved as a real training checkpoint and exported by `draft_trainer.export.export_sglang`,
+loaded by SGLang's own LlamaForCausalLMEagle3 weight loader, computes the same logits as our
+Eagle3Draft on the same target features and tokens.
 
 SGLang side: its model class, its `load_weights` (the name mapping it applies when serving:
 midlayer -> layers.0, q/k/v -> qkv_proj, gate/up -> gate_up_proj, d2t -> hot_token_id), its
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from draft_trainer.model.draft import KVCache
-from tests.sglang_lane.draft_support import SERVING_KEYS, export, random_draft
+from tests.sglang_lane.draft_support import export_via_checkpoint, random_draft
 
 VD = 200  # draft vocab < target vocab, so the d2t mapping is exercised
 
@@ -78,16 +79,14 @@ def _run_sglang_draft(runner, model, ids, aux_N3H):
 
 def test_exported_draft_same_logits_in_sglang(target, tiny_llama, tmp_path):
     info = target.model_info()
-    ours = random_draft(tiny_llama, info, VD)
-    out = export(ours, tmp_path / "draft")
-    with safe_open(out / "model.safetensors", "pt") as f:
-        keys = set(f.keys())
-        exported = {k: f.get_tensor(k) for k in keys}
-    assert keys == set(SERVING_KEYS)  # nothing missing, nothing SGLang would silently skip
-    # Our side computes with exactly the exported (bf16-rounded) weights.
+    ours, vocab = random_draft(tiny_llama, info, VD)
+    out = export_via_checkpoint(ours, vocab, tmp_path)
+    # Our side computes with the weights rounded as the export stores them (bf16); the embedding
+    # comes from the target, unrounded, in both.
     with torch.no_grad():
-        for k, v in exported.items():
-            ours.state_dict()[k].copy_(v.to(ours.state_dict()[k].dtype))
+        for name, p in ours.named_parameters():
+            if not name.startswith("embed_tokens"):
+                p.copy_(p.to(torch.bfloat16).float())
     theirs = _sglang_draft(out, ours.embed_tokens.weight.detach())
     # SGLang's loader turned d2t into the hot-token map: the same draft->target ids as ours.
     assert torch.equal(theirs.get_hot_token_id(), ours.draft_to_target(torch.arange(VD)))
@@ -111,7 +110,7 @@ def test_exported_draft_same_logits_in_sglang(target, tiny_llama, tmp_path):
 def test_missing_key_is_what_sglang_would_silently_skip(target, tiny_llama, tmp_path):
     """Why the exporter must refuse incomplete checkpoints: SGLang loads one without complaint."""
     info = target.model_info()
-    out = export(random_draft(tiny_llama, info, VD, seed=1), tmp_path / "draft")
+    out = export_via_checkpoint(*random_draft(tiny_llama, info, VD, seed=1), tmp_path)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(out / "model.safetensors")

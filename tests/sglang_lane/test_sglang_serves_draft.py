@@ -1,6 +1,10 @@
 """SGLang itself serves the tiny target with our trained, exported draft (EAGLE3, chain 3/1/4) on
-CPU: the text equals plain greedy decoding, and SGLang's reported acceptance length is within
-10% of our reference speculative decoder on the same prompts.
+CPU: its output equals plain greedy decoding, and its reported acceptance length is within 10%
+of our own evaluator's (`draft_trainer.eval.speculative_decode`) on the same prompts.
+
+The draft goes the product way: trained with the real `train_step` (tests/support/drafts.py),
+saved by the trainer's checkpoint writer, exported by `draft_trainer.export.export_sglang`; our
+evaluator reads the export back with `load_exported` (the same bf16-rounded weights SGLang loads).
 
 What makes it run on CPU (tests/sglang_lane/stubs/sgl_kernel): SGLang refuses EAGLE with the
 torch_native attention backend; its CPU EAGLE backend (intel_amx) needs AMX hardware and kernels.
@@ -10,43 +14,18 @@ attention ops and the speculative-decoding CPU kernels the stand-in implements i
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from draft_trainer.assets import TINY_CHATS
-from draft_trainer.model.config import DraftConfig
-from draft_trainer.model.draft import Eagle3Draft
-from tests.sglang_lane.draft_support import export
-from tests.sglang_lane.spec_reference import TargetOracle, speculative_generate
-from tests.support.procs import run_cli
+from draft_trainer.eval import greedy_decode, speculative_decode
+from draft_trainer.export import load_exported
+from tests.sglang_lane.draft_support import export_via_checkpoint
+from tests.support.drafts import one_thread, train_tiny_draft
 
 STEPS, TOPK, DRAFT_TOKENS = 3, 1, 4
 MAX_NEW = 32
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_llama, tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "run"
-    res = run_cli("draft_trainer", "train", f"targets.embedded_model={tiny_llama}", f"data.path={tiny_dataset}",
-                  f"output_dir={out}", "max_steps=80", "batch_size=4", "epochs=20", "optim.lr=3e-3",
-                  "optim.warmup_ratio=0.1", "model.ttt_steps=3", "data.draft_vocab_size=256", timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ckpt = out / "checkpoints" / "latest"
-    cfg = DraftConfig.from_dict(json.loads((ckpt / "draft_config.json").read_text()))
-    draft = Eagle3Draft(cfg).float().eval()
-    missing, unexpected = draft.load_state_dict(torch.load(ckpt / "draft.pt"), strict=False)
-    assert not unexpected and all(k.startswith(("embed_tokens", "rotary")) for k in missing), (missing, unexpected)
-    from safetensors.torch import load_file
-
-    with torch.no_grad():
-        draft.embed_tokens.weight.copy_(load_file(tiny_llama / "model.safetensors")["model.embed_tokens.weight"])
-        exported = export(draft, out / "export")
-        # Our reference runs on exactly what SGLang loads (bf16-rounded weights).
-        for k, v in load_file(exported / "model.safetensors").items():
-            draft.state_dict()[k].copy_(v.to(draft.state_dict()[k].dtype))
-    return draft, exported
+TRAIN_STEPS = 60
 
 
 def _prompts(model_dir):
@@ -58,20 +37,33 @@ def _prompts(model_dir):
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def test_sglang_serves_our_draft(trained, tiny_llama):
-    import sglang as sgl
+@pytest.fixture(scope="module")
+def exported(tiny_llama, tmp_path_factory):
+    """A draft trained (briefly, on these prompts' greedy continuations) and exported for SGLang.
 
-    draft, exported = trained
+    Training on the evaluated prompts is deliberate: the claim is SGLang == ours, and a draft
+    that is actually accepted makes that comparison say something.
+    """
+    with one_thread():
+        draft, vocab = train_tiny_draft(tiny_llama, _prompts(tiny_llama), steps=TRAIN_STEPS, max_new_tokens=MAX_NEW)
+    return export_via_checkpoint(draft, vocab, tmp_path_factory.mktemp("draft"))
+
+
+def test_sglang_serves_our_draft(exported, tiny_llama):
+    import sglang as sgl
+    from transformers import AutoModelForCausalLM
+
     prompts = _prompts(tiny_llama)
-    target = TargetOracle(tiny_llama, list(draft.cfg.aux_layer_ids))
-    greedy = []
-    for p in prompts:  # plain greedy decoding with the target alone
-        ids = list(p)
-        for _ in range(MAX_NEW):
-            ids.append(target(ids)[1][-1])
-        greedy.append(ids[len(p) :])
-    ours = [speculative_generate(target, draft, p, MAX_NEW, num_steps=STEPS) for p in prompts]
-    assert [o[0] for o in ours] == greedy  # our reference is lossless too
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    draft = load_exported(exported, embed_tokens_VH=target.get_input_embeddings().weight.detach()).eval()
+    no_eos: set[int] = set()  # SGLang runs with ignore_eos: both sides generate exactly MAX_NEW tokens
+    greedy, ours = [], []
+    with one_thread():
+        for p in prompts:
+            greedy.append(greedy_decode(target, p, MAX_NEW, no_eos)[0])
+            ours.append(speculative_decode(target, draft, p, STEPS, MAX_NEW, no_eos))
+    assert [toks for toks, _ in ours] == greedy  # our evaluator is lossless too
+    assert all(len(g) == MAX_NEW for g in greedy)
 
     engine = sgl.Engine(
         model_path=str(tiny_llama), speculative_algorithm="EAGLE3", speculative_draft_model_path=str(exported),
@@ -88,11 +80,17 @@ def test_sglang_serves_our_draft(trained, tiny_llama):
     served = [o["output_ids"] for o in outs]
     assert served == greedy  # speculative decoding in SGLang is lossless with our draft
     sg_accept = [o["meta_info"]["spec_accept_length"] for o in outs]
-    our_accept = [a for _, a in ours]
+    # SGLang's convention: completion tokens (the prefill's token included) / verify passes.
+    our_accept = [st.new_tokens / st.rounds for _, st in ours]
+    sg_counts = [(o["meta_info"]["spec_verify_ct"], o["meta_info"]["spec_num_correct_drafts"]) for o in outs]
+    our_counts = [(st.rounds, sum(st.accepted)) for _, st in ours]
     mean_sg, mean_ours = sum(sg_accept) / len(sg_accept), sum(our_accept) / len(our_accept)
-    print(f"acceptance length: sglang {sg_accept} mean {mean_sg:.3f}; ours {our_accept} mean {mean_ours:.3f}")
-    # Measured 1.52/1.10/1.07/1.03 and 1.28/1.10/1.28/1.23 in two runs (80 training steps on the tiny
-    # model; the short run's quality varies), identical on both sides each time.
-    assert mean_ours >= 1.1, "the draft must be accepted, or the comparison says nothing"
+    print(f"acceptance length: sglang {[round(a, 3) for a in sg_accept]} mean {mean_sg:.3f}; "
+          f"ours {[round(a, 3) for a in our_accept]} mean {mean_ours:.3f}; "
+          f"(verify passes, accepted drafts): sglang {sg_counts} ours {our_counts}")
+    # Without any accepted draft the length is MAX_NEW / (MAX_NEW - 1) = 1.03 on both sides, and
+    # the comparison would say nothing. How well a short training run drafts varies by machine,
+    # so this asks only that drafts are accepted, not for a quality level.
+    assert sum(a for _, a in our_counts) >= len(prompts), ("the draft is hardly ever accepted", our_counts)
     for a_sg, a_ours in zip(sg_accept, our_accept):
         assert abs(a_sg - a_ours) <= 0.10 * a_ours, (sg_accept, our_accept)
