@@ -71,6 +71,33 @@ def parse_aux_layers(spec: str | list[int], num_layers: int) -> list[int]:
     return ids
 
 
+# FetchTensors names. Every trainer needs the first three; decoder-layer weights
+# ("layers.<i>.<suffix>", e.g. "layers.27.self_attn.q_proj") serve draft initialisation from a
+# target layer (draft_trainer/model/init.py). Suffixes are HF Llama-family module paths.
+FROZEN_TENSOR_NAMES = ("embed_tokens", "lm_head", "final_norm")
+LAYER_TENSOR_SUFFIXES = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                         "mlp.down_proj")
+
+
+def layer_tensor_name(layer: int, suffix: str) -> str:
+    return f"layers.{layer}.{suffix}"
+
+
+def parse_tensor_name(name: str, num_layers: int) -> tuple[int, str] | None:
+    """None for a frozen tensor name, (layer, suffix) for a decoder-layer weight; ContractError otherwise."""
+    if name in FROZEN_TENSOR_NAMES:
+        return None
+    head, _, rest = name.partition(".")
+    idx, _, suffix = rest.partition(".")
+    if head == "layers" and idx.isdigit() and suffix in LAYER_TENSOR_SUFFIXES:
+        if int(idx) >= num_layers:
+            raise ContractError(f"tensor {name!r}: layer {idx} out of range (the model has {num_layers} layers)")
+        return int(idx), suffix
+    raise ContractError(f"unknown tensor name {name!r}; available: {list(FROZEN_TENSOR_NAMES)} and "
+                        f"layers.<0..{num_layers - 1}>.<{'|'.join(LAYER_TENSOR_SUFFIXES)}>")
+
+
 @dataclass
 class ModelInfo:
     """Python mirror of specrelay.v1.ModelInfo (see proto/specrelay/v1/target.proto)."""

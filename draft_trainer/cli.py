@@ -48,7 +48,8 @@ def _prepare_data(args: argparse.Namespace) -> int:
     cfg = PrepareConfig(model=args.model, inputs=args.input, output=args.output, max_length=args.max_length,
                         last_turn_only=args.last_turn_only, min_supervised_tokens=args.min_supervised_tokens,
                         system_prompt=args.system_prompt, drop_reasoning=args.drop_reasoning, workers=args.workers,
-                        skip_bad=args.skip_bad, draft_vocab_size=args.draft_vocab_size)
+                        skip_bad=args.skip_bad, draft_vocab_size=args.draft_vocab_size, holdout=args.holdout,
+                        max_samples=args.max_samples)
     res = prepare_data(cfg)
     print(res.stats.format())
     print(f"{'reused' if res.reused else 'wrote'} {res.path} (cache key {res.cache_key[:16]})")
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="encoding processes")
     d.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
     d.add_argument("--draft-vocab-size", type=int, default=32000, help="Vd of the draft vocabulary (capped at V)")
+    d.add_argument("--holdout", type=int, default=0,
+                   help="hold out the first N usable conversations for evaluation (heldout_prompts.jsonl); "
+                        "never trained on")
+    d.add_argument("--max-samples", type=int, default=0, help="read at most N training records (0 = all)")
     d.set_defaults(func=_prepare_data)
 
     r = sub.add_parser("regenerate", help="answer every user turn again with the target model (Generate RPC)",

@@ -46,6 +46,8 @@ class TargetsConfig:
 class ModelConfig:
     ttt_steps: int = 7
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
+    init: Literal["random", "target"] = "random"  # target: start from the target's lm_head/final norm and the
+                                                  # decoder layer after the last aux layer (model/init.py)
 
 
 @dataclass
@@ -53,6 +55,8 @@ class OptimConfig:
     lr: float = 1e-4
     warmup_ratio: float = 0.015
     min_lr_ratio: float = 0.0
+    schedule: Literal["steps", "time"] = "steps"  # what the warm-up + cosine runs over: max_steps, or the
+                                                  # time_budget_s of this invocation (the budget, not the steps, ends the run)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 0.5
@@ -85,6 +89,8 @@ class TrainConfig:
                               "(a model directory to serve from a local embedded server)")
         if self.batch_size <= 0 or self.max_steps <= 0 or self.model.ttt_steps <= 0:
             raise ConfigError("batch_size, max_steps and model.ttt_steps must be > 0")
+        if self.optim.schedule == "time" and self.time_budget_s <= 0:
+            raise ConfigError("optim.schedule=time runs the learning-rate schedule over time_budget_s: set time_budget_s > 0")
         if self.targets.teacher == "topk" and self.targets.topk <= 0:
             raise ConfigError("targets.topk must be > 0 when targets.teacher=topk")
         t = self.targets

@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 import grpc
 
-from common.contract import ModelInfo
+from common.contract import FROZEN_TENSOR_NAMES, ModelInfo, parse_tensor_name
+from common.errors import SpecRelayError
 from common.rpc import target_pb2 as pb
 from common.rpc import target_pb2_grpc as pb_grpc
-from target_server.backends.base import FROZEN_TENSOR_NAMES, Backend
+from target_server.backends.base import Backend
 from target_server.tensors import TensorFile
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,18 @@ class TargetService(pb_grpc.TargetServiceServicer):
 
     def FetchTensors(self, request, context):
         names = tuple(dict.fromkeys(request.names)) or FROZEN_TENSOR_NAMES
-        unknown = [n for n in names if n not in FROZEN_TENSOR_NAMES]
-        if unknown:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown tensor names {unknown}; available: {list(FROZEN_TENSOR_NAMES)}")
+        try:
+            for n in names:
+                parse_tensor_name(n, self.info.num_layers)
+        except SpecRelayError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
         if not 0 < chunk <= MAX_CHUNK_BYTES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
-        tf, digest = self._tensor_file(names)
+        try:
+            tf, digest = self._tensor_file(names)
+        except SpecRelayError as e:  # a valid name this backend cannot serve (e.g. layers of the synthetic stand-in)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         for off, data in tf.chunks(chunk):
             if not context.is_active():  # the client went away
                 return

@@ -93,7 +93,7 @@ class TargetClient:
         raise TargetUnavailableError(f"target server {self.endpoint} not ready after {timeout_s:.0f}s")
 
     def fetch_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Frozen target tensors (embed_tokens, lm_head, final_norm), digest-checked."""
+        """Frozen target tensors (embed_tokens, lm_head, final_norm, layers.<i>.<suffix>), digest-checked."""
         parts, digest, total = [], "", 0
         try:
             for chunk in self._stub.FetchTensors(pb.FetchTensorsRequest(names=names), timeout=max(self.timeout_s, 300),
@@ -101,6 +101,9 @@ class TargetClient:
                 parts.append(chunk.data)
                 digest, total = chunk.sha256, chunk.total_bytes
         except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                # A name this server cannot serve: asking another server of the same model will not help.
+                raise ContractError(f"FetchTensors on {self.endpoint}: {e.details()}") from None
             raise self._rpc_error("FetchTensors", e) from None
         blob = b"".join(parts)
         if len(blob) != total or hashlib.sha256(blob).hexdigest() != digest:

@@ -24,7 +24,8 @@ import numpy as np
 from common.errors import DataError
 from draft_trainer.data.formats import Conversation
 
-DROP_REASONS = ("malformed", "empty", "role_order", "template_error", "too_long", "no_supervised_tokens")
+DROP_REASONS = ("malformed", "empty", "role_order", "template_error", "too_long", "no_supervised_tokens",
+                "heldout_overlap")
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
 _PROBE_USER, _PROBE_ANSWER = "Ping?", "Pong7Xq"
 

@@ -10,6 +10,11 @@ record as kept or dropped-with-reason. The output directory holds
   vocab.json, token_counts.npy the draft vocabulary (d2t/t2d) and the counts it was chosen from
   conversations.jsonl          the kept conversations exactly as rendered (id = sample_id);
                                `draft-trainer regenerate` reads them
+  heldout.jsonl,               with --holdout N: the first N usable conversations, never trained on,
+  heldout_prompts.jsonl        and their first user turn as evaluation prompts (`draft-trainer eval
+                               --prompts`). Training records from the same conversation (ShareGPT
+                               `<id>_<part>`) or with the same first user turn are dropped
+                               (reason heldout_overlap).
 It is keyed by a content hash of the inputs, tokenizer, template and options: an unchanged
 re-run reuses it, any change rebuilds it, and it is swapped in atomically.
 """
@@ -17,10 +22,12 @@ re-run reuses it, any change rebuilds it, and it is swapped in atomically.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -35,7 +42,7 @@ from common.errors import ConfigError, DataError
 from draft_trainer.assets import sha256_file
 from draft_trainer.data.chat import DROP_REASONS, ChatEncoder, ChatOptions, Drop
 from draft_trainer.data.dataset import META_FILE, SAMPLES_FILE, DatasetWriter
-from draft_trainer.data.formats import BadRecord, FileReport, Record, normalize, read_records
+from draft_trainer.data.formats import BadRecord, Conversation, FileReport, Record, normalize, read_records
 from draft_trainer.data.vocab import build_vocab_mapping, count_supervised_tokens
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,8 @@ STATS_FILE = "stats.json"
 VOCAB_FILE = "vocab.json"
 COUNTS_FILE = "token_counts.npy"
 CONVERSATIONS_FILE = "conversations.jsonl"
+HELDOUT_FILE = "heldout.jsonl"
+HELDOUT_PROMPTS_FILE = "heldout_prompts.jsonl"
 CHUNK = 64                      # conversations per worker task
 COVERAGE_SIZES = (1024, 2048, 4096, 8192, 16384, 32000, 65536)
 EXAMPLES_PER_REASON = 5
@@ -63,6 +72,8 @@ class PrepareConfig:
     workers: int = 1
     skip_bad: bool = False
     draft_vocab_size: int = 32000
+    holdout: int = 0                  # conversations held out for evaluation (see the module doc)
+    max_samples: int = 0              # read at most this many training records (after the held-out ones); 0 = all
 
     def chat_options(self) -> ChatOptions:
         return ChatOptions(max_length=self.max_length, last_turn_only=self.last_turn_only,
@@ -80,6 +91,8 @@ class PrepareConfig:
             raise ConfigError("--workers must be >= 1")
         if self.draft_vocab_size < 1:
             raise ConfigError("--draft-vocab-size must be >= 1")
+        if self.holdout < 0 or self.max_samples < 0:
+            raise ConfigError("--holdout and --max-samples must be >= 0")
         for p in self.inputs:
             if not Path(p).is_file():
                 raise DataError(f"input {p} does not exist or is not a file")
@@ -90,6 +103,7 @@ class PrepareStats:
     files: list[dict[str, Any]] = field(default_factory=list)
     samples_in: int = 0
     kept: int = 0
+    heldout: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {r: 0 for r in DROP_REASONS})
     truncated: int = 0
     events: dict[str, int] = field(default_factory=dict)
@@ -111,11 +125,13 @@ class PrepareStats:
 
     def check(self) -> None:
         """Every record is accounted for: kept or dropped with a reason."""
-        if self.samples_in != self.kept + sum(self.dropped.values()):
-            raise AssertionError(f"accounting bug: {self.samples_in} in != {self.kept} kept + {self.dropped}")
+        if self.samples_in != self.kept + self.heldout + sum(self.dropped.values()):
+            raise AssertionError(f"accounting bug: {self.samples_in} in != {self.kept} kept + {self.heldout} held out "
+                                 f"+ {self.dropped}")
 
     def format(self) -> str:
-        lines = [f"samples in {self.samples_in}: kept {self.kept}, dropped {sum(self.dropped.values())} "
+        held = f"held out {self.heldout}, " if self.heldout else ""
+        lines = [f"samples in {self.samples_in}: kept {self.kept}, {held}dropped {sum(self.dropped.values())} "
                  f"({', '.join(f'{k} {v}' for k, v in self.dropped.items() if v) or 'none'}); "
                  f"truncated to max length {self.truncated}"]
         for f in self.files:
@@ -174,6 +190,8 @@ def target_vocab_size(model: str, tokenizer: Any) -> int:
 def cache_key(cfg: PrepareConfig, input_digests: list[str], tok_fp: str, template: str) -> str:
     opts = asdict(cfg.chat_options())
     opts["skip_bad"] = cfg.skip_bad
+    if cfg.holdout or cfg.max_samples:  # only when set: keys of existing datasets stay valid
+        opts["holdout"], opts["max_samples"] = cfg.holdout, cfg.max_samples
     blob = json.dumps({"version": PIPELINE_VERSION, "inputs": input_digests, "tokenizer": tok_fp,
                        "template": template, "options": opts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -193,6 +211,7 @@ def _histogram(lengths: np.ndarray, max_length: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------- workers
 
 _ENCODER: ChatEncoder | None = None
+_HELDOUT: "HeldOut | None" = None
 
 
 def _encode_chunk(chunk: list[tuple[int, Record]]) -> list[tuple]:
@@ -201,6 +220,9 @@ def _encode_chunk(chunk: list[tuple[int, Record]]) -> list[tuple]:
     for sid, rec in chunk:
         try:
             conv = normalize(rec)
+            if _HELDOUT is not None and (why := _HELDOUT.overlap(conv)):
+                out.append(("drop", sid, "heldout_overlap", why, rec.where, None))
+                continue
             e = _ENCODER.encode(conv)
         except BadRecord as b:
             out.append(("drop", sid, "malformed", b.reason, rec.where, None))
@@ -236,26 +258,93 @@ def _ordered_results(chunks: Iterator[list[tuple[int, Record]]], workers: int) -
         pool.terminate()
 
 
-def _numbered_records(paths: list[str], reports: list[FileReport]) -> Iterator[list[tuple[int, Record]]]:
+def _numbered_records(paths: list[str], reports: list[FileReport]) -> Iterator[tuple[int, Record]]:
+    """(sample_id, record) over all inputs in order; sample_id = ordinal over all inputs."""
     sid = 0
-    chunk: list[tuple[int, Record]] = []
     for p in paths:
         rep = FileReport(str(p), "")
         reports.append(rep)
         for rec in read_records(p, rep):
-            chunk.append((sid, rec))
+            yield sid, rec
             sid += 1
-            if len(chunk) >= CHUNK:
-                yield chunk
-                chunk = []
+
+
+def _chunks(records: Iterator[tuple[int, Record]]) -> Iterator[list[tuple[int, Record]]]:
+    chunk: list[tuple[int, Record]] = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+def _conversation_key(source_id: str | None) -> str | None:
+    """ShareGPT splits long chats into records `<id>_<part>`: the parts of one chat share a key."""
+    return re.sub(r"_\d+$", "", source_id) if source_id else None
+
+
+def _first_user_text(messages: list[dict[str, Any]]) -> str | None:
+    return next((m["content"].strip() for m in messages if m["role"] == "user"), None)
+
+
+@dataclass
+class HeldOut:
+    """Held-out conversations and what makes a training record overlap them."""
+
+    conversations: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)
+    first_turns: set[str] = field(default_factory=set)
+
+    def overlap(self, conv: Conversation) -> str:
+        """Why a training conversation overlaps the held-out set ("" when it does not)."""
+        key = _conversation_key(conv.source_id)
+        if key is not None and key in self.keys:
+            return f"part of held-out conversation {key}"
+        first = _first_user_text(conv.messages)
+        if first and first in self.first_turns:
+            return "same first user turn as a held-out conversation"
+        return ""
+
+
+def _take_heldout(records: Iterator[tuple[int, Record]], n: int, encoder: ChatEncoder,
+                  max_length: int) -> tuple[HeldOut, list[tuple[int, Record]]]:
+    """The first `n` usable conversations (a non-empty user turn the assistant answers, whose prompt
+    fits in max_length), and the records passed over on the way (they go to training, in order)."""
+    held, passed = HeldOut(), []
+    for sid, rec in records:
+        try:
+            conv = normalize(rec)
+            msgs, _ = encoder.prepare(conv)
+            head = 1 if msgs[0]["role"] == "system" else 0
+            prompt = msgs[: head + 1]
+            usable = bool(prompt[-1]["content"].strip()) and len(encoder.prompt_ids(prompt)) < max_length
+        except (BadRecord, Drop):
+            usable = False
+        except Exception:  # noqa: BLE001 - a template error: not a usable prompt; training reports it
+            usable = False
+        if not usable:
+            passed.append((sid, rec))
+            continue
+        held.conversations.append({"id": sid, "source_id": conv.source_id, "where": rec.where, "messages": msgs})
+        held.prompts.append({"id": sid, "messages": prompt})
+        if (key := _conversation_key(conv.source_id)) is not None:
+            held.keys.add(key)
+        held.first_turns.add(_first_user_text(msgs))
+        if len(held.prompts) == n:
+            return held, passed
+    raise DataError(f"--holdout {n}: the input has only {len(held.prompts)} usable conversations to hold out; "
+                    "lower --holdout or add data")
 
 
 # ----------------------------------------------------------------------------- pipeline
 
 def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
-    global _ENCODER
+    global _ENCODER, _HELDOUT
     cfg.validate()
     if os.environ.get("TOKENIZERS_PARALLELISM") is None:
         # We parallelise with processes; the Rust pool inside forked workers can deadlock.
@@ -290,10 +379,21 @@ def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     _ENCODER = encoder
     bar = _progress_bar(progress)
     with DatasetWriter(out) as writer:
+        records = _numbered_records(cfg.inputs, reports)
+        # Held-out conversations are chosen before any worker starts: workers inherit the overlap set.
+        _HELDOUT, passed = _take_heldout(records, cfg.holdout, encoder, cfg.max_length) if cfg.holdout \
+            else (None, [])
+        if _HELDOUT is not None:
+            stats.samples_in = stats.heldout = len(_HELDOUT.prompts)
+            _write_jsonl(writer.tmp / HELDOUT_FILE, _HELDOUT.conversations)
+            _write_jsonl(writer.tmp / HELDOUT_PROMPTS_FILE, _HELDOUT.prompts)
+        train_records = itertools.chain(passed, records)
+        if cfg.max_samples:
+            train_records = itertools.islice(train_records, cfg.max_samples)
         conv_f = open(writer.tmp / CONVERSATIONS_FILE, "w", encoding="utf-8")
         sup_ids: list[np.ndarray] = []
         sup_masks: list[np.ndarray] = []
-        for results in _ordered_results(_numbered_records(cfg.inputs, reports), cfg.workers):
+        for results in _ordered_results(_chunks(train_records), cfg.workers):
             for r in results:
                 stats.samples_in += 1
                 if r[0] == "drop":
@@ -361,6 +461,12 @@ def _write_vocab(directory: Path, counts: np.ndarray, Vd: int) -> dict[str, Any]
     return {"draft_vocab_size": mapping.draft_vocab_size, "vocab_size": mapping.vocab_size,
             "coverage": mapping.coverage, "distinct_supervised": int((counts > 0).sum()),
             "coverage_by_size": curve, "fingerprint": mapping.fingerprint()}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -44,6 +44,7 @@ from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_su
 from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft, shift_left
 from draft_trainer.model.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
+from draft_trainer.model.init import init_draft
 from draft_trainer.model.losses import StepStats, teacher_from_hidden, teacher_from_topk, ttt_loss
 from draft_trainer.model.precision import autocast, cast_frozen, compute_dtype
 from draft_trainer.model.ttt_fused import ttt_forward_fused
@@ -58,6 +59,15 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def time_lr(elapsed_s: float, budget_s: float, warmup_ratio: float, min_ratio: float) -> float:
+    """Multiplier for optim.schedule=time: linear warm-up, then cosine, over the fraction of the time budget used."""
+    p = min(1.0, elapsed_s / budget_s)
+    if p < warmup_ratio:
+        return p / warmup_ratio
+    progress = (p - warmup_ratio) / max(1e-9, 1 - warmup_ratio)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | None, used_Vd: torch.Tensor,
@@ -153,6 +163,10 @@ class Trainer:
         with torch.no_grad():
             self.model.embed_tokens.weight.copy_(frozen["embed_tokens"].float())
         self.model.set_vocab_mapping(self.vocab.d2t, self.vocab.t2d)
+        # model.init: the draft's starting weights (draft_trainer/model/init.py); a resume overwrites them.
+        if not resume:
+            init_draft(self.model, cfg.model.init, self.info.num_layers, self.vocab.used, frozen["lm_head"],
+                       lambda names: self.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors"), cfg.seed)
         self.target_head_VH = cast_frozen(self.model, frozen["lm_head"].float(),
                                           compute_dtype(cfg.model.precision, "cpu"))
         self.used_Vd = self.vocab.used
@@ -291,7 +305,10 @@ class Trainer:
                 break
             batch, cursor, wait = got
             step = self.step
-            lr = cfg.optim.lr * cosine_lr(step, cfg.max_steps, self.warmup, cfg.optim.min_lr_ratio)
+            if cfg.optim.schedule == "time":
+                lr = cfg.optim.lr * time_lr(t0 - t_begin, cfg.time_budget_s, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+            else:
+                lr = cfg.optim.lr * cosine_lr(step, cfg.max_steps, self.warmup, cfg.optim.min_lr_ratio)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             # Free last step's grads before the forward: they are not needed and the forward is the peak.

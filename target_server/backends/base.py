@@ -48,7 +48,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Canonical names: embed_tokens [V,H], lm_head [V,H], final_norm [H]."""
+        """Canonical names (common.contract): embed_tokens [V,H], lm_head [V,H], final_norm [H], and
+        decoder-layer weights `layers.<i>.<suffix>` (HF shapes: [out, in] for projections)."""
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, stop_token_ids: list[int]) -> list[Completion]:
@@ -58,7 +59,6 @@ class Backend(abc.ABC):
         pass
 
 
-FROZEN_TENSOR_NAMES = ("embed_tokens", "lm_head", "final_norm")
 
 
 def topk_logprobs(final_TH: torch.Tensor, logits_fn, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

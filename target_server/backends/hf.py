@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
-from common.errors import AssetError, ConfigError
+from common.contract import (TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, parse_tensor_name,
+                             tokenizer_fingerprint)
+from common.errors import AssetError, ConfigError, ContractError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
 
@@ -142,7 +143,19 @@ class HFBackend(Backend):
             "lm_head": lambda: self.model.get_output_embeddings().weight,
             "final_norm": lambda: self._decoder.norm.weight,
         }
-        return {n: table[n]().detach().to("cpu").contiguous() for n in names}
+        out = {}
+        for n in names:
+            layer = parse_tensor_name(n, self.num_layers)
+            if layer is None:
+                w = table[n]()
+            else:
+                try:
+                    w = self._decoder.layers[layer[0]].get_submodule(layer[1]).weight
+                except AttributeError:
+                    raise ContractError(f"tensor {n!r}: {type(self.model).__name__} has no module "
+                                        f"model.layers.{layer[0]}.{layer[1]}") from None
+            out[n] = w.detach().to("cpu").contiguous()
+        return out
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers
+from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, parse_tensor_name
 from common.errors import AssetError, ConfigError
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
 from target_server.backends.hf import DTYPES, MAX_TOPK, hf_model_info, sample_next
@@ -448,7 +448,8 @@ class SGLangBackend(Backend):
         return out
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return read_frozen_tensors(self.path, names, self.dtype, tied=bool(getattr(self.hf_config, "tie_word_embeddings", False)))
+        return read_frozen_tensors(self.path, names, self.dtype, tied=bool(getattr(self.hf_config, "tie_word_embeddings", False)),
+                                   num_layers=self.num_layers)
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids) -> list[Completion]:
         kv = self.spec["kv_tokens"]
@@ -485,7 +486,8 @@ _CHECKPOINT_KEYS = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_
                     "final_norm": "model.norm.weight"}
 
 
-def read_frozen_tensors(path: Path, names: list[str], dtype: torch.dtype, *, tied: bool) -> dict[str, torch.Tensor]:
+def read_frozen_tensors(path: Path, names: list[str], dtype: torch.dtype, *, tied: bool,
+                        num_layers: int) -> dict[str, torch.Tensor]:
     """The frozen tensors straight from the checkpoint (the same bytes SGLang loaded, at any TP)."""
     from safetensors import safe_open
 
@@ -501,7 +503,8 @@ def read_frozen_tensors(path: Path, names: list[str], dtype: torch.dtype, *, tie
             weight_map = {k: single.name for k in f.keys()}
     out = {}
     for n in names:
-        key = _CHECKPOINT_KEYS[n]
+        layer = parse_tensor_name(n, num_layers)
+        key = f"model.layers.{layer[0]}.{layer[1]}.weight" if layer else _CHECKPOINT_KEYS[n]
         if n == "lm_head" and (tied or key not in weight_map):
             key = _CHECKPOINT_KEYS["embed_tokens"]
         if key not in weight_map:

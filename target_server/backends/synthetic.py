@@ -19,6 +19,7 @@ import time
 import torch
 
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers
+from common.errors import ContractError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion
 
@@ -124,6 +125,10 @@ class SyntheticBackend(Backend):
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         table = {"embed_tokens": self.embed_VH, "lm_head": self.lm_head_VH, "final_norm": self.norm_H}
+        layers = [n for n in names if n not in table]
+        if layers:
+            raise ContractError(f"the synthetic backend has no decoder layers to send ({layers}); "
+                                "use model.init=random with synthetic servers")
         return {n: table[n].clone() for n in names}
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids) -> list[Completion]:
