@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast proto bench clean
+.PHONY: setup demo test test-fast test-sglang deploy-check proto bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -22,8 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# SGLang backend lane: its own venv (.venv-sglang, see tests/sglang_lane/setup.sh).
+test-sglang:
+	bash tests/sglang_lane/run.sh
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Static and live checks of deploy/ (installs Debian prometheus + docker-compose if missing).
+deploy-check: $(STAMP)
+	bash .ci/deploy-tools.sh
+	$(BIN)/python -m pytest -q tests/deploy
 
 proto: $(STAMP)
 	$(BIN)/python -m common.rpc.generate

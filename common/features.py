@@ -4,7 +4,7 @@ Legend (shapes):  T tokens of one sample, N tokens of one record batch (sum of T
 H target hidden size, K top-k width.
 
 One record batch row is one *chunk* of one sample (a long sample may span several rows, in
-order, so record batches stay a few MiB even at H=8192):
+order, so record batches stay bounded (the server's batch size) even at H=8192):
 
     sample_id   int64
     start       int32          index of the chunk's first token within the sample
@@ -137,6 +137,22 @@ class SampleFeatures:
         return self.aux_T3H.shape[0]
 
 
+def concat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Join [t_i, W] blocks along dim 0; a single block is returned as-is (no copy).
+
+    The copy goes through numpy, single-threaded, on purpose: it is memory-bound, so torch's
+    intra-op threads gain nothing, and when it runs on a data-plane thread next to a busy model
+    (server) or training step (trainer) they oversubscribe the cores; on the loaded 2-core test
+    machine torch.cat of 12 MiB took ~60 ms with 2 threads and ~1.6 ms single-threaded.
+    """
+    if len(ts) == 1:
+        return ts[0]
+    dtype = ts[0].dtype
+    store = torch.int16 if dtype in (torch.bfloat16, torch.float16) else dtype  # numpy has no bfloat16
+    joined = np.concatenate([t.detach().to("cpu").contiguous().view(store).numpy() for t in ts])
+    return torch.from_numpy(joined).view(dtype)
+
+
 def _tensor_to_storage_np(x: torch.Tensor, dtype_name: str) -> np.ndarray:
     torch_dtype, storage = WIRE_DTYPES[dtype_name]
     x = x.detach().to(device="cpu", dtype=torch_dtype).contiguous()
@@ -161,7 +177,7 @@ def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.Record
     for r in rows:
         if r.aux_T3H.ndim != 2 or r.aux_T3H.shape[1] != 3 * H:
             raise SchemaError(f"sample {r.sample_id}: aux must be [T, {3 * H}], got {tuple(r.aux_T3H.shape)}")
-    aux = _tensor_to_storage_np(torch.cat([r.aux_T3H for r in rows]), schema.dtype)
+    aux = _tensor_to_storage_np(concat_rows([r.aux_T3H for r in rows]), schema.dtype)
     storage = WIRE_DTYPES[schema.dtype][1]
     arrays = [
         pa.array([r.sample_id for r in rows], pa.int64()),
@@ -174,12 +190,12 @@ def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.Record
             if r.teacher_TH is None or tuple(r.teacher_TH.shape) != (r.length, H):
                 got = None if r.teacher_TH is None else tuple(r.teacher_TH.shape)
                 raise SchemaError(f"sample {r.sample_id}: teacher must be [{r.length}, {H}], got {got}")
-        teacher = _tensor_to_storage_np(torch.cat([r.teacher_TH for r in rows]), schema.dtype)
+        teacher = _tensor_to_storage_np(concat_rows([r.teacher_TH for r in rows]), schema.dtype)
         arrays.append(_nested_list(teacher, H, lengths, storage))
     else:
         K = schema.topk
-        ids = torch.cat([r.topk_ids_TK for r in rows]).to(torch.int32).contiguous().numpy().reshape(-1)
-        lps = torch.cat([r.topk_logprobs_TK for r in rows]).to(torch.float32).contiguous().numpy().reshape(-1)
+        ids = concat_rows([r.topk_ids_TK for r in rows]).to(torch.int32).contiguous().numpy().reshape(-1)
+        lps = concat_rows([r.topk_logprobs_TK for r in rows]).to(torch.float32).contiguous().numpy().reshape(-1)
         arrays.append(_nested_list(ids, K, lengths, pa.int32()))
         arrays.append(_nested_list(lps, K, lengths, pa.float32()))
     return pa.RecordBatch.from_arrays(arrays, schema=schema.arrow())
@@ -282,7 +298,7 @@ class SampleAssembler:
 
         def cat(name: str) -> torch.Tensor | None:
             ts = [getattr(p, name) for p in parts]
-            return None if ts[0] is None else torch.cat(ts)
+            return None if ts[0] is None else concat_rows(ts)
 
         return SampleFeatures(
             sample_id=row.sample_id, start=0, num_tokens=row.num_tokens, aux_T3H=cat("aux_T3H"),

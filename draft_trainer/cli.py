@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from common.errors import SpecRelayError
@@ -12,6 +13,7 @@ from common.errors import SpecRelayError
 
 def _train(args: argparse.Namespace) -> int:
     from common.config import dump_yaml, load_config
+    from common.memory import tune_malloc
     from draft_trainer.config import TrainConfig
     from draft_trainer.train.loop import Trainer
 
@@ -19,6 +21,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg))
         return 0
+    tune_malloc()  # feature batches are multi-MiB: reuse heap memory instead of page-faulting it in
     summary = Trainer(cfg).run()
     print(json.dumps(summary, indent=1))
     return 0
@@ -39,6 +42,60 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from draft_trainer.data.prepare import PrepareConfig, prepare_data
+
+    cfg = PrepareConfig(model=args.model, inputs=args.input, output=args.output, max_length=args.max_length,
+                        last_turn_only=args.last_turn_only, min_supervised_tokens=args.min_supervised_tokens,
+                        system_prompt=args.system_prompt, drop_reasoning=args.drop_reasoning, workers=args.workers,
+                        skip_bad=args.skip_bad, draft_vocab_size=args.draft_vocab_size)
+    res = prepare_data(cfg)
+    print(res.stats.format())
+    print(f"{'reused' if res.reused else 'wrote'} {res.path} (cache key {res.cache_key[:16]})")
+    return 0
+
+
+def _regenerate(args: argparse.Namespace) -> int:
+    from draft_trainer.data.regenerate import RegenerateConfig, regenerate
+
+    cfg = RegenerateConfig(targets=[t.strip() for t in args.targets.split(",") if t.strip()], input=args.input,
+                           output=args.output, model=args.model, temperature=args.temperature, top_p=args.top_p,
+                           max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                           batch_size=args.batch_size, seed=args.seed, request_timeout_s=args.request_timeout)
+    report = regenerate(cfg)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from draft_trainer.export import export_sglang
+
+    out = export_sglang(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(json.dumps({"exported": str(out)}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from draft_trainer.eval import evaluate
+
+    result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
+                      max_new_tokens=args.max_new_tokens)
+    text = json.dumps(result, indent=1)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text)
+    if not result["lossless"]:
+        print(f"draft-trainer: error: speculative output differs from greedy decoding for "
+              f"{len(result['mismatches'])} prompt(s); see 'mismatches'", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay EAGLE-3 draft trainer")
     p.add_argument("--log-level", default="INFO")
@@ -55,6 +112,53 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--family", default="llama", choices=["llama", "qwen3"])
     a.add_argument("--output")
     a.set_defaults(func=_assets)
+
+    d = sub.add_parser("prepare-data", help="chat files -> tokenized dataset with assistant loss masks + draft vocab",
+                       description="Render conversations with the model's chat template, mask the loss to assistant "
+                                   "turns, and write a tokenized dataset, stats.json and vocab.json (see docs/data.md).")
+    d.add_argument("--model", required=True, help="model or tokenizer directory (tokenizer.json + chat template)")
+    d.add_argument("--input", required=True, nargs="+", help="ShareGPT/OpenAI JSON or JSONL, Parquet or Arrow files")
+    d.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
+    d.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
+    d.add_argument("--last-turn-only", action="store_true", help="supervise only the last assistant turn")
+    d.add_argument("--min-supervised-tokens", type=int, default=1, help="drop samples with fewer supervised tokens")
+    d.add_argument("--system-prompt", default=None, help="system message for conversations that have none")
+    d.add_argument("--drop-reasoning", action="store_true", help="remove <think> blocks / reasoning_content")
+    d.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="encoding processes")
+    d.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
+    d.add_argument("--draft-vocab-size", type=int, default=32000, help="Vd of the draft vocabulary (capped at V)")
+    d.set_defaults(func=_prepare_data)
+
+    r = sub.add_parser("regenerate", help="answer every user turn again with the target model (Generate RPC)",
+                       description="Re-generate the assistant turns of a prepared dataset with target servers; "
+                                   "resumable (re-run the same command after a crash). Output: JSONL messages.")
+    r.add_argument("--targets", required=True, help="target servers, host:port[,host:port...]")
+    r.add_argument("--input", required=True, help="a dataset directory written by prepare-data")
+    r.add_argument("--output", required=True, help="JSONL file to append regenerated conversations to")
+    r.add_argument("--model", default=None, help="tokenizer directory (default: the one the dataset was prepared with)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--max-new-tokens", type=int, default=1024)
+    r.add_argument("--concurrency", type=int, default=2, help="requests in flight per server")
+    r.add_argument("--batch-size", type=int, default=8, help="prompts per Generate request")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per Generate request")
+    r.set_defaults(func=_regenerate)
+
+    e = sub.add_parser("export", help="export a trained draft in SGLang's EAGLE-3 format (config.json + safetensors)")
+    e.add_argument("--checkpoint", required=True, help="checkpoints/step_N (or a run directory: its latest)")
+    e.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    e.set_defaults(func=_export)
+
+    v = sub.add_parser("eval", help="acceptance length by real speculative decoding (greedy), checked lossless")
+    v.add_argument("--target-model", required=True, help="HF model directory of the target")
+    v.add_argument("--draft", required=True, help="exported draft directory (draft-trainer export)")
+    v.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."} per line')
+    v.add_argument("--num-steps", type=int, default=7, help="draft tokens per target forward (chain length)")
+    v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--output", help="also write the JSON result here")
+    v.set_defaults(func=_eval)
     return p
 
 

@@ -23,13 +23,29 @@ class TargetsConfig:
     embedded_dtype: str = "fp32"
     teacher: Literal["hidden", "topk"] = "hidden"
     topk: int = 0                    # for teacher=topk
-    request_timeout_s: float = 120.0
-    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 120.0  # per-request deadline; a request past it is re-issued elsewhere
+    startup_timeout_s: float = 300.0  # wait this long for the first server at start-up
+    # The pool (draft_trainer/client): discovery, windows, failover. Tokens bound memory: one token
+    # costs about 8*H bytes in flight (bf16 aux 3H + teacher H), 32 KiB at H=4096.
+    refresh_interval_s: float = 10.0       # re-resolve dns:/file: endpoints this often
+    unavailable_timeout_s: float = 300.0   # no server reachable this long -> stop (with a checkpoint)
+    request_tokens: int = 4096             # target size of one Flight request (at least one sample)
+    max_inflight_tokens: int = 65536       # requested, not yet received (all servers)
+    max_endpoint_inflight_tokens: int = 16384  # requested, not yet received (one server)
+    max_buffered_tokens: int = 131072      # dispatched, not yet consumed by the trainer (memory bound)
+    max_attempts: int = 5                  # failures of one sample before it is dropped (reason target_error)
+    hedge_after_s: float = 2.0             # a request blocking the trainer longer than max(this, 4x typical)
+                                           # is also sent to another server; <= 0 disables
+    probe_max_backoff_s: float = 10.0      # probes of a down server back off up to this interval
+    auth_token_file: str = ""        # the servers' bearer token (same file as their --auth-token-file)
+    tls_root_cert: str = ""          # PEM root that signed the servers' --tls-cert; enables TLS
+    tls_server_name: str = ""        # name to verify when the certificate does not name the dialled address
 
 
 @dataclass
 class ModelConfig:
     ttt_steps: int = 7
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
 
 
 @dataclass
@@ -55,6 +71,10 @@ class TrainConfig:
     epochs: int = 1
     log_every: int = 1
     save_every: int = 0              # 0 = only at the end
+    resume_from: str = ""            # a checkpoint directory (e.g. <output_dir>/checkpoints/latest): model,
+                                     # optimizer, step and data cursor; samples past the cursor are fetched again
+    metrics_host: str = "127.0.0.1"  # Prometheus /metrics bind address
+    metrics_port: int = -1           # -1 = off, 0 = any free port
 
     def validate(self) -> None:
         if not self.data.path:
@@ -66,3 +86,12 @@ class TrainConfig:
             raise ConfigError("batch_size, max_steps and model.ttt_steps must be > 0")
         if self.targets.teacher == "topk" and self.targets.topk <= 0:
             raise ConfigError("targets.topk must be > 0 when targets.teacher=topk")
+        t = self.targets
+        for name in ("request_tokens", "max_inflight_tokens", "max_endpoint_inflight_tokens", "max_buffered_tokens",
+                     "max_attempts"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"targets.{name} must be > 0, got {getattr(t, name)}")
+        for name in ("refresh_interval_s", "unavailable_timeout_s", "request_timeout_s", "startup_timeout_s",
+                     "probe_max_backoff_s"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"targets.{name} must be > 0 seconds, got {getattr(t, name)}")

@@ -2,4 +2,7 @@ import sys
 
 from target_server.cli import main
 
-sys.exit(main())
+# Guarded: the sglang backend's tensor-parallel workers use multiprocessing "spawn", which
+# re-imports the main module in each child.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,37 +1,58 @@
-"""`target-server serve ...`: run a target server until SIGTERM/SIGINT (then drain and exit)."""
+"""`target-server serve ...`: run a target server until SIGTERM/SIGINT, then drain and exit.
+
+Exit status: 0 after a complete drain, 1 if the drain was cut short (work left unfinished),
+2 on a configuration error. A second signal, or a drain that overruns its bound, exits at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 
 from common.errors import SpecRelayError
-from target_server.server import ServerConfig, TargetServer
+from common.memory import tune_malloc
+from target_server.server import CLOSE_TIMEOUT_S, ServerConfig, TargetServer
+
+log = logging.getLogger("target_server")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="target-server", description="SpecRelay target server")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve EAGLE-3 features for a target model")
+    s = sub.add_parser("serve", help="serve EAGLE-3 features for a target model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ServerConfig()
-    s.add_argument("--model", default=d.model, help="local HF model directory")
-    s.add_argument("--backend", default=d.backend, choices=["hf", "synthetic", "sglang"])
-    s.add_argument("--device", default=d.device)
-    s.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"])
-    s.add_argument("--aux-layers", default=d.aux_layers, help="'auto' = [1, L//2-1, L-4], or i,j,k")
-    s.add_argument("--host", default=d.host, help="bind address (default loopback; 0.0.0.0 must be explicit)")
-    s.add_argument("--grpc-port", type=int, default=d.grpc_port, help="control plane port (0 = any free)")
-    s.add_argument("--flight-port", type=int, default=d.flight_port, help="data plane port (0 = any free)")
-    s.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port (-1 = off, 0 = any)")
-    s.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
-    s.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens)
-    s.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens)
-    s.add_argument("--max-length", type=int, default=d.max_length)
-    s.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, dest="drain_timeout_s")
-    s.add_argument("--ready-file", default=d.ready_file, help="write ports + pid as JSON here once serving")
+    m = s.add_argument_group("model")
+    m.add_argument("--model", default=d.model, help="local HF model directory (hf, sglang backends)")
+    m.add_argument("--backend", default=d.backend, choices=["hf", "synthetic", "sglang"])
+    m.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    m.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"],
+                   help="model compute dtype, also the wire dtype of hidden states")
+    m.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks (sglang backend; one GPU each)")
+    m.add_argument("--aux-layers", default=d.aux_layers, help="'auto' = [1, L//2-1, L-4], or i,j,k (0-indexed)")
+    m.add_argument("--max-length", type=int, default=d.max_length, help="longest sample (0 = the model's)")
+    m.add_argument("--max-topk", type=int, default=d.max_topk, help="largest k for teacher=topk requests")
+    n = s.add_argument_group("network")
+    n.add_argument("--host", default=d.host, help="bind address (all interfaces, 0.0.0.0, must be explicit)")
+    n.add_argument("--grpc-port", type=int, default=d.grpc_port, help="control plane port (0 = any free)")
+    n.add_argument("--flight-port", type=int, default=d.flight_port, help="data plane port (0 = any free)")
+    n.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (-1 = off, 0 = any)")
+    n.add_argument("--auth-token-file", default=d.auth_token_file,
+                   help="require 'authorization: Bearer <token in this file>' on gRPC and Flight")
+    n.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve both ports over TLS")
+    n.add_argument("--tls-key", default=d.tls_key, help="PEM private key for --tls-cert")
+    n.add_argument("--ready-file", default=d.ready_file, help="write ports + pid as JSON here once serving")
+    c = s.add_argument_group("scheduling")
+    c.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per forward pass")
+    c.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
+                   help="queued tokens before requests are refused with RESOURCE_EXHAUSTED")
+    c.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="tokens in one request")
+    c.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, dest="drain_timeout_s",
+                   help="seconds to finish accepted work after SIGTERM")
     g = s.add_argument_group("synthetic backend")
     g.add_argument("--synthetic-hidden-size", type=int, default=d.synthetic_hidden_size)
     g.add_argument("--synthetic-num-layers", type=int, default=d.synthetic_num_layers)
@@ -42,10 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit(code: int) -> None:
+    # os._exit: native Flight/gRPC threads must not hold the process open after the drain.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__}
+    tune_malloc()  # multi-MiB feature tensors: reuse heap memory instead of page-faulting it in
     try:
         cfg = ServerConfig(**fields)
         server = TargetServer(cfg).start()
@@ -53,14 +83,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target-server: error: {e}", file=sys.stderr)
         return 2
 
+    signals = []
+
     def on_signal(signum, _frame):
-        logging.getLogger("target_server").info("signal %d: draining", signum)
-        threading.Thread(target=server.shutdown, kwargs={"drain": True}, daemon=True).start()
+        signals.append(signum)
+        if len(signals) > 1:
+            log.warning("second signal: exiting without finishing the drain")
+            _exit(1)
+        log.info("signal %d: draining (up to %.0fs); health is NOT_SERVING", signum, cfg.drain_timeout_s)
+        threading.Thread(target=server.shutdown, kwargs={"drain": True}, name="drain", daemon=True).start()
+        # The bound on the whole exit, whatever a client or the backend does.
+        watchdog = threading.Timer(cfg.drain_timeout_s + 2 * CLOSE_TIMEOUT_S + 5.0, _watchdog)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _watchdog():
+        log.error("shutdown overran its bound; exiting")
+        _exit(1)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.wait()
-    return 0
+    while not server.wait(timeout=1.0):
+        pass
+    _exit(0 if server.drained_cleanly else 1)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

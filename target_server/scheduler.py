@@ -1,13 +1,23 @@
 """Batching scheduler: packs samples from concurrent requests into forward passes.
 
-- A request (one Flight DoGet) carries one or more samples. Samples are the unit of packing: a
-  forward pass takes samples from the clients' queues round-robin (fair between trainers) until
-  the padded batch (B x longest T) would exceed `max_batch_tokens`.
-- The queue is bounded in tokens: `submit` refuses a request that would push the queued tokens
-  past `max_queue_tokens` with `Overloaded` (sent as RESOURCE_EXHAUSTED with a retry hint),
-  so excess load never turns into an out-of-memory.
-- Work whose deadline has passed, or whose client went away, is dropped before it is computed.
-- One worker thread runs the backend; results stream back per sample as they are computed.
+- A request (one Flight DoGet) carries one or more samples; samples are the unit of packing.
+- Fair between clients in *tokens*: each client has a queue and a count of tokens served; the
+  next sample comes from the client served least so far (a client that goes idle and returns
+  starts level with the others, it does not bank credit). A trainer sending long samples does
+  not crowd out one sending short ones.
+- A forward pass takes samples while the padded batch (B x longest T) stays within
+  `max_batch_tokens`, all with the same teacher mode (one post-processing per pass). A single
+  sample longer than the budget runs alone.
+- Bounded work in memory: `submit` refuses a request that would push the tokens the server is
+  responsible for — queued, plus computed but not yet sent (a slow reader's features) — past
+  `max_queue_tokens`, with `Overloaded` (RESOURCE_EXHAUSTED + a retry hint from the measured
+  throughput). So features held in memory never exceed `max_queue_tokens` tokens' worth and
+  excess load never turns into an out-of-memory.
+- Deadlines: a request already past its deadline is refused; queued work whose deadline
+  passes, or whose client went away (`cancel`), is removed before it is computed.
+- A failing multi-sample forward is retried one sample at a time, so one poisonous sample
+  fails only its own request.
+- One worker thread runs the backend; results go back per sample as they are computed.
 """
 
 from __future__ import annotations
@@ -26,21 +36,34 @@ from target_server.backends.base import Backend, Capture
 log = logging.getLogger(__name__)
 
 
-class Overloaded(SpecRelayError):
-    def __init__(self, queued: int, limit: int, retry_after_s: float) -> None:
-        super().__init__(status.message(status.RESOURCE_EXHAUSTED, f"{queued} tokens queued, limit {limit}", retry_after_s))
+class SchedulerError(SpecRelayError):
+    """A request could not be (fully) served; `code` is its status (common/status.py)."""
+
+    code = status.INTERNAL
+    retry_after_s: float | None = None
+
+
+class Overloaded(SchedulerError):
+    code = status.RESOURCE_EXHAUSTED
+
+    def __init__(self, text: str, retry_after_s: float) -> None:
+        super().__init__(text)
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceeded(SpecRelayError):
-    pass
+class DeadlineExceeded(SchedulerError):
+    code = status.DEADLINE_EXCEEDED
 
 
-class Draining(SpecRelayError):
-    pass
+class Draining(SchedulerError):
+    code = status.UNAVAILABLE
 
 
-@dataclass
+class ForwardFailed(SchedulerError):
+    code = status.INTERNAL
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     client_id: str
@@ -51,20 +74,23 @@ class Request:
     deadline: float = 0.0  # unix seconds; 0 = none
     results: "queue.Queue[tuple[int, Capture] | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    done: int = 0
+    submitted_at: float = 0.0  # monotonic
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(s) for s in self.seqs)
+    def __post_init__(self) -> None:
+        self.tokens = sum(len(s) for s in self.seqs)
+        self.held = 0  # tokens computed for this request and not yet released by its stream
 
-    def expired(self, now: float) -> bool:
-        return self.deadline > 0 and now > self.deadline
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline > 0 and (now or time.time()) > self.deadline
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    def fail(self, exc: BaseException) -> None:
+        """Deliver a terminal error once and stop any further work for this request."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self.results.put(exc)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     request: Request
     index: int
@@ -78,6 +104,12 @@ class _Item:
         return (self.request.teacher, self.request.topk)
 
 
+@dataclass(eq=False)
+class _Client:
+    items: "collections.deque[_Item]" = field(default_factory=collections.deque)
+    served: int = 0  # tokens taken into forward passes while this client had work queued
+
+
 class Scheduler:
     def __init__(self, backend: Backend, *, max_batch_tokens: int = 8192, max_queue_tokens: int = 65536,
                  metrics=None) -> None:
@@ -85,34 +117,93 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.metrics = metrics
-        self._queues: "collections.OrderedDict[str, collections.deque[_Item]]" = collections.OrderedDict()
+        self._clients: dict[str, _Client] = {}
         self._queued_tokens = 0
+        self._held_tokens = 0  # computed, not yet sent
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
-        self._inflight = 0  # items taken by the worker, not yet delivered
+        self._busy = False  # the worker holds a batch
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._tokens_per_s = 0.0  # smoothed, for retry hints
+        self._tokens_per_s = 0.0  # smoothed forward throughput, for retry hints
 
     # ---------------------------------------------------------------- client side
     def submit(self, req: Request) -> None:
         with self._cv:
             if self._draining or self._stopping:
                 raise Draining("server is draining; send the request to another server")
-            if self._queued_tokens + req.tokens > self.max_queue_tokens and self._queued_tokens > 0:
-                rate = max(self._tokens_per_s, 1.0)
-                raise Overloaded(self._queued_tokens, self.max_queue_tokens,
-                                 retry_after_s=min(5.0, max(0.05, self._queued_tokens / rate)))
-            q = self._queues.setdefault(req.client_id, collections.deque())
-            for i in range(len(req.seqs)):
-                q.append(_Item(req, i))
+            if req.expired():
+                raise DeadlineExceeded(f"request {req.request_id} arrived after its deadline")
+            if self._queued_tokens + self._held_tokens + req.tokens > self.max_queue_tokens:
+                raise Overloaded(
+                    f"{self._queued_tokens} tokens queued + {self._held_tokens} computed and unsent + {req.tokens} "
+                    f"requested > limit {self.max_queue_tokens}",
+                    retry_after_s=self._retry_hint(req.tokens),
+                )
+            client = self._clients.get(req.client_id)
+            if client is None:
+                # A (re)arriving client starts level with the least-served active client.
+                floor = min((c.served for c in self._clients.values()), default=0)
+                client = self._clients[req.client_id] = _Client(served=floor)
+            req.submitted_at = time.monotonic()
+            client.items.extend(_Item(req, i) for i in range(len(req.seqs)))
             self._queued_tokens += req.tokens
             self._report_queue()
-            self._cv.notify()
+            self._cv.notify_all()
+
+    def cancel(self, req: Request) -> int:
+        """The request is over (finished, failed, client gone): drop its queued samples and release
+        what it holds; nothing more is computed for it. Returns how many queued samples were dropped."""
+        with self._cv:
+            req.cancelled.set()
+            self._release(req, req.held)
+            return self._purge(req)
+
+    def release(self, req: Request, tokens: int) -> None:
+        """The stream has handed `tokens` of this request's features to the transport."""
+        with self._cv:
+            self._release(req, tokens)
+
+    def _release(self, req: Request, tokens: int) -> None:
+        tokens = min(tokens, req.held)
+        if tokens:
+            req.held -= tokens
+            self._held_tokens -= tokens
+            self._report_queue()
+
+    def _purge(self, req: Request) -> int:
+        client = self._clients.get(req.client_id)
+        if client is None:
+            return 0
+        keep = collections.deque(it for it in client.items if it.request is not req)
+        removed = len(client.items) - len(keep)
+        if removed:
+            self._queued_tokens -= sum(it.length for it in client.items if it.request is req)
+            client.items = keep
+            if not keep:
+                del self._clients[req.client_id]
+            self._report_queue()
+            self._cv.notify_all()
+        return removed
+
+    def _retry_hint(self, tokens: int) -> float:
+        """Seconds until `tokens` would fit, at the measured forward throughput (0.05 .. 10 s)."""
+        excess = self._queued_tokens + self._held_tokens + tokens - self.max_queue_tokens
+        rate = self._tokens_per_s or 1000.0
+        return min(10.0, max(0.05, excess / rate))
 
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
+
+    @property
+    def held_tokens(self) -> int:
+        return self._held_tokens
+
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return self._queued_tokens == 0 and not self._busy
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -120,96 +211,148 @@ class Scheduler:
 
     def drain(self, timeout: float) -> bool:
         """Refuse new work, finish queued work; True if everything finished within `timeout`."""
+        end = time.monotonic() + timeout
         with self._cv:
             self._draining = True
-            end = time.monotonic() + timeout
-            while (self._queued_tokens > 0 or self._inflight > 0) and time.monotonic() < end:
-                self._cv.wait(timeout=0.05)
-            return self._queued_tokens == 0 and self._inflight == 0
+            while (self._queued_tokens > 0 or self._busy) and time.monotonic() < end:
+                self._cv.wait(timeout=min(0.1, max(0.0, end - time.monotonic())))
+            return self._queued_tokens == 0 and not self._busy
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; queued work fails with UNAVAILABLE so its streams end at once."""
         with self._cv:
             self._stopping = True
+            for client in list(self._clients.values()):
+                for req in {id(it.request): it.request for it in client.items}.values():
+                    req.fail(Draining("server is shutting down; retry on another server"))
+            self._clients.clear()
+            self._queued_tokens = 0
+            self._report_queue()
             self._cv.notify_all()
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout)
 
     # ---------------------------------------------------------------- worker
     def _report_queue(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_tokens.set(self._queued_tokens)
+            self.metrics.held_tokens.set(self._held_tokens)
+
+    def _drop_expired(self, now: float) -> None:
+        for client in list(self._clients.values()):
+            while client.items and (client.items[0].request.cancelled.is_set()
+                                    or client.items[0].request.expired(now)):
+                req = client.items[0].request
+                if not req.cancelled.is_set():
+                    req.fail(DeadlineExceeded(f"request {req.request_id} passed its deadline while queued"))
+                self._purge(req)
+                if req.client_id not in self._clients:
+                    break
 
     def _take_batch(self) -> list[_Item]:
-        """Round-robin over clients; same teacher key; padded tokens within budget."""
+        """Least-served client first; one teacher key; padded tokens within the budget."""
+        self._drop_expired(time.time())
         batch: list[_Item] = []
-        key = None
-        longest = 0
-        now = time.time()
-        progressed = True
-        while progressed:
-            progressed = False
-            for client in list(self._queues):
-                q = self._queues[client]
-                # Drop work nobody can use any more.
-                while q and (q[0].request.cancelled.is_set() or q[0].request.expired(now)):
-                    item = q.popleft()
-                    self._queued_tokens -= item.length
-                    req = item.request
-                    if req.expired(now) and not req.cancelled.is_set():
-                        req.cancel()
-                        req.results.put(DeadlineExceeded(f"request {req.request_id} passed its deadline in the queue"))
-                if not q:
-                    del self._queues[client]
-                    continue
-                item = q[0]
+        key, longest = None, 0
+        while True:
+            chosen = None
+            for cid, client in sorted(self._clients.items(), key=lambda kv: kv[1].served):
+                item = client.items[0]
                 if key is not None and item.key != key:
                     continue
-                new_longest = max(longest, item.length)
-                if batch and new_longest * (len(batch) + 1) > self.max_batch_tokens:
+                if batch and max(longest, item.length) * (len(batch) + 1) > self.max_batch_tokens:
                     continue
-                q.popleft()
-                self._queued_tokens -= item.length
-                batch.append(item)
-                key, longest = item.key, new_longest
-                progressed = True
-                # Move this client to the back: the next sample comes from someone else.
-                self._queues.move_to_end(client)
-                if not q:
-                    del self._queues[client]
+                chosen = cid
                 break
-        return batch
+            if chosen is None:
+                return batch
+            client = self._clients[chosen]
+            item = client.items.popleft()
+            client.served += item.length
+            self._queued_tokens -= item.length
+            if not client.items:
+                del self._clients[chosen]
+            batch.append(item)
+            key, longest = item.key, max(longest, item.length)
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and self._queued_tokens == 0:
+                while not self._stopping and not self._clients:
                     self._cv.wait(timeout=0.5)
                 if self._stopping:
                     return
                 batch = self._take_batch()
-                self._inflight = len(batch)
+                self._busy = bool(batch)
                 self._report_queue()
-            if not batch:
-                continue
-            teacher, topk = batch[0].key
-            seqs = [it.request.seqs[it.index] for it in batch]
-            t0 = time.perf_counter()
-            try:
-                caps = self.backend.forward(seqs, teacher, topk)
-            except Exception as e:  # a backend failure fails these requests, not the server
-                log.exception("forward failed for %d samples", len(batch))
-                for it in batch:
-                    it.request.results.put(e)
-                caps = None
-            dt = time.perf_counter() - t0
-            ntok = sum(len(s) for s in seqs)
-            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (ntok / max(dt, 1e-6))
-            if self.metrics is not None:
-                self.metrics.observe_batch(len(batch), ntok, max(map(len, seqs)) * len(seqs), dt)
-            if caps is not None:
-                for it, cap in zip(batch, caps):
-                    it.request.results.put((it.index, cap))
-            with self._cv:
-                self._inflight = 0
-                self._cv.notify_all()
+            if batch:
+                try:
+                    self._run_batch(batch)
+                finally:
+                    with self._cv:
+                        self._busy = False
+                        self._cv.notify_all()
 
+    def _forward(self, batch: list[_Item]) -> list[Capture]:
+        teacher, topk = batch[0].key
+        seqs = [it.request.seqs[it.index] for it in batch]
+        t0 = time.perf_counter()
+        caps = self.backend.forward(seqs, teacher, topk)
+        dt = time.perf_counter() - t0
+        if len(caps) != len(batch):
+            raise RuntimeError(f"backend returned {len(caps)} captures for {len(batch)} sequences")
+        ntok = sum(len(s) for s in seqs)
+        self._tokens_per_s = ntok / max(dt, 1e-6) if not self._tokens_per_s else \
+            0.8 * self._tokens_per_s + 0.2 * (ntok / max(dt, 1e-6))
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch), ntok, max(map(len, seqs)) * len(seqs), dt)
+        return caps
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:
+            for it in batch:
+                self.metrics.queue_wait_seconds.observe(now - it.request.submitted_at)
+        batch = [it for it in batch if not it.request.cancelled.is_set()]
+        if not batch:
+            return
+        try:
+            pairs = list(zip(batch, self._forward(batch)))
+        except Exception as e:  # a backend failure fails requests, never the server
+            if len(batch) == 1:
+                log.exception("forward failed for sample %d of request %s", batch[0].index, batch[0].request.request_id)
+                self._fail(batch[0].request, ForwardFailed(f"forward failed: {type(e).__name__}: {e}"))
+                return
+            log.warning("forward of %d samples failed (%s: %s); retrying one sample at a time",
+                        len(batch), type(e).__name__, e)
+            for it in batch:
+                self._run_batch_one(it)
+            return
+        for it, cap in pairs:
+            self._deliver(it, cap)
+
+    def _deliver(self, it: _Item, cap: Capture) -> None:
+        # Checked and counted under the lock, so a stream closing at this moment cannot leak holds.
+        with self._cv:
+            if it.request.cancelled.is_set():
+                return
+            it.request.held += it.length
+            self._held_tokens += it.length
+            self._report_queue()
+        it.request.results.put((it.index, cap))
+
+    def _fail(self, req: Request, exc: SchedulerError) -> None:
+        req.fail(exc)
+        with self._cv:
+            self._purge(req)
+
+    def _run_batch_one(self, it: _Item) -> None:
+        if it.request.cancelled.is_set():
+            return
+        try:
+            (cap,) = self._forward([it])
+        except Exception as e:
+            log.exception("forward failed for sample %d of request %s", it.index, it.request.request_id)
+            self._fail(it.request, ForwardFailed(f"forward failed: {type(e).__name__}: {e}"))
+            return
+        self._deliver(it, cap)

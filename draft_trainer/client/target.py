@@ -1,6 +1,12 @@
 """A client for one target server: control plane (gRPC) and data plane (Arrow Flight).
 
 The pool (draft_trainer/client/pool.py) builds on this: balancing, failover, discovery.
+Errors: control-plane calls raise TargetUnavailableError whose message starts with the gRPC
+status name; `features()` lets the Flight error through. Classify either with
+`common.status.classify` (RESOURCE_EXHAUSTED carries a retry hint).
+
+Security: `auth_token` is sent as `authorization: Bearer <token>` on both planes;
+`tls_root_cert` (a PEM file) switches both planes to TLS, verified against that root.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from common.errors import ContractError, SpecRelayError, TargetUnavailableError
 from common.features import FEATURE_SCHEMA_VERSION, SampleAssembler, SampleFeatures, decode_batch
 from common.rpc import target_pb2 as pb
 from common.rpc import target_pb2_grpc as pb_grpc
+from common.security import AUTH_HEADER, bearer_value, read_pem
 
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
@@ -33,12 +40,24 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class TargetClient:
-    def __init__(self, endpoint: str, *, client_id: str | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, endpoint: str, *, client_id: str | None = None, timeout_s: float = 30.0,
+                 auth_token: str | None = None, tls_root_cert: str | None = None,
+                 tls_server_name: str | None = None) -> None:
         self.endpoint = endpoint
         self.host, self.port = parse_endpoint(endpoint)
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(f"{self.host}:{self.port}", options=GRPC_OPTIONS)
+        self._metadata = ((AUTH_HEADER, bearer_value(auth_token)),) if auth_token else None
+        self._flight_headers = [(AUTH_HEADER.encode(), bearer_value(auth_token).encode())] if auth_token else []
+        self._tls_root = read_pem(tls_root_cert, "tls_root_cert") if tls_root_cert else None
+        self._tls_server_name = tls_server_name
+        target = f"{self.host}:{self.port}"
+        if self._tls_root is not None:
+            options = GRPC_OPTIONS + ([("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else [])
+            creds = grpc.ssl_channel_credentials(root_certificates=self._tls_root)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
         self._stub = pb_grpc.TargetServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._flight: flight.FlightClient | None = None
@@ -51,14 +70,16 @@ class TargetClient:
     def model_info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
             try:
-                self._info = ModelInfo.from_proto(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s))
+                self._info = ModelInfo.from_proto(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s,
+                                                                         metadata=self._metadata))
             except grpc.RpcError as e:
                 raise self._rpc_error("GetModelInfo", e) from None
         return self._info
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
-            r = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s,
+                                   metadata=self._metadata)
             return r.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False
@@ -75,7 +96,8 @@ class TargetClient:
         """Frozen target tensors (embed_tokens, lm_head, final_norm), digest-checked."""
         parts, digest, total = [], "", 0
         try:
-            for chunk in self._stub.FetchTensors(pb.FetchTensorsRequest(names=names), timeout=max(self.timeout_s, 300)):
+            for chunk in self._stub.FetchTensors(pb.FetchTensorsRequest(names=names), timeout=max(self.timeout_s, 300),
+                                                 metadata=self._metadata):
                 parts.append(chunk.data)
                 digest, total = chunk.sha256, chunk.total_bytes
         except grpc.RpcError as e:
@@ -95,7 +117,7 @@ class TargetClient:
             stop_token_ids=stop_token_ids or [],
         )
         try:
-            resp = self._stub.Generate(req, timeout=timeout_s or max(self.timeout_s, 600))
+            resp = self._stub.Generate(req, timeout=timeout_s or max(self.timeout_s, 600), metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._rpc_error("Generate", e) from None
         return [(c.id, list(c.token_ids), c.finish_reason) for c in resp.completions]
@@ -104,7 +126,11 @@ class TargetClient:
     def _flight_client(self) -> flight.FlightClient:
         if self._flight is None:
             port = self.model_info().flight_port
-            self._flight = flight.FlightClient(f"grpc://{self.host}:{port}")
+            if self._tls_root is not None:
+                self._flight = flight.FlightClient(f"grpc+tls://{self.host}:{port}", tls_root_certs=self._tls_root,
+                                                   override_hostname=self._tls_server_name)
+            else:
+                self._flight = flight.FlightClient(f"grpc://{self.host}:{port}")
         return self._flight
 
     def features(self, sample_ids: list[int], seqs: list[list[int]], *, teacher: str = TEACHER_HIDDEN,
@@ -117,7 +143,7 @@ class TargetClient:
             client_id=self.client_id, deadline_unix_s=(time.time() + deadline_s) if deadline_s else 0.0,
             expect_dtype=expect_dtype,
         )
-        options = flight.FlightCallOptions(timeout=deadline_s) if deadline_s else None
+        options = flight.FlightCallOptions(timeout=deadline_s or None, headers=self._flight_headers)
         reader = self._flight_client().do_get(flight.Ticket(req.SerializeToString()), options=options)
         assembler = SampleAssembler()
         for chunk in reader:

@@ -3,7 +3,8 @@
 A directory holding
   samples.arrow   Arrow IPC file, memory-mapped: sample_id int64, input_ids list<int32>,
                   loss_mask list<uint8> (1 = supervised token: assistant content + end of turn)
-  meta.json       tokenizer fingerprint, vocab size, options, statistics
+  meta.json       tokenizer fingerprint, vocab size, options, cache key
+plus what prepare-data adds (stats.json, vocab.json, conversations.jsonl; see data/prepare.py).
 Written to a temporary directory and renamed into place, so a reader never sees half a dataset.
 """
 
@@ -32,42 +33,96 @@ SCHEMA = pa.schema([
 ])
 
 
+def _arrow(a: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A numpy array as an Arrow array without a copy (and without pa.array's pandas import)."""
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(type_, len(a), [None, pa.py_buffer(a)])
+
+
+class DatasetWriter:
+    """Builds a dataset in a temporary directory beside `path`; `commit()` swaps it into place.
+
+    Rows are streamed to disk in record batches; extra files (stats, vocabulary, ...) go into
+    `self.tmp` before the commit. Leaving the context without a commit removes everything.
+    """
+
+    def __init__(self, path: str | Path, rows_per_batch: int = 1024) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not (self.path / SAMPLES_FILE).is_file() and any(self.path.iterdir()):
+            raise DataError(f"{self.path} exists and is not a tokenized dataset; refusing to replace it "
+                            "(choose another --output)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp.", dir=self.path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
+        self.rows_per_batch = rows_per_batch
+        self.num_samples = 0
+        self._buf: list[tuple[int, Any, Any]] = []
+        self._sink = pa.OSFile(str(self.tmp / SAMPLES_FILE), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+
+    def add(self, sample_id: int, input_ids: Any, loss_mask: Any) -> None:
+        if len(input_ids) != len(loss_mask):
+            raise DataError(f"sample {sample_id}: {len(input_ids)} tokens but {len(loss_mask)} mask values")
+        self._buf.append((sample_id, input_ids, loss_mask))
+        self.num_samples += 1
+        if len(self._buf) >= self.rows_per_batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        n = len(self._buf)
+        lengths = np.fromiter((len(r[1]) for r in self._buf), dtype=np.int64, count=n)
+        offsets = _arrow(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+        ids = np.concatenate([np.asarray(r[1], dtype=np.int32) for r in self._buf])
+        mask = np.concatenate([np.asarray(r[2], dtype=np.uint8) for r in self._buf])
+        self._writer.write_batch(pa.RecordBatch.from_arrays([
+            _arrow(np.fromiter((r[0] for r in self._buf), dtype=np.int64, count=n), pa.int64()),
+            pa.ListArray.from_arrays(offsets, _arrow(ids, pa.int32())),
+            pa.ListArray.from_arrays(offsets, _arrow(mask, pa.uint8())),
+        ], schema=SCHEMA))
+        self._buf.clear()
+
+    def commit(self, meta: dict[str, Any]) -> Path:
+        """Finish the samples file, write meta.json, and atomically replace `path`."""
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        (self.tmp / META_FILE).write_text(json.dumps({**meta, "num_samples": self.num_samples}, indent=1))
+        old = None
+        if self.path.exists():  # move the old dataset aside first: `path` is never half-written
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
+            os.replace(self.path, old / "d")
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._sink.close()
+        except Exception:  # noqa: BLE001 - best effort; the directory goes anyway
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.tmp.exists():
+            self.abort()
+
+
 def write_tokenized_dataset(path: str | Path, rows: Iterable[tuple[int, Any, Any]], meta: dict[str, Any],
                             rows_per_batch: int = 1024) -> Path:
     """Write (sample_id, input_ids, loss_mask) rows atomically; returns the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        n = 0
-        with pa.OSFile(str(tmp / SAMPLES_FILE), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-            buf: list[tuple[int, Any, Any]] = []
-
-            def flush():
-                writer.write_batch(pa.RecordBatch.from_arrays([
-                    pa.array([r[0] for r in buf], pa.int64()),
-                    pa.array([np.asarray(r[1], dtype=np.int32) for r in buf], pa.list_(pa.int32())),
-                    pa.array([np.asarray(r[2], dtype=np.uint8) for r in buf], pa.list_(pa.uint8())),
-                ], schema=SCHEMA))
-                buf.clear()
-
-            for row in rows:
-                if len(row[1]) != len(row[2]):
-                    raise DataError(f"sample {row[0]}: {len(row[1])} tokens but {len(row[2])} mask values")
-                buf.append(row)
-                n += 1
-                if len(buf) >= rows_per_batch:
-                    flush()
-            if buf:
-                flush()
-        (tmp / META_FILE).write_text(json.dumps({**meta, "num_samples": n}, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    with DatasetWriter(path, rows_per_batch) as w:
+        for sid, ids, mask in rows:
+            w.add(sid, ids, mask)
+        return w.commit(meta)
 
 
 class TokenizedDataset:
@@ -82,17 +137,16 @@ class TokenizedDataset:
         self._table = pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all()
         if not self._table.schema.equals(SCHEMA, check_metadata=False):
             raise DataError(f"{f} has schema {self._table.schema}, expected {SCHEMA}")
-        self._table = self._table.combine_chunks()
-        ids_col = self._table.column("input_ids").chunk(0) if self._table.num_rows else None
-        mask_col = self._table.column("loss_mask").chunk(0) if self._table.num_rows else None
-        if ids_col is not None:
-            self._offsets = ids_col.offsets.to_numpy()
-            self._ids = ids_col.values.to_numpy()
-            self._mask = mask_col.values.to_numpy()
-        else:
-            self._offsets = np.zeros(1, dtype=np.int32)
-            self._ids = np.zeros(0, dtype=np.int32)
-            self._mask = np.zeros(0, dtype=np.uint8)
+        # One view per record batch into the memory map (combine_chunks would copy everything).
+        self._chunk_ids, self._chunk_mask, self._chunk_offsets = [], [], []
+        for ids_col, mask_col in zip(self._table.column("input_ids").chunks, self._table.column("loss_mask").chunks):
+            if len(ids_col) == 0:
+                continue
+            off = ids_col.offsets.to_numpy()
+            self._chunk_offsets.append(off)
+            self._chunk_ids.append(ids_col.values.to_numpy())
+            self._chunk_mask.append(mask_col.values.to_numpy())
+        self._chunk_starts = np.cumsum([0] + [len(o) - 1 for o in self._chunk_offsets])
         self.sample_ids = self._table.column("sample_id").to_numpy()
 
     def __len__(self) -> int:
@@ -100,11 +154,18 @@ class TokenizedDataset:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self._offsets)
+        if not self._chunk_offsets:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.diff(o) for o in self._chunk_offsets]).astype(np.int64)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
-        a, b = self._offsets[i], self._offsets[i + 1]
-        return int(self.sample_ids[i]), self._ids[a:b], self._mask[a:b]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample index {i} out of range for {len(self)} samples")
+        i %= len(self)
+        c = int(np.searchsorted(self._chunk_starts, i, side="right")) - 1
+        j = i - self._chunk_starts[c]
+        a, b = self._chunk_offsets[c][j], self._chunk_offsets[c][j + 1]
+        return int(self.sample_ids[i]), self._chunk_ids[c][a:b], self._chunk_mask[c][a:b]
 
     @property
     def tokenizer_fingerprint(self) -> str | None:

@@ -100,11 +100,9 @@ def build_vocab_mapping(counts_V: torch.Tensor | np.ndarray, draft_vocab_size: i
 
 def count_supervised_tokens(input_ids: list[list[int]] | list[np.ndarray], loss_masks, vocab_size: int) -> np.ndarray:
     """Token counts at supervised positions (the ids the draft will be asked to predict)."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for ids, mask in zip(input_ids, loss_masks):
-        ids = np.asarray(ids)
-        sel = ids[np.asarray(mask).astype(bool)]
-        if sel.size and (sel.max() >= vocab_size or sel.min() < 0):
-            raise DataError(f"token id {int(sel.max())} outside the vocabulary of size {vocab_size}")
-        np.add.at(counts, sel, 1)
-    return counts
+    sel = [np.asarray(ids)[np.asarray(mask).astype(bool)] for ids, mask in zip(input_ids, loss_masks)]
+    sel = np.concatenate(sel).astype(np.int64) if sel else np.zeros(0, dtype=np.int64)
+    if sel.size and (sel.max() >= vocab_size or sel.min() < 0):
+        bad = int(sel.max()) if sel.max() >= vocab_size else int(sel.min())
+        raise DataError(f"token id {bad} outside the vocabulary of size {vocab_size}")
+    return np.bincount(sel, minlength=vocab_size).astype(np.int64)

@@ -27,6 +27,11 @@ from torch import nn
 from draft_trainer.model.config import DraftConfig
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: at least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 for exactness tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -35,7 +40,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
+        x32 = x.to(acc_dtype(dtype))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
@@ -148,11 +153,15 @@ class Eagle3Draft(nn.Module):
         attn = self.midlayer.self_attn
         g_BTh = self.fc(aux_BT3H.to(self.fc.weight.dtype))
         dtype = g_BTh.dtype
+        acc = acc_dtype(dtype)
         scale = attn.d ** -0.5
         rep = attn.nh // attn.nkv
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=g_BTh.device).tril()
         if attention_mask_BT is not None:
-            key_ok_B1TT = causal_TT[None, None] & attention_mask_BT.bool()[:, None, None, :]
+            # A query always sees its own key: a padded query row is then never empty (no NaN
+            # from an all -inf softmax with left padding); its loss weight is 0 anyway.
+            eye_TT = torch.eye(T, dtype=torch.bool, device=g_BTh.device)
+            key_ok_B1TT = causal_TT[None, None] & (attention_mask_BT.bool()[:, None, None, :] | eye_TT)
         else:
             key_ok_B1TT = causal_TT[None, None]
         base_pos = torch.arange(T, device=g_BTh.device)[None].expand(B, T)
@@ -172,9 +181,9 @@ class Eagle3Draft(nn.Module):
                 diag_k.append(k_BnTd)
                 diag_v.append(v_BnTd)
             # Scores against step-0 keys (causal) and the diagonal keys of steps 1..k.
-            s0_BnTT = (q_BnTd @ k0.transpose(-1, -2)).float() * scale
+            s0_BnTT = (q_BnTd @ k0.transpose(-1, -2)).to(acc) * scale
             s0_BnTT = s0_BnTT.masked_fill(~key_ok_B1TT, float("-inf"))
-            sd = [((q_BnTd * kd).sum(-1, keepdim=True)).float() * scale for kd in diag_k]
+            sd = [((q_BnTd * kd).sum(-1, keepdim=True)).to(acc) * scale for kd in diag_k]
             p = torch.softmax(torch.cat([s0_BnTT, *sd], dim=-1), dim=-1)
             o_BnTd = p[..., :T].to(dtype) @ v0
             for j, vd in enumerate(diag_v):

@@ -18,8 +18,10 @@ Metrics (per step k, over that step's supervised positions):
   acc_k       draft argmax (mapped to target ids) == target full-vocab argmax
   cond_acc_k  acc_k given steps 0..k-1 were all right at the same start position
   exp_acc_k   sum_v min(p_v, q_v): acceptance probability under sampling
-  sim_accept_len = 1 + sum_k P(steps 0..k all right): tokens per target forward of a chain
-                   draft of K tokens (the 1 is the token the target adds itself).
+  sim_accept_len = 1 + sum_k prod_{j<=k} cond_acc_j = 1 + sum_k P(steps 0..k all right): tokens
+                   per target forward of a greedy K-token chain draft (the 1 is the token the
+                   target adds itself). Conditional, not plain, accuracies: a chain stops at the
+                   first miss, so plain accuracies of later steps overstate acceptance.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draft_trainer.model.draft import shift_left
+from draft_trainer.model.draft import acc_dtype, shift_left
 
 STEP_WEIGHT_DECAY = 0.8
 
@@ -68,7 +70,7 @@ def teacher_from_hidden(teacher_BTH: torch.Tensor, target_head_VH: torch.Tensor,
     for s in range(0, flat_NH.shape[0], chunk):
         top[s : s + chunk] = (flat_NH[s : s + chunk] @ target_head_VH.T).argmax(-1)
     head_VdH = target_head_VH[used_Vd]
-    p_BTVd = torch.softmax((flat_NH @ head_VdH.T).float(), dim=-1).view(B, T, -1)
+    p_BTVd = torch.softmax((flat_NH @ head_VdH.T).to(acc_dtype(flat_NH.dtype)), dim=-1).view(B, T, -1)
     top_BT = top.view(B, T)
     pred_mask_BT = shift_left(loss_mask_BT.float(), 1)
     mask_BT = pred_mask_BT * t2d_V[top_BT].float()
@@ -105,7 +107,7 @@ class StepStats:
 
 def step_loss(logits_BTVd: torch.Tensor, t: Teacher) -> tuple[torch.Tensor, torch.Tensor]:
     """(soft cross-entropy summed over supervised positions, log-softmax) for one TTT step."""
-    logq = torch.log_softmax(logits_BTVd.float(), dim=-1)
+    logq = torch.log_softmax(logits_BTVd.to(acc_dtype(logits_BTVd.dtype)), dim=-1)
     if t.p_BTVd is not None:
         ce_BT = -(t.p_BTVd * logq).sum(-1)
     else:
@@ -118,7 +120,6 @@ def ttt_loss(model, g_steps: list[torch.Tensor], teacher: Teacher) -> tuple[torc
     total = g_steps[0].new_zeros((), dtype=torch.float32)
     stats = StepStats()
     all_right_BT = None
-    joint = []
     for k, g_BTh in enumerate(g_steps):
         t = teacher.for_step(k)
         n = t.mask_BT.sum()
@@ -140,6 +141,14 @@ def ttt_loss(model, g_steps: list[torch.Tensor], teacher: Teacher) -> tuple[torc
                 ea_BT = torch.minimum(t.topk_p_BTK, logq.exp().gather(-1, t.topk_ids_BTK)).sum(-1)
             stats.exp_acc.append(float((ea_BT * t.mask_BT).sum()) / max(denom, 1.0))
             stats.positions.append(int(denom))
-            joint.append(float(all_right_BT.sum()) / max(denom, 1.0))
-    stats.sim_accept_len = 1.0 + sum(joint)
+    stats.sim_accept_len = sim_accept_len(stats.cond_acc)
     return total, stats
+
+
+def sim_accept_len(cond_acc: list[float]) -> float:
+    """1 + sum_k prod_{j<=k} cond_acc_j: expected tokens per target forward of a K-token chain."""
+    total, run = 1.0, 1.0
+    for a in cond_acc:
+        run *= a
+        total += run
+    return total

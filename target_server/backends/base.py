@@ -59,3 +59,18 @@ class Backend(abc.ABC):
 
 
 FROZEN_TENSOR_NAMES = ("embed_tokens", "lm_head", "final_norm")
+
+
+def topk_logprobs(final_TH: torch.Tensor, logits_fn, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k full-vocabulary log-probs (int32 ids [T,K], fp32 values [T,K], on CPU).
+
+    `logits_fn` maps final normed hidden states [t,H] to logits [t,V]; chunked over tokens so
+    the [T,V] logits never exist at once.
+    """
+    ids, lps = [], []
+    for s in range(0, final_TH.shape[0], chunk):
+        logp_tV = torch.log_softmax(logits_fn(final_TH[s : s + chunk]).float(), dim=-1)
+        v, i = logp_tV.topk(k, dim=-1)
+        ids.append(i.to(torch.int32).cpu())
+        lps.append(v.cpu())
+    return torch.cat(ids), torch.cat(lps)

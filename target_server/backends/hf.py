@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, tokenizer_fingerprint
-from common.errors import AssetError
+from common.errors import AssetError, ConfigError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
-from target_server.backends.base import Backend, Capture, Completion
+from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-MAX_TOPK = 256
+MAX_TOPK = 64
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
@@ -47,28 +47,38 @@ class HFBackend(Backend):
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                  aux_layers: str | list[int] = "auto", max_length: int | None = None,
                  max_topk: int = MAX_TOPK) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a server log is not a terminal
 
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise AssetError(f"--model {path}: no config.json there; point at a local HF model directory")
         if dtype not in DTYPES:
-            raise AssetError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
-        self.device = torch.device(device)
+            raise ConfigError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {device!r}: {e}; use cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is visible to this process; use --device cpu")
         self.dtype = DTYPES[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.path = path
-        cfg = self.model.config
+        # Everything checkable from the config is checked before the (slow) weight load.
+        cfg = AutoConfig.from_pretrained(path)
         self.num_layers = int(cfg.num_hidden_layers)
         self.hidden_size = int(cfg.hidden_size)
         self.vocab_size = int(cfg.vocab_size)
         self.aux_layer_ids = parse_aux_layers(aux_layers, self.num_layers)
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 4096))
         self.max_topk = max_topk
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.path = path
         self._decoder, layers, norm = decoder_parts(self.model)
         self._captured: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # hooks write shared state: one forward at a time
+        self._keys = [f"aux{lid}" for lid in self.aux_layer_ids] + ["final"]
         for lid in self.aux_layer_ids:
             layers[lid].register_forward_hook(self._hook(f"aux{lid}"))
         norm.register_forward_hook(self._hook("final"))
@@ -81,25 +91,10 @@ class HFBackend(Backend):
         return hook
 
     def model_info(self) -> ModelInfo:
-        cfg = self.model.config
-        return ModelInfo(
-            architecture=(cfg.architectures or [type(self.model).__name__])[0],
-            model_type=cfg.model_type,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            vocab_size=self.vocab_size,
-            aux_layer_ids=list(self.aux_layer_ids),
-            dtype=wire_dtype_name(self.dtype),
-            max_length=self.max_length,
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            chat_template=self.tokenizer.chat_template or "",
-            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
-            max_topk=self.max_topk,
-            hf_config_json=json.dumps(cfg.to_dict(), default=str),
-            backend=self.name,
-            model_name=self.path.name,
-            feature_schema_version=FEATURE_SCHEMA_VERSION,
-        )
+        return hf_model_info(self.model.config, self.tokenizer, backend=self.name, model_name=self.path.name,
+                             num_layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                             aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
+                             max_topk=min(self.max_topk, self.vocab_size), default_arch=type(self.model).__name__)
 
     @torch.inference_mode()
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
@@ -113,31 +108,33 @@ class HFBackend(Backend):
         with self._lock:
             self._captured.clear()
             # A single unpadded sequence runs without a mask: the exact path transformers takes.
-            self._decoder(input_ids=ids_BT.to(self.device),
-                          attention_mask=None if B == 1 else mask_BT.to(self.device), use_cache=False)
-            aux_BT3H = torch.cat([self._captured[f"aux{lid}"] for lid in self.aux_layer_ids], dim=-1)
+            try:
+                self._decoder(input_ids=ids_BT.to(self.device),
+                              attention_mask=None if B == 1 else mask_BT.to(self.device), use_cache=False)
+            except torch.cuda.OutOfMemoryError:
+                # Free the failed pass's blocks so the scheduler's one-sample-at-a-time retry can fit.
+                self._captured.clear()
+                torch.cuda.empty_cache()
+                raise
+            missing = [k for k in self._keys if k not in self._captured]
+            if missing:
+                raise RuntimeError(f"forward hooks did not fire for {missing}: unsupported model structure")
+            # One device->host copy per batch, then per-sequence views.
+            aux_BT3H = torch.cat([self._captured[f"aux{lid}"] for lid in self.aux_layer_ids], dim=-1).to("cpu")
             final_BTH = self._captured["final"]
             self._captured.clear()
         out = []
+        if teacher == TEACHER_HIDDEN:
+            final_BTH = final_BTH.to("cpu")
         for b, T in enumerate(lengths):
-            cap = Capture(aux_T3H=aux_BT3H[b, :T].to("cpu"))
+            cap = Capture(aux_T3H=aux_BT3H[b, :T])
             if teacher == TEACHER_HIDDEN:
-                cap.teacher_TH = final_BTH[b, :T].to("cpu")
+                cap.teacher_TH = final_BTH[b, :T]
             else:
-                cap.topk_ids_TK, cap.topk_logprobs_TK = self._topk(final_BTH[b, :T], topk)
+                cap.topk_ids_TK, cap.topk_logprobs_TK = topk_logprobs(
+                    final_BTH[b, :T], self.model.get_output_embeddings(), topk)
             out.append(cap)
         return out
-
-    def _topk(self, final_TH: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k log-probs of the full vocabulary, chunked over tokens to bound [T,V] memory."""
-        head = self.model.get_output_embeddings()
-        ids, lps = [], []
-        for s in range(0, final_TH.shape[0], chunk):
-            logp_tV = torch.log_softmax(head(final_TH[s : s + chunk]).float(), dim=-1)
-            v, i = logp_tV.topk(k, dim=-1)
-            ids.append(i.to(torch.int32).cpu())
-            lps.append(v.cpu())
-        return torch.cat(ids), torch.cat(lps)
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         table = {
@@ -163,16 +160,7 @@ class HFBackend(Backend):
                 for _ in range(max_new_tokens):
                     o = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
                     past = o.past_key_values
-                    logits_V = o.logits[0, -1].float()
-                    if temperature > 0:
-                        probs = torch.softmax(logits_V / temperature, dim=-1)
-                        if 0 < top_p < 1:
-                            sp, si = probs.sort(descending=True)
-                            keep = sp.cumsum(0) - sp < top_p
-                            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-                        tok = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-                    else:
-                        tok = int(logits_V.argmax())
+                    tok = sample_next(o.logits[0, -1], temperature, top_p, gen)
                     new.append(tok)
                     if tok in stops:
                         reason = "stop"
@@ -180,6 +168,43 @@ class HFBackend(Backend):
                     step_ids = torch.tensor([[tok]], device=self.device)
                 out.append(Completion(token_ids=new, finish_reason=reason))
         return out
+
+
+def hf_model_info(cfg, tokenizer, *, backend: str, model_name: str, num_layers: int, hidden_size: int,
+                  vocab_size: int, aux_layer_ids: list[int], dtype: torch.dtype, max_length: int, max_topk: int,
+                  default_arch: str) -> ModelInfo:
+    """The contract for a model described by a transformers config + tokenizer (hf and sglang backends)."""
+    return ModelInfo(
+        architecture=(cfg.architectures or [default_arch])[0],
+        model_type=cfg.model_type,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        aux_layer_ids=list(aux_layer_ids),
+        dtype=wire_dtype_name(dtype),
+        max_length=max_length,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        chat_template=tokenizer.chat_template or "",
+        teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
+        max_topk=max_topk,
+        hf_config_json=json.dumps(cfg.to_dict(), default=str),
+        backend=backend,
+        model_name=model_name,
+        feature_schema_version=FEATURE_SCHEMA_VERSION,
+    )
+
+
+def sample_next(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy when temperature <= 0, else temperature + nucleus (top_p) sampling with `gen`."""
+    logits_V = logits_V.float()
+    if temperature <= 0:
+        return int(logits_V.argmax())
+    probs = torch.softmax(logits_V / temperature, dim=-1)
+    if 0 < top_p < 1:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < top_p
+        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
 def _eos_ids(model: torch.nn.Module) -> list[int]:

@@ -1,11 +1,14 @@
 """Synthetic backend: deterministic pseudo-features at a configurable cost per token.
 
-For tests and scale simulations of many servers without model compute. Every value is a pure
-function of (token id, previous token id, position in the sequence, layer): any server answers
-any request identically, as real servers do. `cost_per_token_us` sleeps (releasing the GIL) to
-simulate a GPU's prefill time.
+For tests and scale simulations of many servers without model compute. Features are a pure
+function of the sequence's token ids and the layer, so any server answers any request
+identically, as real servers do. Producing them costs nothing: each layer has a fixed pool of
+rows (seeded by layer and block, grown on demand, identical on every server), and a sequence's
+features are a *view* of `T` consecutive rows starting at an offset hashed from its token ids.
+So a data-plane benchmark measures the transport, not the stand-in, and many simulated servers
+fit on a few cores. `cost_per_token_us` sleeps (releasing the GIL) to simulate a GPU's prefill.
 
-Legend (shapes): T tokens, H hidden size, V vocab, K top-k.
+Legend (shapes): T tokens, N pool rows, H hidden size, V vocab, K top-k.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BLOCK = 256      # pool rows are generated in seeded blocks of this many rows
+_OFFSETS = 512    # distinct start rows: two sequences share features with probability 1/_OFFSETS
 
 
-def _pseudo(ids_T: torch.Tensor, layer: int, H: int) -> torch.Tensor:
-    """[T, H] values in [-1, 1): a cheap counter-based hash of (token, previous token, position, layer)."""
-    T = ids_T.shape[0]
-    prev = torch.cat([ids_T.new_zeros(1), ids_T[:-1]])
-    pos = torch.arange(T, dtype=torch.float64)
-    seed_T = (ids_T.double() * 12.9898 + prev.double() * 4.1414 + pos * 0.7071 + layer * 78.233)
-    x_TH = torch.sin(seed_T[:, None] + torch.arange(H, dtype=torch.float64)[None] * 0.61803) * 43758.5453
-    return (2.0 * (x_TH - torch.floor(x_TH)) - 1.0).float()
+def _offset(ids: list[int], seed: int) -> int:
+    """Deterministic start row for a sequence (FNV-1a over the ids; not Python's salted hash)."""
+    h = 0xCBF29CE484222325 ^ seed
+    for t in ids:
+        h = ((h ^ (t & 0xFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h % _OFFSETS
 
 
 class SyntheticBackend(Backend):
@@ -37,13 +40,18 @@ class SyntheticBackend(Backend):
 
     def __init__(self, *, hidden_size: int = 64, num_layers: int = 8, vocab_size: int = 512, dtype: str = "fp32",
                  aux_layers: str = "auto", max_length: int = 4096, cost_per_token_us: float = 0.0,
-                 num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0) -> None:
+                 num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0, max_topk: int = 64) -> None:
         self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
         self.dtype = _DTYPES[dtype]
         self.aux_layer_ids = parse_aux_layers(aux_layers, num_layers)
         self.max_length = max_length
         self.cost_per_token_us = cost_per_token_us
         self.heads, self.kv_heads = num_attention_heads, num_key_value_heads
+        self.seed = seed
+        self.max_topk = max_topk
+        # [N, 3H]: the three aux layers' rows side by side; [N, H]: the last layer's (the teacher).
+        self._aux_pool_N3H = torch.empty(0, 3 * hidden_size, dtype=self.dtype)
+        self._final_pool_NH = torch.empty(0, hidden_size, dtype=self.dtype)
         g = torch.Generator().manual_seed(seed)
         self.embed_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
         self.lm_head_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
@@ -53,7 +61,8 @@ class SyntheticBackend(Backend):
     def from_config(cls, cfg) -> "SyntheticBackend":
         return cls(hidden_size=cfg.synthetic_hidden_size, num_layers=cfg.synthetic_num_layers,
                    vocab_size=cfg.synthetic_vocab_size, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
-                   max_length=cfg.max_length or 4096, cost_per_token_us=cfg.synthetic_cost_per_token_us)
+                   max_length=cfg.max_length or 4096, cost_per_token_us=cfg.synthetic_cost_per_token_us,
+                   max_topk=cfg.max_topk)
 
     def hf_config(self) -> dict:
         return {
@@ -71,19 +80,34 @@ class SyntheticBackend(Backend):
             hidden_size=self.hidden_size, vocab_size=self.vocab_size, aux_layer_ids=list(self.aux_layer_ids),
             dtype=wire_dtype_name(self.dtype), max_length=self.max_length,
             tokenizer_fingerprint=f"synthetic-v{self.vocab_size}", chat_template="",
-            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK], max_topk=64, hf_config_json=json.dumps(self.hf_config()),
+            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK], max_topk=min(self.max_topk, self.vocab_size), hf_config_json=json.dumps(self.hf_config()),
             backend=self.name, model_name=f"synthetic-h{self.hidden_size}-l{self.num_layers}",
             feature_schema_version=FEATURE_SCHEMA_VERSION,
         )
 
+    def _block(self, layer: int, block: int) -> torch.Tensor:
+        """[_BLOCK, H] rows in [-1, 1), seeded by (seed, layer, block): the same on every server."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + layer) * 1_000_033 + block)
+        return (torch.rand(_BLOCK, self.hidden_size, generator=g) * 2 - 1).to(self.dtype)
+
+    def _pools(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pools with at least `rows` rows (grown by whole blocks; views handed out stay valid)."""
+        have = self._aux_pool_N3H.shape[0]
+        if have < rows:
+            new = range(have // _BLOCK, -(-rows // _BLOCK))
+            aux = [torch.cat([self._block(lid, b) for lid in self.aux_layer_ids], dim=-1) for b in new]
+            fin = [self._block(self.num_layers, b) for b in new]
+            self._aux_pool_N3H = torch.cat([self._aux_pool_N3H, *aux])
+            self._final_pool_NH = torch.cat([self._final_pool_NH, *fin])
+        return self._aux_pool_N3H, self._final_pool_NH
+
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
         t0 = time.perf_counter()
         out = []
-        H = self.hidden_size
+        aux_pool_N3H, final_pool_NH = self._pools(_OFFSETS + max(map(len, seqs)))
         for s in seqs:
-            ids_T = torch.as_tensor(s, dtype=torch.long)
-            aux_T3H = torch.cat([_pseudo(ids_T, lid, H) for lid in self.aux_layer_ids], dim=-1).to(self.dtype)
-            final_TH = _pseudo(ids_T, self.num_layers, H).to(self.dtype)
+            o = _offset(s, self.seed)
+            aux_T3H, final_TH = aux_pool_N3H[o : o + len(s)], final_pool_NH[o : o + len(s)]
             cap = Capture(aux_T3H=aux_T3H)
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_TH

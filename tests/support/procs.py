@@ -71,3 +71,19 @@ def run_cli(*args: str, timeout: float = 600.0, cwd: Path | None = None) -> subp
     """Run `python -m <module> ...` with the repo on the path; returns the completed process."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           env=env_with_repo(), cwd=cwd or REPO)
+
+
+def start_servers(tmp_path: Path, specs: list[tuple[str, list[str]]], timeout: float = 120.0) -> list[ServerProc]:
+    """Start several servers at once ([(name, args), ...]); all or none (the started ones are killed on error)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as ex:
+        futs = [ex.submit(start_server, tmp_path, *args, name=name, timeout=timeout) for name, args in specs]
+        concurrent.futures.wait(futs)
+    started = [f.result() for f in futs if f.exception() is None]
+    errors = [f.exception() for f in futs if f.exception() is not None]
+    if errors:
+        for s in started:
+            s.stop(signal.SIGKILL)
+        raise errors[0]
+    return [f.result() for f in futs]

@@ -1,0 +1,159 @@
+"""Shared plumbing for benchmarks: machine description, results as JSON + a markdown table
+(written atomically), process RSS, and starting a target server subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import pyarrow
+    import torch
+
+    return {
+        "cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__,
+        "pyarrow": pyarrow.__version__, "platform": platform.platform(),
+        "note": "shared machine: other jobs ran on the same cores; compare ratios, not absolute numbers",
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def write_results(name: str, data: dict, table: str, out_dir: Path | None = None) -> Path:
+    """benchmarks/results/<name>.json and <name>.md (temp file + os.replace: never half-written)."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "machine": machine(), "unix_time": time.time(), **data}
+    md = f"# {name}\n\n{table}\n\nMachine: {data['machine']['cpu']}, {data['machine']['cores']} cores, " \
+         f"load {data['machine']['load_avg_1m']:.1f}. {data['machine']['note']}.\n"
+    for path, text in ((out_dir / f"{name}.json", json.dumps(data, indent=1)), (out_dir / f"{name}.md", md)):
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    print(table)
+    print(f"wrote {out_dir / name}.json")
+    return out_dir / f"{name}.json"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_parallel(fn: Callable[[object, dict], None], items: list, workers: int) -> float:
+    """fn(item, state) over items on `workers` threads (state: per-thread dict; callables in
+    state["close"] run at the end); re-raises the first error; returns wall seconds."""
+    todo = list(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker():
+        state: dict = {}
+        try:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    item = todo.pop(0)
+                fn(item, state)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+        finally:
+            for closer in state.get("close", []):
+                closer()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of a process, in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, value = line.split(":", 1)
+            out[key] = int(value.split()[0])
+    return out
+
+
+def env(threads: int | None = None) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    if threads:
+        e["OMP_NUM_THREADS"] = str(threads)
+    return e
+
+
+class Server:
+    """`python -m target_server serve ...` on free loopback ports; waits for the ready file."""
+
+    def __init__(self, *args: str, threads: int | None = None, timeout: float = 300.0) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="specrelay-bench-"))
+        ready = self.dir / "ready.json"
+        self.log_path = self.dir / "server.log"
+        cmd = [sys.executable, "-m", "target_server", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+               "--flight-port", "0", "--ready-file", str(ready), "--log-level", "WARNING", *args]
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(threads), cwd=REPO)
+        end = time.monotonic() + timeout
+        while not ready.is_file():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        self.grpc_port, self.flight_port = info["grpc_port"], info["flight_port"]
+        self.endpoint = f"127.0.0.1:{self.grpc_port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode

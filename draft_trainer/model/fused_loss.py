@@ -1,0 +1,262 @@
+"""Memory-efficient TTT loss: the fast path, equal to `losses.ttt_loss` (the reference).
+
+Legend (shapes): B batch, T sequence length, H target hidden, h draft hidden, V target vocab,
+Vd draft vocab, K top-k width, R supervised teacher rows, N draft rows over all TTT steps,
+c a chunk of rows.
+
+Why it is cheap:
+- The teacher is kept only at supervised rows (`RowTeacher`): position j of sample b is a row
+  when token j+1 is supervised and the target's argmax at j is inside the draft vocab. Its
+  distribution is computed once per row with one full-vocab matmul per chunk (the argmax and the
+  draft-vocab columns come from the same logits) and reused by every TTT step: step k at
+  position t reads row (b, t+1+k). No shifted copies, no [B,T,V] tensor.
+- The draft's lm_head, log-softmax, soft cross-entropy and their gradients run chunk by chunk
+  inside one autograd function (`LinearSoftCE`): the gradient w.r.t. the logits is known in the
+  forward pass (w * (q * sum(p) - p)), so each chunk's [c,Vd] logits are turned into dx/dW at
+  once and dropped. Only dx [N,h] and dW [Vd,h] are kept for backward, never K x [B,T,Vd].
+- Rows where nothing is supervised (user turns, padding, the TTT tail) are never computed.
+- Matmuls run in `compute_dtype` (bf16 on CPUs with bf16 support; fp32 master weights), the
+  softmax and the loss in fp32 (fp64 when the inputs are fp64, for exactness tests).
+On CUDA the per-row softmax/loss/gradient runs in a Triton kernel (kernels/soft_ce.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from draft_trainer.model.draft import acc_dtype, shift_left
+from draft_trainer.model.losses import STEP_WEIGHT_DECAY, StepStats, sim_accept_len
+
+
+@dataclass
+class RowTeacher:
+    """Step-0 teacher at supervised rows only (see the module docstring)."""
+
+    b_R: torch.Tensor                      # int64 sample index of each row
+    j_R: torch.Tensor                      # int64 position of each row (target distribution at j)
+    top_R: torch.Tensor                    # int64 target full-vocab argmax (target ids)
+    T: int
+    p_RVd: torch.Tensor | None = None      # dense: target distribution over the draft vocab
+    topk_ids_RK: torch.Tensor | None = None  # sparse: draft-vocab ids of the server's top-k
+    topk_p_RK: torch.Tensor | None = None    # sparse: their renormalised probabilities
+
+    def rows_for_step(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher row ids, flat draft positions b*T + t) of TTT step k: t = j - 1 - k >= 0."""
+        r = torch.nonzero(self.j_R >= 1 + k).squeeze(1)
+        return r, self.b_R[r] * self.T + self.j_R[r] - 1 - k
+
+
+def _candidate_rows(loss_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions j whose next token is supervised (the target distribution at j predicts it)."""
+    pred_BT = shift_left(loss_mask_BT.float(), 1) > 0
+    b, j = torch.nonzero(pred_BT, as_tuple=True)
+    return b, j
+
+
+@torch.no_grad()
+def row_teacher_from_hidden(teacher_BTH: torch.Tensor, target_head_VH: torch.Tensor, used_Vd: torch.Tensor,
+                            t2d_V: torch.Tensor, loss_mask_BT: torch.Tensor, compute_dtype: torch.dtype | None = None,
+                            chunk: int = 256) -> RowTeacher:
+    """Dense teacher from the final normed hidden state and the frozen target lm_head."""
+    B, T, H = teacher_BTH.shape
+    cdt = compute_dtype or target_head_VH.dtype
+    acc = acc_dtype(teacher_BTH.dtype)
+    b, j = _candidate_rows(loss_mask_BT)
+    rows_RH = teacher_BTH[b, j]
+    W_VH = target_head_VH.to(cdt)
+    R = rows_RH.shape[0]
+    top = torch.empty(R, dtype=torch.long, device=teacher_BTH.device)
+    # Stored in the compute dtype when that is bf16/fp16 (half the memory traffic per step).
+    p_dtype = cdt if cdt in (torch.bfloat16, torch.float16) else acc
+    p = torch.empty(R, used_Vd.numel(), dtype=p_dtype, device=teacher_BTH.device)
+    for s in range(0, R, chunk):
+        z_cV = rows_RH[s : s + chunk].to(cdt) @ W_VH.T
+        top[s : s + chunk] = z_cV.argmax(-1)
+        z_cVd = z_cV.index_select(1, used_Vd)
+        p[s : s + chunk] = torch.softmax(z_cVd.to(acc) if p_dtype == acc else z_cVd, dim=-1)
+    keep = t2d_V[top]
+    return RowTeacher(b_R=b[keep], j_R=j[keep], top_R=top[keep], T=T, p_RVd=p[keep])
+
+
+@torch.no_grad()
+def row_teacher_from_topk(topk_ids_BTK: torch.Tensor, topk_logprobs_BTK: torch.Tensor, t2d_V: torch.Tensor,
+                          target_to_draft_V: torch.Tensor, loss_mask_BT: torch.Tensor) -> RowTeacher:
+    """Sparse teacher from server-side top-k log-probs (target ids, sorted by log-prob).
+
+    Ids outside the draft vocab are dropped and the rest renormalised, as in the dense case.
+    """
+    T = topk_ids_BTK.shape[1]
+    b, j = _candidate_rows(loss_mask_BT)
+    ids_RK = topk_ids_BTK[b, j].long()
+    in_draft = t2d_V[ids_RK]
+    p = topk_logprobs_BTK[b, j].float().exp() * in_draft
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    top = ids_RK[:, 0]
+    keep = t2d_V[top]
+    draft_ids = torch.where(in_draft, target_to_draft_V[ids_RK], torch.zeros_like(ids_RK))
+    return RowTeacher(b_R=b[keep], j_R=j[keep], top_R=top[keep], T=T, topk_ids_RK=draft_ids[keep],
+                      topk_p_RK=p[keep])
+
+
+# ----------------------------------------------------------------------------- per-row soft CE
+
+def rowsum(x_cV: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Row sums in >= fp32, fast for bf16 on CPU.
+
+    `x.sum(-1, dtype=float32)` on a bf16 tensor first copies the whole tensor to fp32 (~20x slower
+    than a bf16 sum). Summing blocks of 128 in bf16 (fp32 accumulation inside, one rounding per
+    block) and the block sums in fp32 keeps the relative error near 1e-4 at bf16-sum speed.
+    """
+    red = acc_dtype(x_cV.dtype)
+    if x_cV.dtype == red:
+        return x_cV.sum(-1)
+    V = x_cV.shape[-1]
+    main = V // block * block
+    out = x_cV[:, :main].unflatten(-1, (-1, block)).sum(-1).to(red).sum(-1)
+    if main < V:
+        out += x_cV[:, main:].to(red).sum(-1)
+    return out
+
+
+def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, ids_cK: torch.Tensor | None = None,
+                       pk_cK: torch.Tensor | None = None):
+    """Soft cross-entropy of logits z against a teacher p, per row, in place and in z's dtype.
+
+    Returns (ce_c, argmax_c, exp_acc_c) (reductions in >= fp32) and leaves
+    dCE/dz = softmax(z) * sum(p) - p in z. Dense teacher: p_cVd, whose rows are distributions
+    (sum 1: then sum_v min(p, q) = 1 - |q - p|_1 / 2 needs no extra [c,Vd] temporary);
+    sparse (top-k): ids_cK + pk_cK. Every step is one pass over z: on CPU this part is
+    memory-bound, so bf16 z halves its cost next to the bf16 matmuls.
+    """
+    red = acc_dtype(z_cVd.dtype)
+    m_c, amax_c = z_cVd.max(-1)
+    z_cVd.sub_(m_c[:, None])
+    if p_cVd is not None:
+        # (bmm / vector_norm on bf16 are several times slower on CPU than a temp + fp32-accumulated sum)
+        pz_c = rowsum(p_cVd * z_cVd)
+        sp_c = torch.ones_like(pz_c)
+    else:
+        pz_c = (pk_cK.to(red) * z_cVd.gather(-1, ids_cK).to(red)).sum(-1)
+        sp_c = pk_cK.to(red).sum(-1)
+    z_cVd.exp_()
+    se_c = rowsum(z_cVd)
+    ce_c = sp_c * se_c.log() - pz_c                         # sum_v p_v (lse - z_v)
+    z_cVd.mul_((sp_c / se_c).to(z_cVd.dtype)[:, None])       # q * sum(p)
+    if p_cVd is not None:
+        z_cVd.sub_(p_cVd)
+        ea_c = 1.0 - 0.5 * rowsum(z_cVd.abs())
+    else:
+        ea_c = torch.minimum(pk_cK.to(red), z_cVd.gather(-1, ids_cK).to(red) / sp_c.clamp_min(1e-30)[:, None]).sum(-1)
+        z_cVd.scatter_add_(-1, ids_cK, -pk_cK.to(z_cVd.dtype))
+    return ce_c, amax_c, ea_c
+
+
+def _soft_ce_rows(z, p=None, ids=None, pk=None):
+    if z.is_cuda and p is not None:
+        from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton  # lazy: triton only on GPU
+
+        return soft_ce_rows_triton(z, p)
+    return soft_ce_rows_torch(z, p, ids, pk)
+
+
+class LinearSoftCE(torch.autograd.Function):
+    """sum_n w_n * CE(p_{r_n}, softmax(x_n W^T)), chunked over rows; grads computed in forward.
+
+    The row weights w are applied on the [c,h] side (dx rows, x rows for dW), never as an extra
+    pass over the [c,Vd] logits.
+    """
+
+    @staticmethod
+    def forward(ctx, x_Nh, W_Vdh, teacher: RowTeacher, r_N, w_N, compute_dtype, chunk: int):
+        with torch.autocast(x_Nh.device.type, enabled=False):
+            N, h = x_Nh.shape
+            Vd = W_Vdh.shape[0]
+            acc = acc_dtype(x_Nh.dtype)
+            cdt = compute_dtype or x_Nh.dtype
+            W = W_Vdh.detach().to(cdt)
+            x = x_Nh.detach()
+            dense = teacher.p_RVd is not None
+            dx = torch.empty(N, h, dtype=acc, device=x.device)
+            dW = torch.zeros(Vd, h, dtype=acc, device=x.device)
+            ce = torch.empty(N, dtype=acc, device=x.device)
+            amax = torch.empty(N, dtype=torch.long, device=x.device)
+            ea = torch.empty(N, dtype=acc, device=x.device)
+            c = min(chunk, max(N, 1))
+            pbuf = torch.empty(c, Vd, dtype=cdt, device=x.device) if dense else None
+            dW_c = torch.empty(Vd, h, dtype=cdt, device=x.device) if cdt != acc else None
+            w_acc = w_N.to(acc)
+            for s in range(0, N, c):
+                e = min(N, s + c)
+                z = x[s:e].to(cdt) @ W.T
+                r = r_N[s:e]
+                if dense:
+                    p = torch.index_select(teacher.p_RVd.to(cdt), 0, r, out=pbuf[: e - s])
+                    out = _soft_ce_rows(z, p=p)
+                else:
+                    out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r])
+                ce[s:e], amax[s:e], ea[s:e] = out
+                w_c = w_acc[s:e, None]
+                dx[s:e] = (z @ W).to(acc) * w_c
+                if dW_c is None:
+                    dW.addmm_(z.T, (x[s:e] * w_c).to(cdt))
+                else:
+                    dW += torch.mm(z.T, (x[s:e] * w_c).to(cdt), out=dW_c)
+            loss = (ce * w_acc).sum()
+        # Kept as plain attributes (they are results, not inputs): in backward they are then the
+        # only references, so autograd adopts dW as lm_head.grad instead of copying [Vd,h].
+        ctx.grads = (dx, dW)
+        ctx.dtypes = (x_Nh.dtype, W_Vdh.dtype)
+        ctx.mark_non_differentiable(ce, amax, ea)
+        return loss, ce, amax, ea
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        dx, dW = ctx.grads
+        ctx.grads = None
+        # In place: backward runs once per graph, and a second [Vd,h] copy would be the peak.
+        return (dx.mul_(grad_loss).to(ctx.dtypes[0]), dW.mul_(grad_loss).to(ctx.dtypes[1]),
+                None, None, None, None, None)
+
+
+def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
+                   compute_dtype: torch.dtype | None = None, chunk: int = 256) -> tuple[torch.Tensor, StepStats]:
+    """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`)."""
+    B, T, h = g_steps[0].shape
+    rows, flat_pos, weights, counts = [], [], [], []
+    for k, g_BTh in enumerate(g_steps):
+        r, pos = teacher.rows_for_step(k)
+        n = r.numel()
+        rows.append(r)
+        flat_pos.append(pos)
+        counts.append(n)
+        weights.append(torch.full((n,), (STEP_WEIGHT_DECAY ** k) / max(n, 1), dtype=torch.float64, device=r.device))
+    x_Nh = model.norm(torch.cat([g.reshape(B * T, h)[pos] for g, pos in zip(g_steps, flat_pos)]))
+    r_N, w_N = torch.cat(rows), torch.cat(weights)
+    loss, ce_N, amax_N, ea_N = LinearSoftCE.apply(x_Nh, model.lm_head.weight, teacher, r_N, w_N, compute_dtype, chunk)
+    stats = _step_stats(model, teacher, rows, flat_pos, counts, ce_N, amax_N, ea_N, B * T)
+    return loss, stats
+
+
+@torch.no_grad()
+def _step_stats(model, teacher, rows, flat_pos, counts, ce_N, amax_N, ea_N, BT) -> StepStats:
+    stats = StepStats()
+    right_N = model.draft_to_target(amax_N) == teacher.top_R[torch.cat(rows)]
+    all_right = torch.ones(BT, dtype=torch.bool, device=right_N.device)
+    s = 0
+    for r, pos, n in zip(rows, flat_pos, counts):
+        right, ce, ea = right_N[s : s + n], ce_N[s : s + n], ea_N[s : s + n]
+        s += n
+        prev = all_right[pos]
+        chain = prev & right
+        all_right = torch.zeros_like(all_right)
+        all_right[pos] = chain           # positions without a row at this step break the chain
+        stats.loss.append(float(ce.sum()) / max(n, 1))
+        stats.acc.append(float(right.sum()) / max(n, 1))
+        stats.cond_acc.append(float(chain.sum()) / max(int(prev.sum()), 1))
+        stats.exp_acc.append(float(ea.sum()) / max(n, 1))
+        stats.positions.append(n)
+    stats.sim_accept_len = sim_accept_len(stats.cond_acc)
+    return stats
+

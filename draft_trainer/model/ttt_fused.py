@@ -1,0 +1,137 @@
+"""Training-time test (TTT) with one fused attention per step: the fast path, equal to
+`Eagle3Draft.ttt_forward` (the reference) in forward and gradients (tests/unit/test_ttt_fused.py).
+
+Legend (shapes): B batch, T sequence length, h draft hidden, n query heads, kv key/value heads,
+d head_dim, j index of a TTT step >= 1 (its "diagonal" keys).
+
+At step k the query at position t attends, inside one softmax, to the step-0 keys 0..t (causal)
+and to the step-j keys at position t only, for j = 1..k. We split that softmax in two parts and
+merge them exactly with log-sum-exp:
+  - the causal part is a flash attention over the step-0 keys, which returns its output o0 and
+    its log-sum-exp lse0 and keeps no [T, T] score matrix (O(T) memory, not O(T^2));
+  - the diagonal part is k dot products per position (sd_j = q . k_j[t]).
+  lse = logsumexp(lse0, sd_1..sd_k);  o = e^(lse0 - lse) o0 + sum_j e^(sd_j - lse) v_j[t].
+Backward: flash attention's backward recomputes P = exp(S - lse) from the lse it is given and
+uses D = rowsum(dO * O). Handing it the *merged* output and lse makes it produce exactly the
+gradients of the step-0 block inside the merged softmax; the diagonal terms are done by hand.
+Nothing of size T^2 x K is kept for backward (the reference keeps K score matrices).
+
+CPU uses aten's flash attention for CPU (it supports bf16 and GQA). Other devices fall back to
+the reference math (a CUDA path would use the same merge with the CUDA flash kernel; not built
+here because nothing here can test it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draft_trainer.model.draft import Eagle3Draft, acc_dtype, shift_left
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def key_padding_mask(attention_mask_BT: torch.Tensor | None, T: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive [B,1,T,T] mask for step-0 keys, or None when causal alone is exact.
+
+    With right padding (what `collate` produces) causal masking already keeps real queries off
+    padded keys, so no mask is materialised. Otherwise padded keys are masked, except a query's
+    own key, so that a padded query row is never empty (no NaN; its loss weight is 0 anyway).
+    """
+    if attention_mask_BT is None:
+        return None
+    m = attention_mask_BT.bool()
+    right_padded = bool((m[:, 1:] <= m[:, :-1]).all())
+    if right_padded:
+        return None
+    idx = torch.arange(T, device=m.device)
+    ok_BTT = (idx[None, :, None] >= idx[None, None, :]) & (m[:, None, :] | (idx[:, None] == idx[None, :])[None])
+    return torch.zeros(ok_BTT.shape, dtype=dtype, device=m.device).masked_fill_(~ok_BTT, float("-inf"))[:, None]
+
+
+class TTTAttention(torch.autograd.Function):
+    """o = softmax over [causal step-0 keys | diagonal keys of steps 1..k] applied to the values."""
+
+    @staticmethod
+    def forward(ctx, scale: float, mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, *diag):
+        nd = len(diag) // 2
+        kd, vd = diag[:nd], diag[nd:]
+        causal = mask_B1TT is None
+        o0_BnTd, lse0_BnT = _flash_fwd(q_BnTd, k0_BkTd, v0_BkTd, 0.0, causal, attn_mask=mask_B1TT, scale=scale)
+        rep = q_BnTd.shape[1] // k0_BkTd.shape[1]
+        acc = acc_dtype(q_BnTd.dtype)
+        q_acc = q_BnTd.to(acc)
+        sd = [(q_acc * _rep(k, rep).to(acc)).sum(-1) * scale for k in kd]   # each [B,n,T]
+        lse_BnT = torch.logsumexp(torch.stack([lse0_BnT, *sd]), dim=0) if sd else lse0_BnT
+        o = o0_BnTd.to(acc) * torch.exp(lse0_BnT - lse_BnT)[..., None]
+        for s, v in zip(sd, vd):
+            o = o + torch.exp(s - lse_BnT)[..., None] * _rep(v, rep).to(acc)
+        o_BnTd = o.to(q_BnTd.dtype)
+        ctx.scale, ctx.causal, ctx.rep, ctx.nd = scale, causal, rep, nd
+        ctx.save_for_backward(mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, *diag)
+        return o_BnTd
+
+    @staticmethod
+    def backward(ctx, do_BnTd):
+        mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, *diag = ctx.saved_tensors
+        kd, vd = diag[: ctx.nd], diag[ctx.nd :]
+        do_BnTd = do_BnTd.contiguous().to(q_BnTd.dtype)
+        dq, dk0, dv0 = _flash_bwd(do_BnTd, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, 0.0, ctx.causal,
+                                  attn_mask=mask_B1TT, scale=ctx.scale)
+        acc = acc_dtype(q_BnTd.dtype)
+        dq = dq.to(acc)
+        do32 = do_BnTd.to(acc)
+        D_BnT = (do32 * o_BnTd.to(acc)).sum(-1)
+        q32 = q_BnTd.to(acc)
+        dkd, dvd = [], []
+        for k, v in zip(kd, vd):
+            k32, v32 = _rep(k, ctx.rep).to(acc), _rep(v, ctx.rep).to(acc)
+            p_BnT = torch.exp((q32 * k32).sum(-1) * ctx.scale - lse_BnT)
+            ds_BnT = p_BnT * ((do32 * v32).sum(-1) - D_BnT)
+            dq = dq + ds_BnT[..., None] * k32 * ctx.scale
+            dkd.append(_unrep(ds_BnT[..., None] * q32 * ctx.scale, ctx.rep).to(k.dtype))
+            dvd.append(_unrep(p_BnT[..., None] * do32, ctx.rep).to(v.dtype))
+        return (None, None, dq.to(q_BnTd.dtype), dk0, dv0, *dkd, *dvd)
+
+
+def _rep(x_BkTd: torch.Tensor, rep: int) -> torch.Tensor:
+    return x_BkTd if rep == 1 else x_BkTd.repeat_interleave(rep, dim=1)
+
+
+def _unrep(x_BnTd: torch.Tensor, rep: int) -> torch.Tensor:
+    if rep == 1:
+        return x_BnTd
+    B, n, T, d = x_BnTd.shape
+    return x_BnTd.view(B, n // rep, rep, T, d).sum(2)
+
+
+def ttt_forward_fused(model: Eagle3Draft, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
+                      attention_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Same contract as `Eagle3Draft.ttt_forward`: the hidden output of every TTT step."""
+    if aux_BT3H.device.type != "cpu":
+        return model.ttt_forward(aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
+    B, T, _ = aux_BT3H.shape
+    layer = model.midlayer
+    attn = layer.self_attn
+    g_BTh = model.fc(aux_BT3H.to(model.fc.weight.dtype))
+    dtype = g_BTh.dtype
+    mask_B1TT = key_padding_mask(attention_mask_BT, T, dtype)
+    base_pos = torch.arange(T, device=g_BTh.device)[None].expand(B, T)
+    k0 = v0 = None
+    diag_k: list[torch.Tensor] = []
+    diag_v: list[torch.Tensor] = []
+    outs = []
+    for k in range(num_steps):
+        cos, sin = model.rope(base_pos + k, dtype)
+        emb_BTh = model.embed_tokens(shift_left(input_ids_BT, k)).to(dtype)
+        x_BT2h = layer.attn_input(emb_BTh, g_BTh)
+        q_BnTd, k_BkTd, v_BkTd = attn.qkv(x_BT2h, cos, sin)
+        if k == 0:
+            k0, v0 = k_BkTd, v_BkTd
+        else:
+            diag_k.append(k_BkTd)
+            diag_v.append(v_BkTd)
+        o_BnTd = TTTAttention.apply(attn.d ** -0.5, mask_B1TT, q_BnTd, k0, v0, *diag_k, *diag_v)
+        g_BTh = layer.finish(g_BTh, o_BnTd.transpose(1, 2).reshape(B, T, -1))
+        outs.append(g_BTh)
+    return outs
