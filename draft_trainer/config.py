@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 1              # samples per optimizer step
     max_steps: int = 100
+    time_budget_s: float = 0.0       # stop (with a checkpoint) at the first step boundary past this; 0 = none
     epochs: int = 1
     log_every: int = 1
     save_every: int = 0              # 0 = only at the end

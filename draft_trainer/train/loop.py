@@ -280,7 +280,11 @@ class Trainer:
     def _train(self, stream: Dispatcher, metrics_f) -> StepStats | None:
         cfg = self.cfg
         last: StepStats | None = None
+        t_begin = time.perf_counter()
         while self.step < cfg.max_steps:
+            if cfg.time_budget_s and time.perf_counter() - t_begin > cfg.time_budget_s:
+                log.info("time budget of %.0fs reached at step %d", cfg.time_budget_s, self.step)
+                break
             t0 = time.perf_counter()
             got = self._next_batch(stream)
             if got is None:
