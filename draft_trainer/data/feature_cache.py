@@ -6,7 +6,8 @@ receives to Arrow IPC shards (the same record-batch schema as the wire, common/f
 32 KiB/token at H=4096), so the expected size is estimated and logged before anything is
 written, and writing stops (with a warning, counted) at `limit_bytes`.
 
-Layout: `<dir>/meta.json` (the ModelInfo contract + wire schema) and
+Layout: `<dir>/meta.json` (the ModelInfo contract + wire schema), `<dir>/frozen.safetensors`
+(the target's embedding and lm_head, so offline training needs no server at all) and
 `<dir>/shard-r<rank>-<n>.arrow` (IPC files, renamed into place when complete; a crash loses at
 most the shard being written, never corrupts the cache). Reads are memory-mapped, so cached
 tensors are zero-copy views of the page cache.
@@ -21,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
 
 from common.contract import ModelInfo
 from common.errors import ContractError, DataError
@@ -29,6 +32,7 @@ from common.features import FeatureSchema, SampleFeatures, decode_batch, encode_
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+FROZEN = "frozen.safetensors"
 
 
 def feature_bytes_per_token(info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> int:
@@ -44,7 +48,8 @@ def estimate_bytes(num_tokens: int, info: ModelInfo, teacher: str = "hidden", to
 
 class FeatureCacheWriter:
     def __init__(self, path: str | Path, info: ModelInfo, schema: FeatureSchema, *, rank: int = 0,
-                 limit_bytes: int = 0, shard_bytes: int = 256 << 20) -> None:
+                 limit_bytes: int = 0, shard_bytes: int = 256 << 20,
+                 frozen: dict[str, torch.Tensor] | None = None) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.schema = schema
@@ -70,6 +75,10 @@ class FeatureCacheWriter:
             tmp = meta_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, meta_path)
+        if frozen is not None and not (self.path / FROZEN).is_file():
+            tmp = self.path / f".{FROZEN}.tmp"
+            save_file({k: v.contiguous() for k, v in frozen.items()}, str(tmp))
+            os.replace(tmp, self.path / FROZEN)
 
     def _open(self) -> None:
         name = f"shard-r{self.rank}-{self._shard_index:05d}.arrow"
@@ -135,6 +144,13 @@ class FeatureCacheReader:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        path = self.path / FROZEN
+        if not path.is_file():
+            raise DataError(f"feature cache {self.path} has no {FROZEN} (the target's embedding and lm_head); "
+                            "re-create it with an online run")
+        return load_file(str(path))
 
     def __contains__(self, sample_id: int) -> bool:
         return sample_id in self._index

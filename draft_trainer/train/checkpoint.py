@@ -24,12 +24,14 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from common.errors import SpecRelayError
@@ -94,7 +96,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         tmp.mkdir()
     barrier(info)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # one process: intended
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save({"rng": rng_state()}, tmp / f"rng_rank{info.rank}.pt")
     ranks = _gather_objects(rank_state, info)
     barrier(info)
@@ -147,6 +151,11 @@ def _gather_objects(obj: Any, info: DistInfo) -> dict[int, Any]:
     return {r: o for r, o in enumerate(out)}
 
 
+def load_model_state(path: Path, model: torch.nn.Module) -> None:
+    """Weights only, into a plain (unsharded) model in one process: export, eval, inspection."""
+    load_checkpoint(path, model, None, DistInfo())
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     info: DistInfo) -> dict[str, Any]:
     """Restore model/optimizer in place and this rank's RNG.
@@ -165,7 +174,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     to_load: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         to_load["optim"] = optim_sd
-    dcp.load(to_load, checkpoint_id=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(to_load, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"cannot load {path} into this draft: {e}") from None
     set_state_dict(model, optimizer or [], model_state_dict=to_load["model"],
                    optim_state_dict=to_load.get("optim", {}), options=StateDictOptions(ignore_frozen_params=True,
                                                                                         strict=False))
