@@ -576,13 +576,20 @@ class Trainer:
         for i, (a, c) in enumerate(zip(stats.acc, stats.cond_acc)):
             m.accuracy.labels(position=str(i)).set(a)
             m.cond_accuracy.labels(position=str(i)).set(c)
+        ids = [s for b in micro for s in b.sample_ids]
+        if self.dist.distributed:  # the step's full sample list, for the audit trail
+            import torch.distributed as dist
+
+            per_rank: list = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, ids)
+            ids = [s for r in per_rank for s in r]
         if metrics_f is None:
             return
         rec = {"step": self.step, "split": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "step_loss": stats.loss, "acc": stats.acc, "cond_acc": stats.cond_acc, "exp_acc": stats.exp_acc,
                "sim_accept_len": stats.sim_accept_len, "tokens": n_tokens, "samples": n_samples,
                "step_time_s": step_time, "data_wait_s": wait,
-               "sample_ids": [s for b in micro for s in b.sample_ids], "cursor": list(self.cursor)}
+               "sample_ids": ids, "cursor": list(self.cursor)}
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
         if self._tb is not None:
