@@ -100,6 +100,11 @@ class TrainConfig:
     metrics_port: int = -1           # -1 = off, 0 = any free port; rank r of a host listens on port + local rank
 
     def validate(self) -> None:
+        import os
+
+        for obj, name in ((self.data, "path"), (self.data, "vocab_path"), (self.targets, "embedded_model"),
+                          (self.feature_cache, "dir"), (self, "output_dir"), (self, "tensorboard_dir")):
+            setattr(obj, name, os.path.expanduser(getattr(obj, name)))
         if not self.data.path:
             raise ConfigError("data.path: required (a tokenized dataset from `draft-trainer prepare-data`)")
         if self.feature_cache.offline:

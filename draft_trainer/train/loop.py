@@ -122,6 +122,16 @@ def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | 
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux VmHWM; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
 @dataclass
 class RunCounters:
     """This rank's sample accounting (restored on resume, so the summary covers the whole run)."""
@@ -723,7 +733,8 @@ class Trainer:
             "final": None if last is None else {"loss": last.loss, "acc": last.acc, "cond_acc": last.cond_acc,
                                                 "sim_accept_len": last.sim_accept_len},
             "best_eval_sim_accept_len": self.best, "checkpoint": str(ckpt),
-            "cursors": [c["cursor"] for c in gathered], "resumed_from": self.cfg.resume_from or None,
+            "cursors": [c["cursor"] for c in gathered], "peak_rss_mb": [c["peak_rss_mb"] for c in gathered],
+            "resumed_from": self.cfg.resume_from or None,
             "stopped": stopped or None, "pool": stream.summary(),
         }
         tmp = self.out / ".summary.json.tmp"
@@ -732,7 +743,7 @@ class Trainer:
         return summary
 
     def _gather_counters(self) -> list[dict]:
-        mine = {**asdict(self.counters), "cursor": list(self.cursor)}
+        mine = {**asdict(self.counters), "cursor": list(self.cursor), "peak_rss_mb": _peak_rss_mb()}
         if not self.dist.distributed:
             return [mine]
         import torch.distributed as dist
