@@ -19,12 +19,30 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.dry_run:
+        from draft_trainer.train.plan import format_plan, plan
+
         print(dump_yaml(cfg))
+        print("plan:\n" + format_plan(plan(cfg, args.nproc)))
         return 0
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_local(args)
     tune_malloc()  # feature batches are multi-MiB: reuse heap memory instead of page-faulting it in
     summary = Trainer(cfg).run()
-    print(json.dumps(summary, indent=1))
+    if summary:  # rank 0
+        print(json.dumps(summary, indent=1))
     return 0
+
+
+def _launch_local(args: argparse.Namespace) -> int:
+    """`--nproc N` on one host: re-run this command under torchrun with N ranks (gloo on CPU)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "draft_trainer", "--log-level", args.log_level, "train"]
+    if args.config:
+        cmd += ["--config", args.config]
+    cmd += args.overrides
+    return subprocess.call(cmd)
 
 
 def _assets(args: argparse.Namespace) -> int:
@@ -103,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a draft against target servers (or an embedded local one)")
-    t.add_argument("--config", help="YAML config file (see configs/)")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--config", help="YAML config file (examples: draft_trainer/configs/)")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    t.add_argument("--nproc", type=int, default=0,
+                   help="ranks on this host (launches torchrun); multi-node: run under torchrun directly")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4")
     t.set_defaults(func=_train)
 

@@ -63,32 +63,66 @@ class OptimConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    dir: str = ""                    # write received features here (Arrow IPC shards) while training
+    limit_gb: float = 50.0           # stop caching (warn, count) past this size; 0 = no limit
+    offline: bool = False            # train from `dir` alone, with no target server
+
+
+@dataclass
+class EvalConfig:
+    holdout: int = 0                 # samples held out of training (a fixed, seed-independent choice)
+    every_steps: int = 0             # evaluate every N optimizer steps (and at the end); 0 = only at the end
+    keep_best: bool = True           # checkpoint the best held-out simulated acceptance length as `best`
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/draft"
+    device: str = "auto"             # auto = cuda when available (one GPU per rank), else cpu
     seed: int = 0
-    batch_size: int = 1              # samples per optimizer step
+    batch_size: int = 1              # samples per optimizer step, over all ranks and micro-batches
+    grad_accum: int = 1              # micro-batches per optimizer step (per rank)
     max_steps: int = 100
     time_budget_s: float = 0.0       # stop (with a checkpoint) at the first step boundary past this; 0 = none
     epochs: int = 1
     log_every: int = 1
-    save_every: int = 0              # 0 = only at the end
-    resume_from: str = ""            # a checkpoint directory (e.g. <output_dir>/checkpoints/latest): model,
-                                     # optimizer, step and data cursor; samples past the cursor are fetched again
+    save_every: int = 0              # 0 = only at the end (and on SIGTERM/SIGINT)
+    keep_last: int = 3               # complete checkpoints kept (plus `best`)
+    resume_from: str = ""            # "auto" (latest checkpoint of output_dir, if any) or a checkpoint directory:
+                                     # model, optimizer, RNG, step and per-rank data cursors; samples past the
+                                     # cursor are fetched again
+    progress: bool = True            # progress bar with ETA on rank 0
+    tensorboard_dir: str = ""        # also log scalars for TensorBoard (needs the tensorboard package)
     metrics_host: str = "127.0.0.1"  # Prometheus /metrics bind address
-    metrics_port: int = -1           # -1 = off, 0 = any free port
+    metrics_port: int = -1           # -1 = off, 0 = any free port; rank r of a host listens on port + local rank
 
     def validate(self) -> None:
+        import os
+
+        for obj, name in ((self.data, "path"), (self.data, "vocab_path"), (self.targets, "embedded_model"),
+                          (self.feature_cache, "dir"), (self, "output_dir"), (self, "tensorboard_dir")):
+            setattr(obj, name, os.path.expanduser(getattr(obj, name)))
         if not self.data.path:
             raise ConfigError("data.path: required (a tokenized dataset from `draft-trainer prepare-data`)")
-        if not self.targets.endpoints and not self.targets.embedded_model:
+        if self.feature_cache.offline:
+            if not self.feature_cache.dir:
+                raise ConfigError("feature_cache.offline=true needs feature_cache.dir (a cache written by an online run)")
+        elif not self.targets.endpoints and not self.targets.embedded_model:
             raise ConfigError("give targets.endpoints (running target servers) or targets.embedded_model "
                               "(a model directory to serve from a local embedded server)")
-        if self.batch_size <= 0 or self.max_steps <= 0 or self.model.ttt_steps <= 0:
-            raise ConfigError("batch_size, max_steps and model.ttt_steps must be > 0")
+        if self.batch_size <= 0 or self.max_steps <= 0 or self.model.ttt_steps <= 0 or self.grad_accum <= 0:
+            raise ConfigError("batch_size, grad_accum, max_steps and model.ttt_steps must be > 0")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
+        if self.eval.holdout < 0 or self.eval.every_steps < 0 or self.keep_last < 1:
+            raise ConfigError("eval.holdout and eval.every_steps must be >= 0, keep_last >= 1")
         if self.optim.schedule == "time" and self.time_budget_s <= 0:
             raise ConfigError("optim.schedule=time runs the learning-rate schedule over time_budget_s: set time_budget_s > 0")
         if self.targets.teacher == "topk" and self.targets.topk <= 0:

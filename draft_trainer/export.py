@@ -26,6 +26,7 @@ from draft_trainer.assets import _atomic_dir
 from draft_trainer.data.vocab import VocabMapping
 from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft
+from draft_trainer.train import checkpoint as ckpt_io
 
 WEIGHT_FILE = "model.safetensors"
 PROVENANCE_FILE = "specrelay_export.json"
@@ -66,12 +67,13 @@ class TrainedDraft:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, a `latest` link, or a run directory (-> its checkpoints/latest)."""
+    """A step directory, a `latest`/`best` link, or a run directory (-> its checkpoints/latest)."""
     p = Path(path)
     for cand in (p, p / "checkpoints" / "latest"):
-        if (cand / "draft.pt").is_file():
+        if (cand / ckpt_io.COMPLETE).is_file():
             return cand.resolve()
-    raise ExportError(f"{path} is not a draft checkpoint (no draft.pt); pass a run's checkpoints/step_N directory")
+    raise ExportError(f"{path} is not a complete draft checkpoint (no {ckpt_io.COMPLETE} marker); pass a run's "
+                      "checkpoints/step_N (or latest, best) directory")
 
 
 def load_trained_draft(ckpt_dir: str | Path, expected_vocab: VocabMapping | None = None) -> TrainedDraft:
@@ -84,9 +86,11 @@ def load_trained_draft(ckpt_dir: str | Path, expected_vocab: VocabMapping | None
     d = resolve_checkpoint(ckpt_dir)
     try:
         cfg = DraftConfig.from_dict(json.loads((d / "draft_config.json").read_text()))
-        state = torch.load(d / "draft.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        model = Eagle3Draft(cfg)
+        ckpt_io.load_model_state(d, model)
+    except (OSError, ValueError, TypeError, RuntimeError, ckpt_io.CheckpointError) as e:
         raise ExportError(f"cannot read checkpoint {d}: {e}") from None
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embed_tokens")}
     if not (d / "vocab.json").is_file():
         raise ExportError(f"checkpoint {d} has no vocab.json: the draft vocabulary mapping is missing")
     vocab = VocabMapping.load(d / "vocab.json")
@@ -95,7 +99,7 @@ def load_trained_draft(ckpt_dir: str | Path, expected_vocab: VocabMapping | None
     if "d2t" not in state or "t2d" not in state:
         raise ExportError(f"checkpoint {d} carries no d2t/t2d buffers")
     from_buffers = VocabMapping.from_buffers(state["d2t"], state["t2d"])
-    check_same_vocab(vocab, from_buffers, f"{d}/vocab.json", f"the d2t/t2d buffers in {d}/draft.pt")
+    check_same_vocab(vocab, from_buffers, f"{d}/vocab.json", f"the d2t/t2d buffers in {d}")
     if expected_vocab is not None:
         check_same_vocab(expected_vocab, vocab, "this run's draft vocabulary", f"checkpoint {d}", error=ContractError)
     if (vocab.vocab_size, vocab.draft_vocab_size) != (cfg.vocab_size, cfg.draft_vocab_size):

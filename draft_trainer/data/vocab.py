@@ -52,10 +52,13 @@ class VocabMapping:
         return hashlib.sha256(self.used.numpy().astype(np.int64).tobytes()
                               + str(self.vocab_size).encode()).hexdigest()[:16]
 
+    def to_json(self) -> dict:
+        return {"vocab_size": self.vocab_size, "coverage": self.coverage, "fingerprint": self.fingerprint(),
+                "used": self.used.tolist()}
+
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"vocab_size": self.vocab_size, "coverage": self.coverage,
-                                   "fingerprint": self.fingerprint(), "used": self.used.tolist()}))
+        tmp.write_text(json.dumps(self.to_json()))
         tmp.replace(path)
 
     @classmethod

@@ -139,6 +139,20 @@ class Eagle3Draft(nn.Module):
         """Draft-vocab ids -> target ids (SGLang: hot_token_id = d2t + arange(Vd))."""
         return ids + self.d2t[ids]
 
+    # ------------------------------------------------------------------ training forward
+    def forward(self, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
+                attention_mask_BT: torch.Tensor | None = None, impl: str = "fused") -> list[torch.Tensor]:
+        """TTT over `num_steps` steps: the hidden output of every step (see `ttt_forward`).
+
+        impl="fused" is the fast path (model/ttt_fused.py), "reference" the readable loop below;
+        they agree in forward and gradients (tests/unit/test_ttt_fused.py).
+        """
+        if impl == "reference":
+            return self.ttt_forward(aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
+        from draft_trainer.model.ttt_fused import ttt_forward_fused  # imports this module
+
+        return ttt_forward_fused(self, aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
+
     # ------------------------------------------------------------------ TTT reference
     def ttt_forward(self, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
                     attention_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:

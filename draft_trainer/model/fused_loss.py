@@ -221,8 +221,14 @@ class LinearSoftCE(torch.autograd.Function):
 
 
 def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
-                   compute_dtype: torch.dtype | None = None, chunk: int = 256) -> tuple[torch.Tensor, StepStats]:
-    """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`)."""
+                   compute_dtype: torch.dtype | None = None, chunk: int = 256,
+                   normalizers: list[float] | None = None) -> tuple[torch.Tensor, StepStats]:
+    """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`).
+
+    `normalizers[k]` replaces step k's own supervised-position count as the divisor of its loss:
+    the trainer passes counts summed over micro-batches and ranks, so that the gradient of a
+    global batch does not depend on how it is split (FSDP averages gradients over ranks).
+    """
     B, T, h = g_steps[0].shape
     rows, flat_pos, weights, counts = [], [], [], []
     for k, g_BTh in enumerate(g_steps):
@@ -231,7 +237,9 @@ def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
         rows.append(r)
         flat_pos.append(pos)
         counts.append(n)
-        weights.append(torch.full((n,), (STEP_WEIGHT_DECAY ** k) / max(n, 1), dtype=torch.float64, device=r.device))
+        denom = normalizers[k] if normalizers is not None else n
+        weights.append(torch.full((n,), (STEP_WEIGHT_DECAY ** k) / max(denom, 1), dtype=torch.float64,
+                                  device=r.device))
     x_Nh = model.norm(torch.cat([g.reshape(B * T, h)[pos] for g, pos in zip(g_steps, flat_pos)]))
     r_N, w_N = torch.cat(rows), torch.cat(weights)
     loss, ce_N, amax_N, ea_N = LinearSoftCE.apply(x_Nh, model.lm_head.weight, teacher, r_N, w_N, compute_dtype, chunk)
@@ -257,6 +265,7 @@ def _step_stats(model, teacher, rows, flat_pos, counts, ce_N, amax_N, ea_N, BT) 
         stats.cond_acc.append(float(chain.sum()) / max(int(prev.sum()), 1))
         stats.exp_acc.append(float(ea.sum()) / max(n, 1))
         stats.positions.append(n)
+        stats.add_step(n, float(ce.sum()), float(right.sum()), float(chain.sum()), float(prev.sum()), float(ea.sum()))
     stats.sim_accept_len = sim_accept_len(stats.cond_acc)
     return stats
 

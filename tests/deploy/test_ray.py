@@ -44,7 +44,7 @@ def test_short_real_run_on_a_local_ray_instance(tmp_path, tiny_llama, tiny_datas
     summary = json.loads((out / "summary.json").read_text())
     assert summary["endpoints"] == endpoints
     assert summary["steps"] == 4 and summary["samples_consumed"] == 8
-    assert (out / "train" / "checkpoints" / "latest" / "draft.pt").is_file()
+    assert (out / "train" / "checkpoints" / "latest" / "COMPLETE").is_file()
     lines = (out / "train" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
     (sd,) = json.loads((out / "prometheus" / "specrelay-target.json").read_text())

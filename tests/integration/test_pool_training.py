@@ -113,17 +113,17 @@ def test_all_servers_gone_stops_with_a_checkpoint_and_resume_is_exactly_once(dat
         assert not t.is_alive(), "the run hung after losing every server"
         err = box.get("error")
         assert isinstance(err, TargetUnavailableError), box
-        state = json.loads((out / "checkpoints" / "latest" / "trainer_state.json").read_text())
+        state = json.loads((out / "checkpoints" / "latest" / "trainer.json").read_text())
         stopped_at = state["step"]
         assert f"Training stopped at step {stopped_at}" in str(err) and "resume_from=" in str(err)
         assert doomed.endpoint in str(err)
         assert len(records(out)) == stopped_at and 6 <= stopped_at < 20
         summary = json.loads((out / "summary.json").read_text())
         assert summary["stopped"] and summary["steps"] == stopped_at
-        assert summary["cursor"] == state["cursor"]
+        assert summary["cursors"] == [state["ranks"]["0"]["cursor"]]
 
         # Resume against another server: exactly the samples past the cursor, same trajectory.
-        Trainer(config(dataset, out, ref.endpoint, f"resume_from={out / 'checkpoints' / 'latest'}")).run()
+        Trainer(config(dataset, out, ref.endpoint, "resume_from=auto")).run()
     finally:
         ref.stop(signal.SIGKILL)
         doomed.stop(signal.SIGKILL)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from draft_trainer.client.target import TargetClient
+from draft_trainer.export import load_trained_draft
 from tests.support.procs import run_cli, start_server
 
 
@@ -47,6 +48,6 @@ def test_train_thin_path_loss_decreases(server, tiny_dataset, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30
     ckpt = out / "checkpoints" / "latest"
-    assert (ckpt / "draft.pt").is_file() and (ckpt / "vocab.json").is_file()
-    state = torch.load(ckpt / "draft.pt")
-    assert "fc.weight" in state and not any(k.startswith("embed_tokens") for k in state)
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "vocab.json").is_file()
+    trained = load_trained_draft(ckpt)
+    assert "fc.weight" in trained.state and not any(k.startswith("embed_tokens") for k in trained.state)

@@ -64,3 +64,15 @@ def test_train_config_validation_and_dump(tmp_path):
     f = tmp_path / "round.yaml"
     f.write_text(text)
     assert load_config(TrainConfig, f) == cfg
+
+
+def test_example_configs_stay_valid():
+    from pathlib import Path
+
+    import draft_trainer
+
+    configs = sorted((Path(draft_trainer.__file__).parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cfg = load_config(TrainConfig, path)
+        assert "~" not in cfg.targets.embedded_model

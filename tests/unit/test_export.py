@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from common.errors import ContractError, ExportError
 from draft_trainer.data.vocab import build_vocab_mapping
-from draft_trainer.export import export_sglang, expected_shapes, load_exported, load_trained_draft
+from draft_trainer.export import export_sglang, expected_shapes, load_exported, load_trained_draft, serving_tensors
 from tests.support.drafts import save_checkpoint
 from tests.support.procs import run_cli
 from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg
@@ -70,19 +70,25 @@ def test_round_trip_same_logits(tmp_path):
 
 def test_refuses_missing_extra_and_misshaped_keys(tmp_path):
     model, vocab, ckpt = make_ckpt(tmp_path)
-    state = torch.load(ckpt / "draft.pt")
-    for name, mutate, msg in [
-        ("missing", lambda s: s.pop("midlayer.hidden_norm.weight"), "missing keys ['midlayer.hidden_norm.weight']"),
-        ("extra", lambda s: s.__setitem__("model.fc.weight", s["fc.weight"]), "unexpected keys ['model.fc.weight']"),
-        ("shape", lambda s: s.__setitem__("lm_head.weight", s["lm_head.weight"][:-1]), "wrong shapes"),
+    td = load_trained_draft(ckpt)
+    state = dict(td.state)
+    for mutate, msg in [
+        (lambda s: s.pop("midlayer.hidden_norm.weight"), "missing keys ['midlayer.hidden_norm.weight']"),
+        (lambda s: s.__setitem__("model.fc.weight", s["fc.weight"]), "unexpected keys ['model.fc.weight']"),
+        (lambda s: s.__setitem__("lm_head.weight", s["lm_head.weight"][:-1]), "wrong shapes"),
+        (lambda s: s.__setitem__("norm.weight", s["norm.weight"] * float("nan")), "non-finite"),
     ]:
-        bad = dict(state)
-        mutate(bad)
-        torch.save(bad, ckpt / "draft.pt")
+        td.state = dict(state)
+        mutate(td.state)
         with pytest.raises(ExportError, match=r".*" + msg.replace("[", r"\[").replace("]", r"\]")):
-            export_sglang(ckpt, tmp_path / f"out-{name}")
-        assert not (tmp_path / f"out-{name}").exists()
-    torch.save(state, ckpt / "draft.pt")
+            serving_tensors(td)
+    # A checkpoint whose stored tensors do not fit its draft_config.json cannot be read at all.
+    cfg = json.loads((ckpt / "draft_config.json").read_text())
+    (ckpt / "draft_config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    with pytest.raises(ExportError, match="cannot read checkpoint"):
+        export_sglang(ckpt, tmp_path / "out-bad")
+    assert not (tmp_path / "out-bad").exists()
+    (ckpt / "draft_config.json").write_text(json.dumps(cfg))
     export_sglang(ckpt, tmp_path / "ok")
 
 
@@ -94,12 +100,12 @@ def test_refuses_inconsistent_vocab_mapping(tmp_path):
     with pytest.raises(ExportError, match="vocabulary mismatch"):
         export_sglang(ckpt, tmp_path / "out")
     vocab.save(ckpt / "vocab.json")
-    state = torch.load(ckpt / "draft.pt")
-    state["t2d"] = state["t2d"].clone()
-    state["t2d"][int(torch.nonzero(~state["t2d"])[0])] = True   # t2d marks one id d2t does not map
-    torch.save(state, ckpt / "draft.pt")
+    td = load_trained_draft(ckpt)
+    t2d = td.state["t2d"].clone()
+    t2d[int(torch.nonzero(~t2d)[0])] = True               # t2d marks one id d2t does not map
+    td.state = {**td.state, "t2d": t2d}
     with pytest.raises(ExportError, match="t2d marks"):
-        export_sglang(ckpt, tmp_path / "out")
+        serving_tensors(td)
 
 
 def test_resume_check_rejects_a_different_run_mapping(tmp_path):
@@ -118,4 +124,4 @@ def test_cli_export_and_clear_errors(tmp_path):
     res = run_cli("draft_trainer", "export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "e"))
     assert res.returncode == 2 and "not empty" in res.stderr
     res = run_cli("draft_trainer", "export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "f"))
-    assert res.returncode == 2 and "not a draft checkpoint" in res.stderr
+    assert res.returncode == 2 and "not a complete draft checkpoint" in res.stderr

@@ -1,0 +1,163 @@
+"""Feature cache: keep the features a run received, train from them later without any server.
+
+Hybrid online/offline training: `--feature-cache DIR` appends every feature set the trainer
+receives to Arrow IPC shards (the same record-batch schema as the wire, common/features.py);
+`--offline` trains from the cache alone. Hidden states are large (4.5 KiB/token at H=576,
+32 KiB/token at H=4096), so the expected size is estimated and logged before anything is
+written, and writing stops (with a warning, counted) at `limit_bytes`.
+
+Layout: `<dir>/meta.json` (the ModelInfo contract + wire schema), `<dir>/frozen.safetensors`
+(the target's embedding and lm_head, so offline training needs no server at all) and
+`<dir>/shard-r<rank>-<n>.arrow` (IPC files, renamed into place when complete; a crash loses at
+most the shard being written, never corrupts the cache). Reads are memory-mapped, so cached
+tensors are zero-copy views of the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.contract import ModelInfo
+from common.errors import ContractError, DataError
+from common.features import FeatureSchema, SampleFeatures, decode_batch, encode_batch
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+FROZEN = "frozen.safetensors"
+
+
+def feature_bytes_per_token(info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> int:
+    item = 4 if info.dtype == "float32" else 2
+    per = 3 * info.hidden_size * item
+    per += info.hidden_size * item if teacher == "hidden" else topk * 8
+    return per
+
+
+def estimate_bytes(num_tokens: int, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> int:
+    return num_tokens * feature_bytes_per_token(info, teacher, topk)
+
+
+class FeatureCacheWriter:
+    def __init__(self, path: str | Path, info: ModelInfo, schema: FeatureSchema, *, rank: int = 0,
+                 limit_bytes: int = 0, shard_bytes: int = 256 << 20,
+                 frozen: dict[str, torch.Tensor] | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.rank = rank
+        self.limit_bytes = limit_bytes
+        self.shard_bytes = shard_bytes
+        self.written_bytes = 0
+        self.written_samples = 0
+        self.skipped_samples = 0  # over the limit
+        self._shard_index = len(list(self.path.glob(f"shard-r{rank}-*.arrow")))
+        self._writer = None
+        self._sink = None
+        self._tmp: Path | None = None
+        self._shard_written = 0
+        meta = {"model_info": asdict(info), "schema": asdict(schema)}
+        meta_path = self.path / META
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            if old != meta:
+                raise ContractError(f"feature cache {self.path} holds features of a different model or schema; "
+                                    "use a new directory")
+        elif rank == 0:
+            tmp = meta_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, meta_path)
+        if frozen is not None and not (self.path / FROZEN).is_file():
+            tmp = self.path / f".{FROZEN}.tmp"
+            save_file({k: v.contiguous() for k, v in frozen.items()}, str(tmp))
+            os.replace(tmp, self.path / FROZEN)
+
+    def _open(self) -> None:
+        name = f"shard-r{self.rank}-{self._shard_index:05d}.arrow"
+        self._tmp = self.path / f".{name}.tmp"
+        self._final = self.path / name
+        self._sink = pa.OSFile(str(self._tmp), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.schema.arrow())
+        self._shard_written = 0
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()
+        os.replace(self._tmp, self._final)
+        self._writer = None
+        self._shard_index += 1
+
+    def add(self, rows: list[SampleFeatures]) -> bool:
+        """Append complete samples; False (and counted) once the size limit is reached."""
+        batch = encode_batch(self.schema, rows)
+        if self.limit_bytes and self.written_bytes + batch.nbytes > self.limit_bytes:
+            if self.skipped_samples == 0:
+                log.warning("feature cache %s reached its limit of %.2f GB; further features are not cached",
+                            self.path, self.limit_bytes / 1e9)
+            self.skipped_samples += len(rows)
+            return False
+        if self._writer is None:
+            self._open()
+        self._writer.write_batch(batch)
+        self.written_bytes += batch.nbytes
+        self.written_samples += len(rows)
+        self._shard_written += batch.nbytes
+        if self._shard_written >= self.shard_bytes:
+            self._close_shard()
+        return True
+
+    def close(self) -> None:
+        self._close_shard()
+
+
+class FeatureCacheReader:
+    """Random access by sample id over every complete shard (memory-mapped)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / META
+        if not meta_path.is_file():
+            raise DataError(f"{self.path} is not a feature cache (no {META}); train online with --feature-cache first")
+        meta = json.loads(meta_path.read_text())
+        self.info = ModelInfo(**meta["model_info"])
+        self.schema = FeatureSchema(**meta["schema"])
+        self._batches: list[pa.RecordBatch] = []
+        self._index: dict[int, tuple[int, int]] = {}
+        for shard in sorted(self.path.glob("shard-*.arrow")):
+            reader = pa.ipc.open_file(pa.memory_map(str(shard), "r"))
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                ids = batch.column("sample_id").to_numpy()
+                for row, sid in enumerate(ids):
+                    self._index[int(sid)] = (len(self._batches), row)
+                self._batches.append(batch)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        path = self.path / FROZEN
+        if not path.is_file():
+            raise DataError(f"feature cache {self.path} has no {FROZEN} (the target's embedding and lm_head); "
+                            "re-create it with an online run")
+        return load_file(str(path))
+
+    def __contains__(self, sample_id: int) -> bool:
+        return sample_id in self._index
+
+    def get(self, sample_id: int) -> SampleFeatures | None:
+        where = self._index.get(sample_id)
+        if where is None:
+            return None
+        b, row = where
+        return decode_batch(self._batches[b].slice(row, 1))[0]
