@@ -171,3 +171,46 @@ def test_tiny_dataset_fixture_is_built_by_the_pipeline(tiny_dataset):
     assert (tiny_dataset / "vocab.json").is_file() and (tiny_dataset / "stats.json").is_file()
     stats = json.loads((tiny_dataset / "stats.json").read_text())
     assert stats["kept"] == stats["samples_in"] == 48
+
+
+def test_holdout_prompts_are_never_trained_on(tiny_llama, tmp_path):
+    # Records 0/1 are parts of one ShareGPT chat; record 4 repeats record 2's first user turn.
+    chats = [
+        {"id": "a_0", "conversations": [{"from": "human", "value": "Tell me about owls."}, {"from": "gpt", "value": "Owls hunt at night."}]},
+        {"id": "a_1", "conversations": [{"from": "human", "value": "And their eyes?"}, {"from": "gpt", "value": "They are large."}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "Seven."}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
+        {"id": "d", "conversations": [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "Two."}]},
+        {"id": "e", "conversations": [{"from": "human", "value": "Count to three."}, {"from": "gpt", "value": "1 2 3"}]},
+    ]
+    src = tmp_path / "sg.json"
+    src.write_text(json.dumps(chats))
+    held_first = [{"id": "x", "conversations": [{"from": "gpt", "value": "orphan"}]}]  # not usable as a prompt
+    src2 = tmp_path / "lead.json"
+    src2.write_text(json.dumps(held_first))
+    out = tmp_path / "ds"
+    res = _cli(tiny_llama, [src2, src], out, "--holdout", "2", "--max-samples", "3")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    prompts = [json.loads(x) for x in (out / "heldout_prompts.jsonl").read_text().splitlines()]
+    # The orphan answer is passed over (it goes to training and is dropped there); a_0 and a_1 are the
+    # first two usable conversations.
+    assert [p["messages"][-1]["content"] for p in prompts] == ["Tell me about owls.", "And their eyes?"]
+    assert all(p["messages"][-1]["role"] == "user" for p in prompts)
+    # Training reads 3 records after the held-out ones: the orphan (passed over), b, c.
+    ds = TokenizedDataset(out)
+    assert ds.sample_ids.tolist() == [3, 4]
+    assert stats["heldout"] == 2 and stats["samples_in"] == 5
+    assert stats["samples_in"] == stats["kept"] + stats["heldout"] + sum(stats["dropped"].values())
+    # Holding out only a_0: a_1, another part of the same chat, must not be trained on.
+    res = _cli(tiny_llama, [src2, src], tmp_path / "one", "--holdout", "1")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((tmp_path / "one" / "stats.json").read_text())
+    assert stats["dropped"]["heldout_overlap"] == 1 and TokenizedDataset(tmp_path / "one").sample_ids.tolist() == [3, 4, 5, 6]
+    # Holding out a_0, a_1, b: d asks b's question, so it is dropped too.
+    res = _cli(tiny_llama, [src2, src], tmp_path / "three", "--holdout", "3")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((tmp_path / "three" / "stats.json").read_text())
+    assert stats["dropped"]["heldout_overlap"] == 1 and TokenizedDataset(tmp_path / "three").sample_ids.tolist() == [4, 6]
+    res = _cli(tiny_llama, [src], tmp_path / "toomany", "--holdout", "50")
+    assert res.returncode != 0 and "only 6 usable conversations" in res.stderr

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.contract import default_aux_layers, tokenizer_fingerprint
-from common.errors import AssetError, ConfigError
+from common.errors import AssetError, ConfigError, ContractError
 from draft_trainer.client.target import TargetClient
 from target_server.backends.hf import HFBackend
 from tests.support.procs import run_cli, start_server
@@ -171,6 +171,15 @@ def test_model_info_contract_and_fetch_tensors(qwen_server, tiny_qwen3):
         assert torch.equal(frozen["embed_tokens"], weights["model.embed_tokens.weight"])
         assert torch.equal(frozen["lm_head"], weights["lm_head.weight"])
         assert torch.equal(frozen["final_norm"], weights["model.norm.weight"])
+        # Decoder-layer weights (draft initialisation from a target layer, model.init=target).
+        names = ["layers.1.self_attn.q_proj", "layers.1.mlp.down_proj", "layers.1.input_layernorm"]
+        layer = client.fetch_tensors(names)
+        for n in names:
+            assert torch.equal(layer[n], weights[f"model.{n}.weight"]), n
+        with pytest.raises(ContractError, match="layer 99 out of range"):
+            client.fetch_tensors(["layers.99.mlp.up_proj"])
+        with pytest.raises(ContractError, match="unknown tensor name 'layers.1.rotary'"):
+            client.fetch_tensors(["layers.1.rotary"])
     finally:
         client.close()
 
