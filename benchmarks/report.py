@@ -140,11 +140,11 @@ def render(results_dir: Path = RESULTS, smoke: bool = False) -> str:
         sections += [f"### {b.title}", "", f"Measures: {b.measures}.", "",
                      f"Reproduce: `{b.reproduce_command()}`" + ("" if b.in_make_bench else " (not part of `make bench`)"),
                      "", _table(results_dir / f"{b.stem(smoke)}.md"), ""]
-        for stem, cmd in b.extra if not smoke else ():
+        for stem, cmd, in_summary in b.extra if not smoke else ():
             extra = load(results_dir, stem, cmd)
             if extra is not None:
                 machines.append(machine_row(stem, extra))
-                for h in b.headline(extra):
+                for h in b.headline(extra) if in_summary else ():
                     summary.append(f"| {b.title} (`{stem}`) | {h.figure} | {h.target} | {_met(h, smoke)} |")
                 sections += [f"Earlier variant run `{stem}` (`{cmd}`):", "", _table(results_dir / f"{stem}.md"), ""]
     demo_lines, demo_head = demo_section(results_dir)
