@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"ranks": nproc, "threads/rank": threads, "features": source, **r})
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the feature cache of a full run is ~100s of MB
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs 1 rank live"] = r["tokens_per_s"] / base
