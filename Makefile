@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-sglang deploy-check proto bench clean
+.PHONY: setup demo test test-fast test-sglang deploy-check proto bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ test-fast: $(STAMP)
 deploy-check: $(STAMP)
 	bash .ci/deploy-tools.sh
 	$(BIN)/python -m pytest -q tests/deploy
+
+# Every CPU benchmark at full size (bounded: each script has a time limit, see docs/benchmarks.md)
+# -> benchmarks/results/*.json + docs/benchmarks.md. bench-smoke: tiny sizes, proves each still runs.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all --smoke --out runs/bench-smoke
 
 proto: $(STAMP)
 	$(BIN)/python -m common.rpc.generate

@@ -11,7 +11,7 @@ Measured side by side in one run, alternating, `--repeats` times each (best of):
 Overhead = pipeline / tokenizer - 1 (target < 25%), on CPU seconds (this process + its worker
 pools; robust on a shared machine) and on wall time. The pipeline also reads the records it
 drops and its CPU figure includes loading the tokenizer, so the figure errs high.
-Writes benchmarks/results/prepare_data.json and prints a markdown table.
+Writes benchmarks/results/prepare_data.json and the markdown table as prepare_data.md (next to --out).
 """
 
 from __future__ import annotations
@@ -79,6 +79,22 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "load_avg_at_start": load,
             "note": "shared machine: other jobs run on the same cores, timings are noisy"}
+
+
+def markdown(report: dict) -> str:
+    """The table and overhead line of a report (printed, and written next to the JSON as .md)."""
+    best, sps, overhead = report["best"], report["samples_per_s_wall"], report["overhead_vs_tokenizer"]
+    lines = [f"| path ({report['workers']} workers, best of {len(report['runs']['pipeline']['wall_s'])}) | wall (s) | "
+             "samples/s (wall) | CPU (s) |", "|---|---:|---:|---:|"]
+    rows = (("pipeline", f"prepare-data ({report['samples_in']} records in, {report['samples_kept']} kept)"),
+            ("tokenizer", f"bare tokenizer on the rendered text ({report['samples_kept']} samples)"),
+            ("render_tokenize", "chat template render + bare tokenizer"))
+    for key, label in rows:
+        lines.append(f"| {label} | {best[key]['wall_s']:.2f} | {sps[key]:.0f} | {best[key]['cpu_s']:.2f} |")
+    lines += ["", f"overhead vs bare tokenizer: CPU {100 * overhead['cpu_s']:+.1f}%, wall {100 * overhead['wall_s']:+.1f}% "
+              f"(target < 25%: {'met' if overhead['cpu_s'] < 0.25 else 'NOT met'} on CPU time). Load average at start "
+              f"{report['machine']['load_avg_at_start']} (shared machine: wall times are noisy)."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,17 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=1))
     os.replace(tmp_out, out)
-    sps = report["samples_per_s_wall"]
-    print(f"\n| path ({args.workers} workers, best of {args.repeats}) | wall (s) | samples/s (wall) | CPU (s) |"
-          "\n|---|---:|---:|---:|")
-    rows = (("pipeline", f"prepare-data ({st.samples_in} records in, {st.kept} kept)"),
-            ("tokenizer", f"bare tokenizer on the rendered text ({st.kept} samples)"),
-            ("render_tokenize", "chat template render + bare tokenizer"))
-    for key, label in rows:
-        print(f"| {label} | {best[key]['wall_s']:.2f} | {sps[key]:.0f} | {best[key]['cpu_s']:.2f} |")
-    print(f"\noverhead vs bare tokenizer: CPU {100 * overhead['cpu_s']:+.1f}%, wall {100 * overhead['wall_s']:+.1f}% "
-          f"(target < 25%: {'met' if overhead['cpu_s'] < 0.25 else 'NOT met'} on CPU time). Load average at start "
-          f"{report['machine']['load_avg_at_start']} (shared machine: wall times are noisy). Wrote {out}")
+    md = markdown(report)
+    tmp_md = out.with_suffix(".md.tmp")
+    tmp_md.write_text(f"# {out.stem}\n\n{md}\n")
+    os.replace(tmp_md, out.with_suffix(".md"))
+    print("\n" + md + f"\nWrote {out}")
     return 0
 
 

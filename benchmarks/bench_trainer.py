@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = p.parse_args(argv)
     d = SMOKE if args.smoke else FULL
+    load_start = os.getloadavg()[0]  # the machine is shared: the load says how noisy the figures are
     work = Path(tempfile.mkdtemp(prefix="specrelay-bench-trainer-"))
     from draft_trainer.assets import build_synthetic_dataset
 
@@ -73,12 +76,15 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"ranks": nproc, "threads/rank": threads, "features": source, **r})
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the feature cache of a full run is ~100s of MB
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs 1 rank live"] = r["tokens_per_s"] / base
     table = markdown_table(rows, ["ranks", "threads/rank", "features", "tokens_per_s", "vs 1 rank live",
                                   "data_wait_fraction", "peak_rss_mb_per_rank", "steps"])
-    write_results("trainer", {"config": d, "rows": rows}, table, out_dir=args.out)
+    write_results("trainer_smoke" if args.smoke else "trainer",
+                  {"smoke": args.smoke, "config": d, "load_avg_start": load_start, "rows": rows}, table,
+                  out_dir=args.out)
 
 
 if __name__ == "__main__":

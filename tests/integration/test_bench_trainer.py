@@ -7,7 +7,7 @@ from benchmarks import bench_trainer
 
 def test_bench_trainer_smoke(tmp_path):
     bench_trainer.main(["--smoke", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "trainer.json").read_text())
+    data = json.loads((tmp_path / "trainer_smoke.json").read_text())
     rows = data["rows"]
     assert [(r["ranks"], r["features"].split()[0]) for r in rows] == [(1, "live"), (1, "feature"), (2, "live"),
                                                                       (2, "feature")]
