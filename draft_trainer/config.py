@@ -21,6 +21,7 @@ class TargetsConfig:
     endpoints: str = ""              # host:port,host:port | dns:NAME:PORT | file:PATH; empty = embedded server
     embedded_model: str = ""         # model directory for the embedded local server (HF backend)
     embedded_dtype: str = "fp32"
+    embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
     teacher: Literal["hidden", "topk"] = "hidden"
     topk: int = 0                    # for teacher=topk
     request_timeout_s: float = 120.0  # per-request deadline; a request past it is re-issued elsewhere
@@ -92,8 +93,11 @@ class TrainConfig:
     max_steps: int = 100
     time_budget_s: float = 0.0       # stop (with a checkpoint) at the first step boundary past this; 0 = none
     epochs: int = 1
+    threads: int = 0                 # torch threads of each trainer rank; 0 = torch's default (all cores)
     log_every: int = 1
     save_every: int = 0              # 0 = only at the end (and on SIGTERM/SIGINT)
+    save_every_s: float = 0.0        # also checkpoint every N seconds of training (time-budgeted runs); 0 = off
+    save_initial: bool = False       # also checkpoint the starting draft (step 0): the untrained baseline
     keep_last: int = 3               # complete checkpoints kept (plus `best`)
     resume_from: str = ""            # "auto" (latest checkpoint of output_dir, if any) or a checkpoint directory:
                                      # model, optimizer, RNG, step and per-rank data cursors; samples past the

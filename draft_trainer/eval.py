@@ -196,7 +196,12 @@ def _draft_extend(draft: Eagle3Draft, cache: KVCache, feats_SH3: torch.Tensor, n
 # ----------------------------------------------------------------------------- command
 
 def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str | Path, num_steps: int = 7,
-             max_new_tokens: int = 128) -> dict:
+             max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False) -> dict:
+    """Acceptance of one exported draft on a prompts file (see the module doc).
+
+    `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt, so
+    evaluating several drafts on the same target and prompts decodes the reference once.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from draft_trainer.export import load_exported
@@ -223,8 +228,17 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     eos = _eos_set(target, tok)
     per_prompt, mismatches = [], []
     accepted, rounds, spec_s, greedy_s, spec_tokens, greedy_tokens = [], 0, 0.0, 0.0, 0, 0
+    cache = greedy_cache if greedy_cache is not None else {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"eval {Path(draft_dir).name}", unit="prompt", dynamic_ncols=True)
     for i, prompt in enumerate(prompts):
-        ref, g_s = greedy_decode(target, prompt, max_new_tokens, eos)
+        key = (str(target_model), tuple(prompt), max_new_tokens)
+        if key not in cache:
+            cache[key] = greedy_decode(target, prompt, max_new_tokens, eos)
+        ref, g_s = cache[key]
         got, st = speculative_decode(target, draft, prompt, num_steps, max_new_tokens, eos)
         same = got == ref
         if not same:
@@ -239,6 +253,11 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         greedy_tokens += len(ref)
         per_prompt.append({"prompt_tokens": len(prompt), "new_tokens": len(got), "rounds": st.rounds,
                            "tau": (sum(st.accepted) + st.rounds) / max(st.rounds, 1), "identical": same})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tau=f"{(sum(accepted) + rounds) / max(rounds, 1):.2f}")
+    if bar is not None:
+        bar.close()
     # Acceptance per draft position i: P(first i drafts accepted), and given the first i-1 were.
     reach = [sum(a >= i for a in accepted) for i in range(num_steps + 1)]
     result = {
@@ -247,6 +266,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         "tau": (sum(accepted) + rounds) / max(rounds, 1),
         "target_forwards": rounds,
         "accept_rate_per_position": [reach[i] / max(rounds, 1) for i in range(1, num_steps + 1)],
+        "accepted_histogram": [sum(a == n for a in accepted) for n in range(num_steps + 1)],  # rounds by #accepted
         "cond_accept_rate_per_position": [reach[i] / max(reach[i - 1], 1) for i in range(1, num_steps + 1)],
         "spec_tokens_per_s": spec_tokens / max(spec_s, 1e-9),
         "greedy_tokens_per_s": greedy_tokens / max(greedy_s, 1e-9),

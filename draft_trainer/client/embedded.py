@@ -20,13 +20,14 @@ class EmbeddedServer:
     """`with EmbeddedServer(model) as endpoint:` runs `target-server serve` on free loopback ports."""
 
     def __init__(self, model: str, *, backend: str = "hf", dtype: str = "fp32", extra_args: list[str] | None = None,
-                 startup_timeout_s: float = 300.0, log_path: str | Path | None = None) -> None:
+                 startup_timeout_s: float = 300.0, log_path: str | Path | None = None, threads: int = 0) -> None:
         self.model = model
         self.backend = backend
         self.dtype = dtype
         self.extra_args = extra_args or []
         self.startup_timeout_s = startup_timeout_s
         self.log_path = Path(log_path) if log_path else None
+        self.threads = threads
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
         self.ready: dict = {}
@@ -41,6 +42,8 @@ class EmbeddedServer:
         env = dict(os.environ)
         repo_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
+        if self.threads > 0:  # the server shares the cores with the trainer: split them instead of oversubscribing
+            env["OMP_NUM_THREADS"] = str(self.threads)
         log.info("starting embedded target server: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         end = time.monotonic() + self.startup_timeout_s

@@ -208,6 +208,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         self._stack.callback(destroy_distributed)
         torch.manual_seed(cfg.seed)  # the same initial draft on every rank
         self.out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +293,8 @@ class Trainer:
             if self.dist.is_main:
                 server = EmbeddedServer(cfg.targets.embedded_model, dtype=cfg.targets.embedded_dtype,
                                         startup_timeout_s=cfg.targets.startup_timeout_s,
-                                        log_path=self.out / "embedded_server.log")
+                                        log_path=self.out / "embedded_server.log",
+                                        threads=cfg.targets.embedded_threads)
                 endpoint = self._stack.enter_context(server)
                 log.info("embedded target server at %s", endpoint)
             if self.dist.distributed:
@@ -518,6 +521,9 @@ class Trainer:
         cfg = self.cfg
         last: StepStats | None = None
         bar = self._progress()
+        if cfg.save_initial and self.step == 0:
+            self.save_checkpoint(0)
+        last_save = time.perf_counter()
         while self.step < cfg.max_steps:
             if self._should_stop_on_signal():
                 return last, "signal"
@@ -559,8 +565,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{stats.acc[0]:.2f}", tau=f"{stats.sim_accept_len:.2f}")
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if (cfg.save_every and self.step % cfg.save_every == 0) or \
+                    (cfg.save_every_s and self._agree(time.perf_counter() - last_save >= cfg.save_every_s)):
                 self.save_checkpoint(self.step)
+                last_save = time.perf_counter()
             if (cfg.eval.holdout and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0
                     and self.step < cfg.max_steps and self._run_eval()):
                 self._checkpoint(best=True)
