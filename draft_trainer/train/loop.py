@@ -563,8 +563,12 @@ class Trainer:
             step_time = time.perf_counter() - t0
             self._record(metrics_f, loss, stats, lr, float(grad_norm), n_tokens, n_samples, step_time, wait, micro)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{stats.acc[0]:.2f}", tau=f"{stats.sim_accept_len:.2f}")
+                if cfg.time_budget_s:
+                    bar.n = min(time.perf_counter() - t_start, bar.total)
+                else:
+                    bar.update(1)
+                bar.set_postfix(step=self.step, loss=f"{loss:.3f}", acc0=f"{stats.acc[0]:.2f}",
+                                tau=f"{stats.sim_accept_len:.2f}")
             if (cfg.save_every and self.step % cfg.save_every == 0) or \
                     (cfg.save_every_s and self._agree(time.perf_counter() - last_save >= cfg.save_every_s)):
                 self.save_checkpoint(self.step)
@@ -657,6 +661,9 @@ class Trainer:
             return None
         from tqdm import tqdm
 
+        if self.cfg.time_budget_s:  # the budget, not max_steps, ends the run: show time against it
+            return tqdm(total=int(self.cfg.time_budget_s), desc="train", unit="s", dynamic_ncols=True, mininterval=1.0,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total}s [{remaining} left{postfix}]")
         return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                     mininterval=1.0)
 
