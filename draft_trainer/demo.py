@@ -213,7 +213,7 @@ def _plots(out: Path, train_dir: Path, base: dict, trained: dict, curve: list[di
     pos = list(range(1, K + 1))
     for r, name in ((base, "untrained"), (trained, "trained")):
         axes[0].plot(pos, r["accept_rate_per_position"], "o-", label=f"{name} (tau {r['tau']:.2f})")
-    axes[0].set(title="P(draft tokens 1..i all accepted)", xlabel="draft position i", ylim=(0, 1))
+    axes[0].set(title="P(draft tokens 1..i all accepted)", xlabel="draft position i", ylim=(0, 1), xticks=pos)
     width = 0.4
     xs = list(range(K + 1))
     for off, (r, name) in zip((-width / 2, width / 2), ((base, "untrained"), (trained, "trained"))):
