@@ -95,18 +95,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from common.files import atomic_write_text
     from draft_trainer.eval import evaluate
 
     result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
                       max_new_tokens=args.max_new_tokens)
     text = json.dumps(result, indent=1)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        atomic_write_text(args.output, text)
     print(text)
     if not result["lossless"]:
         print(f"draft-trainer: error: speculative output differs from greedy decoding for "

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.files import atomic_write_json
 from common.config import load_config
 from draft_trainer import assets
 from draft_trainer.config import TrainConfig
@@ -44,12 +45,6 @@ log = logging.getLogger("draft_trainer.demo")
 def _stage(n: int, name: str, what: str) -> float:
     print(f"\n=== [{n}/6] {name}: {what}", flush=True)
     return time.perf_counter()
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _train_tokens(metrics_path: Path) -> dict[int, int]:
@@ -158,15 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         results[c.name] = r
         curve.append({"step": step, "train_tokens": tokens_at.get(step, 0), "tau": r["tau"]})
         (out / "eval").mkdir(exist_ok=True)
-        _atomic_json(out / "eval" / f"{c.name}.json", r)
+        atomic_write_json(out / "eval" / f"{c.name}.json", r)
     timings["eval_s"] = time.perf_counter() - t
 
     # 6. report ------------------------------------------------------------------------------
     t = _stage(6, "report", "table and plots")
-    _atomic_json(out / "tau_curve.json", curve)
+    atomic_write_json(out / "tau_curve.json", curve)
     results_dir = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     if not args.tiny and results_dir.is_dir():  # the results page (docs/benchmarks.md) renders this curve
-        _atomic_json(results_dir / "demo_tau_curve.json", curve)
+        atomic_write_json(results_dir / "demo_tau_curve.json", curve)
     base, trained = results[first.name], results[last.name]
     report = _report(args, summary, base, trained, curve, timings, time.perf_counter() - t_demo)
     (out / "report.md").write_text(report)

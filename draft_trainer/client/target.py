@@ -39,6 +39,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of parse_endpoint: IPv6 literals need brackets in gRPC and Flight targets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class TargetClient:
     def __init__(self, endpoint: str, *, client_id: str | None = None, timeout_s: float = 30.0,
                  auth_token: str | None = None, tls_root_cert: str | None = None,
@@ -51,7 +56,7 @@ class TargetClient:
         self._flight_headers = [(AUTH_HEADER.encode(), bearer_value(auth_token).encode())] if auth_token else []
         self._tls_root = read_pem(tls_root_cert, "tls_root_cert") if tls_root_cert else None
         self._tls_server_name = tls_server_name
-        target = f"{self.host}:{self.port}"
+        target = join_host_port(self.host, self.port)
         if self._tls_root is not None:
             options = GRPC_OPTIONS + ([("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else [])
             creds = grpc.ssl_channel_credentials(root_certificates=self._tls_root)
@@ -130,10 +135,10 @@ class TargetClient:
         if self._flight is None:
             port = self.model_info().flight_port
             if self._tls_root is not None:
-                self._flight = flight.FlightClient(f"grpc+tls://{self.host}:{port}", tls_root_certs=self._tls_root,
+                self._flight = flight.FlightClient(f"grpc+tls://{join_host_port(self.host, port)}", tls_root_certs=self._tls_root,
                                                    override_hostname=self._tls_server_name)
             else:
-                self._flight = flight.FlightClient(f"grpc://{self.host}:{port}")
+                self._flight = flight.FlightClient(f"grpc://{join_host_port(self.host, port)}")
         return self._flight
 
     def features(self, sample_ids: list[int], seqs: list[list[int]], *, teacher: str = TEACHER_HIDDEN,

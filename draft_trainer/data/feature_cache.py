@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_write_json
 from common.contract import ModelInfo
 from common.errors import ContractError, DataError
 from common.features import FeatureSchema, SampleFeatures, decode_batch, encode_batch
@@ -72,9 +73,7 @@ class FeatureCacheWriter:
                 raise ContractError(f"feature cache {self.path} holds features of a different model or schema; "
                                     "use a new directory")
         elif rank == 0:
-            tmp = meta_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, meta_path)
+            atomic_write_json(meta_path, meta)
         if frozen is not None and not (self.path / FROZEN).is_file():
             tmp = self.path / f".{FROZEN}.tmp"
             save_file({k: v.contiguous() for k, v in frozen.items()}, str(tmp))

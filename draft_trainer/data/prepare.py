@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from common.files import atomic_write_text
 from common.contract import tokenizer_fingerprint
 from common.errors import ConfigError, DataError
 from draft_trainer.assets import sha256_file
@@ -476,10 +477,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write = atomic_write_text
 
 
 def _progress_bar(enabled: bool):

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import atomic_write_json
 from common.config import dump_yaml, to_dict
 from common.contract import ModelInfo
 from common.errors import ConfigError, ContractError, DataError, TargetUnavailableError
@@ -776,9 +776,7 @@ class Trainer:
             "resumed_from": self.cfg.resume_from or None,
             "stopped": stopped or None, "pool": stream.summary(),
         }
-        tmp = self.out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, self.out / "summary.json")
+        atomic_write_json(self.out / "summary.json", summary)
         return summary
 
     def _gather_counters(self) -> list[dict]:

@@ -65,7 +65,7 @@ def test_prepare_data_cli_accounts_for_every_record(tiny_llama, inputs, tmp_path
     # 6 complete ShareGPT records (the 7th is cut off and reported lost) + 2 OpenAI + 1 Parquet.
     assert stats["samples_in"] == 9 and stats["kept"] == 5
     assert stats["dropped"] == {"malformed": 0, "empty": 1, "role_order": 1, "template_error": 0, "too_long": 1,
-                                "no_supervised_tokens": 1}
+                                "no_supervised_tokens": 1, "heldout_overlap": 0}
     assert stats["files"][0]["lost_records"] == 1 and "record 6" in stats["files"][0]["note"]
     assert stats["events"]["leading_turns_trimmed"] == 1 and stats["events"]["tool_calls_inlined"] == 1
     assert "samples in 9: kept 5" in res.stdout and "1 incomplete record" in res.stdout

@@ -94,3 +94,14 @@ def test_unresolvable_dns_name_is_retried_until_the_startup_timeout():
         pool.start()
     assert time.monotonic() - t0 >= 0.5  # waited instead of failing at once
     assert "no-such-host.invalid" in str(err.value) and "startup_timeout_s" in str(err.value)
+
+
+def test_ipv6_endpoints_keep_their_brackets_on_the_way_to_grpc_and_flight():
+    from draft_trainer.client.target import join_host_port, parse_endpoint
+
+    # dns: discovery writes IPv6 addresses as [addr]:port; the channel targets must too.
+    for ep, host in (("[::1]:50051", "::1"), ("[fd00::7]:9", "fd00::7"), ("127.0.0.1:50051", "127.0.0.1"),
+                     ("target-0.svc:50051", "target-0.svc")):
+        h, p = parse_endpoint(ep)
+        assert h == host
+        assert join_host_port(h, p) == ep
