@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["assets_s"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
-    t = _stage(2, "data", f"prepare-data: {args.samples} records for training, "
-                          f"{args.eval_prompts} held-out chats for evaluation")
     n_eval = 4 if args.tiny else args.eval_prompts
+    t = _stage(2, "data", f"prepare-data: {'the built-in chats' if args.tiny else f'{args.samples} records'} "
+                          f"for training, {n_eval} held-out chats for evaluation")
     if args.tiny:
         args.max_new_tokens = min(args.max_new_tokens, 24)
     prep = PrepareConfig(model=str(model), inputs=[str(source)], output=str(out / "data"),
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     budget_s = 20.0 if args.tiny else args.budget_min * 60
     t = _stage(3, "train", f"embedded target server + EAGLE-3 trainer for {budget_s / 60:.1f} min")
     train_dir = out / "train"
+    for stale in (train_dir, out / "drafts", out / "eval"):  # a re-run must not mix in the last run's checkpoints
+        shutil.rmtree(stale, ignore_errors=True)
     overrides = [
         f"data.path={res.path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
         "targets.embedded_dtype=bf16", f"time_budget_s={budget_s}", "max_steps=1000000", "epochs=100",
