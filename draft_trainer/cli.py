@@ -187,10 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        rc = args.func(args)
     except SpecRelayError as e:
         print(f"draft-trainer: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun worker (see train/parallel.py:exit_worker)
+        from draft_trainer.train.parallel import exit_worker
+
+        exit_worker(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft
 from draft_trainer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from draft_trainer.train.parallel import all_reduce_sum, apply_fsdp, destroy_distributed, init_distributed
+from draft_trainer.train.parallel import all_reduce_sum, apply_fsdp, exit_worker, init_distributed
 
 
 def build(info):
@@ -61,7 +61,7 @@ def main(root: str) -> None:
     replay = steps(m2, opt2, info, 2, 4)
     if info.rank == 0:
         print(json.dumps({"first": first, "rest": rest, "replay": replay, "ranks": state["ranks"]}))
-    destroy_distributed()
+    exit_worker(0)
 
 
 if __name__ == "__main__":
