@@ -65,21 +65,23 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 0x5EED  # held-out samples do not depend on the run's seed: runs with different seeds compare
 
 
+def _cosine_tail(progress: float, min_ratio: float) -> float:
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Multiplier for the base lr: linear warm-up, then cosine to `min_ratio`."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return _cosine_tail((step - warmup) / max(1, total - warmup), min_ratio)
 
 
 def time_lr(elapsed_s: float, budget_s: float, warmup_ratio: float, min_ratio: float) -> float:
-    """Multiplier for optim.schedule=time: linear warm-up, then cosine, over the fraction of the time budget used."""
+    """Multiplier for optim.schedule=time: the same shape laid over the fraction of the time budget used."""
     p = min(1.0, elapsed_s / budget_s)
     if p < warmup_ratio:
         return p / warmup_ratio
-    progress = (p - warmup_ratio) / max(1e-9, 1 - warmup_ratio)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return _cosine_tail((p - warmup_ratio) / max(1e-9, 1 - warmup_ratio), min_ratio)
 
 
 # ---------------------------------------------------------------------------------- one step
