@@ -41,11 +41,11 @@ def run_ours(s: dict) -> dict:
     torch.manual_seed(0)
     sys.path.insert(0, str(REPO))
     from draft_trainer.data.vocab import build_vocab_mapping
-    from draft_trainer.model.config import DraftConfig
-    from draft_trainer.model.draft import Eagle3Draft
+    from draft_trainer.methods.eagle3.config import DraftConfig
+    from draft_trainer.methods.eagle3.model import Eagle3Draft
     from draft_trainer.model.precision import cast_frozen, compute_dtype
-    from draft_trainer.train.batch import Batch
-    from draft_trainer.train.loop import train_step
+    from draft_trainer.data.batch import Batch
+    from draft_trainer.methods.eagle3.step import train_step
 
     d = s["dims"]
     cfg = DraftConfig(hidden_size=d["h"], target_hidden_size=d["H"], num_attention_heads=d["heads"],

@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ContractError
+from common.features import FeatureSpec
 from common.rpc import target_pb2 as pb
 
 SERVER_VERSION = "0.1.0"
 
 TEACHER_HIDDEN = "hidden"
 TEACHER_TOPK = "topk"
-_TEACHER_TO_PB = {TEACHER_HIDDEN: pb.TEACHER_MODE_HIDDEN, TEACHER_TOPK: pb.TEACHER_MODE_TOPK}
+TEACHER_NONE = "none"
+_TEACHER_TO_PB = {TEACHER_HIDDEN: pb.TEACHER_MODE_HIDDEN, TEACHER_TOPK: pb.TEACHER_MODE_TOPK,
+                  TEACHER_NONE: pb.TEACHER_MODE_NONE}
 _PB_TO_TEACHER = {v: k for k, v in _TEACHER_TO_PB.items()}
 
 
@@ -172,6 +175,21 @@ def check_compatible(expected: ModelInfo, actual: ModelInfo, *, expected_name: s
             "target model contract mismatch:\n  " + "\n  ".join(problems)
             + "\nEvery server must run the same model, tokenizer, aux layers and dtype as the run."
         )
+
+
+def check_feature_spec(info: ModelInfo, spec: FeatureSpec, *, where: str = "the target") -> None:
+    """Raise ContractError naming every layer id or teacher mode `info`'s server cannot capture."""
+    problems = []
+    bad = [i for i in spec.layer_ids if not 0 <= i < info.num_layers]
+    if bad:
+        problems.append(f"layer ids {bad} do not exist in {where} ({info.num_layers} decoder layers: "
+                        f"0..{info.num_layers - 1})")
+    if spec.teacher != TEACHER_NONE and spec.teacher not in info.teacher_modes:
+        problems.append(f"teacher mode {spec.teacher!r} is not offered by {where} (offers {info.teacher_modes})")
+    if spec.teacher == TEACHER_TOPK and info.max_topk and spec.topk > info.max_topk:
+        problems.append(f"topk {spec.topk} exceeds {where}'s max_topk {info.max_topk}")
+    if problems:
+        raise ContractError(f"feature spec ({spec}) cannot be served: " + "; ".join(problems))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -1,7 +1,12 @@
 """The Arrow feature schema of the data plane and its zero-copy torch codec.
 
 Legend (shapes):  T tokens of one sample, N tokens of one record batch (sum of T),
-H target hidden size, K top-k width.
+H target hidden size, L number of captured target layers (the feature spec's layer ids),
+K top-k width. `aux_T3H` is [T, L*H]: the name is EAGLE-3's (L = 3), the width is the spec's.
+
+What a server sends is named by a `FeatureSpec` the trainer chooses (its draft method's needs):
+which decoder layers' outputs (any list, the last layer allowed: its output before the final
+norm), and the teacher: none, the final normed hidden state, or top-k log-probs.
 
 One record batch row is one *chunk* of one sample (a long sample may span several rows, in
 order, so record batches stay bounded (the server's batch size) even at H=8192):
@@ -9,14 +14,15 @@ order, so record batches stay bounded (the server's batch size) even at H=8192):
     sample_id   int64
     start       int32          index of the chunk's first token within the sample
     num_tokens  int32          total tokens of the sample (chunks are complete at start+len == num_tokens)
-    aux         list<fixed_size_list<E, 3H>>   aux hidden states of the chunk, [t, 3H]
+    aux         list<fixed_size_list<E, L*H>>  outputs of the spec's layers, concatenated, [t, L*H]
     teacher     list<fixed_size_list<E, H>>    final normed hidden state, [t, H]   (teacher=hidden)
     topk_ids    list<fixed_size_list<int32, K>>                                   (teacher=topk)
     topk_logprobs list<fixed_size_list<float32, K>>                               (teacher=topk)
 
 E is the storage type of the wire dtype: uint16 for bfloat16/float16 (Arrow has no bfloat16),
 float32 for float32. Schema metadata carries `specrelay.schema_version`, `specrelay.dtype`,
-`specrelay.hidden_size`, `specrelay.teacher`.
+`specrelay.hidden_size`, `specrelay.teacher`, `specrelay.layer_ids` (absent in streams and caches
+written before feature specs: those carry three layers).
 
 Decoding never copies: the fixed-size-list child buffer of a column is one contiguous
 [N, width] array; `torch.frombuffer` over the Arrow buffer gives a tensor whose data pointer is
@@ -40,6 +46,41 @@ _META_DTYPE = b"specrelay.dtype"
 _META_HIDDEN = b"specrelay.hidden_size"
 _META_TEACHER = b"specrelay.teacher"
 _META_TOPK = b"specrelay.topk"
+_META_LAYERS = b"specrelay.layer_ids"
+
+TEACHER_MODES = ("none", "hidden", "topk")
+LEGACY_NUM_LAYERS = 3  # streams/caches without specrelay.layer_ids (EAGLE-3's three layers)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The named features a draft method asks the target for (chosen at the handshake).
+
+    `layer_ids` are 0-indexed decoder layers whose *outputs* are captured, concatenated in this
+    order (the last layer's output is taken before the final norm; the normed one is
+    teacher="hidden"). Teacher: "none", "hidden" (final normed hidden state [T, H]) or "topk"
+    (top-`topk` target log-probs). Servers check a spec against their model at the handshake
+    (common.contract.check_feature_spec) and refuse what they cannot capture.
+    """
+
+    layer_ids: tuple[int, ...]
+    teacher: str = "hidden"
+    topk: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_ids", tuple(int(i) for i in self.layer_ids))
+        if self.teacher not in TEACHER_MODES:
+            raise SchemaError(f"feature spec: teacher {self.teacher!r} is not one of {TEACHER_MODES}")
+        if not self.layer_ids:
+            raise SchemaError("feature spec: at least one layer id is needed")
+        if len(set(self.layer_ids)) != len(self.layer_ids):
+            raise SchemaError(f"feature spec: layer ids {list(self.layer_ids)} repeat a layer")
+        if self.teacher == "topk" and self.topk <= 0:
+            raise SchemaError("feature spec: teacher=topk needs topk > 0")
+
+    def __str__(self) -> str:
+        t = f"topk{self.topk}" if self.teacher == "topk" else self.teacher
+        return f"layers {list(self.layer_ids)}, teacher {t}"
 
 WIRE_DTYPES: dict[str, tuple[torch.dtype, pa.DataType]] = {
     "bfloat16": (torch.bfloat16, pa.uint16()),
@@ -69,8 +110,17 @@ def _storage_np_dtype(storage: pa.DataType) -> np.dtype:
 class FeatureSchema:
     hidden_size: int
     dtype: str  # wire dtype name
-    teacher: str = "hidden"  # "hidden" | "topk"
+    teacher: str = "hidden"  # "none" | "hidden" | "topk"
     topk: int = 0
+    layer_ids: tuple[int, ...] = ()  # empty: a stream from before feature specs (three layers)
+
+    @classmethod
+    def for_spec(cls, spec: FeatureSpec, hidden_size: int, dtype: str) -> "FeatureSchema":
+        return cls(hidden_size, dtype, spec.teacher, spec.topk, tuple(spec.layer_ids))
+
+    @property
+    def aux_width(self) -> int:
+        return (len(self.layer_ids) or LEGACY_NUM_LAYERS) * self.hidden_size
 
     def arrow(self) -> pa.Schema:
         storage = WIRE_DTYPES[self.dtype][1]
@@ -79,9 +129,11 @@ class FeatureSchema:
             pa.field("sample_id", pa.int64(), nullable=False),
             pa.field("start", pa.int32(), nullable=False),
             pa.field("num_tokens", pa.int32(), nullable=False),
-            pa.field("aux", pa.list_(pa.list_(storage, 3 * H)), nullable=False),
+            pa.field("aux", pa.list_(pa.list_(storage, self.aux_width)), nullable=False),
         ]
-        if self.teacher == "hidden":
+        if self.teacher == "none":
+            pass
+        elif self.teacher == "hidden":
             fields.append(pa.field("teacher", pa.list_(pa.list_(storage, H)), nullable=False))
         elif self.teacher == "topk":
             fields.append(pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), self.topk)), nullable=False))
@@ -95,6 +147,8 @@ class FeatureSchema:
             _META_TEACHER: self.teacher.encode(),
             _META_TOPK: str(self.topk).encode(),
         }
+        if self.layer_ids:
+            meta[_META_LAYERS] = ",".join(map(str, self.layer_ids)).encode()
         return pa.schema(fields, metadata=meta)
 
     @classmethod
@@ -114,6 +168,7 @@ class FeatureSchema:
             dtype=meta[_META_DTYPE].decode(),
             teacher=meta[_META_TEACHER].decode(),
             topk=int(meta.get(_META_TOPK, b"0")),
+            layer_ids=tuple(int(x) for x in meta.get(_META_LAYERS, b"").decode().split(",") if x),
         )
         if not out.arrow().equals(schema, check_metadata=False):
             raise SchemaError(f"feature batch schema does not match its metadata:\n{schema}")
@@ -174,16 +229,17 @@ def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.Record
         raise SchemaError("cannot encode an empty feature batch")
     H = schema.hidden_size
     lengths = [r.length for r in rows]
+    W = schema.aux_width
     for r in rows:
-        if r.aux_T3H.ndim != 2 or r.aux_T3H.shape[1] != 3 * H:
-            raise SchemaError(f"sample {r.sample_id}: aux must be [T, {3 * H}], got {tuple(r.aux_T3H.shape)}")
+        if r.aux_T3H.ndim != 2 or r.aux_T3H.shape[1] != W:
+            raise SchemaError(f"sample {r.sample_id}: aux must be [T, {W}], got {tuple(r.aux_T3H.shape)}")
     aux = _tensor_to_storage_np(concat_rows([r.aux_T3H for r in rows]), schema.dtype)
     storage = WIRE_DTYPES[schema.dtype][1]
     arrays = [
         pa.array([r.sample_id for r in rows], pa.int64()),
         pa.array([r.start for r in rows], pa.int32()),
         pa.array([r.num_tokens for r in rows], pa.int32()),
-        _nested_list(aux, 3 * H, lengths, storage),
+        _nested_list(aux, W, lengths, storage),
     ]
     if schema.teacher == "hidden":
         for r in rows:
@@ -192,7 +248,7 @@ def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.Record
                 raise SchemaError(f"sample {r.sample_id}: teacher must be [{r.length}, {H}], got {got}")
         teacher = _tensor_to_storage_np(concat_rows([r.teacher_TH for r in rows]), schema.dtype)
         arrays.append(_nested_list(teacher, H, lengths, storage))
-    else:
+    elif schema.teacher == "topk":
         K = schema.topk
         ids = concat_rows([r.topk_ids_TK for r in rows]).to(torch.int32).contiguous().numpy().reshape(-1)
         lps = concat_rows([r.topk_logprobs_TK for r in rows]).to(torch.float32).contiguous().numpy().reshape(-1)
@@ -236,11 +292,11 @@ def decode_batch(batch: pa.RecordBatch) -> list[SampleFeatures]:
     with warnings.catch_warnings():
         # from_numpy warns that Arrow buffers are read-only; we never write through these views.
         warnings.simplefilter("ignore", UserWarning)
-        aux, offs = _column_tensor(batch.column("aux"), 3 * H, torch_dtype)
+        aux, offs = _column_tensor(batch.column("aux"), schema.aux_width, torch_dtype)
         cols = {}
         if schema.teacher == "hidden":
             cols["teacher_TH"], _ = _column_tensor(batch.column("teacher"), H, torch_dtype)
-        else:
+        elif schema.teacher == "topk":
             cols["topk_ids_TK"], _ = _column_tensor(batch.column("topk_ids"), schema.topk, torch.int32)
             cols["topk_logprobs_TK"], _ = _column_tensor(batch.column("topk_logprobs"), schema.topk, torch.float32)
     ids = batch.column("sample_id").to_numpy()

@@ -22,7 +22,7 @@ class TargetsConfig:
     embedded_model: str = ""         # model directory for the embedded local server (HF backend)
     embedded_dtype: str = "fp32"
     embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
-    teacher: Literal["hidden", "topk"] = "hidden"
+    teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal, for methods that read one
     topk: int = 0                    # for teacher=topk
     request_timeout_s: float = 120.0  # per-request deadline; a request past it is re-issued elsewhere
     startup_timeout_s: float = 300.0  # wait this long for the first server at start-up
@@ -45,7 +45,8 @@ class TargetsConfig:
 
 @dataclass
 class ModelConfig:
-    ttt_steps: int = 7
+    method: str = "eagle3"           # the draft method (draft_trainer/methods); or `package.module:Class`
+    ttt_steps: int = 7               # EAGLE-3: draft positions trained per sample (training-time test)
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
     init: Literal["random", "target"] = "random"  # target: start from the target's lm_head/final norm and the
                                                   # decoder layer after the last aux layer (model/init.py)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ContractError, DataError
-from draft_trainer.model.draft import Eagle3Draft, KVCache
+from draft_trainer.methods.eagle3.model import Eagle3Draft, KVCache
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -204,7 +204,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from draft_trainer.export import load_exported
+    from draft_trainer.methods.eagle3.export import load_exported
 
     if num_steps < 1 or max_new_tokens < 1:
         raise DataError("--num-steps and --max-new-tokens must be >= 1")

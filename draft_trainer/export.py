@@ -1,16 +1,13 @@
-"""Export a trained draft in the format SGLang's `LlamaForCausalLMEagle3` loads unchanged.
+"""`draft-trainer export`: a training checkpoint -> a serving directory, through the run's method.
 
-    draft-trainer export --checkpoint runs/x/checkpoints/latest --output drafts/x
+    draft-trainer export --checkpoint runs/x/checkpoints/latest --output drafts/x [--format sglang]
 
-Output directory: `config.json` + `model.safetensors` (bf16 weights, d2t int64, t2d bool, no
-embed_tokens: SGLang shares the target's) + `specrelay_export.json` (provenance; ignored by
-SGLang). SGLang silently skips unknown weight names and keeps random values for missing ones,
-so the exporter refuses anything but the exact key set, the exact shapes and a consistent
-vocabulary mapping, and writes atomically (temp dir + rename).
-
-`load_trained_draft` is the one place that reads a training checkpoint (the trainer will move
-checkpoints to torch.distributed.checkpoint; only this function changes then).
-`load_exported` reads an export back into an `Eagle3Draft` (round-trip tests, `eval`).
+`load_trained_draft` is the one place that reads a training checkpoint for export and eval: the
+method recorded in the checkpoint (`config.json` -> model.method) rebuilds an empty model from
+`draft_config.json`, the weights come from the checkpoint, and the vocabulary mapping stored
+with the weights must equal the pinned `vocab.json` beside them (and, on resume, the run's own).
+The method writes its format into a temporary directory that is published by one rename, with
+`specrelay_export.json` (provenance: checkpoint, target, tokenizer, vocabulary; engines ignore it).
 """
 
 from __future__ import annotations
@@ -23,47 +20,25 @@ import torch
 
 from common.errors import ContractError, ExportError
 from draft_trainer.assets import _atomic_dir
-from draft_trainer.data.vocab import VocabMapping
-from draft_trainer.model.config import DraftConfig
-from draft_trainer.model.draft import Eagle3Draft
+from draft_trainer.data.vocab import VocabMapping, check_same_vocab
+from draft_trainer.methods import method_class
 from draft_trainer.train import checkpoint as ckpt_io
 
-WEIGHT_FILE = "model.safetensors"
 PROVENANCE_FILE = "specrelay_export.json"
-
-
-def expected_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor SGLang's LlamaForCausalLMEagle3 reads, with its shape (exact key names)."""
-    h, H, d = cfg.hidden_size, cfg.target_hidden_size, cfg.head_dim
-    nh, nkv, ffn = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    return {
-        "fc.weight": (h, 3 * H),
-        "midlayer.hidden_norm.weight": (h,),
-        "midlayer.input_layernorm.weight": (h,),
-        "midlayer.post_attention_layernorm.weight": (h,),
-        "midlayer.self_attn.q_proj.weight": (nh * d, 2 * h),
-        "midlayer.self_attn.k_proj.weight": (nkv * d, 2 * h),
-        "midlayer.self_attn.v_proj.weight": (nkv * d, 2 * h),
-        "midlayer.self_attn.o_proj.weight": (h, nh * d),
-        "midlayer.mlp.gate_proj.weight": (ffn, h),
-        "midlayer.mlp.up_proj.weight": (ffn, h),
-        "midlayer.mlp.down_proj.weight": (h, ffn),
-        "norm.weight": (h,),
-        "lm_head.weight": (cfg.draft_vocab_size, h),
-        "d2t": (cfg.draft_vocab_size,),
-        "t2d": (cfg.vocab_size,),
-    }
+DEFAULT_METHOD = "eagle3"  # checkpoints written before model.method existed
 
 
 @dataclass
 class TrainedDraft:
     """What a training checkpoint holds that export and eval need."""
 
-    cfg: DraftConfig
-    state: dict[str, torch.Tensor]          # draft tensors (no embed_tokens), incl. d2t/t2d buffers
+    cfg: object                              # the method's draft config (e.g. eagle3's DraftConfig)
+    state: dict[str, torch.Tensor]           # draft tensors (no embed_tokens), incl. vocabulary buffers
     vocab: VocabMapping
     model_info: dict = field(default_factory=dict)
     path: Path | None = None
+    method: str = DEFAULT_METHOD
+    model: torch.nn.Module | None = None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -76,17 +51,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
                       "checkpoints/step_N (or latest, best) directory")
 
 
-def load_trained_draft(ckpt_dir: str | Path, expected_vocab: VocabMapping | None = None) -> TrainedDraft:
-    """Read a training checkpoint and check its vocabulary mapping.
+def checkpoint_method(d: Path) -> str:
+    run_cfg = d / "config.json"
+    if not run_cfg.is_file():
+        return DEFAULT_METHOD
+    return (json.loads(run_cfg.read_text()).get("model") or {}).get("method", DEFAULT_METHOD)
 
-    The d2t/t2d buffers stored with the weights must describe the same mapping as the pinned
-    vocab.json next to them, and (on resume) the run's own mapping `expected_vocab`: a different
-    mapping silently collapses acceptance, so any mismatch is an error.
-    """
+
+def load_trained_draft(ckpt_dir: str | Path, expected_vocab: VocabMapping | None = None) -> TrainedDraft:
+    """Read a training checkpoint and check its vocabulary mapping (see the module doc)."""
     d = resolve_checkpoint(ckpt_dir)
+    name = checkpoint_method(d)
+    method = method_class(name)(None)
     try:
-        cfg = DraftConfig.from_dict(json.loads((d / "draft_config.json").read_text()))
-        model = Eagle3Draft(cfg)
+        model = method.model_from_config(json.loads((d / "draft_config.json").read_text()))
         ckpt_io.load_model_state(d, model)
     except (OSError, ValueError, TypeError, RuntimeError, ckpt_io.CheckpointError) as e:
         raise ExportError(f"cannot read checkpoint {d}: {e}") from None
@@ -102,154 +80,34 @@ def load_trained_draft(ckpt_dir: str | Path, expected_vocab: VocabMapping | None
     check_same_vocab(vocab, from_buffers, f"{d}/vocab.json", f"the d2t/t2d buffers in {d}")
     if expected_vocab is not None:
         check_same_vocab(expected_vocab, vocab, "this run's draft vocabulary", f"checkpoint {d}", error=ContractError)
+    cfg = model.cfg
     if (vocab.vocab_size, vocab.draft_vocab_size) != (cfg.vocab_size, cfg.draft_vocab_size):
         raise ExportError(f"checkpoint {d}: vocab.json is V={vocab.vocab_size}, Vd={vocab.draft_vocab_size} but "
                           f"draft_config.json says V={cfg.vocab_size}, Vd={cfg.draft_vocab_size}")
-    return TrainedDraft(cfg=cfg, state=state, vocab=vocab, model_info=model_info, path=d)
+    return TrainedDraft(cfg=cfg, state=state, vocab=vocab, model_info=model_info, path=d, method=name, model=model)
 
 
-def check_same_vocab(a: VocabMapping, b: VocabMapping, a_name: str, b_name: str, error=ExportError) -> None:
-    if a.vocab_size != b.vocab_size or not torch.equal(a.used, b.used):
-        raise error(
-            f"draft vocabulary mismatch: {a_name} (fingerprint {a.fingerprint()}, V={a.vocab_size}, "
-            f"Vd={a.draft_vocab_size}) differs from {b_name} (fingerprint {b.fingerprint()}, V={b.vocab_size}, "
-            f"Vd={b.draft_vocab_size}); a draft must be used with the exact mapping it was trained with"
-        )
-
-
-def sglang_config(cfg: DraftConfig) -> dict:
-    """config.json for SGLang (and transformers 5): both the new and the legacy rope fields."""
-    rope = dict(cfg.rope_parameters)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    legacy_scaling = None
-    if rope_type != "default":
-        legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        legacy_scaling["rope_type"] = legacy_scaling["type"] = rope_type
-    return {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
-        "num_hidden_layers": 1,
-        "hidden_size": cfg.hidden_size,
-        "target_hidden_size": cfg.target_hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": cfg.hidden_act,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": cfg.vocab_size,
-        "draft_vocab_size": cfg.draft_vocab_size,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "rope_parameters": {**rope, "rope_type": rope_type},
-        "rope_theta": float(rope.get("rope_theta", 10000.0)),
-        "rope_scaling": legacy_scaling,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "dtype": "bfloat16",
-        "torch_dtype": "bfloat16",
-        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "use_aux_hidden_state": True},
+def export_draft(checkpoint: str | Path, output: str | Path, fmt: str = "sglang", overwrite: bool = False) -> Path:
+    """Write `checkpoint`'s draft in serving format `fmt` to `output` (atomically)."""
+    td = load_trained_draft(checkpoint)
+    method = method_class(td.method)(None)
+    if fmt not in method.export_formats:
+        raise ExportError(f"--format {fmt}: method {td.method!r} exports {', '.join(method.export_formats)}")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {out} exists and is not empty; pass --overwrite or choose another")
+    provenance = {
+        "method": td.method, "format": fmt, "source_checkpoint": str(td.path),
+        "vocab_fingerprint": td.vocab.fingerprint(), "vocab_coverage": td.vocab.coverage,
+        "target_model": td.model_info.get("model_name", ""),
+        "target_tokenizer_fingerprint": td.model_info.get("tokenizer_fingerprint", ""),
+        "draft_config": method.draft_config(td.model),
     }
-
-
-def serving_tensors(td: TrainedDraft) -> dict[str, torch.Tensor]:
-    """The exact serving tensor set, validated: bf16 weights, d2t int64, t2d bool."""
-    want = expected_shapes(td.cfg)
-    state = {k: v for k, v in td.state.items() if not k.startswith(("embed_tokens.", "rotary."))}
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    if missing or extra:
-        raise ExportError(f"checkpoint {td.path}: refusing to export: missing keys {missing}, unexpected keys {extra} "
-                          "(SGLang would silently keep random weights / ignore them)")
-    bad = {k: (tuple(state[k].shape), s) for k, s in want.items() if tuple(state[k].shape) != s}
-    if bad:
-        raise ExportError(f"checkpoint {td.path}: wrong shapes {bad} (got, expected from draft_config.json)")
-    out = {}
-    for k, v in state.items():
-        if k == "d2t":
-            out[k] = v.to(torch.int64).contiguous()
-        elif k == "t2d":
-            out[k] = v.to(torch.bool).contiguous()
-        else:
-            if not torch.isfinite(v).all():
-                raise ExportError(f"checkpoint {td.path}: {k} has non-finite values; refusing to export")
-            out[k] = v.detach().to(torch.bfloat16).contiguous()
-    check_same_vocab(td.vocab, VocabMapping.from_buffers(out["d2t"], out["t2d"]), "the checkpoint's vocab.json",
-                     "the exported d2t/t2d")
+    with _atomic_dir(out) as tmp:   # temp dir next to `out`, renamed onto it only on success
+        method.export(td, tmp, fmt)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
     return out
 
 
 def export_sglang(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
-    td = load_trained_draft(checkpoint)
-    tensors = serving_tensors(td)
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out} exists and is not empty; pass --overwrite or choose another")
-    with _atomic_dir(out) as tmp:   # temp dir next to `out`, renamed onto it only on success
-        save_file(tensors, str(tmp / WEIGHT_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(sglang_config(td.cfg), indent=2))
-        (tmp / PROVENANCE_FILE).write_text(json.dumps({
-            "source_checkpoint": str(td.path), "vocab_fingerprint": td.vocab.fingerprint(),
-            "vocab_coverage": td.vocab.coverage, "target_model": td.model_info.get("model_name", ""),
-            "target_tokenizer_fingerprint": td.model_info.get("tokenizer_fingerprint", ""),
-            "draft_config": td.cfg.to_dict()}, indent=1))
-        load_exported(tmp)  # read back through the same validation before publishing
-    return out
-
-
-def draft_config_from_export(config: dict) -> DraftConfig:
-    rope = config.get("rope_parameters") or {"rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default"),
-                                             "rope_theta": config.get("rope_theta", 10000.0)}
-    try:
-        return DraftConfig(
-            hidden_size=config["hidden_size"], target_hidden_size=config.get("target_hidden_size", config["hidden_size"]),
-            num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
-            head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-            intermediate_size=config["intermediate_size"], vocab_size=config["vocab_size"],
-            draft_vocab_size=config["draft_vocab_size"],
-            aux_layer_ids=list(config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids") or []),
-            rms_norm_eps=config["rms_norm_eps"], max_position_embeddings=config["max_position_embeddings"],
-            rope_parameters=dict(rope), hidden_act=config.get("hidden_act", "silu"),
-            bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
-            pad_token_id=config.get("pad_token_id"))
-    except KeyError as e:
-        raise ExportError(f"exported config.json lacks {e}; is this an EAGLE-3 draft directory?") from None
-
-
-def load_exported(path: str | Path, embed_tokens_VH: torch.Tensor | None = None,
-                  dtype: torch.dtype = torch.float32) -> Eagle3Draft:
-    """An exported draft directory as an Eagle3Draft (embedding from the target, as SGLang does)."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not (p / "config.json").is_file() or not (p / WEIGHT_FILE).is_file():
-        raise ExportError(f"{p} is not an exported draft (needs config.json and {WEIGHT_FILE})")
-    config = json.loads((p / "config.json").read_text())
-    if config.get("architectures") != ["LlamaForCausalLMEagle3"]:
-        raise ExportError(f"{p}/config.json: architectures {config.get('architectures')} is not LlamaForCausalLMEagle3")
-    cfg = draft_config_from_export(config)
-    tensors = load_file(str(p / WEIGHT_FILE))
-    want = expected_shapes(cfg)
-    if set(tensors) != set(want):
-        raise ExportError(f"{p}: keys differ from the serving set: missing {sorted(set(want) - set(tensors))}, "
-                          f"unexpected {sorted(set(tensors) - set(want))}")
-    bad = {k: tuple(tensors[k].shape) for k in want if tuple(tensors[k].shape) != want[k]}
-    if bad or tensors["d2t"].dtype != torch.int64 or tensors["t2d"].dtype != torch.bool:
-        raise ExportError(f"{p}: wrong shapes {bad} or d2t/t2d dtypes ({tensors['d2t'].dtype}, {tensors['t2d'].dtype})")
-    VocabMapping.from_buffers(tensors["d2t"], tensors["t2d"])   # consistent mapping or ExportError
-    model = Eagle3Draft(cfg)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                                                 for k, v in tensors.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"embed_tokens.weight"}, (missing, unexpected)
-    if embed_tokens_VH is not None:
-        if tuple(embed_tokens_VH.shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise ContractError(f"target embedding {tuple(embed_tokens_VH.shape)} does not fit the draft "
-                                f"(V={cfg.vocab_size}, h={cfg.hidden_size})")
-        with torch.no_grad():
-            model.embed_tokens.weight.copy_(embed_tokens_VH)
-    return model.to(dtype)
+    return export_draft(checkpoint, output, "sglang", overwrite)

@@ -12,9 +12,11 @@ class TeacherMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEACHER_MODE_UNSPECIFIED: _ClassVar[TeacherMode]
     TEACHER_MODE_HIDDEN: _ClassVar[TeacherMode]
     TEACHER_MODE_TOPK: _ClassVar[TeacherMode]
+    TEACHER_MODE_NONE: _ClassVar[TeacherMode]
 TEACHER_MODE_UNSPECIFIED: TeacherMode
 TEACHER_MODE_HIDDEN: TeacherMode
 TEACHER_MODE_TOPK: TeacherMode
+TEACHER_MODE_NONE: TeacherMode
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -85,7 +87,7 @@ class TensorChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class FeatureRequest(_message.Message):
-    __slots__ = ("request_id", "sample_ids", "token_ids", "lengths", "teacher_mode", "topk", "feature_schema_version", "client_id", "deadline_unix_s", "expect_dtype")
+    __slots__ = ("request_id", "sample_ids", "token_ids", "lengths", "teacher_mode", "topk", "feature_schema_version", "client_id", "deadline_unix_s", "expect_dtype", "layer_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class FeatureRequest(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     EXPECT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -106,7 +109,8 @@ class FeatureRequest(_message.Message):
     client_id: str
     deadline_unix_s: float
     expect_dtype: str
-    def __init__(self, request_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., teacher_mode: _Optional[_Union[TeacherMode, str]] = ..., topk: _Optional[int] = ..., feature_schema_version: _Optional[int] = ..., client_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., expect_dtype: _Optional[str] = ...) -> None: ...
+    layer_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., teacher_mode: _Optional[_Union[TeacherMode, str]] = ..., topk: _Optional[int] = ..., feature_schema_version: _Optional[int] = ..., client_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., expect_dtype: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompts", "max_new_tokens", "temperature", "top_p", "seed", "stop_token_ids")

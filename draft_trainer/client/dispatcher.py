@@ -46,7 +46,7 @@ import numpy as np
 
 from common import status
 from common.errors import SchemaError, TargetUnavailableError
-from common.features import SampleFeatures
+from common.features import FeatureSpec, SampleFeatures
 from draft_trainer.client.pool import AUTH_HINT, Endpoint, TargetPool
 from draft_trainer.client.reorder import ReorderBuffer
 from draft_trainer.config import TargetsConfig
@@ -65,7 +65,8 @@ class Sample:
     cursor: tuple[int, int]            # (epoch, index in the epoch order): where the trainer resumes
     sample_id: int                     # the dataset's id
     token_ids: np.ndarray | list[int]
-    data: Any = None                   # carried to the consumer untouched (e.g. the loss mask)
+    loss_mask: np.ndarray | None = None  # carried to the consumer untouched: 1 = supervised token
+    truncated: bool = False            # token_ids were cut to the run's maximum length
     drop_reason: str = ""              # dropped before dispatch (too short, ...): delivered as a drop, in order
 
     @property
@@ -126,7 +127,7 @@ class DispatchStats:
 
 class Dispatcher:
     def __init__(self, pool: TargetPool, samples: Iterator[Sample], cfg: TargetsConfig,
-                 metrics: TrainerMetrics | None = None) -> None:
+                 metrics: TrainerMetrics | None = None, spec: FeatureSpec | None = None) -> None:
         if pool.info is None:
             raise RuntimeError("start the pool (handshake) before the dispatcher")
         self.pool = pool
@@ -150,8 +151,11 @@ class Dispatcher:
         self._no_server_since: float | None = None
         self._fatal: BaseException | None = None
         self._closed = False
+        # The features every request asks for (the method's spec; default: the servers' aux layers).
+        self.spec = spec or FeatureSpec(tuple(pool.info.aux_layer_ids), cfg.teacher, cfg.topk)
         H = pool.info.hidden_size
-        self._widths = (3 * H, H if cfg.teacher == "hidden" else cfg.topk)
+        self._widths = (len(self.spec.layer_ids) * H,
+                        {"hidden": H, "topk": self.spec.topk, "none": None}[self.spec.teacher])
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     def start(self) -> "Dispatcher":
@@ -364,8 +368,8 @@ class Dispatcher:
         try:
             stream = client.features(
                 [w.seq for w in req.works], [np.asarray(w.sample.token_ids).tolist() for w in req.works],
-                teacher=self.cfg.teacher, topk=self.cfg.topk, deadline_s=self.cfg.request_timeout_s,
-                expect_dtype=self.pool.info.dtype)
+                teacher=self.spec.teacher, topk=self.spec.topk, layer_ids=self.spec.layer_ids,
+                deadline_s=self.cfg.request_timeout_s, expect_dtype=self.pool.info.dtype)
             for f in stream:
                 w = by_seq.get(f.sample_id)
                 if w is None or f.sample_id in req.received:
@@ -385,7 +389,8 @@ class Dispatcher:
     def _validate(self, req: _Request, w: _Work, f: SampleFeatures) -> None:
         width_aux, width_t = self._widths
         t = f.teacher_TH if f.teacher_TH is not None else f.topk_ids_TK
-        if f.length != w.tokens or f.aux_T3H.shape[1] != width_aux or t is None or tuple(t.shape) != (w.tokens, width_t):
+        t_ok = t is None if width_t is None else (t is not None and tuple(t.shape) == (w.tokens, width_t))
+        if f.length != w.tokens or f.aux_T3H.shape[1] != width_aux or not t_ok:
             raise SchemaError(
                 f"server {req.endpoint.address} sent features of shape aux {tuple(f.aux_T3H.shape)} / teacher "
                 f"{None if t is None else tuple(t.shape)} for a {w.tokens}-token sample; expected "

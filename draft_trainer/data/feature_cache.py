@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from common.files import atomic_write_json
 from common.contract import ModelInfo
 from common.errors import ContractError, DataError
-from common.features import FeatureSchema, SampleFeatures, decode_batch, encode_batch
+from common.features import FeatureSpec, FeatureSchema, SampleFeatures, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,17 @@ META = "meta.json"
 FROZEN = "frozen.safetensors"
 
 
-def feature_bytes_per_token(info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> int:
+def feature_bytes_per_token(info: ModelInfo, spec: FeatureSpec | None = None) -> int:
+    """Bytes of one token's features (default spec: the server's aux layers + hidden teacher)."""
+    spec = spec or FeatureSpec(tuple(info.aux_layer_ids))
     item = 4 if info.dtype == "float32" else 2
-    per = 3 * info.hidden_size * item
-    per += info.hidden_size * item if teacher == "hidden" else topk * 8
+    per = len(spec.layer_ids) * info.hidden_size * item
+    per += {"hidden": info.hidden_size * item, "topk": spec.topk * 8, "none": 0}[spec.teacher]
     return per
 
 
-def estimate_bytes(num_tokens: int, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> int:
-    return num_tokens * feature_bytes_per_token(info, teacher, topk)
+def estimate_bytes(num_tokens: int, info: ModelInfo, spec: FeatureSpec | None = None) -> int:
+    return num_tokens * feature_bytes_per_token(info, spec)
 
 
 class FeatureCacheWriter:
@@ -65,7 +67,7 @@ class FeatureCacheWriter:
         self._sink = None
         self._tmp: Path | None = None
         self._shard_written = 0
-        meta = {"model_info": asdict(info), "schema": asdict(schema)}
+        meta = json.loads(json.dumps({"model_info": asdict(info), "schema": asdict(schema)}))  # tuples as JSON lists
         meta_path = self.path / META
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
@@ -129,7 +131,8 @@ class FeatureCacheReader:
             raise DataError(f"{self.path} is not a feature cache (no {META}); train online with --feature-cache first")
         meta = json.loads(meta_path.read_text())
         self.info = ModelInfo(**meta["model_info"])
-        self.schema = FeatureSchema(**meta["schema"])
+        sch = meta["schema"]
+        self.schema = FeatureSchema(**{**sch, "layer_ids": tuple(sch.get("layer_ids") or ())})
         self._batches: list[pa.RecordBatch] = []
         self._index: dict[int, tuple[int, int]] = {}
         for shard in sorted(self.path.glob("shard-*.arrow")):
@@ -143,6 +146,14 @@ class FeatureCacheReader:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def check_spec(self, spec: FeatureSpec) -> None:
+        """The cache must hold exactly the features the run's method asks for."""
+        have = self.schema.layer_ids or tuple(self.info.aux_layer_ids)  # caches from before feature specs
+        if tuple(have) != tuple(spec.layer_ids) or self.schema.teacher != spec.teacher or \
+                (spec.teacher == "topk" and self.schema.topk != spec.topk):
+            raise ContractError(f"feature cache {self.path} holds layers {list(have)}, teacher {self.schema.teacher} "
+                                f"but the run's method asks for {spec}; train online to build a cache for it")
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         path = self.path / FROZEN

@@ -109,3 +109,16 @@ def count_supervised_tokens(input_ids: list[list[int]] | list[np.ndarray], loss_
         bad = int(sel.max()) if sel.max() >= vocab_size else int(sel.min())
         raise DataError(f"token id {bad} outside the vocabulary of size {vocab_size}")
     return np.bincount(sel, minlength=vocab_size).astype(np.int64)
+
+
+def check_same_vocab(a: VocabMapping, b: VocabMapping, a_name: str, b_name: str, error=None) -> None:
+    """Raise `error` (default ExportError) unless `a` and `b` map the same draft vocabulary: a
+    different mapping silently collapses acceptance."""
+    if a.vocab_size != b.vocab_size or not torch.equal(a.used, b.used):
+        from common.errors import ExportError
+
+        raise (error or ExportError)(
+            f"draft vocabulary mismatch: {a_name} (fingerprint {a.fingerprint()}, V={a.vocab_size}, "
+            f"Vd={a.draft_vocab_size}) differs from {b_name} (fingerprint {b.fingerprint()}, V={b.vocab_size}, "
+            f"Vd={b.draft_vocab_size}); a draft must be used with the exact mapping it was trained with"
+        )

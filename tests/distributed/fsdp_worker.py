@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from draft_trainer.model.config import DraftConfig
-from draft_trainer.model.draft import Eagle3Draft
+from draft_trainer.methods.eagle3.config import DraftConfig
+from draft_trainer.methods.eagle3.model import Eagle3Draft
 from draft_trainer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from draft_trainer.train.parallel import all_reduce_sum, apply_fsdp, exit_worker, init_distributed
 

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from draft_trainer.eval import evaluate, load_prompts
 from draft_trainer.export import export_sglang
-from draft_trainer.model.draft import Eagle3Draft
+from draft_trainer.methods.eagle3.model import Eagle3Draft
 from tests.support.drafts import one_thread, save_checkpoint, train_tiny_draft
 from tests.support.procs import run_cli
 

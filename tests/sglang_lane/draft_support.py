@@ -13,8 +13,8 @@ import torch
 
 from draft_trainer.data.vocab import VocabMapping
 from draft_trainer.export import export_sglang
-from draft_trainer.model.config import DraftConfig
-from draft_trainer.model.draft import Eagle3Draft
+from draft_trainer.methods.eagle3.config import DraftConfig
+from draft_trainer.methods.eagle3.model import Eagle3Draft
 from tests.support.drafts import save_checkpoint
 from tests.unit.test_ttt_fused import random_draft as random_weights
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from draft_trainer.model.draft import KVCache
+from draft_trainer.methods.eagle3.model import KVCache
 from tests.sglang_lane.draft_support import export_via_checkpoint, random_draft
 
 VD = 200  # draft vocab < target vocab, so the d2t mapping is exercised

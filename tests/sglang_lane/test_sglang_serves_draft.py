@@ -19,7 +19,7 @@ import torch
 
 from draft_trainer.assets import TINY_CHATS
 from draft_trainer.eval import greedy_decode, speculative_decode
-from draft_trainer.export import load_exported
+from draft_trainer.methods.eagle3.export import load_exported
 from tests.sglang_lane.draft_support import export_via_checkpoint
 from tests.support.drafts import one_thread, train_tiny_draft
 

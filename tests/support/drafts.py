@@ -1,16 +1,21 @@
-"""Write real training checkpoints (through Trainer.save_checkpoint) without running a server."""
+"""Write real training checkpoints (through the trainer's checkpoint writer) without running a server."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from common.contract import ModelInfo
 from draft_trainer.config import TrainConfig
 from draft_trainer.data.vocab import VocabMapping
-from draft_trainer.model.draft import Eagle3Draft
-from draft_trainer.train.loop import Trainer
+from draft_trainer.methods.eagle3.model import Eagle3Draft
+from draft_trainer.methods import get_method
+from draft_trainer.train.loop import save_run_checkpoint
+from draft_trainer.train.parallel import DistInfo
+from draft_trainer.train.reporter import RunCounters
+from draft_trainer.train.setup import Run
 
 
 class one_thread:
@@ -28,16 +33,15 @@ class one_thread:
 def save_checkpoint(model: Eagle3Draft, vocab: VocabMapping, out: Path, step: int = 1) -> Path:
     """The trainer's own checkpoint writer, on a model built by the caller."""
     cfg = TrainConfig(output_dir=str(out))
-    tr = Trainer(cfg)
-    tr.out.mkdir(parents=True, exist_ok=True)
-    tr.model = model
-    tr.vocab = vocab
-    tr.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     c = model.cfg
-    tr.info = ModelInfo(architecture="LlamaForCausalLM", model_type="llama", num_layers=4, hidden_size=c.target_hidden_size,
-                        vocab_size=c.vocab_size, aux_layer_ids=list(c.aux_layer_ids), dtype="fp32", max_length=1024,
-                        tokenizer_fingerprint="test", model_name="test-target")
-    return tr.save_checkpoint(step)
+    info = ModelInfo(architecture="LlamaForCausalLM", model_type="llama", num_layers=4, hidden_size=c.target_hidden_size,
+                     vocab_size=c.vocab_size, aux_layer_ids=list(c.aux_layer_ids), dtype="fp32", max_length=1024,
+                     tokenizer_fingerprint="test", model_name="test-target")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    run = Run(cfg=cfg, dist=DistInfo(), out=Path(out), dataset=[], stream=SimpleNamespace(eval_indices=[]),
+              method=get_method("eagle3", cfg.model), info=info, vocab=vocab, model=model,
+              optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    return save_run_checkpoint(cfg, run, run.dist, step, (0, 0), RunCounters(), None)
 
 
 def train_tiny_draft(target_dir: Path, prompts: list[list[int]], steps: int, max_new_tokens: int = 48,
@@ -52,9 +56,9 @@ def train_tiny_draft(target_dir: Path, prompts: list[list[int]], steps: int, max
     from common.contract import default_aux_layers
     from draft_trainer.data.vocab import build_vocab_mapping
     from draft_trainer.eval import _eos_set, greedy_decode
-    from draft_trainer.model.config import DraftConfig
-    from draft_trainer.train.batch import Batch
-    from draft_trainer.train.loop import train_step
+    from draft_trainer.methods.eagle3.config import DraftConfig
+    from draft_trainer.data.batch import Batch
+    from draft_trainer.methods.eagle3.step import train_step
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(target_dir)

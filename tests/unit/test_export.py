@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from common.errors import ContractError, ExportError
 from draft_trainer.data.vocab import build_vocab_mapping
-from draft_trainer.export import export_sglang, expected_shapes, load_exported, load_trained_draft, serving_tensors
+from draft_trainer.export import export_sglang, load_trained_draft
+from draft_trainer.methods.eagle3.export import expected_shapes, load_exported, serving_tensors
 from tests.support.drafts import save_checkpoint
 from tests.support.procs import run_cli
 from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg

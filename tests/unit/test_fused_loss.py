@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from draft_trainer.data.vocab import build_vocab_mapping
-from draft_trainer.model.draft import shift_left
-from draft_trainer.model.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
-from draft_trainer.model.losses import sim_accept_len, teacher_from_hidden, teacher_from_topk, ttt_loss
+from draft_trainer.model.tensors import shift_left
+from draft_trainer.methods.eagle3.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
+from draft_trainer.methods.eagle3.losses import teacher_from_hidden, teacher_from_topk, ttt_loss
+from draft_trainer.model.stats import sim_accept_len
 from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg
 
 K = 4

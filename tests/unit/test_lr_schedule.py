@@ -2,7 +2,7 @@
 
 import pytest
 
-from draft_trainer.train.loop import cosine_lr, time_lr
+from draft_trainer.train.schedule import cosine_lr, time_lr
 
 
 def test_step_schedule_warms_up_peaks_and_ends_at_the_floor():

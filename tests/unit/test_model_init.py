@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import ConfigError, ContractError
-from draft_trainer.model.config import DraftConfig
-from draft_trainer.model.draft import Eagle3Draft, KVCache
-from draft_trainer.model.init import init_draft, init_from_target, init_layer, target_tensor_names
+from draft_trainer.methods.eagle3.config import DraftConfig
+from draft_trainer.methods.eagle3.model import Eagle3Draft, KVCache
+from draft_trainer.methods.eagle3.init import init_draft, init_from_target, init_layer, target_tensor_names
 from target_server.backends.hf import hf_model_info
 
 AUX = [0, 1, 2]

@@ -3,8 +3,8 @@
 import torch
 
 from draft_trainer.data.vocab import build_vocab_mapping
-from draft_trainer.train.batch import Batch
-from draft_trainer.train.loop import train_step
+from draft_trainer.data.batch import Batch
+from draft_trainer.methods.eagle3.step import train_step
 from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg
 
 

@@ -4,9 +4,9 @@ in forward and in every parameter gradient, on random inputs with padding and va
 import pytest
 import torch
 
-from draft_trainer.model.config import DraftConfig
-from draft_trainer.model.draft import Eagle3Draft
-from draft_trainer.model.ttt_fused import ttt_forward_fused
+from draft_trainer.methods.eagle3.config import DraftConfig
+from draft_trainer.methods.eagle3.model import Eagle3Draft
+from draft_trainer.methods.eagle3.ttt_fused import ttt_forward_fused
 
 
 def tiny_cfg(**kw) -> DraftConfig:

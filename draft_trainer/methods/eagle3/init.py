@@ -27,7 +27,7 @@ import torch
 
 from common.contract import LAYER_TENSOR_SUFFIXES, layer_tensor_name
 from common.errors import ConfigError, ContractError
-from draft_trainer.model.draft import Eagle3Draft
+from draft_trainer.methods.eagle3.model import Eagle3Draft
 
 INITS = ("random", "target")
 EMBED_HALF_STD = 0.02  # random init of the embedding half of q/k/v (the target layer never read embeddings)

@@ -13,7 +13,7 @@ TTT (reference, `ttt_forward`): step k (0..K-1) feeds the embeddings of the toke
 places further and the hidden output of step k-1 (step 0: fc(aux)); RoPE positions are t+k.
 At step k >= 1 the query at t attends to step-0 keys 0..t (causal) and to the keys of steps
 1..k at the same position t only (a diagonal), all inside one softmax. This file is the
-readable reference; `draft_trainer/model/ttt_fused.py` is the fast path proven equal to it.
+readable reference; `ttt_fused.py` beside it is the fast path proven equal to it.
 """
 
 from __future__ import annotations
@@ -24,34 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draft_trainer.model.config import DraftConfig
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: at least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 for exactness tests)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(acc_dtype(dtype))
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def apply_rope(x_BnTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
-    return x_BnTd * cos_BTd[:, None] + rotate_half(x_BnTd) * sin_BTd[:, None]
+from draft_trainer.methods.eagle3.config import DraftConfig
+from draft_trainer.methods.eagle3.ttt_fused import ttt_forward_fused
+from draft_trainer.model.layers import RMSNorm, apply_rope
+from draft_trainer.model.tensors import acc_dtype, shift_left
 
 
 class Attention(nn.Module):
@@ -141,16 +117,12 @@ class Eagle3Draft(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
-                attention_mask_BT: torch.Tensor | None = None, impl: str = "fused") -> list[torch.Tensor]:
-        """TTT over `num_steps` steps: the hidden output of every step (see `ttt_forward`).
+                attention_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """TTT over `num_steps` steps, fast path (ttt_fused.py): the hidden output of every step.
 
-        impl="fused" is the fast path (model/ttt_fused.py), "reference" the readable loop below;
-        they agree in forward and gradients (tests/unit/test_ttt_fused.py).
+        `ttt_forward` below is the readable reference; they agree in forward and gradients
+        (tests/unit/test_ttt_fused.py). Which one training runs is chosen in one place: step.py.
         """
-        if impl == "reference":
-            return self.ttt_forward(aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
-        from draft_trainer.model.ttt_fused import ttt_forward_fused  # imports this module
-
         return ttt_forward_fused(self, aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
 
     # ------------------------------------------------------------------ TTT reference
@@ -245,13 +217,3 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if self.k_BkSd is None else self.k_BkSd.shape[2]
-
-
-def shift_left(x_BT: torch.Tensor, n: int, fill: float | int = 0) -> torch.Tensor:
-    """x[:, t + n] at position t, `fill` past the end (n = 0 returns x itself)."""
-    if n == 0:
-        return x_BT
-    out = torch.full_like(x_BT, fill)
-    if n < x_BT.shape[1]:
-        out[:, : x_BT.shape[1] - n] = x_BT[:, n:]
-    return out

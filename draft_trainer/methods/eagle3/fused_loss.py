@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from draft_trainer.model.draft import acc_dtype, shift_left
-from draft_trainer.model.losses import STEP_WEIGHT_DECAY, StepStats, sim_accept_len
+from draft_trainer.methods.eagle3.losses import STEP_WEIGHT_DECAY
+from draft_trainer.model.stats import StepStats, sim_accept_len
+from draft_trainer.model.tensors import acc_dtype, shift_left
 
 
 @dataclass

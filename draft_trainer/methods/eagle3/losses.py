@@ -26,13 +26,14 @@ Metrics (per step k, over that step's supervised positions):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from draft_trainer.model.draft import acc_dtype, shift_left
+from draft_trainer.model.stats import StepStats, sim_accept_len
+from draft_trainer.model.tensors import acc_dtype, shift_left
 
-STEP_WEIGHT_DECAY = 0.8
+STEP_WEIGHT_DECAY = 0.8  # the loss weight of TTT step k is 0.8**k
 
 
 @dataclass
@@ -95,51 +96,6 @@ def teacher_from_topk(topk_ids_BTK: torch.Tensor, topk_logprobs_BTK: torch.Tenso
     return Teacher(p_BTVd=None, top_BT=top_BT, mask_BT=mask_BT, topk_ids_BTK=draft_ids, topk_p_BTK=p)
 
 
-SUM_KEYS = ("n", "ce", "right", "chain", "prev", "ea")
-
-
-@dataclass
-class StepStats:
-    """Per-TTT-step metrics. `sums` holds the raw sums behind the ratios (per step: supervised
-    positions n, cross-entropy, right, chain-right, chain-eligible prev, expected acceptance), so
-    micro-batches and ranks merge exactly (`merged`)."""
-
-    loss: list[float] = field(default_factory=list)
-    acc: list[float] = field(default_factory=list)
-    cond_acc: list[float] = field(default_factory=list)
-    exp_acc: list[float] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    sim_accept_len: float = 1.0
-    sums: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SUM_KEYS})
-
-    def add_step(self, n: float, ce: float, right: float, chain: float, prev: float, ea: float) -> None:
-        for key, v in zip(SUM_KEYS, (n, ce, right, chain, prev, ea)):
-            self.sums[key].append(float(v))
-
-    @classmethod
-    def from_sums(cls, sums: dict[str, list[float]]) -> "StepStats":
-        st = cls(sums={k: list(v) for k, v in sums.items()})
-        for n, ce, right, chain, prev, ea in zip(*(sums[k] for k in SUM_KEYS)):
-            st.loss.append(ce / max(n, 1.0))
-            st.acc.append(right / max(n, 1.0))
-            st.cond_acc.append(chain / max(prev, 1.0))
-            st.exp_acc.append(ea / max(n, 1.0))
-            st.positions.append(int(n))
-        st.sim_accept_len = sim_accept_len(st.cond_acc)
-        return st
-
-    def sums_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.sums[k] for k in SUM_KEYS], dtype=torch.float64)
-
-    @classmethod
-    def merged(cls, parts: list["StepStats"], all_reduce=None) -> "StepStats":
-        """Sum the raw counts of several micro-batches (and, with `all_reduce`, of all ranks)."""
-        total = torch.stack([p.sums_tensor() for p in parts]).sum(0)
-        if all_reduce is not None:
-            total = all_reduce(total)
-        return cls.from_sums({k: total[i].tolist() for i, k in enumerate(SUM_KEYS)})
-
-
 def step_loss(logits_BTVd: torch.Tensor, t: Teacher) -> tuple[torch.Tensor, torch.Tensor]:
     """(soft cross-entropy summed over supervised positions, log-softmax) for one TTT step."""
     logq = torch.log_softmax(logits_BTVd.to(acc_dtype(logits_BTVd.dtype)), dim=-1)
@@ -180,12 +136,3 @@ def ttt_loss(model, g_steps: list[torch.Tensor], teacher: Teacher) -> tuple[torc
                            float((ea_BT * t.mask_BT).sum()))
     stats.sim_accept_len = sim_accept_len(stats.cond_acc)
     return total, stats
-
-
-def sim_accept_len(cond_acc: list[float]) -> float:
-    """1 + sum_k prod_{j<=k} cond_acc_j: expected tokens per target forward of a K-token chain."""
-    total, run = 1.0, 1.0
-    for a in cond_acc:
-        run *= a
-        total += run
-    return total

@@ -1,0 +1,100 @@
+"""EAGLE-3 as a draft method: three target layers in, one decoder layer, training-time test.
+
+The model, the reference and fused TTT, the losses, the target-derived init and the SGLang
+export live beside this file; this class is the only thing the trainer, export and eval see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.contract import ModelInfo
+from common.errors import ConfigError
+from common.features import FeatureSpec
+from draft_trainer.data.vocab import VocabMapping
+from draft_trainer.methods.base import DraftMethod, Fetch
+from draft_trainer.methods.eagle3.config import DraftConfig
+from draft_trainer.methods.eagle3.losses import STEP_WEIGHT_DECAY
+from draft_trainer.methods.eagle3.model import Eagle3Draft
+from draft_trainer.methods.eagle3.step import make_teacher, step_counts, train_step
+from draft_trainer.model.precision import cast_frozen, compute_dtype
+
+
+class Eagle3Method(DraftMethod):
+    name = "eagle3"
+    export_formats = ("sglang",)
+
+    # ------------------------------------------------------------------ features
+    def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
+        # The server's advertised aux layers (its --aux-layers, EAGLE-3's default [1, L/2-1, L-4]).
+        return FeatureSpec(layer_ids=tuple(info.aux_layer_ids), teacher=teacher, topk=topk)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, info: ModelInfo, vocab: VocabMapping, spec: FeatureSpec) -> Eagle3Draft:
+        if len(spec.layer_ids) != 3:
+            raise ConfigError(f"EAGLE-3 reads exactly three target layers, the feature spec has {list(spec.layer_ids)}")
+        cfg = DraftConfig.from_model_info(info, vocab.draft_vocab_size)
+        cfg.aux_layer_ids = list(spec.layer_ids)
+        model = Eagle3Draft(cfg)
+        model.set_vocab_mapping(vocab.d2t, vocab.t2d)
+        return model
+
+    def model_from_config(self, draft_config: dict) -> Eagle3Draft:
+        return Eagle3Draft(DraftConfig.from_dict(draft_config))
+
+    def init_from_target(self, model, how: str, info: ModelInfo, vocab: VocabMapping,
+                         frozen: dict[str, torch.Tensor], fetch: Fetch | None, seed: int) -> None:
+        from draft_trainer.methods.eagle3.init import init_draft
+
+        with torch.no_grad():
+            model.embed_tokens.weight.copy_(frozen["embed_tokens"].float())
+        if how == "random":
+            return
+        if fetch is None:
+            raise ConfigError(f"model.init={how} needs target servers to send the target's layers; "
+                              "an offline feature cache has none (use model.init=random, or resume)")
+        init_draft(model, how, info.num_layers, vocab.used, frozen["lm_head"], fetch, seed)
+
+    def unsharded_params(self, model) -> list[torch.nn.Parameter]:
+        return [model.embed_tokens.weight]
+
+    # ------------------------------------------------------------------ objective
+    def bind(self, model, frozen: dict[str, torch.Tensor], vocab: VocabMapping, device: torch.device) -> None:
+        self.precision = self.cfg.precision
+        self.ttt_steps = self.cfg.ttt_steps
+        self.target_head_VH = cast_frozen(model, frozen["lm_head"].float().to(device),
+                                          compute_dtype(self.precision, device))
+        self.used_Vd, self.t2d_V, self.t2d_index_V = (vocab.used.to(device), vocab.t2d.to(device),
+                                                       vocab.target_to_draft.to(device))
+
+    def prepare(self, batch):
+        return make_teacher(batch, self.target_head_VH, self.used_Vd, self.t2d_V, self.t2d_index_V,
+                            precision=self.precision)
+
+    def loss_counts(self, targets) -> list[float]:
+        return [float(n) for n in step_counts(targets, self.ttt_steps)]
+
+    def loss(self, model, batch, targets, normalizers=None):
+        return train_step(model, batch, self.target_head_VH, self.used_Vd, self.t2d_V, self.t2d_index_V,
+                          self.ttt_steps, precision=self.precision, teacher=targets, normalizers=normalizers)
+
+    def num_positions(self) -> int:
+        return self.cfg.ttt_steps
+
+    def loss_weights(self, n_terms: int) -> list[float]:
+        return [STEP_WEIGHT_DECAY ** k for k in range(n_terms)]
+
+    # ------------------------------------------------------------------ serving
+    def export(self, trained, output: Path, fmt: str) -> None:
+        from draft_trainer.methods.eagle3.export import write_sglang
+
+        write_sglang(output, trained)
+
+    def drafter(self, export_dir: Path, target, *, dtype: torch.dtype):
+        raise NotImplementedError  # wired to the evaluator's Drafter once it lands
+
+    @classmethod
+    def recognises(cls, export_config: dict) -> bool:
+        return export_config.get("architectures") == ["LlamaForCausalLMEagle3"]

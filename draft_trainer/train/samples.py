@@ -1,0 +1,104 @@
+"""The sample stream: which samples a rank trains on, in which order, and where it stands.
+
+    stream = SampleStream(dataset, seed, rank, world, holdout, max_length, epochs)
+    for s in stream.samples(cursor, budget): ...      # deterministic order from a cursor
+    deliveries = stream.open(samples, pool or cache)  # features for them, in that order
+
+The epoch order is a seeded permutation of the dataset minus the held-out samples (a fixed,
+seed-independent choice, so runs with different seeds compare on the same held-out set); rank
+r takes every world-th sample of it, so a global step sees the same samples whatever the world
+size. A rank's position in its order, (epoch, index), is the cursor saved with checkpoints: a
+restart asks for exactly what was not trained yet. Samples that cannot train (too short, no
+supervised token in the first max_length tokens) are delivered as drops with a reason, in order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from draft_trainer.client.dispatcher import Delivery, Sample
+from draft_trainer.data.dataset import TokenizedDataset
+from draft_trainer.data.feature_cache import FeatureCacheReader
+
+EVAL_SEED = 0x5EED  # held-out samples do not depend on the run's seed
+
+
+class SampleStream:
+    def __init__(self, dataset: TokenizedDataset, *, seed: int, rank: int, world: int, holdout: int,
+                 max_length: int, epochs: int) -> None:
+        self.dataset = dataset
+        self.seed, self.rank, self.world = seed, rank, world
+        self.max_length, self.epochs = max_length, epochs
+        n = len(dataset)
+        k = min(holdout, n - 1)
+        perm = np.random.default_rng(EVAL_SEED).permutation(n)
+        self.eval_indices = np.sort(perm[:k])
+        self.train_indices = np.sort(perm[k:])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's share of the epoch's order (dataset indices)."""
+        order = self.train_indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_indices))]
+        return order[self.rank :: self.world]
+
+    def sample(self, cursor: tuple[int, int], index: int) -> Sample:
+        sid, ids, mask = self.dataset[int(index)]
+        if len(ids) < 2:
+            return Sample(cursor, sid, ids, drop_reason="too_short")
+        if not mask[1 : self.max_length].any():
+            return Sample(cursor, sid, ids, drop_reason="no_supervised_tokens")
+        return Sample(cursor, sid, ids[: self.max_length], loss_mask=mask[: self.max_length],
+                      truncated=len(ids) > self.max_length)
+
+    def samples(self, start: tuple[int, int], budget: int):
+        """The rank's order from `start`, at most `budget` usable samples (the dispatcher
+        prefetches, and target compute past the last step would be wasted)."""
+        for epoch in range(start[0], self.epochs):
+            order = self.epoch_order(epoch)
+            for index in range(start[1] if epoch == start[0] else 0, len(order)):
+                s = self.sample((epoch, index), order[index])
+                if not s.drop_reason:
+                    if budget <= 0:
+                        return
+                    budget -= 1
+                yield s
+
+    def eval_samples(self):
+        """This rank's share of the held-out samples (cursor epoch -1: never saved)."""
+        mine = self.eval_indices[self.rank :: self.world]
+        return (self.sample((-1, i), idx) for i, idx in enumerate(mine))
+
+    def usable_train_tokens(self) -> int:
+        """Tokens of one epoch of this rank's share, after truncation (cache size estimate)."""
+        mine = self.train_indices[self.rank :: self.world]
+        return int(self.dataset.lengths[mine].clip(max=self.max_length).sum())
+
+
+class OfflineStream:
+    """Deliveries from a feature cache, in the rank's order (the Dispatcher's interface)."""
+
+    def __init__(self, reader: FeatureCacheReader, samples) -> None:
+        self.reader = reader
+        self.samples = samples
+        self.delivered = 0
+        self.missing = 0
+
+    def __iter__(self):
+        for s in self.samples:
+            if s.drop_reason:
+                yield Delivery(s, drop_reason=s.drop_reason)
+                continue
+            f = self.reader.get(s.sample_id)
+            if f is None:
+                self.missing += 1
+                yield Delivery(s, drop_reason="not_in_cache")
+            elif f.length != len(s.token_ids):
+                yield Delivery(s, drop_reason="cache_length_mismatch")
+            else:
+                self.delivered += 1
+                yield Delivery(s, features=f)
+
+    def summary(self) -> dict:
+        return {"source": f"feature cache {self.reader.path}", "delivered": self.delivered, "not_in_cache": self.missing}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,235 @@
+"""Setting up a run: from a TrainConfig to the objects the loop composes.
+
+    run = build_run(cfg, dist, stack, metrics)   # metrics: the run's TrainerMetrics (the pool reports into it)
+
+In order: the dataset and its held-out split (SampleStream), the resume point and its state,
+the feature source (target pool handshake, or an offline feature cache), the contract checks
+(tokenizer, the method's feature spec against what the servers capture, agreed limits), the
+draft vocabulary, the method's model (+ `model.init`), FSDP2, the optimizer, and the restored
+checkpoint. Each piece is built by one function here and owned by the `Run` afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.contract import ModelInfo, check_feature_spec
+from common.errors import ConfigError, ContractError, DataError
+from common.features import FeatureSchema, FeatureSpec
+from common.security import read_token_file
+from draft_trainer.config import TrainConfig
+from draft_trainer.data.dataset import TokenizedDataset
+from draft_trainer.data.feature_cache import FeatureCacheReader, FeatureCacheWriter, estimate_bytes
+from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_supervised_tokens
+from draft_trainer.methods import get_method
+from draft_trainer.methods.base import DraftMethod
+from draft_trainer.train import checkpoint as ckpt_io
+from draft_trainer.train.parallel import DistInfo, apply_fsdp, broadcast_tensors
+from draft_trainer.train.samples import SampleStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What a training run is made of once set up (each field built once, in build_run)."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    out: Path
+    dataset: TokenizedDataset
+    stream: SampleStream
+    method: DraftMethod
+    info: ModelInfo | None = None
+    spec: FeatureSpec | None = None
+    pool: object | None = None                      # draft_trainer.client.pool.TargetPool (online)
+    cache_reader: FeatureCacheReader | None = None  # offline
+    cache_writer: FeatureCacheWriter | None = None
+    vocab: VocabMapping | None = None
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    resume: Path | None = None
+    restored: dict = field(default_factory=dict)    # the checkpoint's trainer + rank state, when resuming
+
+
+def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, metrics) -> Run:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = TokenizedDataset(cfg.data.path)
+    if len(dataset) == 0:
+        raise DataError(f"dataset {cfg.data.path} has no samples")
+    resume = resolve_resume(cfg, out)
+    run = Run(cfg=cfg, dist=dist, out=out, dataset=dataset, stream=None, method=get_method(cfg.model.method, cfg.model),
+              resume=resume)
+    state = json.loads((resume / ckpt_io.TRAINER_STATE).read_text()) if resume else None
+    if cfg.feature_cache.offline:
+        run.cache_reader = FeatureCacheReader(cfg.feature_cache.dir)
+        run.info = run.cache_reader.info
+        frozen = run.cache_reader.frozen_tensors() if dist.is_main else None
+    else:
+        run.pool = start_pool(cfg, dist, stack, out, resume, metrics)
+        run.info = run.pool.info
+        names = run.method.frozen_tensor_names()
+        frozen = run.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors") if dist.is_main else None
+    max_length = agreed_max_length(cfg, run.info)
+    run.stream = SampleStream(dataset, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
+                              holdout=cfg.eval.holdout, max_length=max_length, epochs=cfg.epochs)
+    if state:
+        check_resume_state(cfg, dist, resume, state, len(dataset), len(run.stream.eval_indices))
+    check_dataset_contract(cfg, dataset, run.info)
+    run.spec = run.method.feature_spec(run.info, cfg.targets.teacher, cfg.targets.topk)
+    check_feature_spec(run.info, run.spec, where="the target" if run.pool else f"feature cache {cfg.feature_cache.dir}")
+    if run.cache_reader is not None:
+        run.cache_reader.check_spec(run.spec)
+    if run.pool is not None:
+        run.pool.feature_spec = run.spec
+    # Rank 0 fetched the frozen target tensors once; every rank gets a copy.
+    frozen = broadcast_tensors(frozen, dist)
+
+    run.vocab = VocabMapping.load(resume / "vocab.json") if resume else vocab_mapping(cfg, dataset, run.stream,
+                                                                                      run.info.vocab_size)
+    build_model(run, frozen, init=not resume)
+    if resume:
+        run.restored = ckpt_io.load_checkpoint(resume, run.model, run.optimizer, dist)
+    if cfg.feature_cache.dir and not cfg.feature_cache.offline:
+        run.cache_writer = open_cache(run, frozen)
+        stack.callback(run.cache_writer.close)
+    return run
+
+
+def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    r = cfg.resume_from
+    if not r:
+        return None
+    if r == "auto":
+        found = ckpt_io.latest_checkpoint(out / "checkpoints")
+        if found is None:
+            log.info("resume_from=auto: no checkpoint in %s, starting fresh", out / "checkpoints")
+        return found
+    p = Path(r)
+    if p.is_dir() and not (p / ckpt_io.COMPLETE).is_file() and (p / "checkpoints").is_dir():
+        p = ckpt_io.latest_checkpoint(p / "checkpoints") or p  # a run directory
+    if not (p / ckpt_io.COMPLETE).is_file():
+        raise ConfigError(f"resume_from={r}: not a complete checkpoint (no {ckpt_io.COMPLETE} marker); point it at "
+                          f"a checkpoints/step_N directory, `latest`, or use resume_from=auto")
+    return p.resolve()
+
+
+def check_resume_state(cfg: TrainConfig, dist: DistInfo, path: Path, state: dict, n_samples: int,
+                       n_heldout: int) -> None:
+    mine = {"seed": cfg.seed, "dataset_samples": n_samples, "eval_holdout": n_heldout,
+            "batch_size": cfg.batch_size, "world_size": dist.world_size}
+    for k, v in mine.items():
+        if state.get(k) != v:
+            raise ConfigError(f"resume_from={path}: the checkpoint's {k} is {state.get(k)!r} but this run has {v!r}; "
+                              "the data cursors only mean something for the same sample order")
+
+
+def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, out: Path, resume: Path | None,
+               metrics):
+    from draft_trainer.client.discovery import EndpointSource
+    from draft_trainer.client.embedded import EmbeddedServer
+    from draft_trainer.client.pool import TargetPool
+
+    endpoint = cfg.targets.endpoints
+    if not endpoint:
+        # The embedded default: rank 0 starts one local server; every rank uses it.
+        if dist.is_main:
+            server = EmbeddedServer(cfg.targets.embedded_model, dtype=cfg.targets.embedded_dtype,
+                                    startup_timeout_s=cfg.targets.startup_timeout_s,
+                                    log_path=out / "embedded_server.log", threads=cfg.targets.embedded_threads)
+            endpoint = stack.enter_context(server)
+            log.info("embedded target server at %s", endpoint)
+        if dist.distributed:
+            import torch.distributed as tdist
+
+            box = [endpoint]
+            tdist.broadcast_object_list(box, src=0)
+            endpoint = box[0]
+    expected = ModelInfo(**json.loads((resume / "model_info.json").read_text())) if resume else None
+    t = cfg.targets
+    client_kwargs = {"auth_token": read_token_file(t.auth_token_file) if t.auth_token_file else None,
+                     "tls_root_cert": t.tls_root_cert or None, "tls_server_name": t.tls_server_name or None}
+    pool = TargetPool(EndpointSource(endpoint), cfg.targets, metrics=metrics,
+                      client_kwargs=client_kwargs, expected=expected,
+                      expected_name=f"checkpoint {resume}" if resume else "the run")
+    stack.callback(pool.close)
+    pool.info = pool.start()
+    return pool
+
+
+def agreed_max_length(cfg: TrainConfig, info: ModelInfo) -> int:
+    """Samples are cut to the smaller of data.max_length and what the servers accept, agreed
+    before training instead of discovered as refusals mid-run."""
+    server_max = int(info.max_length or 0)
+    if server_max and server_max < cfg.data.max_length:
+        log.info("data.max_length %d > the target's max length %d: samples are truncated to %d",
+                 cfg.data.max_length, server_max, server_max)
+        return server_max
+    return cfg.data.max_length
+
+
+def check_dataset_contract(cfg: TrainConfig, dataset: TokenizedDataset, info: ModelInfo) -> None:
+    fp = dataset.tokenizer_fingerprint
+    if fp and fp != info.tokenizer_fingerprint:
+        raise ContractError(
+            f"tokenizer mismatch: dataset {cfg.data.path} was tokenized with tokenizer {fp[:12]}… but the "
+            f"target uses {info.tokenizer_fingerprint[:12]}…; re-run prepare-data with the served model"
+        )
+
+
+def vocab_mapping(cfg: TrainConfig, dataset: TokenizedDataset, stream: SampleStream, vocab_size: int) -> VocabMapping:
+    pinned = Path(cfg.data.vocab_path) if cfg.data.vocab_path else Path(cfg.data.path) / "vocab.json"
+    Vd = min(cfg.data.draft_vocab_size, vocab_size)
+    if pinned.is_file():
+        m = VocabMapping.load(pinned)
+        if m.vocab_size != vocab_size:
+            raise ContractError(f"pinned draft vocabulary {pinned} is for V={m.vocab_size}, target has V={vocab_size}")
+        return m
+    ids = [dataset[int(i)][1] for i in stream.train_indices]
+    masks = [dataset[int(i)][2] for i in stream.train_indices]
+    return build_vocab_mapping(count_supervised_tokens(ids, masks, vocab_size), Vd)
+
+
+def build_model(run: Run, frozen: dict[str, torch.Tensor], init: bool) -> None:
+    cfg, dist, method = run.cfg, run.dist, run.method
+    torch.manual_seed(cfg.seed)  # the same initial draft on every rank
+    model = method.build_model(run.info, run.vocab, run.spec)
+    fetch = None
+    if run.pool is not None:
+        # rank 0 fetches target tensors once, every rank applies the same start.
+        fetch = lambda names: broadcast_tensors(  # noqa: E731
+            run.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors") if dist.is_main else None, dist)
+    method.init_from_target(model, cfg.model.init if init else "random", run.info, run.vocab, frozen, fetch, cfg.seed)
+    model = model.to(dist.device)
+    method.bind(model, frozen, run.vocab, dist.device)
+    if dist.distributed:
+        apply_fsdp(model, method.unsharded_params(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    # fused: one pass per parameter (~8x less optimizer time on CPU than the per-tensor loop);
+    # sharded (DTensor) parameters take the foreach implementation.
+    run.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                      **({} if dist.distributed else {"fused": True}))
+    run.model = model
+    log.info("draft (%s): %d trainable params, Vd=%d (coverage %.3f), features %s, %d rank(s)", method.name,
+             sum(p.numel() for p in params), run.vocab.draft_vocab_size, run.vocab.coverage, run.spec, dist.world_size)
+
+
+def open_cache(run: Run, frozen: dict[str, torch.Tensor]) -> FeatureCacheWriter:
+    fc = run.cfg.feature_cache
+    schema = FeatureSchema.for_spec(run.spec, run.info.hidden_size, run.info.dtype)
+    tokens = run.stream.usable_train_tokens()
+    est = estimate_bytes(tokens, run.info, run.spec)
+    limit = int(fc.limit_gb * 1e9)
+    log.info("feature cache %s: about %.2f GB for this rank's samples (one epoch); limit %s", fc.dir, est / 1e9,
+             f"{fc.limit_gb:g} GB" if limit else "none")
+    return FeatureCacheWriter(fc.dir, run.info, schema, rank=run.dist.rank, limit_bytes=limit,
+                              frozen=frozen if run.dist.is_main else None)
+
