@@ -15,6 +15,7 @@ import threading
 
 from common.errors import SpecRelayError
 from common.memory import tune_malloc
+from target_server.backends.registry import BACKENDS
 from target_server.server import CLOSE_TIMEOUT_S, ServerConfig, TargetServer
 
 log = logging.getLogger("target_server")
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     m = s.add_argument_group("model")
     m.add_argument("--model", default=d.model, help="local HF model directory (hf, sglang backends)")
-    m.add_argument("--backend", default=d.backend, choices=["hf", "synthetic", "sglang"])
+    m.add_argument("--backend", default=d.backend, choices=list(BACKENDS))
     m.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     m.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"],
                    help="model compute dtype, also the wire dtype of hidden states")

@@ -32,6 +32,7 @@ from common.rpc import target_pb2_grpc as pb_grpc
 from common.security import read_pem, read_token_file
 from target_server.auth import BearerTokenInterceptor
 from target_server.backends.base import Backend
+from target_server.backends.registry import check_sections, load_backend
 from target_server.flight import FeatureFlightServer
 from target_server.metrics import ServerMetrics
 from target_server.scheduler import Scheduler
@@ -47,10 +48,10 @@ CLOSE_TIMEOUT_S = 5.0  # after the drain, how long closing the ports may take
 @dataclass
 class ServerConfig:
     model: str = ""
-    backend: str = "hf"  # hf | synthetic | sglang
+    backend: str = "hf"  # a name in target_server.backends.registry.BACKENDS
     device: str = "cpu"
     dtype: str = "fp32"
-    tp: int = 1  # tensor-parallel ranks (sglang backend only)
+    tp: int = 1  # tensor-parallel ranks (the sglang backend's section)
     aux_layers: str = "auto"
     host: str = "127.0.0.1"
     grpc_port: int = 50051
@@ -66,21 +67,16 @@ class ServerConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key, both planes speak TLS
     tls_key: str = ""
     ready_file: str = ""  # written (JSON: ports, pid) once serving; for supervisors and tests
-    # synthetic backend only
+    # the synthetic backend's section
     synthetic_hidden_size: int = 64
     synthetic_num_layers: int = 8
     synthetic_vocab_size: int = 512
     synthetic_cost_per_token_us: float = 0.0
 
     def validate(self) -> None:
-        if self.backend not in ("hf", "synthetic", "sglang"):
-            raise ConfigError(f"backend: {self.backend!r} is not one of hf, synthetic, sglang")
-        if self.backend != "synthetic" and not self.model:
-            raise ConfigError("--model: required for the hf and sglang backends (a local HF model directory)")
         if self.tp < 1:
             raise ConfigError(f"--tp: {self.tp} must be >= 1")
-        if self.tp > 1 and self.backend != "sglang":
-            raise ConfigError(f"--tp: {self.tp} needs --backend sglang (the {self.backend} backend runs on one device)")
+        check_sections(self)  # the backend exists, has its --model, and no other backend's option is set
         if self.max_batch_tokens <= 0 or self.max_queue_tokens <= 0 or self.max_request_tokens <= 0:
             raise ConfigError("--max-batch-tokens, --max-queue-tokens and --max-request-tokens must be > 0")
         if self.max_topk <= 0:
@@ -100,24 +96,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def load_backend(cfg: ServerConfig) -> Backend:
-    # Imported lazily: the sglang backend pulls in SGLang, which the core never imports at start-up.
-    if cfg.backend == "hf":
-        from target_server.backends.hf import HFBackend
-
-        return HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
-                         max_length=cfg.max_length or None, max_topk=cfg.max_topk)
-    if cfg.backend == "synthetic":
-        from target_server.backends.synthetic import SyntheticBackend
-
-        return SyntheticBackend.from_config(cfg)
-    if cfg.backend == "sglang":
-        from target_server.backends.sglang import SGLangBackend
-
-        return SGLangBackend.from_config(cfg)
-    raise ConfigError(f"unknown backend {cfg.backend!r}")
 
 
 class TargetServer:

@@ -9,24 +9,19 @@ outputs of the three aux layers and the final norm's output (never all layers' s
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
 
 import torch
 
-from common.contract import (TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, parse_tensor_name,
-                             tokenizer_fingerprint)
+from common.contract import TEACHER_HIDDEN, ModelInfo, parse_aux_layers, parse_tensor_name
 from common.errors import AssetError, ConfigError, ContractError
-from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
+from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, resolve_dtype,
+                                               sample_next)
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-MAX_TOPK = 64
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
@@ -53,18 +48,15 @@ class HFBackend(Backend):
 
         hf_logging.disable_progress_bar()  # a server log is not a terminal
 
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise AssetError(f"--model {path}: no config.json there; point at a local HF model directory")
-        if dtype not in DTYPES:
-            raise ConfigError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
+        path = check_model_dir(model_path)
+        dtype_ = resolve_dtype(dtype)
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
             raise ConfigError(f"--device {device!r}: {e}; use cpu, cuda or cuda:N") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is visible to this process; use --device cpu")
-        self.dtype = DTYPES[dtype]
+        self.dtype = dtype_
         # Everything checkable from the config is checked before the (slow) weight load.
         cfg = AutoConfig.from_pretrained(path)
         self.num_layers = int(cfg.num_hidden_layers)
@@ -85,6 +77,11 @@ class HFBackend(Backend):
         norm.register_forward_hook(self._hook("final"))
         log.info("hf backend: %s, %d layers, H=%d, aux=%s, %s on %s", path.name, self.num_layers,
                  self.hidden_size, self.aux_layer_ids, self.dtype, self.device)
+
+    @classmethod
+    def from_config(cls, cfg) -> "HFBackend":
+        return cls(cfg.model, device=cfg.device, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
+                   max_length=cfg.max_length or None, max_topk=cfg.max_topk)
 
     def _hook(self, key: str):
         def hook(_module, _inputs, output):
@@ -160,7 +157,7 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, stop_token_ids: list[int]) -> list[Completion]:
-        stops = set(stop_token_ids) or set(_eos_ids(self.model))
+        stops = set(stop_token_ids) or set(eos_ids(self.model.generation_config, self.model.config))
         gen = torch.Generator().manual_seed(seed)
         out = []
         with self._lock:
@@ -182,46 +179,3 @@ class HFBackend(Backend):
                 out.append(Completion(token_ids=new, finish_reason=reason))
         return out
 
-
-def hf_model_info(cfg, tokenizer, *, backend: str, model_name: str, num_layers: int, hidden_size: int,
-                  vocab_size: int, aux_layer_ids: list[int], dtype: torch.dtype, max_length: int, max_topk: int,
-                  default_arch: str) -> ModelInfo:
-    """The contract for a model described by a transformers config + tokenizer (hf and sglang backends)."""
-    return ModelInfo(
-        architecture=(cfg.architectures or [default_arch])[0],
-        model_type=cfg.model_type,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        vocab_size=vocab_size,
-        aux_layer_ids=list(aux_layer_ids),
-        dtype=wire_dtype_name(dtype),
-        max_length=max_length,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        chat_template=tokenizer.chat_template or "",
-        teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
-        max_topk=max_topk,
-        hf_config_json=json.dumps(cfg.to_dict(), default=str),
-        backend=backend,
-        model_name=model_name,
-        feature_schema_version=FEATURE_SCHEMA_VERSION,
-    )
-
-
-def sample_next(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy when temperature <= 0, else temperature + nucleus (top_p) sampling with `gen`."""
-    logits_V = logits_V.float()
-    if temperature <= 0:
-        return int(logits_V.argmax())
-    probs = torch.softmax(logits_V / temperature, dim=-1)
-    if 0 < top_p < 1:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p
-        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-
-def _eos_ids(model: torch.nn.Module) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]

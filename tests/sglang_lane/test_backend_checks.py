@@ -92,3 +92,15 @@ def test_tensor_parallel_2_matches_hf(tiny_llama, tmp_path, monkeypatch):
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
         hf.stop()
+
+
+def test_max_topk_is_honoured(tiny_llama):
+    """--max-topk reaches the sglang backend through the registry (it used to be ignored: always 64)."""
+    from target_server.backends.registry import load_backend
+    from target_server.server import ServerConfig
+
+    backend = load_backend(ServerConfig(model=str(tiny_llama), backend="sglang", max_topk=8, max_batch_tokens=512))
+    try:
+        assert backend.model_info().max_topk == 8
+    finally:
+        backend.close()
