@@ -125,6 +125,7 @@ class ModelInfo:
     flight_port: int = 0
     max_batch_tokens: int = 0
     max_request_tokens: int = 0
+    max_capture_layer: int = 0     # highest layer id a request may name; 0 = only aux_layer_ids (older servers)
 
     @property
     def hf_config(self) -> dict[str, Any]:
@@ -180,10 +181,17 @@ def check_compatible(expected: ModelInfo, actual: ModelInfo, *, expected_name: s
 def check_feature_spec(info: ModelInfo, spec: FeatureSpec, *, where: str = "the target") -> None:
     """Raise ContractError naming every layer id or teacher mode `info`'s server cannot capture."""
     problems = []
-    bad = [i for i in spec.layer_ids if not 0 <= i < info.num_layers]
-    if bad:
-        problems.append(f"layer ids {bad} do not exist in {where} ({info.num_layers} decoder layers: "
-                        f"0..{info.num_layers - 1})")
+    if not info.max_capture_layer:
+        if list(spec.layer_ids) != list(info.aux_layer_ids):
+            problems.append(f"{where} only sends its aux layers {list(info.aux_layer_ids)} (a server from before "
+                            "feature specs: upgrade it)")
+    else:
+        bad = [i for i in spec.layer_ids if not 0 <= i <= info.max_capture_layer]
+        if bad:
+            problems.append(f"layer ids {bad} cannot be captured by {where} ({info.num_layers} decoder layers; "
+                            f"it captures 0..{info.max_capture_layer})")
+    if spec.teacher == TEACHER_NONE and not info.max_capture_layer:
+        problems.append(f"teacher mode 'none' needs a server that speaks feature specs; {where} does not (upgrade it)")
     if spec.teacher != TEACHER_NONE and spec.teacher not in info.teacher_modes:
         problems.append(f"teacher mode {spec.teacher!r} is not offered by {where} (offers {info.teacher_modes})")
     if spec.teacher == TEACHER_TOPK and info.max_topk and spec.topk > info.max_topk:

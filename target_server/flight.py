@@ -23,9 +23,9 @@ import pyarrow.flight as flight
 from google.protobuf.message import DecodeError
 
 from common import status
-from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, teacher_mode_from_pb
+from common.contract import TEACHER_HIDDEN, TEACHER_NONE, TEACHER_TOPK, ModelInfo, check_feature_spec, teacher_mode_from_pb
 from common.errors import ContractError, SchemaError
-from common.features import FEATURE_SCHEMA_VERSION, FeatureSchema, SampleFeatures, encode_batch, split_rows
+from common.features import FEATURE_SCHEMA_VERSION, FeatureSchema, FeatureSpec, SampleFeatures, encode_batch, split_rows
 from common.rpc import target_pb2 as pb
 from target_server.auth import BearerTokenMiddlewareFactory
 from target_server.scheduler import DeadlineExceeded, Overloaded, Request, Scheduler, SchedulerError
@@ -89,13 +89,19 @@ def validate_request(msg: pb.FeatureRequest, info: ModelInfo, max_request_tokens
         raise SchemaError(f"token id out of range [0, {info.vocab_size}): saw {lo if lo < 0 else hi}; "
                           "is the data tokenized with this model's tokenizer?")
     teacher = TEACHER_HIDDEN if msg.teacher_mode == pb.TEACHER_MODE_UNSPECIFIED else teacher_mode_from_pb(msg.teacher_mode)
-    if teacher not in info.teacher_modes:
+    if teacher != TEACHER_NONE and teacher not in info.teacher_modes:
         raise ContractError(f"teacher mode {teacher!r} not offered (offers {info.teacher_modes})")
     topk = 0
     if teacher == TEACHER_TOPK:
         if not 0 < msg.topk <= info.max_topk:
             raise SchemaError(f"topk {msg.topk} out of range 1..{info.max_topk} (ModelInfo.max_topk)")
         topk = msg.topk
+    # The feature spec: the layers named in the request (default: this server's aux layers).
+    try:
+        spec = FeatureSpec(tuple(msg.layer_ids) or tuple(info.aux_layer_ids), teacher, topk)
+    except SchemaError as e:
+        raise SchemaError(f"feature request: {e}") from None
+    check_feature_spec(info, spec, where="this server")
     if msg.expect_dtype and msg.expect_dtype != info.dtype:
         raise ContractError(f"client expects {msg.expect_dtype} features but this server sends {info.dtype}; "
                             "start the server with the run's --dtype")
@@ -106,6 +112,7 @@ def validate_request(msg: pb.FeatureRequest, info: ModelInfo, max_request_tokens
     return Request(
         request_id=msg.request_id or uuid.uuid4().hex, client_id=msg.client_id or "anonymous",
         sample_ids=list(msg.sample_ids), seqs=seqs, teacher=teacher, topk=topk, deadline=msg.deadline_unix_s,
+        layer_ids=spec.layer_ids,
     )
 
 
@@ -169,7 +176,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             self._open.add(state)
         if self.metrics is not None:
             self.metrics.active_streams.inc()
-        schema = FeatureSchema(self.info.hidden_size, self.info.dtype, req.teacher, req.topk)
+        schema = FeatureSchema(self.info.hidden_size, self.info.dtype, req.teacher, req.topk, req.layer_ids)
         gen = self._stream(state, schema)
         # A generator Flight never starts (client gone at once) never runs its `finally`.
         weakref.finalize(gen, self._close, state)
@@ -201,9 +208,9 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def _stream(self, state: _StreamState, schema: FeatureSchema):
         req = state.req
-        per_token = 3 * schema.hidden_size * (4 if schema.dtype == "float32" else 2) + (
-            schema.hidden_size * (4 if schema.dtype == "float32" else 2) if schema.teacher == TEACHER_HIDDEN
-            else 8 * schema.topk)
+        item = 4 if schema.dtype == "float32" else 2
+        per_token = schema.aux_width * item + {TEACHER_HIDDEN: schema.hidden_size * item, TEACHER_TOPK: 8 * schema.topk,
+                                               TEACHER_NONE: 0}[schema.teacher]
         max_chunk_tokens = max(1, self.batch_bytes // per_token)
         pack_tokens = max(1, min(self.batch_bytes, PACK_BYTES) // per_token)
         pending: list[SampleFeatures] = []

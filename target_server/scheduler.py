@@ -6,7 +6,7 @@
   starts level with the others, it does not bank credit). A trainer sending long samples does
   not crowd out one sending short ones.
 - A forward pass takes samples while the padded batch (B x longest T) stays within
-  `max_batch_tokens`, all with the same teacher mode (one post-processing per pass). A single
+  `max_batch_tokens`, all with the same feature spec (layers, teacher mode: one capture set and post-processing per pass). A single
   sample longer than the budget runs alone.
 - Bounded work in memory: `submit` refuses a request that would push the tokens the server is
   responsible for — queued, plus computed but not yet sent (a slow reader's features) — past
@@ -72,6 +72,7 @@ class Request:
     teacher: str
     topk: int = 0
     deadline: float = 0.0  # unix seconds; 0 = none
+    layer_ids: tuple[int, ...] = ()  # the feature spec's layers (the flight service fills it in)
     results: "queue.Queue[tuple[int, Capture] | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = 0.0  # monotonic
@@ -100,8 +101,9 @@ class _Item:
         return len(self.request.seqs[self.index])
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.request.teacher, self.request.topk)
+    def key(self) -> tuple[str, int, tuple[int, ...]]:
+        # One forward pass serves one feature spec (one capture set, one post-processing).
+        return (self.request.teacher, self.request.topk, self.request.layer_ids)
 
 
 @dataclass(eq=False)
@@ -250,7 +252,7 @@ class Scheduler:
                     break
 
     def _take_batch(self) -> list[_Item]:
-        """Least-served client first; one teacher key; padded tokens within the budget."""
+        """Least-served client first; one feature-spec key; padded tokens within the budget."""
         self._drop_expired(time.time())
         batch: list[_Item] = []
         key, longest = None, 0
@@ -294,10 +296,11 @@ class Scheduler:
                         self._cv.notify_all()
 
     def _forward(self, batch: list[_Item]) -> list[Capture]:
-        teacher, topk = batch[0].key
+        teacher, topk, layer_ids = batch[0].key
         seqs = [it.request.seqs[it.index] for it in batch]
         t0 = time.perf_counter()
-        caps = self.backend.forward(seqs, teacher, topk)
+        # Requests without a spec (direct scheduler use) take the backend's default layers.
+        caps = self.backend.forward(seqs, teacher, topk, **({"layer_ids": layer_ids} if layer_ids else {}))
         dt = time.perf_counter() - t0
         if len(caps) != len(batch):
             raise RuntimeError(f"backend returned {len(caps)} captures for {len(batch)} sequences")

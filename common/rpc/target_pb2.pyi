@@ -23,7 +23,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("server_version", "feature_schema_version", "backend", "model_name", "architecture", "model_type", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids", "dtype", "max_length", "tokenizer_fingerprint", "chat_template", "teacher_modes", "max_topk", "hf_config_json", "flight_port", "max_batch_tokens", "max_request_tokens")
+    __slots__ = ("server_version", "feature_schema_version", "backend", "model_name", "architecture", "model_type", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids", "dtype", "max_length", "tokenizer_fingerprint", "chat_template", "teacher_modes", "max_topk", "hf_config_json", "flight_port", "max_batch_tokens", "max_request_tokens", "max_capture_layer")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class ModelInfo(_message.Message):
     FLIGHT_PORT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAPTURE_LAYER_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     feature_schema_version: int
     backend: str
@@ -64,7 +65,8 @@ class ModelInfo(_message.Message):
     flight_port: int
     max_batch_tokens: int
     max_request_tokens: int
-    def __init__(self, server_version: _Optional[str] = ..., feature_schema_version: _Optional[int] = ..., backend: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., aux_layer_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., chat_template: _Optional[str] = ..., teacher_modes: _Optional[_Iterable[_Union[TeacherMode, str]]] = ..., max_topk: _Optional[int] = ..., hf_config_json: _Optional[str] = ..., flight_port: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ...) -> None: ...
+    max_capture_layer: int
+    def __init__(self, server_version: _Optional[str] = ..., feature_schema_version: _Optional[int] = ..., backend: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., aux_layer_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., chat_template: _Optional[str] = ..., teacher_modes: _Optional[_Iterable[_Union[TeacherMode, str]]] = ..., max_topk: _Optional[int] = ..., hf_config_json: _Optional[str] = ..., flight_port: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_capture_layer: _Optional[int] = ...) -> None: ...
 
 class FetchTensorsRequest(_message.Message):
     __slots__ = ("names", "chunk_bytes")

@@ -43,8 +43,11 @@ class Backend(abc.ABC):
         """The contract (without server-side fields like ports, which the server fills in)."""
 
     @abc.abstractmethod
-    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
-        """One batched prefill over `seqs`; returns one Capture per sequence (CPU tensors)."""
+    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0,
+                layer_ids: tuple[int, ...] | None = None) -> list[Capture]:
+        """One batched prefill over `seqs`; returns one Capture per sequence (CPU tensors): the
+        outputs of decoder layers `layer_ids` (default: the backend's aux layers) concatenated in
+        that order, and the teacher (none / final normed hidden / top-k)."""
 
     @abc.abstractmethod
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common.contract import TEACHER_HIDDEN, ModelInfo, parse_aux_layers, parse_tensor_name
+from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, parse_tensor_name
 from common.errors import AssetError, ConfigError, ContractError
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
 from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, resolve_dtype,
@@ -71,9 +71,12 @@ class HFBackend(Backend):
         self._decoder, layers, norm = decoder_parts(self.model)
         self._captured: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # hooks write shared state: one forward at a time
-        self._keys = [f"aux{lid}" for lid in self.aux_layer_ids] + ["final"]
-        for lid in self.aux_layer_ids:
-            layers[lid].register_forward_hook(self._hook(f"aux{lid}"))
+        # Hooks sit on the layers some feature spec has asked for (the aux layers from the start,
+        # others added on first request); a forward keeps only its own spec's layers (`_want`,
+        # set under the lock), never every layer's states.
+        self._want: set[int] = set()
+        self._hooked: set[int] = set()
+        self._hook_layers(self.aux_layer_ids)
         norm.register_forward_hook(self._hook("final"))
         log.info("hf backend: %s, %d layers, H=%d, aux=%s, %s on %s", path.name, self.num_layers,
                  self.hidden_size, self.aux_layer_ids, self.dtype, self.device)
@@ -83,19 +86,30 @@ class HFBackend(Backend):
         return cls(cfg.model, device=cfg.device, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
                    max_length=cfg.max_length or None, max_topk=cfg.max_topk)
 
-    def _hook(self, key: str):
+    def _hook_layers(self, layer_ids) -> None:
+        for lid in layer_ids:
+            if lid not in self._hooked:
+                self._decoder.layers[lid].register_forward_hook(self._hook(lid))
+                self._hooked.add(lid)
+
+    def _hook(self, key):
         def hook(_module, _inputs, output):
-            self._captured[key] = output[0] if isinstance(output, tuple) else output
+            if key == "final" or key in self._want:
+                self._captured[key] = output[0] if isinstance(output, tuple) else output
         return hook
 
     def model_info(self) -> ModelInfo:
         return hf_model_info(self.model.config, self.tokenizer, backend=self.name, model_name=self.path.name,
                              num_layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                              aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
-                             max_topk=min(self.max_topk, self.vocab_size), default_arch=type(self.model).__name__)
+                             max_topk=min(self.max_topk, self.vocab_size), default_arch=type(self.model).__name__,
+                             max_capture_layer=self.num_layers - 1)
 
     @torch.inference_mode()
-    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
+    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0,
+                layer_ids: tuple[int, ...] | None = None) -> list[Capture]:
+        layer_ids = tuple(layer_ids or self.aux_layer_ids)
+        keys = list(layer_ids) + ["final"]
         lengths = [len(s) for s in seqs]
         B, Tm = len(seqs), max(lengths)
         ids_BT = torch.zeros(B, Tm, dtype=torch.long)
@@ -105,6 +119,8 @@ class HFBackend(Backend):
             mask_BT[b, : len(s)] = 1
         with self._lock:
             self._captured.clear()
+            self._hook_layers(layer_ids)
+            self._want = set(layer_ids)
             # A single unpadded sequence runs without a mask: the exact path transformers takes.
             try:
                 self._decoder(input_ids=ids_BT.to(self.device),
@@ -114,11 +130,11 @@ class HFBackend(Backend):
                 self._captured.clear()
                 torch.cuda.empty_cache()
                 raise
-            missing = [k for k in self._keys if k not in self._captured]
+            missing = [k for k in keys if k not in self._captured]
             if missing:
                 raise RuntimeError(f"forward hooks did not fire for {missing}: unsupported model structure")
             # One device->host copy per batch, then per-sequence views.
-            aux_BT3H = torch.cat([self._captured[f"aux{lid}"] for lid in self.aux_layer_ids], dim=-1).to("cpu")
+            aux_BT3H = torch.cat([self._captured[lid] for lid in layer_ids], dim=-1).to("cpu")
             final_BTH = self._captured["final"]
             self._captured.clear()
         out = []
@@ -128,7 +144,7 @@ class HFBackend(Backend):
             cap = Capture(aux_T3H=aux_BT3H[b, :T])
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_BTH[b, :T]
-            else:
+            elif teacher == TEACHER_TOPK:
                 cap.topk_ids_TK, cap.topk_logprobs_TK = topk_logprobs(
                     final_BTH[b, :T], self.model.get_output_embeddings(), topk)
             out.append(cap)

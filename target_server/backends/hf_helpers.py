@@ -37,7 +37,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 def hf_model_info(cfg, tokenizer, *, backend: str, model_name: str, num_layers: int, hidden_size: int,
                   vocab_size: int, aux_layer_ids: list[int], dtype: torch.dtype, max_length: int, max_topk: int,
-                  default_arch: str) -> ModelInfo:
+                  default_arch: str, max_capture_layer: int = 0) -> ModelInfo:
     """The contract for a model described by a transformers config + tokenizer (hf and sglang backends)."""
     return ModelInfo(
         architecture=(cfg.architectures or [default_arch])[0],
@@ -50,7 +50,8 @@ def hf_model_info(cfg, tokenizer, *, backend: str, model_name: str, num_layers: 
         max_length=max_length,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         chat_template=tokenizer.chat_template or "",
-        teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],
+        teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK],  # teacher "none" is served by every spec-aware server
+        max_capture_layer=max_capture_layer,
         max_topk=max_topk,
         hf_config_json=json.dumps(cfg.to_dict(), default=str),
         backend=backend,

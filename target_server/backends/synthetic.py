@@ -50,8 +50,9 @@ class SyntheticBackend(Backend):
         self.heads, self.kv_heads = num_attention_heads, num_key_value_heads
         self.seed = seed
         self.max_topk = max_topk
-        # [N, 3H]: the three aux layers' rows side by side; [N, H]: the last layer's (the teacher).
-        self._aux_pool_N3H = torch.empty(0, 3 * hidden_size, dtype=self.dtype)
+        # Per feature spec, [N, L*H]: the spec's layers' rows side by side; [N, H]: the teacher's.
+        # Requests get views of these pools (no per-request copy).
+        self._aux_pools: dict[tuple[int, ...], torch.Tensor] = {}
         self._final_pool_NH = torch.empty(0, hidden_size, dtype=self.dtype)
         g = torch.Generator().manual_seed(seed)
         self.embed_VH = (torch.randn(vocab_size, hidden_size, generator=g) * 0.5).to(self.dtype)
@@ -81,7 +82,8 @@ class SyntheticBackend(Backend):
             hidden_size=self.hidden_size, vocab_size=self.vocab_size, aux_layer_ids=list(self.aux_layer_ids),
             dtype=wire_dtype_name(self.dtype), max_length=self.max_length,
             tokenizer_fingerprint=f"synthetic-v{self.vocab_size}", chat_template="",
-            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK], max_topk=min(self.max_topk, self.vocab_size), hf_config_json=json.dumps(self.hf_config()),
+            teacher_modes=[TEACHER_HIDDEN, TEACHER_TOPK], max_capture_layer=self.num_layers - 1,
+            max_topk=min(self.max_topk, self.vocab_size), hf_config_json=json.dumps(self.hf_config()),
             backend=self.name, model_name=f"synthetic-h{self.hidden_size}-l{self.num_layers}",
             feature_schema_version=FEATURE_SCHEMA_VERSION,
         )
@@ -91,28 +93,39 @@ class SyntheticBackend(Backend):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + layer) * 1_000_033 + block)
         return (torch.rand(_BLOCK, self.hidden_size, generator=g) * 2 - 1).to(self.dtype)
 
-    def _pools(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _aux_pool_N3H(self) -> torch.Tensor:
+        """The pool of the default spec (the server's aux layers)."""
+        ids = tuple(self.aux_layer_ids)
+        return self._aux_pools.get(ids, torch.empty(0, len(ids) * self.hidden_size, dtype=self.dtype))
+
+    def _pools(self, rows: int, layer_ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pools with at least `rows` rows (grown by whole blocks; views handed out stay valid)."""
-        have = self._aux_pool_N3H.shape[0]
+        H = self.hidden_size
+        aux_NLH = self._aux_pools.get(layer_ids, torch.empty(0, len(layer_ids) * H, dtype=self.dtype))
+        have = aux_NLH.shape[0]
         if have < rows:
             new = range(have // _BLOCK, -(-rows // _BLOCK))
-            aux = [torch.cat([self._block(lid, b) for lid in self.aux_layer_ids], dim=-1) for b in new]
-            fin = [self._block(self.num_layers, b) for b in new]
-            self._aux_pool_N3H = torch.cat([self._aux_pool_N3H, *aux])
+            aux = [torch.cat([self._block(lid, b) for lid in layer_ids], dim=-1) for b in new]
+            aux_NLH = self._aux_pools[layer_ids] = torch.cat([aux_NLH, *aux])
+        have = self._final_pool_NH.shape[0]
+        if have < rows:
+            fin = [self._block(self.num_layers, b) for b in range(have // _BLOCK, -(-rows // _BLOCK))]
             self._final_pool_NH = torch.cat([self._final_pool_NH, *fin])
-        return self._aux_pool_N3H, self._final_pool_NH
+        return aux_NLH, self._final_pool_NH
 
-    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
+    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0,
+                layer_ids: tuple[int, ...] | None = None) -> list[Capture]:
         t0 = time.perf_counter()
         out = []
-        aux_pool_N3H, final_pool_NH = self._pools(_OFFSETS + max(map(len, seqs)))
+        aux_pool_N3H, final_pool_NH = self._pools(_OFFSETS + max(map(len, seqs)), tuple(layer_ids or self.aux_layer_ids))
         for s in seqs:
             o = _offset(s, self.seed)
             aux_T3H, final_TH = aux_pool_N3H[o : o + len(s)], final_pool_NH[o : o + len(s)]
             cap = Capture(aux_T3H=aux_T3H)
             if teacher == TEACHER_HIDDEN:
                 cap.teacher_TH = final_TH
-            else:
+            elif teacher == TEACHER_TOPK:
                 logp_TV = torch.log_softmax(final_TH.float() @ self.lm_head_VH.float().T, dim=-1)
                 v, i = logp_TV.topk(topk, dim=-1)
                 cap.topk_ids_TK, cap.topk_logprobs_TK = i.to(torch.int32), v

@@ -118,13 +118,17 @@ class SGLangBackend(Backend):
         return hf_model_info(cfg, self.tokenizer, backend=self.name, model_name=self.path.name,
                              num_layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                              aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
-                             max_topk=min(self.max_topk, self.vocab_size), default_arch="unknown")
+                             max_topk=min(self.max_topk, self.vocab_size), default_arch="unknown",
+                             # layer i is captured as the input of layer i + 1: the last one never is
+                             max_capture_layer=self.num_layers - 2)
 
-    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
+    def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0,
+                layer_ids: tuple[int, ...] | None = None) -> list[Capture]:
         out: list[Capture] = []
         # A batch of more sequences than SGLang's request table holds runs as several passes.
         for s in range(0, len(seqs), MAX_SEQS_PER_FORWARD):
-            out += self._run(_Program("capture", seqs=seqs[s : s + MAX_SEQS_PER_FORWARD], teacher=teacher, topk=topk))
+            out += self._run(_Program("capture", seqs=seqs[s : s + MAX_SEQS_PER_FORWARD], teacher=teacher, topk=topk,
+                                      layer_ids=tuple(layer_ids or ())))
         return out
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ class _Program:
     seqs: list[list[int]] | None = None
     teacher: str = TEACHER_HIDDEN
     topk: int = 0
+    layer_ids: tuple[int, ...] = ()   # the feature spec's layers (empty: the backend's aux layers)
     gen: dict | None = None
 
 
@@ -65,7 +66,8 @@ class _Runner:
         self.mr.init_attention_backends()
         self.mr.init_cuda_graphs()  # with graphs disabled: installs the eager runners
         self.model = self.mr.model
-        self.model.set_eagle3_layers_to_capture(list(spec["aux_layer_ids"]))
+        self._capturing = sorted(spec["aux_layer_ids"])
+        self.model.set_eagle3_layers_to_capture(list(self._capturing))
         self._seen: dict = {}
         self.model.logits_processor.register_forward_pre_hook(self._pre_logits)
         self._tree_cache = TreeCacheNamespace(page_size=get_schedule().page_size, device=self.mr.device,
@@ -124,7 +126,13 @@ class _Runner:
         return logits[:, : self.vocab_size]
 
     @torch.inference_mode()
-    def capture(self, seqs: list[list[int]], teacher: str, topk: int) -> list[Capture]:
+    def capture(self, seqs: list[list[int]], teacher: str, topk: int, layer_ids: tuple[int, ...] = ()) -> list[Capture]:
+        ids = list(layer_ids or self.spec["aux_layer_ids"])
+        if sorted(ids) != self._capturing:
+            # SGLang keeps one capture list on the model (read at every forward); it hands the
+            # states back in layer order, reordered to the request's order below.
+            self._capturing = sorted(ids)
+            self.model.set_eagle3_layers_to_capture(list(self._capturing))
         try:
             _, fb, _ = self._extend(seqs)
             if "final_NH" not in self._seen or not self._seen.get("aux"):
@@ -141,8 +149,11 @@ class _Runner:
                 raise RuntimeError(f"SGLang returned {final_NH.shape[0]} rows (per sequence {got}) for sequences of "
                                    f"lengths {lengths}: a capture was truncated or split")
             H = final_NH.shape[-1]
-            if aux_N3H.shape[-1] != 3 * H:
-                raise RuntimeError(f"SGLang captured aux width {aux_N3H.shape[-1]}, expected 3 x {H}")
+            if aux_N3H.shape[-1] != len(ids) * H:
+                raise RuntimeError(f"SGLang captured aux width {aux_N3H.shape[-1]}, expected {len(ids)} x {H}")
+            if ids != self._capturing:
+                blocks = aux_N3H.split(H, dim=-1)
+                aux_N3H = torch.cat([blocks[self._capturing.index(i)] for i in ids], dim=-1)
             topk_all = None
             if teacher == TEACHER_TOPK:
                 topk_all = topk_logprobs(final_NH, self.full_logits, topk)
@@ -151,7 +162,7 @@ class _Runner:
                 cap = Capture(aux_T3H=aux_N3H[start : start + T].to("cpu"))
                 if teacher == TEACHER_HIDDEN:
                     cap.teacher_TH = final_NH[start : start + T].to("cpu")
-                else:
+                elif teacher == TEACHER_TOPK:
                     cap.topk_ids_TK = topk_all[0][start : start + T]
                     cap.topk_logprobs_TK = topk_all[1][start : start + T]
                 out.append(cap)
@@ -198,7 +209,7 @@ class _Runner:
 
     def run(self, prog: _Program):
         if prog.op == "capture":
-            return self.capture(prog.seqs, prog.teacher, prog.topk)
+            return self.capture(prog.seqs, prog.teacher, prog.topk, prog.layer_ids)
         if prog.op == "generate":
             return self.generate(**prog.gen)
         raise ValueError(prog.op)
