@@ -43,7 +43,7 @@ def teacher_mode_from_pb(value: int) -> str:
 
 def default_aux_layers(num_layers: int) -> list[int]:
     """EAGLE-3's default: outputs of 0-indexed decoder layers [1, L//2 - 1, L - 4]."""
-    if num_layers < 5:
+    if num_layers < 8:  # below 8, [1, L//2 - 1, L - 4] repeats a layer (L = 5, 6) or is not increasing
         # Tiny test models: keep three distinct, capturable layers (never the last one, whose
         # output is only available after the final norm in some engines).
         return sorted({0, max(0, num_layers // 2 - 1), max(0, num_layers - 2)})

@@ -60,3 +60,10 @@ def test_tokenizer_fingerprint_tracks_vocab(tiny_llama):
     assert fp == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_llama))
     tok.add_tokens(["<brand-new-token>"])
     assert tokenizer_fingerprint(tok) != fp
+
+
+def test_default_aux_layers_are_three_distinct_capturable_layers_at_every_depth():
+    # 5- and 6-layer models used to get [1, 1, 1] and [1, 2, 2] (a repeated layer).
+    for L in range(4, 81):
+        ids = default_aux_layers(L)
+        assert len(set(ids)) == 3 and ids == sorted(ids) and 0 <= ids[0] and ids[-1] <= L - 2, (L, ids)
