@@ -95,6 +95,22 @@ def test_fp32_single_sequence_exact(fp32_pair):
         assert torch.equal(a.teacher_TH, b.teacher_TH), (a.teacher_TH - b.teacher_TH).abs().max()
 
 
+def test_feature_spec_of_all_layers_and_no_teacher_streams_exactly_those(fp32_pair):
+    """A request for every layer (four on these models, the last included: SGLang's is the final
+    norm's input) in a scrambled order and no teacher: the same columns as the HF backend."""
+    info = fp32_pair.hf.model_info()
+    layers = (3, 0, 2, 1)
+    assert sorted(layers) == list(range(info.num_layers))
+    for s in SEQS[:3]:
+        (a,), (b,) = fp32_pair.features([s], teacher="none", layer_ids=layers)
+        assert b.aux_T3H.shape == (len(s), len(layers) * info.hidden_size)
+        assert a.teacher_TH is None and b.teacher_TH is None
+        torch.testing.assert_close(b.aux_T3H, a.aux_T3H, rtol=0, atol=FP32_BATCH_ATOL)
+    # The next request goes back to the default three layers and the hidden teacher.
+    (a,), (b,) = fp32_pair.features([SEQS[0]])
+    assert torch.equal(a.aux_T3H, b.aux_T3H) and torch.equal(a.teacher_TH, b.teacher_TH)
+
+
 def test_fp32_batched_bounded(fp32_pair):
     A, B = fp32_pair.features(SEQS)
     for s, a, b in zip(SEQS, A, B):

@@ -83,7 +83,7 @@ class SGLangBackend(Backend):
         self.tp = tp
         self.spec = {
             "model": str(path), "device": device, "dtype": _SGLANG_DTYPES[self.dtype], "tp": tp,
-            "aux_layer_ids": list(self.aux_layer_ids), "vocab_size": self.vocab_size,
+            "aux_layer_ids": list(self.aux_layer_ids), "vocab_size": self.vocab_size, "num_layers": self.num_layers,
             # The longest single sequence, or a full batch, plus one page of slack.
             "kv_tokens": max(max_batch_tokens, self.max_length) + 64,
             "context_length": self.max_length if self.max_length != model_max else None,
@@ -119,8 +119,7 @@ class SGLangBackend(Backend):
                              num_layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                              aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
                              max_topk=min(self.max_topk, self.vocab_size), default_arch="unknown",
-                             # layer i is captured as the input of layer i + 1: the last one never is
-                             max_capture_layer=self.num_layers - 2)
+                             max_capture_layer=self.num_layers - 1)
 
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0,
                 layer_ids: tuple[int, ...] | None = None) -> list[Capture]:

@@ -69,10 +69,21 @@ class _Runner:
         self._capturing = sorted(spec["aux_layer_ids"])
         self.model.set_eagle3_layers_to_capture(list(self._capturing))
         self._seen: dict = {}
+        self._want_last = False
         self.model.logits_processor.register_forward_pre_hook(self._pre_logits)
+        # SGLang captures layer i as the input of layer i + 1, so the last layer's output never
+        # exists as an aux state: it is the final norm's input (hidden + residual, fused there).
+        self.num_layers = int(spec["num_layers"])
+        self.model.model.norm.register_forward_pre_hook(self._pre_norm, with_kwargs=True)
         self._tree_cache = TreeCacheNamespace(page_size=get_schedule().page_size, device=self.mr.device,
                                               token_to_kv_pool_allocator=self.mr.token_to_kv_pool_allocator)
         self.vocab_size = int(spec["vocab_size"])
+
+    def _pre_norm(self, _module, args, kwargs) -> None:
+        if self._want_last:
+            h = args[0] if args else kwargs["x"]
+            r = args[1] if len(args) > 1 else kwargs.get("residual")
+            self._seen["last_NH"] = h if r is None else h + r
 
     def _pre_logits(self, _module, args) -> None:
         # LlamaForCausalLM & co call logits_processor(input_ids, hidden_states, lm_head, forward_batch, aux).
@@ -128,20 +139,29 @@ class _Runner:
     @torch.inference_mode()
     def capture(self, seqs: list[list[int]], teacher: str, topk: int, layer_ids: tuple[int, ...] = ()) -> list[Capture]:
         ids = list(layer_ids or self.spec["aux_layer_ids"])
-        if sorted(ids) != self._capturing:
+        last = self.num_layers - 1
+        self._want_last = last in ids
+        mid = sorted(i for i in ids if i != last)
+        if mid != self._capturing:
             # SGLang keeps one capture list on the model (read at every forward); it hands the
             # states back in layer order, reordered to the request's order below.
-            self._capturing = sorted(ids)
+            self._capturing = mid
             self.model.set_eagle3_layers_to_capture(list(self._capturing))
         try:
             _, fb, _ = self._extend(seqs)
-            if "final_NH" not in self._seen or not self._seen.get("aux"):
+            if "final_NH" not in self._seen or (self._capturing and not self._seen.get("aux")) or \
+                    (self._want_last and "last_NH" not in self._seen):
                 raise RuntimeError(
                     f"SGLang model {type(self.model).__name__} did not hand its final hidden state and aux states "
                     "to logits_processor; this architecture is not supported by the sglang backend")
             final_NH = self._seen["final_NH"]
-            aux = self._seen["aux"]
-            aux_N3H = aux if isinstance(aux, torch.Tensor) else torch.cat(list(aux), dim=-1)
+            aux = self._seen.get("aux")
+            parts = ([aux] if isinstance(aux, torch.Tensor) else list(aux)) if self._capturing else []
+            order = list(self._capturing)
+            if self._want_last:
+                parts.append(self._seen["last_NH"])
+                order.append(last)
+            aux_N3H = torch.cat(parts, dim=-1)
             lengths = [len(s) for s in seqs]
             got = [int(x) for x in fb.extend_seq_lens_cpu] if fb.extend_seq_lens_cpu is not None else None
             # Guards against the prefix-cache / chunked-prefill truncation traps (notes/sglang.md).
@@ -151,9 +171,9 @@ class _Runner:
             H = final_NH.shape[-1]
             if aux_N3H.shape[-1] != len(ids) * H:
                 raise RuntimeError(f"SGLang captured aux width {aux_N3H.shape[-1]}, expected {len(ids)} x {H}")
-            if ids != self._capturing:
+            if ids != order:
                 blocks = aux_N3H.split(H, dim=-1)
-                aux_N3H = torch.cat([blocks[self._capturing.index(i)] for i in ids], dim=-1)
+                aux_N3H = torch.cat([blocks[order.index(i)] for i in ids], dim=-1)
             topk_all = None
             if teacher == TEACHER_TOPK:
                 topk_all = topk_logprobs(final_NH, self.full_logits, topk)
