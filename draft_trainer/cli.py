@@ -87,9 +87,9 @@ def _regenerate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from draft_trainer.export import export_sglang
+    from draft_trainer.export import export_draft
 
-    out = export_sglang(args.checkpoint, args.output, overwrite=args.overwrite)
+    out = export_draft(args.checkpoint, args.output, args.format, overwrite=args.overwrite)
     print(json.dumps({"exported": str(out)}))
     return 0
 
@@ -112,7 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay EAGLE-3 draft trainer")
+    p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay draft trainer (EAGLE-3 and other draft methods)")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", required=True, help="model or tokenizer directory (tokenizer.json + chat template)")
     d.add_argument("--input", required=True, nargs="+", help="ShareGPT/OpenAI JSON or JSONL, Parquet or Arrow files")
     d.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
-    d.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
+    d.add_argument("--max-length", type=int, default=0,
+                   help="truncate samples to this many tokens (default 0: the model's own maximum context)")
     d.add_argument("--last-turn-only", action="store_true", help="supervise only the last assistant turn")
     d.add_argument("--min-supervised-tokens", type=int, default=1, help="drop samples with fewer supervised tokens")
     d.add_argument("--system-prompt", default=None, help="system message for conversations that have none")
@@ -166,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per Generate request")
     r.set_defaults(func=_regenerate)
 
-    e = sub.add_parser("export", help="export a trained draft in SGLang's EAGLE-3 format (config.json + safetensors)")
+    e = sub.add_parser("export", help="export a trained draft for serving (its method's formats; default SGLang's)")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step_N (or a run directory: its latest)")
     e.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    e.add_argument("--format", default="sglang", help="serving format (default: %(default)s; the method lists its own)")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("eval", help="acceptance length by real speculative decoding (greedy), checked lossless")

@@ -41,6 +41,7 @@ from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.loop import Trainer
 
 log = logging.getLogger("draft_trainer.demo")
+RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
 
 
 def _stage(n: int, name: str, what: str) -> float:
@@ -113,20 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     train_dir = out / "train"
     for stale in (train_dir, out / "drafts", out / "eval"):  # a re-run must not mix in the last run's checkpoints
         shutil.rmtree(stale, ignore_errors=True)
-    overrides = [
-        f"data.path={res.path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
-        "targets.embedded_dtype=bf16", f"time_budget_s={budget_s}", "max_steps=1000000", "epochs=100",
-        "model.init=target", "optim.schedule=time", "optim.warmup_ratio=0.05", "optim.lr=2e-3",
-        "model.ttt_steps=3", "batch_size=2", "eval.holdout=0", "save_initial=true",
-        "keep_last=1000", "resume_from=", "log_every=10",
-        # The trainer is the bottleneck (the server needs about half a core): one server thread.
-        "targets.embedded_threads=1",
-    ]
+    # The recipe lives in draft_trainer/configs/smollm2_cpu.yaml; the demo adds paths and the budget.
+    overrides = [f"data.path={res.path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
+                 f"time_budget_s={budget_s}", "resume_from="]
     if args.tiny:
         overrides += ["optim.lr=3e-3", "targets.embedded_dtype=fp32"]
     if args.curve_points:
         overrides.append(f"save_every_s={budget_s / (args.curve_points + 1):.1f}")
-    cfg = load_config(TrainConfig, None, overrides)
+    cfg = load_config(TrainConfig, RECIPE, overrides)
     summary = Trainer(cfg).run()
     timings["train_s"] = time.perf_counter() - t
 

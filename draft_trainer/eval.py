@@ -6,17 +6,16 @@
 Legend (shapes): B = 1 (one prompt at a time), S tokens in a forward, H target hidden,
 h draft hidden, K draft tokens per round.
 
-One round, with the committed sequence x_0..x_n (x_n produced by the target, not yet in its KV
-cache; the draft's cache holds positions 0..n-1 built from real target features):
-  1. draft: position n-1 reads f_{n-1} (already cached) ... the chain starts from the draft's
-     last hidden output; step j (1..K) feeds emb(d_{j-1}) (d_0 = x_n) and the previous hidden
-     output at position n-1+j-1, giving d_j = argmax, mapped to a target id through d2t;
+The draft comes from its method (draft_trainer/methods: `DraftMethod.drafter`, chosen from the
+export's config.json); the loop below is the same for every method. One round, with the
+committed sequence x_0..x_n (x_n produced by the target, not yet in its KV cache):
+  1. draft: the drafter proposes d_1..d_K (EAGLE-3: a chain from its last hidden output, see
+     methods/eagle3/drafter.py);
   2. target: one forward over [x_n, d_1..d_K]; d_j is accepted while it equals the target's
      argmax at the previous position; the target's argmax after the last accepted token is the
      bonus token. a accepted + 1 bonus tokens are committed per target forward (tau = mean);
-  3. caches: the target's DynamicCache is cropped to the committed tokens; the draft's cache is
-     cropped to its real-feature part and extended with the target's aux features of
-     x_n, d_1..d_a (position p reads f_p and emb(x_{p+1})), exactly as at prefill.
+  3. caches: the target's DynamicCache is cropped to the committed tokens; the drafter gets the
+     target's features of x_n, d_1..d_a (the layers it was trained on), exactly as at prefill.
 The output is compared token by token with plain greedy decoding of the same target: any
 difference is reported (and the command fails), so a bug cannot inflate tau.
 """
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ContractError, DataError
-from draft_trainer.methods.eagle3.model import Eagle3Draft, KVCache
+from draft_trainer.methods.base import Drafter
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -92,9 +91,13 @@ class SpecStats:
     seconds: float = 0.0
 
 
-def _aux(hidden_states, aux_ids: list[int]) -> torch.Tensor:
-    """[1,S,3H]: outputs of decoder layers `aux_ids` (hidden_states[0] is the embedding)."""
-    return torch.cat([hidden_states[i + 1] for i in aux_ids], dim=-1)
+def target_features(hidden_states, layer_ids, num_layers: int) -> torch.Tensor:
+    """[1,S,L*H]: outputs of decoder layers `layer_ids` (hidden_states[0] is the embedding; the
+    last entry is after the final norm, so the last layer's own output is not there)."""
+    if max(layer_ids) >= num_layers - 1:
+        raise ContractError(f"the evaluator reads layer outputs from transformers' hidden_states, which hold the "
+                            f"last layer ({num_layers - 1}) only after the final norm; draft layers {list(layer_ids)}")
+    return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
 
 
 def _eos_set(model, tokenizer) -> set[int]:
@@ -124,55 +127,38 @@ def greedy_decode(target, prompt: list[int], max_new_tokens: int, eos: set[int])
 
 
 @torch.no_grad()
-def speculative_decode(target, draft: Eagle3Draft, prompt: list[int], num_steps: int, max_new_tokens: int,
+def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: int, max_new_tokens: int,
                        eos: set[int]) -> tuple[list[int], SpecStats]:
+    """Greedy chain speculative decoding of `prompt` with any method's drafter (see the module doc)."""
     from transformers import DynamicCache
 
-    aux_ids = list(draft.cfg.aux_layer_ids)
+    layer_ids, L = list(drafter.layer_ids), target.config.num_hidden_layers
     st = SpecStats()
     t0 = time.perf_counter()
     tcache = DynamicCache()
     out = target(torch.tensor([prompt]), past_key_values=tcache, use_cache=True, output_hidden_states=True)
     x_n = int(out.logits[0, -1].argmax())
-    committed = list(prompt) + [x_n]
     toks = [x_n]
-    dcache = KVCache()
-    real_len = 0                                   # draft cache entries built from real features
-    # Draft prefill: position p reads f_p and emb(x_{p+1}).
-    feats_SH3 = _aux(out.hidden_states, aux_ids)[0]
-    g_last = _draft_extend(draft, dcache, feats_SH3, committed[1:], 0)
-    real_len = len(prompt)
+    # Draft prefill: position p reads f_p and x_{p+1}.
+    drafter.start(target_features(out.hidden_states, layer_ids, L)[0], list(prompt[1:]) + [x_n])
     while len(toks) < max_new_tokens and toks[-1] not in eos:
-        # 1. chain drafting
-        drafts = []
-        prev_tok, g = x_n, g_last
-        for j in range(num_steps):
-            if j > 0:
-                emb = draft.embed_tokens(torch.tensor([[prev_tok]]))
-                pos = torch.tensor([[real_len - 1 + j]])
-                g = draft.step(emb, g, pos, dcache)
-            d = int(draft.draft_to_target(draft.logits(g[:, -1:]).argmax(-1))[0, 0])
-            drafts.append(d)
-            prev_tok, g = d, g[:, -1:]
+        drafts = drafter.propose(num_steps)                     # 1. drafting
+        k = len(drafts)
         # 2. one target forward verifies all drafts
-        inp = [x_n] + drafts
-        out = target(torch.tensor([inp]), past_key_values=tcache, use_cache=True, output_hidden_states=True)
+        out = target(torch.tensor([[x_n] + drafts]), past_key_values=tcache, use_cache=True,
+                     output_hidden_states=True)
         tgt = out.logits[0].argmax(-1).tolist()
         a = 0
-        while a < num_steps and drafts[a] == tgt[a]:
+        while a < k and drafts[a] == tgt[a]:
             a += 1
         bonus = tgt[a]
         st.rounds += 1
         st.accepted.append(a)
         new = drafts[:a] + [bonus]
-        # 3. caches: keep x_n, d_1..d_a in the target; rebuild the draft from real features.
-        if a < num_steps:                          # drop the rejected drafts' entries
-            tcache.crop(-(num_steps - a))
-        dcache.truncate(real_len)
-        feats_SH3 = _aux(out.hidden_states, aux_ids)[0, : a + 1]
-        g_last = _draft_extend(draft, dcache, feats_SH3, new, real_len)
-        real_len += a + 1
-        committed += new
+        # 3. caches: keep x_n, d_1..d_a in the target; the drafter extends with their features.
+        if a < k:                                   # drop the rejected drafts' entries
+            tcache.crop(-(k - a))
+        drafter.accept(target_features(out.hidden_states, layer_ids, L)[0, : a + 1], new)
         for t in new:
             toks.append(t)
             if len(toks) >= max_new_tokens or t in eos:
@@ -181,16 +167,6 @@ def speculative_decode(target, draft: Eagle3Draft, prompt: list[int], num_steps:
     st.seconds = time.perf_counter() - t0
     st.new_tokens = len(toks)
     return toks, st
-
-
-def _draft_extend(draft: Eagle3Draft, cache: KVCache, feats_SH3: torch.Tensor, next_tokens: list[int],
-                  start: int) -> torch.Tensor:
-    """Append positions start.. built from real target features; returns the last hidden [1,1,h]."""
-    S = feats_SH3.shape[0]
-    g = draft.fc(feats_SH3[None].to(draft.fc.weight.dtype))
-    emb = draft.embed_tokens(torch.tensor([next_tokens[:S]]))
-    pos = torch.arange(start, start + S)[None]
-    return draft.step(emb, g, pos, cache)[:, -1:]
 
 
 # ----------------------------------------------------------------------------- command
@@ -204,26 +180,18 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from draft_trainer.methods.eagle3.export import load_exported
+    from draft_trainer.methods import method_for_export
 
     if num_steps < 1 or max_new_tokens < 1:
         raise DataError("--num-steps and --max-new-tokens must be >= 1")
+    config_path = Path(draft_dir) / "config.json"
+    if not config_path.is_file():
+        raise DataError(f"{draft_dir} is not an exported draft (no config.json); run draft-trainer export first")
+    method = method_for_export(json.loads(config_path.read_text()))(None)
     tok = AutoTokenizer.from_pretrained(target_model)
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=torch.float32).eval()
-    emb = target.get_input_embeddings().weight.detach()
-    draft = load_exported(draft_dir, embed_tokens_VH=None).eval()
-    tcfg = target.config
-    if draft.cfg.vocab_size != emb.shape[0] or draft.cfg.target_hidden_size != tcfg.hidden_size:
-        raise ContractError(f"draft {draft_dir} was trained for V={draft.cfg.vocab_size}, "
-                            f"H={draft.cfg.target_hidden_size}; target {target_model} has V={emb.shape[0]}, "
-                            f"H={tcfg.hidden_size}")
-    if draft.cfg.hidden_size != emb.shape[1]:
-        raise ContractError(f"draft hidden size {draft.cfg.hidden_size} != target embedding width {emb.shape[1]}")
-    if not draft.cfg.aux_layer_ids or max(draft.cfg.aux_layer_ids) >= tcfg.num_hidden_layers:
-        raise ContractError(f"draft aux layer ids {draft.cfg.aux_layer_ids} do not fit the target's "
-                            f"{tcfg.num_hidden_layers} layers")
-    with torch.no_grad():
-        draft.embed_tokens.weight.copy_(emb)
+    make_drafter = lambda: method.drafter(Path(draft_dir), target, dtype=torch.float32)  # noqa: E731
+    make_drafter()  # checks the draft against the target before any decoding
     prompts = load_prompts(prompts_path, tok)
     eos = _eos_set(target, tok)
     per_prompt, mismatches = [], []
@@ -239,7 +207,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         if key not in cache:
             cache[key] = greedy_decode(target, prompt, max_new_tokens, eos)
         ref, g_s = cache[key]
-        got, st = speculative_decode(target, draft, prompt, num_steps, max_new_tokens, eos)
+        got, st = speculative_decode(target, make_drafter(), prompt, num_steps, max_new_tokens, eos)
         same = got == ref
         if not same:
             first = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))

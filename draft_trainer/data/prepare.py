@@ -65,7 +65,7 @@ class PrepareConfig:
     model: str                        # model (or tokenizer) directory: tokenizer + chat template
     inputs: list[str]
     output: str
-    max_length: int = 2048
+    max_length: int = 0               # 0 = the model's own maximum (config.json), else DEFAULT_MAX_LENGTH
     last_turn_only: bool = False
     min_supervised_tokens: int = 1
     system_prompt: str | None = None
@@ -84,8 +84,8 @@ class PrepareConfig:
     def validate(self) -> None:
         if not self.inputs:
             raise ConfigError("give at least one --input file")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length {self.max_length}: must be >= 2")
+        if self.max_length != 0 and self.max_length < 2:
+            raise ConfigError(f"--max-length {self.max_length}: must be >= 2 (or 0: the model's own maximum)")
         if self.min_supervised_tokens < 1:
             raise ConfigError("--min-supervised-tokens must be >= 1")
         if self.workers < 1:
@@ -134,7 +134,7 @@ class PrepareStats:
         held = f"held out {self.heldout}, " if self.heldout else ""
         lines = [f"samples in {self.samples_in}: kept {self.kept}, {held}dropped {sum(self.dropped.values())} "
                  f"({', '.join(f'{k} {v}' for k, v in self.dropped.items() if v) or 'none'}); "
-                 f"truncated to max length {self.truncated}"]
+                 f"{self.truncated} truncated to the maximum length"]
         for f in self.files:
             lost = f" — {f['note']}" if f.get("note") else ""
             lines.append(f"  {f['path']}: {f['records']} records ({f['format']}){lost}")
@@ -175,6 +175,21 @@ def load_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise DataError(f"cannot load a tokenizer from {model}: {e}") from None
+
+
+DEFAULT_MAX_LENGTH = 2048  # a tokenizer-only directory says nothing about the model's context
+
+
+def model_max_length(model: str) -> int:
+    """The target's context length (config.json max_position_embeddings): what its servers accept,
+    so samples prepared to it are never refused mid-run."""
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        d = json.loads(cfg.read_text())
+        n = d.get("max_position_embeddings") or (d.get("text_config") or {}).get("max_position_embeddings")
+        if n:
+            return int(n)
+    return DEFAULT_MAX_LENGTH
 
 
 def target_vocab_size(model: str, tokenizer: Any) -> int:
@@ -347,6 +362,9 @@ def _take_heldout(records: Iterator[tuple[int, Record]], n: int, encoder: ChatEn
 def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     global _ENCODER, _HELDOUT
     cfg.validate()
+    if cfg.max_length == 0:
+        cfg.max_length = model_max_length(cfg.model)
+        log.info("--max-length: the model's own maximum, %d tokens", cfg.max_length)
     if os.environ.get("TOKENIZERS_PARALLELISM") is None:
         # We parallelise with processes; the Rust pool inside forked workers can deadlock.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

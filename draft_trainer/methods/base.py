@@ -117,3 +117,30 @@ class DraftMethod(abc.ABC):
     def recognises(cls, export_config: dict) -> bool:
         """True when an exported config.json is this method's (eval picks the method from it)."""
         return False
+
+
+class Drafter(abc.ABC):
+    """A draft model in the lossless evaluator's speculative-decoding loop (draft_trainer/eval.py).
+
+    The loop owns the target and its KV cache; per round it asks `propose(k)` for up to k draft
+    tokens, verifies them with one target forward, and calls `accept` with the committed tokens
+    and the target's features at their positions (the layers of `layer_ids`, [n, L*H]), exactly
+    as the server would have sent them in training.
+    """
+
+    layer_ids: tuple[int, ...] = ()
+
+    @abc.abstractmethod
+    def start(self, feats_SLH: torch.Tensor, tokens: list[int]) -> None:
+        """Prefill: features of the prompt's S positions and the S tokens that follow them
+        (prompt[1:] + the target's first token)."""
+
+    @abc.abstractmethod
+    def propose(self, k: int) -> list[int]:
+        """Up to k draft tokens (target ids) continuing the committed sequence."""
+
+    @abc.abstractmethod
+    def accept(self, feats_nLH: torch.Tensor, tokens: list[int]) -> None:
+        """The target committed `tokens` (accepted drafts + its own next token); `feats_nLH` are
+        its features at the n positions that produced them (the last committed token before
+        this round, then the accepted drafts)."""

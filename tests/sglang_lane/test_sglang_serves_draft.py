@@ -19,6 +19,7 @@ import torch
 
 from draft_trainer.assets import TINY_CHATS
 from draft_trainer.eval import greedy_decode, speculative_decode
+from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
 from draft_trainer.methods.eagle3.export import load_exported
 from tests.sglang_lane.draft_support import export_via_checkpoint
 from tests.support.drafts import one_thread, train_tiny_draft
@@ -61,7 +62,7 @@ def test_sglang_serves_our_draft(exported, tiny_llama):
     with one_thread():
         for p in prompts:
             greedy.append(greedy_decode(target, p, MAX_NEW, no_eos)[0])
-            ours.append(speculative_decode(target, draft, p, STEPS, MAX_NEW, no_eos))
+            ours.append(speculative_decode(target, Eagle3Drafter(draft), p, STEPS, MAX_NEW, no_eos))
     assert [toks for toks, _ in ours] == greedy  # our evaluator is lossless too
     assert all(len(g) == MAX_NEW for g in greedy)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from common.contract import ModelInfo
-from common.errors import ConfigError
+from common.errors import ConfigError, ContractError
 from common.features import FeatureSpec
 from draft_trainer.data.vocab import VocabMapping
 from draft_trainer.methods.base import DraftMethod, Fetch
@@ -93,7 +93,24 @@ class Eagle3Method(DraftMethod):
         write_sglang(output, trained)
 
     def drafter(self, export_dir: Path, target, *, dtype: torch.dtype):
-        raise NotImplementedError  # wired to the evaluator's Drafter once it lands
+        from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
+        from draft_trainer.methods.eagle3.export import load_exported
+
+        draft = load_exported(export_dir, embed_tokens_VH=None, dtype=dtype).eval()
+        emb = target.get_input_embeddings().weight.detach()
+        tcfg = target.config
+        if draft.cfg.vocab_size != emb.shape[0] or draft.cfg.target_hidden_size != tcfg.hidden_size:
+            raise ContractError(f"draft {export_dir} was trained for V={draft.cfg.vocab_size}, "
+                                f"H={draft.cfg.target_hidden_size}; the target has V={emb.shape[0]}, "
+                                f"H={tcfg.hidden_size}")
+        if draft.cfg.hidden_size != emb.shape[1]:
+            raise ContractError(f"draft hidden size {draft.cfg.hidden_size} != target embedding width {emb.shape[1]}")
+        if not draft.cfg.aux_layer_ids or max(draft.cfg.aux_layer_ids) >= tcfg.num_hidden_layers:
+            raise ContractError(f"draft aux layer ids {draft.cfg.aux_layer_ids} do not fit the target's "
+                                f"{tcfg.num_hidden_layers} layers")
+        with torch.no_grad():
+            draft.embed_tokens.weight.copy_(emb)
+        return Eagle3Drafter(draft.to(dtype))
 
     @classmethod
     def recognises(cls, export_config: dict) -> bool:
