@@ -114,6 +114,9 @@ class TrainConfig:
         for obj, name in ((self.data, "path"), (self.data, "vocab_path"), (self.targets, "embedded_model"),
                           (self.feature_cache, "dir"), (self, "output_dir"), (self, "tensorboard_dir")):
             setattr(obj, name, os.path.expanduser(getattr(obj, name)))
+        from draft_trainer.methods import method_class
+
+        method_class(self.model.method)  # an unknown method is refused before anything starts
         if not self.data.path:
             raise ConfigError("data.path: required (a tokenized dataset from `draft-trainer prepare-data`)")
         if self.feature_cache.offline:

@@ -27,7 +27,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -43,7 +42,8 @@ from common.errors import ConfigError, DataError
 from draft_trainer.assets import sha256_file
 from draft_trainer.data.chat import DROP_REASONS, ChatEncoder, ChatOptions, Drop
 from draft_trainer.data.dataset import META_FILE, SAMPLES_FILE, DatasetWriter
-from draft_trainer.data.formats import BadRecord, Conversation, FileReport, Record, normalize, read_records
+from draft_trainer.data.formats import BadRecord, FileReport, Record, normalize, read_records
+from draft_trainer.data.holdout import HeldOut, take_heldout
 from draft_trainer.data.vocab import build_vocab_mapping, count_supervised_tokens
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _histogram(lengths: np.ndarray, max_length: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------- workers
 
 _ENCODER: ChatEncoder | None = None
-_HELDOUT: "HeldOut | None" = None
+_HELDOUT: HeldOut | None = None
 
 
 def _encode_chunk(chunk: list[tuple[int, Record]]) -> list[tuple]:
@@ -296,67 +296,6 @@ def _chunks(records: Iterator[tuple[int, Record]]) -> Iterator[list[tuple[int, R
         yield chunk
 
 
-# ----------------------------------------------------------------------------- held-out split
-
-def _conversation_key(source_id: str | None) -> str | None:
-    """ShareGPT splits long chats into records `<id>_<part>`: the parts of one chat share a key."""
-    return re.sub(r"_\d+$", "", source_id) if source_id else None
-
-
-def _first_user_text(messages: list[dict[str, Any]]) -> str | None:
-    return next((m["content"].strip() for m in messages if m["role"] == "user"), None)
-
-
-@dataclass
-class HeldOut:
-    """Held-out conversations and what makes a training record overlap them."""
-
-    conversations: list[dict[str, Any]] = field(default_factory=list)
-    prompts: list[dict[str, Any]] = field(default_factory=list)
-    keys: set[str] = field(default_factory=set)
-    first_turns: set[str] = field(default_factory=set)
-
-    def overlap(self, conv: Conversation) -> str:
-        """Why a training conversation overlaps the held-out set ("" when it does not)."""
-        key = _conversation_key(conv.source_id)
-        if key is not None and key in self.keys:
-            return f"part of held-out conversation {key}"
-        first = _first_user_text(conv.messages)
-        if first and first in self.first_turns:
-            return "same first user turn as a held-out conversation"
-        return ""
-
-
-def _take_heldout(records: Iterator[tuple[int, Record]], n: int, encoder: ChatEncoder,
-                  max_length: int) -> tuple[HeldOut, list[tuple[int, Record]]]:
-    """The first `n` usable conversations (a non-empty user turn the assistant answers, whose prompt
-    fits in max_length), and the records passed over on the way (they go to training, in order)."""
-    held, passed = HeldOut(), []
-    for sid, rec in records:
-        try:
-            conv = normalize(rec)
-            msgs, _ = encoder.prepare(conv)
-            head = 1 if msgs[0]["role"] == "system" else 0
-            prompt = msgs[: head + 1]
-            usable = bool(prompt[-1]["content"].strip()) and len(encoder.prompt_ids(prompt)) < max_length
-        except (BadRecord, Drop):
-            usable = False
-        except Exception:  # noqa: BLE001 - a template error: not a usable prompt; training reports it
-            usable = False
-        if not usable:
-            passed.append((sid, rec))
-            continue
-        held.conversations.append({"id": sid, "source_id": conv.source_id, "where": rec.where, "messages": msgs})
-        held.prompts.append({"id": sid, "messages": prompt})
-        if (key := _conversation_key(conv.source_id)) is not None:
-            held.keys.add(key)
-        held.first_turns.add(_first_user_text(msgs))
-        if len(held.prompts) == n:
-            return held, passed
-    raise DataError(f"--holdout {n}: the input has only {len(held.prompts)} usable conversations to hold out; "
-                    "lower --holdout or add data")
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
@@ -400,7 +339,7 @@ def prepare_data(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     with DatasetWriter(out) as writer:
         records = _numbered_records(cfg.inputs, reports)
         # Held-out conversations are chosen before any worker starts: workers inherit the overlap set.
-        _HELDOUT, passed = _take_heldout(records, cfg.holdout, encoder, cfg.max_length) if cfg.holdout \
+        _HELDOUT, passed = take_heldout(records, cfg.holdout, encoder, cfg.max_length) if cfg.holdout \
             else (None, [])
         if _HELDOUT is not None:
             stats.samples_in = stats.heldout = len(_HELDOUT.prompts)

@@ -85,8 +85,9 @@ def sglang_config(cfg: DraftConfig) -> dict:
     }
 
 
-def serving_tensors(td: TrainedDraft) -> dict[str, torch.Tensor]:
-    """The exact serving tensor set, validated: bf16 weights, d2t int64, t2d bool."""
+def serving_tensors(td) -> dict[str, torch.Tensor]:
+    """The exact serving tensor set of `td` (draft_trainer.export.TrainedDraft), validated: bf16
+    weights, d2t int64, t2d bool."""
     want = expected_shapes(td.cfg)
     state = {k: v for k, v in td.state.items() if not k.startswith(("embed_tokens.", "rotary."))}
     missing = sorted(set(want) - set(state))

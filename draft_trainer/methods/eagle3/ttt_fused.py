@@ -25,12 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from typing import TYPE_CHECKING
-
 from draft_trainer.model.tensors import acc_dtype, shift_left
-
-if TYPE_CHECKING:  # the model imports this module; the type is only for readers
-    from draft_trainer.methods.eagle3.model import Eagle3Draft
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -110,9 +105,10 @@ def _unrep(x_BnTd: torch.Tensor, rep: int) -> torch.Tensor:
     return x_BnTd.view(B, n // rep, rep, T, d).sum(2)
 
 
-def ttt_forward_fused(model: "Eagle3Draft", aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
+def ttt_forward_fused(model, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
                       attention_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Same contract as `Eagle3Draft.ttt_forward`: the hidden output of every TTT step."""
+    """Same contract as `Eagle3Draft.ttt_forward` (`model` is the Eagle3Draft, which imports this
+    module): the hidden output of every TTT step."""
     if aux_BT3H.device.type != "cpu":
         return model.ttt_forward(aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
     B, T, _ = aux_BT3H.shape
