@@ -49,7 +49,7 @@ class ModelConfig:
     ttt_steps: int = 7               # EAGLE-3: draft positions trained per sample (training-time test)
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
     init: Literal["random", "target"] = "random"  # target: start from the target's lm_head/final norm and the
-                                                  # decoder layer after the last aux layer (model/init.py)
+                                                  # decoder layer after the last aux layer (methods/eagle3/init.py)
 
 
 @dataclass
