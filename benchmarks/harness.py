@@ -7,13 +7,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from draft_trainer.client.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -124,36 +124,6 @@ def env(threads: int | None = None) -> dict[str, str]:
     return e
 
 
-class Server:
-    """`python -m target_server serve ...` on free loopback ports; waits for the ready file."""
-
-    def __init__(self, *args: str, threads: int | None = None, timeout: float = 300.0) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="specrelay-bench-"))
-        ready = self.dir / "ready.json"
-        self.log_path = self.dir / "server.log"
-        cmd = [sys.executable, "-m", "target_server", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-               "--flight-port", "0", "--ready-file", str(ready), "--log-level", "WARNING", *args]
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(threads), cwd=REPO)
-        end = time.monotonic() + timeout
-        while not ready.is_file():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
-        self.grpc_port, self.flight_port = info["grpc_port"], info["flight_port"]
-        self.endpoint = f"127.0.0.1:{self.grpc_port}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+def Server(*args: str, threads: int | None = None, timeout: float = 300.0) -> LocalServer:  # noqa: N802
+    """A started local target server (the project's one launcher) with the given `serve` args."""
+    return LocalServer([*args, "--log-level", "WARNING"], threads=threads or 0, startup_timeout_s=timeout).start()

@@ -134,17 +134,18 @@ def check_resume_state(cfg: TrainConfig, dist: DistInfo, path: Path, state: dict
 def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, out: Path, resume: Path | None,
                metrics):
     from draft_trainer.client.discovery import EndpointSource
-    from draft_trainer.client.embedded import EmbeddedServer
+    from draft_trainer.client.local_server import LocalServer
     from draft_trainer.client.pool import TargetPool
 
     endpoint = cfg.targets.endpoints
     if not endpoint:
         # The embedded default: rank 0 starts one local server; every rank uses it.
         if dist.is_main:
-            server = EmbeddedServer(cfg.targets.embedded_model, dtype=cfg.targets.embedded_dtype,
-                                    startup_timeout_s=cfg.targets.startup_timeout_s,
-                                    log_path=out / "embedded_server.log", threads=cfg.targets.embedded_threads)
-            endpoint = stack.enter_context(server)
+            t = cfg.targets
+            server = LocalServer(["--model", t.embedded_model, "--backend", "hf", "--dtype", t.embedded_dtype],
+                                 log_path=out / "embedded_server.log", threads=t.embedded_threads,
+                                 startup_timeout_s=t.startup_timeout_s)
+            endpoint = stack.enter_context(server).endpoint
             log.info("embedded target server at %s", endpoint)
         if dist.distributed:
             import torch.distributed as tdist

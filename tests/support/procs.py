@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from draft_trainer.client.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,50 +20,11 @@ def env_with_repo() -> dict[str, str]:
     return env
 
 
-@dataclass
-class ServerProc:
-    proc: subprocess.Popen
-    grpc_port: int
-    flight_port: int
-    metrics_port: int | None
-    log_path: Path
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-def start_server(tmp_path: Path, *args: str, name: str = "server", timeout: float = 120.0) -> ServerProc:
-    """`python -m target_server serve <args>` on free loopback ports; waits for its ready file."""
-    ready = tmp_path / f"{name}.ready.json"
-    log_path = tmp_path / f"{name}.log"
-    cmd = [sys.executable, "-m", "target_server", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-           "--flight-port", "0", "--ready-file", str(ready), *args]
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env_with_repo(), cwd=REPO)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if ready.is_file():
-            info = json.loads(ready.read_text())
-            return ServerProc(proc, info["grpc_port"], info["flight_port"], info.get("metrics_port"), log_path)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server not ready after {timeout}s:\n{log_path.read_text()}")
+def start_server(tmp_path: Path, *args: str, name: str = "server", timeout: float = 120.0) -> LocalServer:
+    """`python -m target_server serve <args>` on free loopback ports (the project's one launcher,
+    draft_trainer/client/local_server.py); waits for its ready file."""
+    return LocalServer(list(args), log_path=tmp_path / f"{name}.log", workdir=tmp_path,
+                       startup_timeout_s=timeout).start()
 
 
 def run_cli(*args: str, timeout: float = 600.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -73,7 +33,7 @@ def run_cli(*args: str, timeout: float = 600.0, cwd: Path | None = None) -> subp
                           env=env_with_repo(), cwd=cwd or REPO)
 
 
-def start_servers(tmp_path: Path, specs: list[tuple[str, list[str]]], timeout: float = 120.0) -> list[ServerProc]:
+def start_servers(tmp_path: Path, specs: list[tuple[str, list[str]]], timeout: float = 120.0) -> list[LocalServer]:
     """Start several servers at once ([(name, args), ...]); all or none (the started ones are killed on error)."""
     import concurrent.futures
 
