@@ -16,7 +16,7 @@ from draft_trainer.export import export_sglang
 from draft_trainer.methods.eagle3.config import DraftConfig
 from draft_trainer.methods.eagle3.model import Eagle3Draft
 from tests.support.drafts import save_checkpoint
-from tests.unit.test_ttt_fused import random_draft as random_weights
+from tests.support.eagle3 import random_draft as random_weights
 
 
 def random_draft(target_dir: Path, info, draft_vocab_size: int, seed: int = 0) -> tuple[Eagle3Draft, VocabMapping]:

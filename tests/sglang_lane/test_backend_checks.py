@@ -83,7 +83,7 @@ def test_tensor_parallel_2_matches_hf(tiny_llama, tmp_path, monkeypatch):
         prompts = [("p", [5, 17, 42])]
         assert a.generate(prompts, max_new_tokens=8) == b.generate(prompts, max_new_tokens=8)
         assert json.loads(b.model_info().hf_config_json)["num_hidden_layers"] == 4
-        from tests.sglang_lane.test_parity import listening_addresses
+        from tests.support.procs import listening_addresses
 
         addrs = listening_addresses(srv.proc.pid)  # both ranks: rendezvous through a file, not TCP
         assert all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addrs), addrs

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from draft_trainer.client.target import TargetClient
-from tests.support.procs import start_server
+from tests.support.procs import listening_addresses, start_server
 
 SEQS = [
     [5, 17, 42, 99, 3, 250, 7, 8, 300, 11],
@@ -72,13 +72,6 @@ def test_model_info_identical_except_backend(fp32_pair):
     assert (a.backend, b.backend) == ("hf", "sglang")
     differ = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
     assert set(differ) <= {"backend", "flight_port"}, differ
-
-
-def listening_addresses(pid: int) -> set[str]:
-    import psutil
-
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    return {c.laddr.ip for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
 
 
 def test_sglang_server_listens_on_loopback_only(fp32_pair):

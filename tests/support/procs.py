@@ -47,3 +47,11 @@ def start_servers(tmp_path: Path, specs: list[tuple[str, list[str]]], timeout: f
             s.stop(signal.SIGKILL)
         raise errors[0]
     return [f.result() for f in futs]
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """Addresses a process and its children listen on (TCP)."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {c.laddr.ip for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}

@@ -12,7 +12,7 @@ from draft_trainer.export import export_sglang, load_trained_draft
 from draft_trainer.methods.eagle3.export import expected_shapes, load_exported, serving_tensors
 from tests.support.drafts import save_checkpoint
 from tests.support.procs import run_cli
-from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg
+from tests.support.eagle3 import padded_inputs, random_draft, tiny_cfg
 
 SERVING_KEYS = {
     "fc.weight", "midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight",

@@ -10,7 +10,7 @@ from draft_trainer.model.tensors import shift_left
 from draft_trainer.methods.eagle3.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
 from draft_trainer.methods.eagle3.losses import teacher_from_hidden, teacher_from_topk, ttt_loss
 from draft_trainer.model.stats import sim_accept_len
-from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg
+from tests.support.eagle3 import padded_inputs, random_draft, tiny_cfg
 
 K = 4
 

@@ -5,7 +5,7 @@ import torch
 from draft_trainer.data.vocab import build_vocab_mapping
 from draft_trainer.data.batch import Batch
 from draft_trainer.methods.eagle3.step import train_step
-from tests.unit.test_ttt_fused import padded_inputs, random_draft, tiny_cfg
+from tests.support.eagle3 import padded_inputs, random_draft, tiny_cfg
 
 
 def make_batch(cfg, lengths, seed=0):
