@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from common.errors import SpecRelayError
+from common.errors import ConfigError, SpecRelayError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,15 +48,20 @@ def _launch_local(args: argparse.Namespace) -> int:
 def _assets(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from draft_trainer import assets
+    from draft_trainer.assets import fetch, tiny
 
     if args.what == "fetch":
-        model = assets.fetch_smollm2()
-        data = assets.locate_sharegpt()
+        if args.output:
+            raise ConfigError("assets fetch writes into the cache ($SPECRELAY_CACHE); --output is for assets tiny")
+        model = fetch.fetch_smollm2()
+        data = fetch.locate_sharegpt()
         print(json.dumps({"model": str(model), "sharegpt": str(data)}, indent=1))
     elif args.what == "tiny":
-        out = Path(args.output or assets.cache_dir() / "models" / f"tiny-{args.family}")
-        print(assets.build_tiny_model(out, args.family))
+        out = Path(args.output or fetch.cache_dir() / "models" / f"tiny-{args.family}")
+        model = tiny.build_tiny_model(out, args.family)
+        print(model)  # stdout stays the model path alone (scripts capture it)
+        if (model / tiny.CHATS_FILE).is_file():
+            print(f"chats for prepare-data --input: {model / tiny.CHATS_FILE}", file=sys.stderr)
     return 0
 
 

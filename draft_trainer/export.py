@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ContractError, ExportError
-from draft_trainer.assets import _atomic_dir
+from common.files import replace_dir
 from draft_trainer.data.vocab import VocabMapping
 from draft_trainer.model.config import DraftConfig
 from draft_trainer.model.draft import Eagle3Draft
@@ -188,9 +188,8 @@ def export_sglang(checkpoint: str | Path, output: str | Path, overwrite: bool = 
     td = load_trained_draft(checkpoint)
     tensors = serving_tensors(td)
     out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out} exists and is not empty; pass --overwrite or choose another")
-    with _atomic_dir(out) as tmp:   # temp dir next to `out`, renamed onto it only on success
+    with replace_dir(out, "export", overwrite=overwrite, replace_own=False, error=ExportError,
+                     hint="pass --overwrite or choose another --output") as tmp:
         save_file(tensors, str(tmp / WEIGHT_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(sglang_config(td.cfg), indent=2))
         (tmp / PROVENANCE_FILE).write_text(json.dumps({

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_trainer.assets import TINY_CHATS
+from draft_trainer.assets.tiny import TINY_CHATS
 from draft_trainer.eval import greedy_decode, speculative_decode
 from draft_trainer.export import load_exported
 from tests.sglang_lane.draft_support import export_via_checkpoint
