@@ -21,7 +21,7 @@ from draft_trainer.config import TrainConfig
 from tests.deploy.conftest import DEPLOY, require_tool
 
 K8S = DEPLOY / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/cpu-demo"]
+KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/gpu-tls", "overlays/cpu-demo"]
 
 
 def load_train(argv: list[str], files: dict[str, Path]) -> TrainConfig:
