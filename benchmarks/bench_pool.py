@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import RESULTS, Server, write_results  # noqa: E402
 from common.config import load_config  # noqa: E402
-from draft_trainer.assets import build_synthetic_dataset  # noqa: E402
+from draft_trainer.assets.tiny import build_synthetic_dataset  # noqa: E402
 from draft_trainer.client.discovery import EndpointSource  # noqa: E402
 from draft_trainer.client.dispatcher import Dispatcher, Sample  # noqa: E402
 from draft_trainer.client.pool import TargetPool  # noqa: E402

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from draft_trainer import assets  # noqa: E402
+from draft_trainer.assets import fetch as assets  # noqa: E402
 from draft_trainer.data.formats import read_records  # noqa: E402
 from draft_trainer.data.prepare import CONVERSATIONS_FILE, PrepareConfig, load_tokenizer, prepare_data  # noqa: E402
 

@@ -36,9 +36,10 @@ def shaped_model(dest: Path, shape: dict) -> Path:
         return dest
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from draft_trainer.assets import _atomic_dir, build_tiny_tokenizer
+    from common.files import replace_dir
+    from draft_trainer.assets.tiny import build_tiny_tokenizer
 
-    with _atomic_dir(dest) as tmp:
+    with replace_dir(dest, "bench shaped model") as tmp:
         build_tiny_tokenizer(tmp)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     a = p.parse_args(argv)
     from common.memory import tune_malloc
-    from draft_trainer.assets import build_tiny_model, cache_dir
+    from draft_trainer.assets.fetch import cache_dir
+    from draft_trainer.assets.tiny import build_tiny_model
 
     tune_malloc()  # as the server CLI does
     from target_server.backends.hf import HFBackend

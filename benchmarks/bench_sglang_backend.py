@@ -70,7 +70,7 @@ def run(args) -> dict:
     import torch
 
     if args.smoke:
-        from draft_trainer.assets import build_tiny_model
+        from draft_trainer.assets.tiny import build_tiny_model
 
         model = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama", "llama")
         n_req, per_req, seq_len, rounds = 2, 2, 64, 1
@@ -78,7 +78,7 @@ def run(args) -> dict:
         if args.model:
             model = Path(args.model)
         else:
-            from draft_trainer.assets import fetch_smollm2
+            from draft_trainer.assets.fetch import fetch_smollm2
 
             model = fetch_smollm2()
         n_req, per_req, seq_len, rounds = args.requests, args.per_request, args.seq_len, args.rounds

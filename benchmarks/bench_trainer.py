@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     d = SMOKE if args.smoke else FULL
     load_start = os.getloadavg()[0]  # the machine is shared: the load says how noisy the figures are
     work = Path(tempfile.mkdtemp(prefix="specrelay-bench-trainer-"))
-    from draft_trainer.assets import build_synthetic_dataset
+    from draft_trainer.assets.tiny import build_synthetic_dataset
 
     data = build_synthetic_dataset(work / "data", d["samples"], vocab_size=d["V"], min_len=d["min_len"],
                                    max_len=d["max_len"])

@@ -35,3 +35,7 @@ class AssetError(SpecRelayError):
 
 class TargetUnavailableError(SpecRelayError):
     """No target server could serve the request within the allowed time."""
+
+
+class OutputDirError(SpecRelayError, ValueError):
+    """An output directory cannot be written without destroying something the command did not write."""

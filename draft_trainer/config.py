@@ -20,9 +20,9 @@ class DataConfig:
 class TargetsConfig:
     endpoints: str = ""              # host:port,host:port | dns:NAME:PORT | file:PATH; empty = embedded server
     embedded_model: str = ""         # model directory for the embedded local server (HF backend)
-    embedded_dtype: str = "fp32"
+    embedded_dtype: str = "fp32"     # dtype of the embedded server's target model (as target-server --dtype)
     embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
-    teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal, for methods that read one
+    teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal (methods that read one): final hidden or top-k
     topk: int = 0                    # for teacher=topk
     request_timeout_s: float = 120.0  # per-request deadline; a request past it is re-issued elsewhere
     startup_timeout_s: float = 300.0  # wait this long for the first server at start-up
@@ -46,7 +46,7 @@ class TargetsConfig:
 @dataclass
 class ModelConfig:
     method: str = "eagle3"           # the draft method (draft_trainer/methods); or `package.module:Class`
-    ttt_steps: int = 7               # EAGLE-3: draft positions trained per sample (training-time test)
+    ttt_steps: int = 7               # EAGLE-3: training-time-test steps, draft positions unrolled per sample
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
     init: Literal["random", "target"] = "random"  # target: start from the target's lm_head/final norm and the
                                                   # decoder layer after the last aux layer (methods/eagle3/init.py)
@@ -54,14 +54,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    warmup_ratio: float = 0.015
-    min_lr_ratio: float = 0.0
+    lr: float = 1e-4                 # peak learning rate (AdamW)
+    warmup_ratio: float = 0.015      # fraction of the schedule spent warming up linearly
+    min_lr_ratio: float = 0.0        # the cosine decays to lr * this
     schedule: Literal["steps", "time"] = "steps"  # what the warm-up + cosine runs over: max_steps, or the
                                                   # time_budget_s of this invocation (the budget, not the steps, ends the run)
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 0.5
+    weight_decay: float = 0.0        # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 0.5           # clip the global gradient norm to this
 
 
 @dataclass
@@ -86,16 +86,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/draft"
+    output_dir: str = "runs/draft"   # checkpoints, metrics.jsonl, summary.json, plots
     device: str = "auto"             # auto = cuda when available (one GPU per rank), else cpu
-    seed: int = 0
+    seed: int = 0                    # draft init, data order (a resumed run must keep it)
     batch_size: int = 1              # samples per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1              # micro-batches per optimizer step (per rank)
-    max_steps: int = 100
+    max_steps: int = 100             # stop after this many optimizer steps (or when epochs run out)
     time_budget_s: float = 0.0       # stop (with a checkpoint) at the first step boundary past this; 0 = none
-    epochs: int = 1
+    epochs: int = 1                  # passes over the dataset at most
     threads: int = 0                 # torch threads of each trainer rank; 0 = torch's default (all cores)
-    log_every: int = 1
+    log_every: int = 1               # metrics.jsonl / progress line every N steps
     save_every: int = 0              # 0 = only at the end (and on SIGTERM/SIGINT)
     save_every_s: float = 0.0        # also checkpoint every N seconds of training (time-budgeted runs); 0 = off
     save_initial: bool = False       # also checkpoint the starting draft (step 0): the untrained baseline

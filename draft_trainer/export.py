@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ContractError, ExportError
-from draft_trainer.assets import _atomic_dir
+from common.files import replace_dir
 from draft_trainer.data.vocab import VocabMapping, check_same_vocab
 from draft_trainer.methods import method_class
 from draft_trainer.train import checkpoint as ckpt_io
@@ -94,8 +94,6 @@ def export_draft(checkpoint: str | Path, output: str | Path, fmt: str = "sglang"
     if fmt not in method.export_formats:
         raise ExportError(f"--format {fmt}: method {td.method!r} exports {', '.join(method.export_formats)}")
     out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out} exists and is not empty; pass --overwrite or choose another")
     provenance = {
         "method": td.method, "format": fmt, "source_checkpoint": str(td.path),
         "vocab_fingerprint": td.vocab.fingerprint(), "vocab_coverage": td.vocab.coverage,
@@ -103,7 +101,9 @@ def export_draft(checkpoint: str | Path, output: str | Path, fmt: str = "sglang"
         "target_tokenizer_fingerprint": td.model_info.get("tokenizer_fingerprint", ""),
         "draft_config": method.draft_config(td.model),
     }
-    with _atomic_dir(out) as tmp:   # temp dir next to `out`, renamed onto it only on success
+    # A temp dir beside `out`, swapped in only on success; a user's directory is never replaced.
+    with replace_dir(out, "export", overwrite=overwrite, replace_own=False, error=ExportError,
+                     hint="pass --overwrite or choose another --output") as tmp:
         method.export(td, tmp, fmt)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
     return out

@@ -1,14 +1,14 @@
 """Prometheus metrics of the trainer (prefix specrelay_trainer_).
 
-One registry object per trainer process (rank); the pool records its data-path metrics here,
-the loop its data wait and step metrics. Exposed with common.metrics.serve_metrics (config `metrics_port`).
+One registry object per trainer process (rank), with the process metrics (common/metrics.py);
+the pool records its data-path metrics here, the loop its data wait and step metrics. Exposed with common.metrics.serve_metrics (config `metrics_port`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.metrics import TIME_BUCKETS
+from common.metrics import TIME_BUCKETS, RegisteredOnFirstSet, new_registry
 
 P = "specrelay_trainer_"
 
@@ -17,7 +17,7 @@ ENDPOINT_STATES = ("joining", "up", "down", "refused", "draining")
 
 class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or new_registry()
         r = self.registry
         # Data path (draft_trainer/client).
         self.inflight_tokens = Gauge(P + "inflight_tokens", "Tokens requested from target servers, not yet received",
@@ -49,8 +49,9 @@ class TrainerMetrics:
         self.cond_accuracy = Gauge(P + "cond_accuracy", "Accuracy per TTT position given all earlier positions "
                                    "were right", ["position"], registry=r)
         self.sim_accept_len = Gauge(P + "sim_accept_len", "Simulated acceptance length of the last step", registry=r)
-        self.eval_sim_accept_len = Gauge(P + "eval_sim_accept_len", "Held-out simulated acceptance length",
-                                         registry=r)
+        # Absent until the first evaluation (a run with eval.holdout=0 never reports one).
+        self.eval_sim_accept_len = RegisteredOnFirstSet(
+            Gauge(P + "eval_sim_accept_len", "Held-out simulated acceptance length", registry=None), r)
         self.lr = Gauge(P + "lr", "Learning rate", registry=r)
         self.checkpoints = Counter(P + "checkpoints", "Checkpoints written", registry=r)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from common.contract import ModelInfo
-from common.metrics import TIME_BUCKETS, TOKEN_BUCKETS
+from common.metrics import TIME_BUCKETS, TOKEN_BUCKETS, new_registry
 
 P = "specrelay_target_"
 
@@ -25,7 +25,7 @@ BATCH_SAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or new_registry()
         r = self.registry
         self.requests = Counter(P + "requests", "Feature requests (DoGet) by final status", ["status"], registry=r)
         self.samples = Counter(P + "samples", "Samples by outcome (served, or dropped with the reason)",

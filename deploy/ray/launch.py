@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trainer_overrides(args: argparse.Namespace) -> list[str]:
+    """The trainer's key=value overrides. `resume_from=auto` comes first (a user's own resume_from
+    wins): a relaunch into the same --output, or a restarted worker, continues the run."""
+    return ["resume_from=auto", *args.overrides, f"output_dir={Path(args.output).resolve() / 'train'}"]
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from draft_trainer.config import TrainConfig
 
     out = Path(args.output).resolve()
-    overrides = [*args.overrides, f"output_dir={out / 'train'}"]
+    overrides = trainer_overrides(args)
     try:
         # Validate the trainer config before anything starts (endpoints are filled in later).
         load_config(TrainConfig, args.config or None, [*overrides, "targets.endpoints=pending:0"])

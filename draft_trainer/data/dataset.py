@@ -11,9 +11,7 @@ Written to a temporary directory and renamed into place, so a reader never sees 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,11 @@ import numpy as np
 import pyarrow as pa
 
 from common.errors import DataError
+from common.files import OUTPUT_MARKER, check_output_dir, new_temp_dir, swap_in
 
 SAMPLES_FILE = "samples.arrow"
 META_FILE = "meta.json"
+DATASET_KIND = "prepare-data"  # the marker a tokenized dataset carries (common/files.py:OUTPUT_MARKER)
 
 SCHEMA = pa.schema([
     pa.field("sample_id", pa.int64(), nullable=False),
@@ -47,15 +47,9 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str | Path, rows_per_batch: int = 1024) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not (self.path / SAMPLES_FILE).is_file() and any(self.path.iterdir()):
-            raise DataError(f"{self.path} exists and is not a tokenized dataset; refusing to replace it "
-                            "(choose another --output)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp.", dir=self.path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
+        self.path = check_output_dir(path, DATASET_KIND, recognize=(SAMPLES_FILE,), what="a tokenized dataset",
+                                     error=DataError)
+        self.tmp = new_temp_dir(self.path)
         self.rows_per_batch = rows_per_batch
         self.num_samples = 0
         self._buf: list[tuple[int, Any, Any]] = []
@@ -91,13 +85,8 @@ class DatasetWriter:
         self._writer.close()
         self._sink.close()
         (self.tmp / META_FILE).write_text(json.dumps({**meta, "num_samples": self.num_samples}, indent=1))
-        old = None
-        if self.path.exists():  # move the old dataset aside first: `path` is never half-written
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
-            os.replace(self.path, old / "d")
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        (self.tmp / OUTPUT_MARKER).write_text(DATASET_KIND + "\n")
+        swap_in(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_write_json
+from common.files import atomic_write_json, check_output_dir
 from common.contract import ModelInfo
 from common.errors import ContractError, DataError
 from common.features import FeatureSpec, FeatureSchema, SampleFeatures, decode_batch, encode_batch
@@ -53,7 +53,9 @@ class FeatureCacheWriter:
     def __init__(self, path: str | Path, info: ModelInfo, schema: FeatureSchema, *, rank: int = 0,
                  limit_bytes: int = 0, shard_bytes: int = 256 << 20,
                  frozen: dict[str, torch.Tensor] | None = None) -> None:
-        self.path = Path(path)
+        # Rank 0 checks (it writes meta.json, which the others' check would race with).
+        self.path = check_output_dir(path, "feature cache", recognize=(META,), what="a feature cache",
+                                     hint="give feature_cache.dir a new directory") if rank == 0 else Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.schema = schema
         self.rank = rank

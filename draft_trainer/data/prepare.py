@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, sha256_file
 from common.contract import tokenizer_fingerprint
 from common.errors import ConfigError, DataError
-from draft_trainer.assets import sha256_file
 from draft_trainer.data.chat import DROP_REASONS, ChatEncoder, ChatOptions, Drop
 from draft_trainer.data.dataset import META_FILE, SAMPLES_FILE, DatasetWriter
 from draft_trainer.data.formats import BadRecord, FileReport, Record, normalize, read_records

@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from common.files import atomic_write_json
+from common.files import atomic_write_json, swap_in
 from common.errors import SpecRelayError
 from draft_trainer.train.parallel import DistInfo, barrier
 
@@ -106,9 +106,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         for name, obj in files.items():
             _write_json(tmp / name, obj)
         (tmp / COMPLETE).write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        swap_in(tmp, final)  # a re-saved step: the old copy goes only once the new one is in place
         link_tmp = root / ".latest.tmp"
         link_tmp.unlink(missing_ok=True)
         link_tmp.symlink_to(final.name)

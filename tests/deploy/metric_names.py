@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 
 KINDS = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
-# Exposition names per metric type (prometheus_client: a Counter "x" or "x_total" exposes x_total).
-SUFFIXES = {"Counter": ["_total", "_created"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count", "_created"],
-            "Summary": ["", "_sum", "_count", "_created"], "Info": ["_info"], "Enum": [""]}
+# Exposition names per metric type (prometheus_client: a Counter "x" or "x_total" exposes x_total;
+# the *_created series are turned off in common/metrics.py).
+SUFFIXES = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"],
+            "Summary": ["", "_sum", "_count"], "Info": ["_info"], "Enum": [""]}
 
 
 def _str_value(node, consts: dict[str, str]) -> str | None:

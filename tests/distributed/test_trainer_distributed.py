@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from draft_trainer.assets import build_synthetic_dataset
+from draft_trainer.assets.tiny import build_synthetic_dataset
 from draft_trainer.export import export_sglang, load_trained_draft
 from tests.support.procs import REPO, env_with_repo, start_server
 

@@ -15,7 +15,7 @@ import pytest
 
 from common.config import load_config
 from common.errors import TargetUnavailableError
-from draft_trainer.assets import build_synthetic_dataset
+from draft_trainer.assets.tiny import build_synthetic_dataset
 from draft_trainer.config import TrainConfig
 from draft_trainer.train.loop import Trainer
 from tests.support.pool import syn

@@ -141,7 +141,7 @@ def test_cache_key_reuses_only_identical_builds(tiny_llama, inputs, tmp_path):
 
 
 def test_workers_give_identical_output(tiny_llama, tmp_path):
-    from draft_trainer.assets import tiny_conversations
+    from draft_trainer.assets.tiny import tiny_conversations
 
     src = tmp_path / "chats.jsonl"
     src.write_text("".join(json.dumps(c) + "\n" for c in tiny_conversations(300, seed=3)))

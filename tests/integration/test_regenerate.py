@@ -33,7 +33,7 @@ def servers(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tiny_llama, tmp_path_factory):
-    from draft_trainer.assets import tiny_conversations
+    from draft_trainer.assets.tiny import tiny_conversations
 
     d = tmp_path_factory.mktemp("regen-data")
     src = d / "chats.jsonl"

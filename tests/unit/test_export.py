@@ -126,3 +126,29 @@ def test_cli_export_and_clear_errors(tmp_path):
     assert res.returncode == 2 and "not empty" in res.stderr
     res = run_cli("draft_trainer", "export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "f"))
     assert res.returncode == 2 and "not a complete draft checkpoint" in res.stderr
+
+
+def test_export_overwrite_never_replaces_the_current_directory(tmp_path, monkeypatch):
+    model, vocab, ckpt = make_ckpt(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="is not empty"):
+        export_sglang(ckpt, work)
+    monkeypatch.chdir(work)
+    with pytest.raises(ExportError, match="it is the current directory"):
+        export_sglang(ckpt, ".", overwrite=True)
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+
+
+def test_resaved_checkpoint_replaces_only_itself(tmp_path):
+    """Re-saving a step (a resume from an older checkpoint) swaps the step directory in; a user's
+    file in the checkpoints directory and no temporary copy are left behind."""
+    model, vocab, ckpt = make_ckpt(tmp_path)
+    notes = ckpt.parent / "notes.txt"
+    notes.write_text("keep me")
+    (ckpt / "stale.txt").write_text("from the first save")
+    again = save_checkpoint(model, vocab, tmp_path / "run")
+    assert again == ckpt and (ckpt / "trainer.json").is_file() and not (ckpt / "stale.txt").exists()
+    assert notes.read_text() == "keep me"
+    assert sorted(p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")) == []
