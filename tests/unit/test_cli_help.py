@@ -62,7 +62,7 @@ def test_help_shows_defaults_and_describes_assets():
     res = run_cli("draft_trainer", "eval", "--help", timeout=120)
     assert res.returncode == 0 and "(default: 7)" in " ".join(res.stdout.split()), res.stdout
     res = run_cli("draft_trainer", "prepare-data", "--help", timeout=120)
-    assert "(default: 2048)" in res.stdout and "(default: False)" not in res.stdout
+    assert "(default: 32000)" in " ".join(res.stdout.split()) and "(default: False)" not in res.stdout
     res = run_cli("draft_trainer", "assets", "--help", timeout=120)
     text = " ".join(res.stdout.split())
     assert "fetch: SmolLM2-135M-Instruct" in text and "tiny: a tiny random model" in text and "chats.jsonl" in text
