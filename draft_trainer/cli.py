@@ -33,10 +33,31 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_local(args)
     tune_malloc()  # feature batches are multi-MiB: reuse heap memory instead of page-faulting it in
-    summary = Trainer(cfg).run()
+    try:
+        summary = Trainer(cfg).run()
+    except KeyboardInterrupt:
+        print(f"draft-trainer: interrupted; the last complete checkpoint in {cfg.output_dir}/checkpoints is kept. "
+              f"Resume with:\n  {_resume_command()}", file=sys.stderr)
+        return 130
+    except SpecRelayError as e:
+        if "resume_from" in str(e):  # stopped mid-run with a checkpoint: say how to go on
+            print(f"draft-trainer: error: {e}\nResume with:\n  {_resume_command()}", file=sys.stderr)
+            return 2
+        raise
     if summary:  # rank 0
         print(json.dumps(summary, indent=1))
+        if summary.get("stopped") == "signal":
+            print(f"draft-trainer: stopped by a signal at step {summary['steps']} (checkpoint {summary['checkpoint']}). "
+                  f"Resume with:\n  {_resume_command()}", file=sys.stderr)
     return 0
+
+
+def _resume_command() -> str:
+    """This invocation with resume_from=auto (replacing any resume_from it had)."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if not a.startswith("resume_from=")]
+    return shlex.join(["draft-trainer", *argv, "resume_from=auto"])
 
 
 def _launch_local(args: argparse.Namespace) -> int:
@@ -110,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
     from draft_trainer.eval import evaluate
 
     result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, force=args.force)
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text)
@@ -214,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-steps", type=int, default=7, help="draft tokens per target forward (chain length)")
     v.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     v.add_argument("--output", help="also write the JSON result here")
+    v.add_argument("--force", action="store_true",
+                   help="evaluate even if the draft was exported for another target (name or tokenizer)")
     v.set_defaults(func=_eval)
     for sp in sub.choices.values():  # every command's --help shows its defaults
         sp.formatter_class = HelpFormatter

@@ -171,8 +171,32 @@ def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: i
 
 # ----------------------------------------------------------------------------- command
 
+def check_draft_target(draft_dir: Path, target_model: str | Path, tokenizer) -> None:
+    """Refuse a draft exported for another target: the tokenizer fingerprint and the target's name
+    recorded at export (specrelay_export.json) must match. Drafts of the same shape for another
+    target would otherwise pass every shape check and simply not be accepted."""
+    from common.contract import tokenizer_fingerprint
+
+    prov_path = Path(draft_dir) / "specrelay_export.json"
+    if not prov_path.is_file():
+        return  # a draft from elsewhere: only its shapes can be checked
+    prov = json.loads(prov_path.read_text())
+    problems = []
+    want_fp = prov.get("target_tokenizer_fingerprint")
+    if want_fp and want_fp != tokenizer_fingerprint(tokenizer):
+        problems.append(f"its tokenizer fingerprint is {want_fp[:12]}…, the target's is "
+                        f"{tokenizer_fingerprint(tokenizer)[:12]}…")
+    want_name, name = prov.get("target_model"), Path(target_model).resolve().name
+    if want_name and want_name != name and not want_name.startswith("synthetic"):
+        problems.append(f"it was trained against target {want_name!r}, this is {name!r}")
+    if problems:
+        raise ContractError(f"draft {draft_dir} was not trained for target {target_model}: " + "; ".join(problems)
+                            + ". Pass --force to evaluate anyway")
+
+
 def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str | Path, num_steps: int = 7,
-             max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False) -> dict:
+             max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False,
+             force: bool = False) -> dict:
     """Acceptance of one exported draft on a prompts file (see the module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt, so
@@ -189,6 +213,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         raise DataError(f"{draft_dir} is not an exported draft (no config.json); run draft-trainer export first")
     method = method_for_export(json.loads(config_path.read_text()))(None)
     tok = AutoTokenizer.from_pretrained(target_model)
+    if not force:
+        check_draft_target(Path(draft_dir), target_model, tok)
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=torch.float32).eval()
     make_drafter = lambda: method.drafter(Path(draft_dir), target, dtype=torch.float32)  # noqa: E731
     make_drafter()  # checks the draft against the target before any decoding

@@ -60,6 +60,20 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def clean_stale_temps(root: Path) -> list[Path]:
+    """Remove `.tmp-step_*` directories a killed save left behind (never complete checkpoints:
+    those are renamed into place only when whole). Rank 0, before training starts."""
+    removed = []
+    if root.is_dir():
+        for p in sorted(root.glob(".tmp-step_*")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d unfinished checkpoint save(s) in %s: %s", len(removed), root,
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None

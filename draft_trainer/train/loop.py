@@ -120,9 +120,12 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum, _frame):
-            if self._stop.is_set():  # a second signal: stop now
+            if self._stop.is_set() or self.run_ is None:
+                # A second signal, or one before training started (waiting for servers, loading):
+                # stop now; the last complete checkpoint stays as it is.
                 raise KeyboardInterrupt
-            log.warning("signal %d: saving a checkpoint at the end of this step, then exiting", signum)
+            log.warning("signal %d: saving a checkpoint at the end of this step, then exiting "
+                        "(a second signal stops at once, keeping the last complete checkpoint)", signum)
             self._stop.set()
 
         for s in previous:

@@ -43,13 +43,23 @@ def plan(cfg: TrainConfig, world_size: int | None = None) -> dict:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     ds = TokenizedDataset(cfg.data.path)
     lengths = np.minimum(ds.lengths, cfg.data.max_length) if len(ds) else np.zeros(1)
+    # samples that cannot train (too short, nothing supervised) are counted as usable here
     mean_len = float(lengths.mean())
     H, h_source = _hidden_size(cfg)
     tokens_per_step = mean_len * cfg.batch_size
     # bf16 on the wire by default: aux 3H + teacher H values of 2 bytes per token.
     bytes_per_token = 8 * H if H else None
-    train_samples = max(0, len(ds) - cfg.eval.holdout)
+    held = min(cfg.eval.holdout, max(len(ds) - 1, 0))  # the trainer keeps at least one training sample
+    train_samples = max(0, len(ds) - held)
     steps_per_epoch = train_samples // cfg.batch_size
+    warnings = []
+    if cfg.eval.holdout >= len(ds):
+        warnings.append(f"eval.holdout={cfg.eval.holdout} is not smaller than the dataset ({len(ds)} samples): "
+                        f"only {train_samples} sample(s) left to train on")
+    if not cfg.time_budget_s and steps_per_epoch * cfg.epochs < cfg.max_steps:
+        warnings.append(f"max_steps={cfg.max_steps} needs more data than {cfg.epochs} epoch(s) of {train_samples} "
+                        f"samples give (about {steps_per_epoch * cfg.epochs} steps): the run will stop when the "
+                        f"data runs out; raise epochs or lower max_steps")
     return {
         "world_size": world,
         "batch_size (global samples/step)": cfg.batch_size,
@@ -69,6 +79,7 @@ def plan(cfg: TrainConfig, world_size: int | None = None) -> dict:
         "feature cache": cfg.feature_cache.dir or "off",
         "checkpoints": f"{Path(cfg.output_dir) / 'checkpoints'} (every {cfg.save_every or 'end'}, keep "
                        f"{cfg.keep_last}), resume_from={cfg.resume_from or 'none'}",
+        **({"WARNING": "; ".join(warnings)} if warnings else {}),
     }
 
 

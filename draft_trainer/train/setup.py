@@ -64,7 +64,11 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
     dataset = TokenizedDataset(cfg.data.path)
     if len(dataset) == 0:
         raise DataError(f"dataset {cfg.data.path} has no samples")
+    if dist.is_main:
+        ckpt_io.clean_stale_temps(out / "checkpoints")
     resume = resolve_resume(cfg, out)
+    if resume is None and not cfg.resume_from:
+        refuse_existing_run(out)
     run = Run(cfg=cfg, dist=dist, out=out, dataset=dataset, stream=None, method=get_method(cfg.model.method, cfg.model),
               resume=resume)
     state = json.loads((resume / ckpt_io.TRAINER_STATE).read_text()) if resume else None
@@ -78,6 +82,9 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
         names = run.method.frozen_tensor_names()
         frozen = run.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors") if dist.is_main else None
     max_length = agreed_max_length(cfg, run.info)
+    if cfg.eval.holdout >= len(dataset):
+        log.warning("eval.holdout=%d is not smaller than the dataset (%d samples): only one sample is left to "
+                    "train on", cfg.eval.holdout, len(dataset))
     run.stream = SampleStream(dataset, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
                               holdout=cfg.eval.holdout, max_length=max_length, epochs=cfg.epochs)
     if state:
@@ -119,6 +126,16 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
         raise ConfigError(f"resume_from={r}: not a complete checkpoint (no {ckpt_io.COMPLETE} marker); point it at "
                           f"a checkpoints/step_N directory, `latest`, or use resume_from=auto")
     return p.resolve()
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A fresh run into a directory that holds one would mix both in metrics.jsonl and the plots."""
+    held = [n for n in ("metrics.jsonl", "summary.json") if (out / n).is_file()]
+    if ckpt_io.list_checkpoints(out / "checkpoints"):
+        held.append("checkpoints/")
+    if held:
+        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(held)}); continue it with "
+                          f"resume_from=auto, or start a new one with another output_dir=...")
 
 
 def check_resume_state(cfg: TrainConfig, dist: DistInfo, path: Path, state: dict, n_samples: int,

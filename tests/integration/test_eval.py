@@ -79,3 +79,22 @@ def test_eval_rejects_bad_prompts_file(tiny_llama, tmp_path):
     res = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(tmp_path / "none"),
                   "--prompts", str(bad))
     assert res.returncode == 2 and "not an exported draft" in res.stderr
+
+
+def test_a_draft_for_another_target_is_refused_unless_forced(tiny_llama, tmp_path):
+    """A draft whose export names another target (same shapes) is refused, then evaluated with force."""
+    from common.errors import ContractError
+
+    draft_dir = tmp_path / "d"
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    with one_thread():
+        model, vocab = train_tiny_draft(tiny_llama, [tok("hello")["input_ids"]], steps=1, max_new_tokens=4)
+    export_sglang(save_checkpoint(model, vocab, tmp_path / "run"), draft_dir)
+    prov = json.loads((draft_dir / "specrelay_export.json").read_text())
+    prov["target_model"] = "some-other-model"
+    (draft_dir / "specrelay_export.json").write_text(json.dumps(prov))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(ContractError, match="trained against target 'some-other-model'.*--force"):
+        evaluate(tiny_llama, draft_dir, prompts, num_steps=2, max_new_tokens=4)
+    assert evaluate(tiny_llama, draft_dir, prompts, num_steps=2, max_new_tokens=4, force=True)["lossless"]

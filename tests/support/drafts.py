@@ -36,7 +36,7 @@ def save_checkpoint(model: Eagle3Draft, vocab: VocabMapping, out: Path, step: in
     c = model.cfg
     info = ModelInfo(architecture="LlamaForCausalLM", model_type="llama", num_layers=4, hidden_size=c.target_hidden_size,
                      vocab_size=c.vocab_size, aux_layer_ids=list(c.aux_layer_ids), dtype="fp32", max_length=1024,
-                     tokenizer_fingerprint="test", model_name="test-target")
+                     tokenizer_fingerprint="", model_name="")  # unknown target: eval checks shapes only
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Run(cfg=cfg, dist=DistInfo(), out=Path(out), dataset=[], stream=SimpleNamespace(eval_indices=[]),
               method=get_method("eagle3", cfg.model), info=info, vocab=vocab, model=model,
