@@ -167,6 +167,7 @@ class Trainer:
     def _train(self, stream, t_start: float) -> tuple[StepStats | None, str]:
         cfg = self.cfg
         last: StepStats | None = None
+        self.last_loss: float | None = None
         if cfg.save_initial and self.step == 0:
             self.save_checkpoint(0)
         last_save = time.perf_counter()
@@ -203,7 +204,7 @@ class Trainer:
             n_tokens = sum(b.num_tokens for b in micro)
             self.counters.samples_consumed += n_samples
             self.counters.tokens += n_tokens
-            last = stats
+            last, self.last_loss = stats, loss
             self.reporter.step(StepRecord(self.step, loss, stats, lr, float(grad_norm), n_tokens, n_samples,
                                           time.perf_counter() - t0, wait, self._step_sample_ids(micro), self.cursor),
                                elapsed_s=time.perf_counter() - t_start)
@@ -308,7 +309,8 @@ class Trainer:
         samples = {"samples_total": len(self.run_.dataset), "samples_train": len(s.train_indices),
                    "samples_heldout": len(s.eval_indices)}
         return self.reporter.summary(gathered, steps=self.step, world_size=self.dist.world_size, samples=samples,
-                                     last=last, best=self.evaluator.best, ckpt=ckpt, wall=wall,
+                                     last=last, last_loss=getattr(self, "last_loss", None), best=self.evaluator.best,
+                                     ckpt=ckpt, wall=wall,
                                      resumed_from=self.cfg.resume_from, stopped=stopped, pool=stream.summary())
 
 

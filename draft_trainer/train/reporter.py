@@ -162,7 +162,8 @@ class Reporter:
 
     # ------------------------------------------------------------------ the end
     def summary(self, gathered: list[dict], *, steps: int, world_size: int, samples: dict, last: StepStats | None,
-                best: float | None, ckpt: Path, wall: float, resumed_from: str, stopped: str, pool: dict) -> dict:
+                last_loss: float | None, best: float | None, ckpt: Path, wall: float, resumed_from: str, stopped: str,
+                pool: dict) -> dict:
         """summary.json from every rank's counters (`gathered`: RunCounters + cursor + peak RSS)."""
         if not self.is_main:
             return {}
@@ -178,8 +179,8 @@ class Reporter:
             "features_cached": total("features_cached"),
             "data_wait_s": total("data_wait_s") / len(gathered), "wall_s": wall,
             "data_wait_fraction": total("data_wait_s") / len(gathered) / max(wall, 1e-9),
-            "final": None if last is None else {"loss": last.loss, "acc": last.acc, "cond_acc": last.cond_acc,
-                                                "sim_accept_len": last.sim_accept_len},
+            "final": None if last is None else {"loss": last_loss, "step_loss": last.loss, "acc": last.acc,
+                                                "cond_acc": last.cond_acc, "sim_accept_len": last.sim_accept_len},
             "best_eval_sim_accept_len": best, "checkpoint": str(ckpt),
             "cursors": [c["cursor"] for c in gathered], "peak_rss_mb": [c["peak_rss_mb"] for c in gathered],
             "resumed_from": resumed_from or None,

@@ -160,3 +160,15 @@ def test_feature_cache_refuses_dot(tmp_path, monkeypatch):
     with pytest.raises(OutputDirError, match="current directory"):
         FeatureCacheWriter(".", info, FeatureSchema(8, "bfloat16"))
     assert sorted(p.name for p in Path(".").iterdir()) == ["notes.txt"]
+
+
+def test_the_demo_refuses_a_directory_it_did_not_write(tmp_path):
+    from common.errors import OutputDirError
+    from draft_trainer.demo import main
+
+    mine = tmp_path / "mine"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "notes.txt").write_text("my notes")
+    with pytest.raises(OutputDirError, match="not empty"):
+        main(["--tiny", "--output", str(mine)])
+    assert (mine / "train" / "notes.txt").read_text() == "my notes"
