@@ -18,6 +18,12 @@
 - A failing multi-sample forward is retried one sample at a time, so one poisonous sample
   fails only its own request.
 - One worker thread runs the backend; results go back per sample as they are computed.
+- Generation (`submit_generate`) is a second request kind under the same queue bound, drain and
+  deadlines: its sequences queue per client, join the running decode batch between steps while
+  their KV reservations (prompt + max new tokens) fit in `max_batch_tokens`, least-served
+  client first, and leave the step they finish (generation.py). Between the two kinds the
+  worker is fair in device time: it runs whichever kind has used less of it (a kind returning
+  from idle starts level, it does not bank credit).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from dataclasses import dataclass, field
 
 from common import status
 from common.errors import SpecRelayError
-from target_server.backends.base import Backend, Capture
+from target_server.backends.base import Backend, Capture, Completion
+from target_server.generation import MAX_RUNNING_SEQS, DecodeLoop, GenRequest, GenSeq
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +133,16 @@ class Scheduler:
         self._busy = False  # the worker holds a batch
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._tokens_per_s = 0.0  # smoothed forward throughput, for retry hints
+        # Generation: queued sequences per client, tokens served per client, the running batch.
+        self._gen_clients: dict[str, collections.deque[GenSeq]] = {}
+        self._gen_served: dict[str, int] = {}
+        self._loop = DecodeLoop(backend, metrics)
+        self._kind_seconds = {"features": 0.0, "generate": 0.0}  # device time used, for fairness between kinds
 
     # ---------------------------------------------------------------- client side
     def submit(self, req: Request) -> None:
         with self._cv:
-            if self._draining or self._stopping:
-                raise Draining("server is draining; send the request to another server")
-            if req.expired():
-                raise DeadlineExceeded(f"request {req.request_id} arrived after its deadline")
-            if self._queued_tokens + self._held_tokens + req.tokens > self.max_queue_tokens:
-                raise Overloaded(
-                    f"{self._queued_tokens} tokens queued + {self._held_tokens} computed and unsent + {req.tokens} "
-                    f"requested > limit {self.max_queue_tokens}",
-                    retry_after_s=self._retry_hint(req.tokens),
-                )
+            self._admission_check(req.request_id, req.expired(), req.tokens)
             client = self._clients.get(req.client_id)
             if client is None:
                 # A (re)arriving client starts level with the least-served active client.
@@ -150,6 +153,55 @@ class Scheduler:
             self._queued_tokens += req.tokens
             self._report_queue()
             self._cv.notify_all()
+
+    def submit_generate(self, req: GenRequest) -> None:
+        """Queue a generation request (same refusals as `submit`); results arrive per prompt."""
+        with self._cv:
+            self._admission_check(req.request_id, req.expired(), req.tokens)
+            if req.client_id not in self._gen_clients:
+                floor = min(self._gen_served.values(), default=0)
+                self._gen_served[req.client_id] = max(self._gen_served.get(req.client_id, 0), floor)
+                self._gen_clients[req.client_id] = collections.deque()
+            req.submitted_at = time.monotonic()
+            self._gen_clients[req.client_id].extend(GenSeq(req, i) for i in range(len(req.prompts)))
+            self._queued_tokens += req.tokens
+            self._report_queue()
+            self._cv.notify_all()
+
+    def cancel_generate(self, req: GenRequest) -> None:
+        """The caller went away: drop its queued sequences; running ones leave at the next step."""
+        with self._cv:
+            req.cancelled.set()
+            self._purge_gen(req)
+
+    def _purge_gen(self, req: GenRequest) -> None:
+        q = self._gen_clients.get(req.client_id)
+        if not q:
+            return
+        keep = collections.deque(s for s in q if s.request is not req)
+        self._queued_tokens -= sum(s.reserve for s in q if s.request is req)
+        if keep:
+            self._gen_clients[req.client_id] = keep
+        else:
+            del self._gen_clients[req.client_id]
+        self._report_queue()
+        self._cv.notify_all()
+
+    @property
+    def batched_generation(self) -> bool:
+        return self._loop.batched
+
+    def _admission_check(self, request_id: str, expired: bool, tokens: int) -> None:
+        if self._draining or self._stopping:
+            raise Draining("server is draining; send the request to another server")
+        if expired:
+            raise DeadlineExceeded(f"request {request_id} arrived after its deadline")
+        if self._queued_tokens + self._held_tokens + tokens > self.max_queue_tokens:
+            raise Overloaded(
+                f"{self._queued_tokens} tokens queued + {self._held_tokens} computed and unsent + {tokens} "
+                f"requested > limit {self.max_queue_tokens}",
+                retry_after_s=self._retry_hint(tokens),
+            )
 
     def cancel(self, req: Request) -> int:
         """The request is over (finished, failed, client gone): drop its queued samples and release
@@ -203,7 +255,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         with self._cv:
-            return self._queued_tokens == 0 and not self._busy
+            return self._queued_tokens == 0 and not self._busy and not self._loop.running
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -214,9 +266,9 @@ class Scheduler:
         end = time.monotonic() + timeout
         with self._cv:
             self._draining = True
-            while (self._queued_tokens > 0 or self._busy) and time.monotonic() < end:
+            while (self._queued_tokens > 0 or self._busy or self._loop.running) and time.monotonic() < end:
                 self._cv.wait(timeout=min(0.1, max(0.0, end - time.monotonic())))
-            return self._queued_tokens == 0 and not self._busy
+            return self._queued_tokens == 0 and not self._busy and not self._loop.running
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker; queued work fails with UNAVAILABLE so its streams end at once."""
@@ -226,6 +278,13 @@ class Scheduler:
                 for req in {id(it.request): it.request for it in client.items}.values():
                     req.fail(Draining("server is shutting down; retry on another server"))
             self._clients.clear()
+            for q in self._gen_clients.values():
+                for s in q:
+                    s.request.fail(Draining("server is shutting down; retry on another server"))
+            self._gen_clients.clear()
+            if not self._busy:  # else the worker ends the running batch when its step returns
+                for s in self._loop.running:
+                    s.request.fail(Draining("server is shutting down; retry on another server"))
             self._queued_tokens = 0
             self._report_queue()
             self._cv.notify_all()
@@ -237,6 +296,8 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_tokens.set(self._queued_tokens)
             self.metrics.held_tokens.set(self._held_tokens)
+            self.metrics.gen_queued.set(sum(len(q) for q in self._gen_clients.values()))
+            self.metrics.gen_running.set(len(self._loop.running))
 
     def _drop_expired(self, now: float) -> None:
         for client in list(self._clients.values()):
@@ -275,23 +336,151 @@ class Scheduler:
             batch.append(item)
             key, longest = item.key, max(longest, item.length)
 
+    def _has_gen(self) -> bool:
+        return bool(self._gen_clients) or bool(self._loop.running)
+
+    def _next_kind(self) -> str:
+        """The kind of work that has used less device time (a kind without work keeps level)."""
+        has = {"features": bool(self._clients), "generate": self._has_gen()}
+        top = max(self._kind_seconds.values())
+        for k, busy in has.items():
+            if not busy:
+                self._kind_seconds[k] = top
+        if has["features"] and has["generate"]:
+            return min(self._kind_seconds, key=self._kind_seconds.get)
+        return "features" if has["features"] else "generate"
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._clients:
+                while not self._stopping and not self._clients and not self._has_gen():
                     self._cv.wait(timeout=0.5)
                 if self._stopping:
                     return
-                batch = self._take_batch()
-                self._busy = bool(batch)
+                kind = self._next_kind()
+                batch: list = self._take_batch() if kind == "features" else self._admit()
+                self._busy = bool(batch) or kind == "generate"
                 self._report_queue()
-            if batch:
-                try:
+            if not self._busy:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if kind == "features":
                     self._run_batch(batch)
-                finally:
-                    with self._cv:
-                        self._busy = False
-                        self._cv.notify_all()
+                else:
+                    self._run_gen(batch)
+            finally:
+                with self._cv:
+                    self._kind_seconds[kind] += time.perf_counter() - t0
+                    self._busy = False
+                    if self._stopping:
+                        for s in self._loop.running:
+                            s.request.fail(Draining("server is shutting down; retry on another server"))
+                    self._report_queue()
+                    self._cv.notify_all()
+
+    # ---------------------------------------------------------------- generation
+    def _admit(self) -> list[GenSeq]:
+        """Queued sequences that join the running batch now: least-served client first, while the
+        batch's KV reservations and the joining prefill stay within `max_batch_tokens`."""
+        now = time.time()
+        for s in self._loop.running:
+            if s.request.expired(now):
+                s.request.fail(DeadlineExceeded(f"request {s.request.request_id} passed its deadline while generating"))
+        if not self._loop.batched:  # one prompt at a time through Backend.generate
+            return self._pop_gen(self._least_served_gen()) if not self._loop.running else []
+        admitted: list[GenSeq] = []
+        reserved, longest = self._loop.reserved, 0
+        blocked: set[str] = set()
+        while len(self._loop.running) + len(admitted) < MAX_RUNNING_SEQS:
+            cid = self._least_served_gen(exclude=blocked)
+            if cid is None:
+                break
+            s = self._gen_clients[cid][0]
+            fits = reserved + s.reserve <= self.max_batch_tokens and \
+                max(longest, len(s.prompt)) * (len(admitted) + 1) <= self.max_batch_tokens
+            if not fits and (self._loop.running or admitted):
+                blocked.add(cid)  # its head waits for rows to leave; other clients may still fit
+                continue
+            self._pop_gen(cid)
+            if s.request.cancelled.is_set():
+                continue
+            admitted.append(s)
+            reserved += s.reserve
+            longest = max(longest, len(s.prompt))
+        return admitted
+
+    def _least_served_gen(self, exclude: set[str] = frozenset()) -> str | None:
+        live = [c for c in self._gen_clients if c not in exclude]
+        return min(live, key=lambda c: self._gen_served[c], default=None)
+
+    def _pop_gen(self, cid: str | None) -> list[GenSeq]:
+        if cid is None:
+            return []
+        q = self._gen_clients[cid]
+        s = q.popleft()
+        if not q:
+            del self._gen_clients[cid]
+        self._queued_tokens -= s.reserve
+        self._gen_served[cid] += len(s.prompt)
+        if s.request.expired():
+            s.request.fail(DeadlineExceeded(f"request {s.request.request_id} passed its deadline while queued"))
+        return [s]
+
+    def _run_gen(self, admitted: list[GenSeq]) -> None:
+        if not self._loop.batched:
+            for s in admitted:
+                self._run_gen_one(s)
+            return
+        seqs = self._loop.running + admitted
+        before = {id(s): len(s.tokens) for s in seqs}
+        try:
+            finished, computed = self._loop.step(admitted)
+        except Exception as e:  # the decoder's state is unknown now: fail its sequences, keep serving
+            log.exception("decode step failed")
+            for s in self._loop.running + admitted:
+                s.request.fail(ForwardFailed(f"generation failed: {type(e).__name__}: {e}"))
+            self._loop.clear()
+            return
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * computed if self._tokens_per_s else float(computed)
+        made = {id(s): len(s.tokens) - before[id(s)] for s in seqs}
+        with self._cv:
+            for s in seqs:
+                if s.request.client_id in self._gen_served:
+                    self._gen_served[s.request.client_id] += made[id(s)]
+            for cid in [c for c in self._gen_served if c not in self._gen_clients
+                        and c not in {s.request.client_id for s in self._loop.running}]:
+                del self._gen_served[cid]  # gone idle: a returning client starts level, not with credit
+        for s in finished:
+            self._deliver_gen(s)
+        if self.metrics is not None:
+            self.metrics.gen_tokens.inc(sum(made.values()))
+
+    def _run_gen_one(self, s: GenSeq) -> None:
+        if s.request.cancelled.is_set():
+            return
+        r, p = s.request, s.request.params
+        try:
+            (c,) = self.backend.generate([s.prompt], r.max_new_tokens, p.temperature, p.top_p, p.seed,
+                                         sorted(r.stop_token_ids))
+        except Exception as e:
+            log.exception("generate failed for prompt %d of request %s", s.index, r.request_id)
+            r.fail(ForwardFailed(f"generation failed: {type(e).__name__}: {e}"))
+            return
+        s.tokens, s.finish_reason = list(c.token_ids), c.finish_reason
+        if self.metrics is not None:
+            self.metrics.gen_tokens.inc(len(s.tokens))
+        self._deliver_gen(s)
+
+    def _deliver_gen(self, s: GenSeq) -> None:
+        r = s.request
+        if r.cancelled.is_set():
+            return
+        if self.metrics is not None and s.first_token_at:
+            self.metrics.gen_ttft_seconds.observe(s.first_token_at - r.submitted_at)
+            if len(s.tokens) > 1:
+                self.metrics.gen_tpot_seconds.observe((time.monotonic() - s.first_token_at) / (len(s.tokens) - 1))
+        r.results.put((s.index, Completion(token_ids=list(s.tokens), finish_reason=s.finish_reason)))
 
     def _forward(self, batch: list[_Item]) -> list[Capture]:
         teacher, topk = batch[0].key

@@ -146,7 +146,8 @@ class TargetServer:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
                                  interceptors=interceptors, options=GRPC_OPTIONS)
         pb_grpc.add_TargetServiceServicer_to_server(
-            TargetService(self.backend, self.info, draining=lambda: self.draining), self._grpc)
+            TargetService(self.backend, self.info, self.scheduler, draining=lambda: self.draining,
+                          metrics=self.metrics), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{cfg.host}:{cfg.grpc_port}"
         try:

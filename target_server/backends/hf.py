@@ -18,8 +18,8 @@ import torch
 from common.contract import TEACHER_HIDDEN, ModelInfo, parse_aux_layers, parse_tensor_name
 from common.errors import AssetError, ConfigError, ContractError
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
-from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, resolve_dtype,
-                                               sample_next)
+from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, render_chat,
+                                               resolve_dtype, sample_next)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class HFBackend(Backend):
         self.path = path
         self._decoder, layers, norm = decoder_parts(self.model)
         self._captured: dict[str, torch.Tensor] = {}
+        self._capturing = False  # hooks keep states only during a feature forward, not while decoding
         self._lock = threading.Lock()  # hooks write shared state: one forward at a time
         self._keys = [f"aux{lid}" for lid in self.aux_layer_ids] + ["final"]
         for lid in self.aux_layer_ids:
@@ -85,7 +86,8 @@ class HFBackend(Backend):
 
     def _hook(self, key: str):
         def hook(_module, _inputs, output):
-            self._captured[key] = output[0] if isinstance(output, tuple) else output
+            if self._capturing:
+                self._captured[key] = output[0] if isinstance(output, tuple) else output
         return hook
 
     def model_info(self) -> ModelInfo:
@@ -105,6 +107,7 @@ class HFBackend(Backend):
             mask_BT[b, : len(s)] = 1
         with self._lock:
             self._captured.clear()
+            self._capturing = True
             # A single unpadded sequence runs without a mask: the exact path transformers takes.
             try:
                 self._decoder(input_ids=ids_BT.to(self.device),
@@ -114,6 +117,8 @@ class HFBackend(Backend):
                 self._captured.clear()
                 torch.cuda.empty_cache()
                 raise
+            finally:
+                self._capturing = False
             missing = [k for k in self._keys if k not in self._captured]
             if missing:
                 raise RuntimeError(f"forward hooks did not fire for {missing}: unsupported model structure")
@@ -133,6 +138,24 @@ class HFBackend(Backend):
                     final_BTH[b, :T], self.model.get_output_embeddings(), topk)
             out.append(cap)
         return out
+
+    def decoder(self):
+        # Sliding-window / hybrid attention layers keep a different cache layout: one at a time there.
+        kinds = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            return None
+        from target_server.backends.hf_decode import HFDecoder
+
+        return HFDecoder(self.model, self.device, self._lock)
+
+    def chat_prompt(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+        return render_chat(self.tokenizer, messages, template_kwargs)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def eos_token_ids(self) -> list[int]:
+        return eos_ids(self.model.generation_config, self.model.config)
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         table = {
