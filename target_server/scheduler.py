@@ -35,39 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from common import status
-from common.errors import SpecRelayError
-from target_server.backends.base import Backend, Capture, Completion
-from target_server.generation import MAX_RUNNING_SEQS, DecodeLoop, GenRequest, GenSeq
+from target_server.errors import DeadlineExceeded, Draining, ForwardFailed, Overloaded, SchedulerError
+from target_server.backends.base import Backend, Capture
+from target_server.gen_lane import GenLane
+from target_server.generation import GenRequest
 
 log = logging.getLogger(__name__)
-
-
-class SchedulerError(SpecRelayError):
-    """A request could not be (fully) served; `code` is its status (common/status.py)."""
-
-    code = status.INTERNAL
-    retry_after_s: float | None = None
-
-
-class Overloaded(SchedulerError):
-    code = status.RESOURCE_EXHAUSTED
-
-    def __init__(self, text: str, retry_after_s: float) -> None:
-        super().__init__(text)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(SchedulerError):
-    code = status.DEADLINE_EXCEEDED
-
-
-class Draining(SchedulerError):
-    code = status.UNAVAILABLE
-
-
-class ForwardFailed(SchedulerError):
-    code = status.INTERNAL
 
 
 @dataclass(eq=False)
@@ -133,10 +106,8 @@ class Scheduler:
         self._busy = False  # the worker holds a batch
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._tokens_per_s = 0.0  # smoothed forward throughput, for retry hints
-        # Generation: queued sequences per client, tokens served per client, the running batch.
-        self._gen_clients: dict[str, collections.deque[GenSeq]] = {}
-        self._gen_served: dict[str, int] = {}
-        self._loop = DecodeLoop(backend, metrics)
+        self._gen = GenLane(backend, self._cv, max_batch_tokens=max_batch_tokens, metrics=metrics)
+        self._loop = self._gen.loop  # the running decode batch
         self._kind_seconds = {"features": 0.0, "generate": 0.0}  # device time used, for fairness between kinds
 
     # ---------------------------------------------------------------- client side
@@ -158,12 +129,7 @@ class Scheduler:
         """Queue a generation request (same refusals as `submit`); results arrive per prompt."""
         with self._cv:
             self._admission_check(req.request_id, req.expired(), req.tokens)
-            if req.client_id not in self._gen_clients:
-                floor = min(self._gen_served.values(), default=0)
-                self._gen_served[req.client_id] = max(self._gen_served.get(req.client_id, 0), floor)
-                self._gen_clients[req.client_id] = collections.deque()
-            req.submitted_at = time.monotonic()
-            self._gen_clients[req.client_id].extend(GenSeq(req, i) for i in range(len(req.prompts)))
+            self._gen.enqueue(req)
             self._queued_tokens += req.tokens
             self._report_queue()
             self._cv.notify_all()
@@ -172,24 +138,13 @@ class Scheduler:
         """The caller went away: drop its queued sequences; running ones leave at the next step."""
         with self._cv:
             req.cancelled.set()
-            self._purge_gen(req)
-
-    def _purge_gen(self, req: GenRequest) -> None:
-        q = self._gen_clients.get(req.client_id)
-        if not q:
-            return
-        keep = collections.deque(s for s in q if s.request is not req)
-        self._queued_tokens -= sum(s.reserve for s in q if s.request is req)
-        if keep:
-            self._gen_clients[req.client_id] = keep
-        else:
-            del self._gen_clients[req.client_id]
-        self._report_queue()
-        self._cv.notify_all()
+            self._queued_tokens -= self._gen.purge(req)
+            self._report_queue()
+            self._cv.notify_all()
 
     @property
     def batched_generation(self) -> bool:
-        return self._loop.batched
+        return self._gen.batched
 
     def _admission_check(self, request_id: str, expired: bool, tokens: int) -> None:
         if self._draining or self._stopping:
@@ -241,7 +196,7 @@ class Scheduler:
     def _retry_hint(self, tokens: int) -> float:
         """Seconds until `tokens` would fit, at the measured forward throughput (0.05 .. 10 s)."""
         excess = self._queued_tokens + self._held_tokens + tokens - self.max_queue_tokens
-        rate = self._tokens_per_s or 1000.0
+        rate = max(self._tokens_per_s, self._gen.tokens_per_s) or 1000.0
         return min(10.0, max(0.05, excess / rate))
 
     @property
@@ -278,13 +233,7 @@ class Scheduler:
                 for req in {id(it.request): it.request for it in client.items}.values():
                     req.fail(Draining("server is shutting down; retry on another server"))
             self._clients.clear()
-            for q in self._gen_clients.values():
-                for s in q:
-                    s.request.fail(Draining("server is shutting down; retry on another server"))
-            self._gen_clients.clear()
-            if not self._busy:  # else the worker ends the running batch when its step returns
-                for s in self._loop.running:
-                    s.request.fail(Draining("server is shutting down; retry on another server"))
+            self._gen.fail_all(running=not self._busy)  # else the worker ends the batch when its step returns
             self._queued_tokens = 0
             self._report_queue()
             self._cv.notify_all()
@@ -296,7 +245,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_tokens.set(self._queued_tokens)
             self.metrics.held_tokens.set(self._held_tokens)
-            self.metrics.gen_queued.set(sum(len(q) for q in self._gen_clients.values()))
+            self.metrics.gen_queued.set(self._gen.queued_seqs)
             self.metrics.gen_running.set(len(self._loop.running))
 
     def _drop_expired(self, now: float) -> None:
@@ -336,12 +285,9 @@ class Scheduler:
             batch.append(item)
             key, longest = item.key, max(longest, item.length)
 
-    def _has_gen(self) -> bool:
-        return bool(self._gen_clients) or bool(self._loop.running)
-
     def _next_kind(self) -> str:
         """The kind of work that has used less device time (a kind without work keeps level)."""
-        has = {"features": bool(self._clients), "generate": self._has_gen()}
+        has = {"features": bool(self._clients), "generate": self._gen.has_work}
         top = max(self._kind_seconds.values())
         for k, busy in has.items():
             if not busy:
@@ -353,12 +299,16 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._clients and not self._has_gen():
+                while not self._stopping and not self._clients and not self._gen.has_work:
                     self._cv.wait(timeout=0.5)
                 if self._stopping:
                     return
                 kind = self._next_kind()
-                batch: list = self._take_batch() if kind == "features" else self._admit()
+                if kind == "features":
+                    batch: list = self._take_batch()
+                else:
+                    batch, released = self._gen.admit()
+                    self._queued_tokens -= released
                 self._busy = bool(batch) or kind == "generate"
                 self._report_queue()
             if not self._busy:
@@ -368,119 +318,15 @@ class Scheduler:
                 if kind == "features":
                     self._run_batch(batch)
                 else:
-                    self._run_gen(batch)
+                    self._gen.run(batch)
             finally:
                 with self._cv:
                     self._kind_seconds[kind] += time.perf_counter() - t0
                     self._busy = False
                     if self._stopping:
-                        for s in self._loop.running:
-                            s.request.fail(Draining("server is shutting down; retry on another server"))
+                        self._gen.fail_all(running=True)
                     self._report_queue()
                     self._cv.notify_all()
-
-    # ---------------------------------------------------------------- generation
-    def _admit(self) -> list[GenSeq]:
-        """Queued sequences that join the running batch now: least-served client first, while the
-        batch's KV reservations and the joining prefill stay within `max_batch_tokens`."""
-        now = time.time()
-        for s in self._loop.running:
-            if s.request.expired(now):
-                s.request.fail(DeadlineExceeded(f"request {s.request.request_id} passed its deadline while generating"))
-        if not self._loop.batched:  # one prompt at a time through Backend.generate
-            return self._pop_gen(self._least_served_gen()) if not self._loop.running else []
-        admitted: list[GenSeq] = []
-        reserved, longest = self._loop.reserved, 0
-        blocked: set[str] = set()
-        while len(self._loop.running) + len(admitted) < MAX_RUNNING_SEQS:
-            cid = self._least_served_gen(exclude=blocked)
-            if cid is None:
-                break
-            s = self._gen_clients[cid][0]
-            fits = reserved + s.reserve <= self.max_batch_tokens and \
-                max(longest, len(s.prompt)) * (len(admitted) + 1) <= self.max_batch_tokens
-            if not fits and (self._loop.running or admitted):
-                blocked.add(cid)  # its head waits for rows to leave; other clients may still fit
-                continue
-            self._pop_gen(cid)
-            if s.request.cancelled.is_set():
-                continue
-            admitted.append(s)
-            reserved += s.reserve
-            longest = max(longest, len(s.prompt))
-        return admitted
-
-    def _least_served_gen(self, exclude: set[str] = frozenset()) -> str | None:
-        live = [c for c in self._gen_clients if c not in exclude]
-        return min(live, key=lambda c: self._gen_served[c], default=None)
-
-    def _pop_gen(self, cid: str | None) -> list[GenSeq]:
-        if cid is None:
-            return []
-        q = self._gen_clients[cid]
-        s = q.popleft()
-        if not q:
-            del self._gen_clients[cid]
-        self._queued_tokens -= s.reserve
-        self._gen_served[cid] += len(s.prompt)
-        if s.request.expired():
-            s.request.fail(DeadlineExceeded(f"request {s.request.request_id} passed its deadline while queued"))
-        return [s]
-
-    def _run_gen(self, admitted: list[GenSeq]) -> None:
-        if not self._loop.batched:
-            for s in admitted:
-                self._run_gen_one(s)
-            return
-        seqs = self._loop.running + admitted
-        before = {id(s): len(s.tokens) for s in seqs}
-        try:
-            finished, computed = self._loop.step(admitted)
-        except Exception as e:  # the decoder's state is unknown now: fail its sequences, keep serving
-            log.exception("decode step failed")
-            for s in self._loop.running + admitted:
-                s.request.fail(ForwardFailed(f"generation failed: {type(e).__name__}: {e}"))
-            self._loop.clear()
-            return
-        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * computed if self._tokens_per_s else float(computed)
-        made = {id(s): len(s.tokens) - before[id(s)] for s in seqs}
-        with self._cv:
-            for s in seqs:
-                if s.request.client_id in self._gen_served:
-                    self._gen_served[s.request.client_id] += made[id(s)]
-            for cid in [c for c in self._gen_served if c not in self._gen_clients
-                        and c not in {s.request.client_id for s in self._loop.running}]:
-                del self._gen_served[cid]  # gone idle: a returning client starts level, not with credit
-        for s in finished:
-            self._deliver_gen(s)
-        if self.metrics is not None:
-            self.metrics.gen_tokens.inc(sum(made.values()))
-
-    def _run_gen_one(self, s: GenSeq) -> None:
-        if s.request.cancelled.is_set():
-            return
-        r, p = s.request, s.request.params
-        try:
-            (c,) = self.backend.generate([s.prompt], r.max_new_tokens, p.temperature, p.top_p, p.seed,
-                                         sorted(r.stop_token_ids))
-        except Exception as e:
-            log.exception("generate failed for prompt %d of request %s", s.index, r.request_id)
-            r.fail(ForwardFailed(f"generation failed: {type(e).__name__}: {e}"))
-            return
-        s.tokens, s.finish_reason = list(c.token_ids), c.finish_reason
-        if self.metrics is not None:
-            self.metrics.gen_tokens.inc(len(s.tokens))
-        self._deliver_gen(s)
-
-    def _deliver_gen(self, s: GenSeq) -> None:
-        r = s.request
-        if r.cancelled.is_set():
-            return
-        if self.metrics is not None and s.first_token_at:
-            self.metrics.gen_ttft_seconds.observe(s.first_token_at - r.submitted_at)
-            if len(s.tokens) > 1:
-                self.metrics.gen_tpot_seconds.observe((time.monotonic() - s.first_token_at) / (len(s.tokens) - 1))
-        r.results.put((s.index, Completion(token_ids=list(s.tokens), finish_reason=s.finish_reason)))
 
     def _forward(self, batch: list[_Item]) -> list[Capture]:
         teacher, topk = batch[0].key

@@ -128,3 +128,42 @@ def test_generate_over_the_wire_with_chat_messages_and_template_kwargs(tiny_llam
     finally:
         client.close()
         server.shutdown(drain=False)
+
+
+def test_generate_refused_over_the_wire_when_the_queue_is_full():
+    """RESOURCE_EXHAUSTED with a retry hint, as the data plane does (synthetic backend: 10 ms a step).
+    The batch budget (1000) runs one 903-token sequence (~9 s); a second waits in the queue (bound
+    1000); a third does not fit in the queue. Shutting down ends the first two."""
+    import threading
+
+    server = TargetServer(ServerConfig(backend="synthetic", synthetic_cost_per_token_us=10000, grpc_port=0,
+                                       flight_port=0, max_batch_tokens=1000, max_queue_tokens=1000,
+                                       max_request_tokens=1000, max_length=1000)).start()
+    client = TargetClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        errors = []
+
+        def call(n):
+            try:
+                client.generate([(n, [1, 2, 3])], max_new_tokens=900)
+            except Exception as e:  # noqa: BLE001 - the shutdown ends them
+                errors.append(str(e))
+
+        calls = [threading.Thread(target=call, args=(n,)) for n in ("a", "b")]
+        calls[0].start()
+        end = time.monotonic() + 30
+        while not server.scheduler._loop.running and time.monotonic() < end:
+            time.sleep(0.005)
+        calls[1].start()
+        while server.scheduler.queued_tokens < 903 and time.monotonic() < end:
+            time.sleep(0.005)
+        with pytest.raises(Exception) as ei:
+            client.generate([("c", [1, 2, 3])], max_new_tokens=900)
+        c = status.classify(ei.value)
+        assert c.code == status.RESOURCE_EXHAUSTED and c.retry_after_s is not None, ei.value
+    finally:
+        server.shutdown(drain=False)
+        for t in calls:
+            t.join(60)
+        client.close()
+    assert len(errors) == 2 and all("UNAVAILABLE" in e for e in errors), errors
