@@ -9,8 +9,9 @@ the step it finishes), and calls `DecodeLoop.step` for one iteration. Backends w
 batched decoder (`Backend.decoder()` is None) run a whole request through `Backend.generate`.
 
 Sampling is per sequence: greedy at temperature 0, else temperature, then top-k, then top-p
-(nucleus), drawn with the sequence's own generator seeded from (request seed, prompt index),
-so a sample does not depend on what it was batched with.
+(nucleus), drawn with the sequence's own generator seeded from (request seed, prompt key: the id the
+caller gave it, else its index), so a sample does not depend on what it was batched with or
+which request carried it.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ class SamplingParams:
         return self.temperature <= 0
 
 
-def seq_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of prompt `index` of a request with `seed` (independent of batching)."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+def seq_generator(seed: int, key: str) -> torch.Generator:
+    """The generator of the prompt named `key` in a request with `seed` (independent of batching)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -81,6 +82,7 @@ class GenRequest:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     deadline: float = 0.0  # unix seconds; 0 = none
+    keys: tuple[str, ...] = ()  # the prompts' ids (sampling seeds); empty = their indices
     results: "queue.Queue[tuple[int, Completion] | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = 0.0  # monotonic
@@ -112,6 +114,10 @@ class GenSeq:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompts[self.index]
+
+    @property
+    def key(self) -> str:
+        return self.request.keys[self.index] if self.request.keys else str(self.index)
 
     @property
     def reserve(self) -> int:
@@ -171,7 +177,7 @@ class DecodeLoop:
             logits_BV = self.decoder.prefill([s.prompt for s in admitted])
             computed += sum(len(s.prompt) for s in admitted)
             for s in admitted:
-                s.gen = None if s.request.params.greedy else seq_generator(s.request.params.seed, s.index)
+                s.gen = None if s.request.params.greedy else seq_generator(s.request.params.seed, s.key)
             toks = sample_rows(logits_BV, [s.request.params for s in admitted], [s.gen for s in admitted])
             self.running += admitted
             self.reserved += sum(s.reserve for s in admitted)

@@ -80,7 +80,7 @@ class TargetService(pb_grpc.TargetServiceServicer):
                 max_new_tokens=request.max_new_tokens,
                 params=SamplingParams(request.temperature, request.top_p or 1.0, request.top_k, request.seed),
                 stop_token_ids=frozenset(request.stop_token_ids or self.backend.eos_token_ids()),
-                stop_strings=tuple(request.stop),
+                stop_strings=tuple(request.stop), keys=tuple(p.id for p in request.prompts),
                 deadline=time.time() + context.time_remaining() if context.time_remaining() else 0.0,
             )
             outs = self._run_generate(req, context)

@@ -6,6 +6,10 @@ in the rank's order.
         ...
     stream.close()
 
+The same machinery carries generation (`kind=GenerateKind(...)`, kinds.py; d.result holds the
+completion) for `regenerate`, unordered (`ordered=False`: results as they arrive) and from a
+source that may yield None ("nothing now, more later": work that depends on earlier answers).
+
 How it works (one thread decides, one thread per request does the network I/O):
 - Samples are numbered (seq) in the order the source yields them. Up to `max_buffered_tokens`
   of them may be ahead of the trainer (in flight or waiting in the reorder buffer), of which up to
@@ -47,10 +51,11 @@ import numpy as np
 from common import status
 from common.errors import SchemaError, TargetUnavailableError
 from common.features import SampleFeatures
+from draft_trainer.client.kinds import FeatureKind
 from draft_trainer.client.pool import AUTH_HINT, Endpoint, TargetPool
-from draft_trainer.client.reorder import ReorderBuffer
-from draft_trainer.config import TargetsConfig
-from draft_trainer.metrics import TrainerMetrics
+from draft_trainer.client.reorder import ArrivalBuffer, ReorderBuffer
+from draft_trainer.client.config import PoolConfig
+from draft_trainer.client.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,8 @@ class Delivery:
     sample: Sample
     features: SampleFeatures | None = None
     drop_reason: str = ""
+    result: Any = None                 # what a non-feature kind answered (e.g. a completion)
+    seq: int = -1                      # the dispatcher's position number
 
 
 @dataclass(eq=False)
@@ -125,8 +132,8 @@ class DispatchStats:
 
 
 class Dispatcher:
-    def __init__(self, pool: TargetPool, samples: Iterator[Sample], cfg: TargetsConfig,
-                 metrics: TrainerMetrics | None = None) -> None:
+    def __init__(self, pool: TargetPool, samples: Iterator[Sample | None], cfg: PoolConfig,
+                 metrics: PoolMetrics | None = None, *, kind=None, ordered: bool = True) -> None:
         if pool.info is None:
             raise RuntimeError("start the pool (handshake) before the dispatcher")
         self.pool = pool
@@ -142,7 +149,8 @@ class Dispatcher:
         self._pending: list[_Work] = []             # heap: waiting for a request
         self._pending_tokens = 0
         self._active: set[_Request] = set()
-        self._reorder: ReorderBuffer[Delivery] = ReorderBuffer()
+        self._reorder = ReorderBuffer() if ordered else ArrivalBuffer()
+        self.ordered = ordered
         self._inflight_tokens = 0
         self._buffered_tokens = 0
         self._typical_s = max(cfg.hedge_after_s, 0.1)  # EWMA of successful request time
@@ -150,8 +158,7 @@ class Dispatcher:
         self._no_server_since: float | None = None
         self._fatal: BaseException | None = None
         self._closed = False
-        H = pool.info.hidden_size
-        self._widths = (3 * H, H if cfg.teacher == "hidden" else cfg.topk)
+        self.kind = kind or FeatureKind(cfg, pool.info.hidden_size, pool.info.dtype)
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     def start(self) -> "Dispatcher":
@@ -176,7 +183,7 @@ class Dispatcher:
                 self.cv.wait(timeout=0.5)
             self._consumer_waiting = False
             d = self._reorder.pop()
-            w = self._works.pop(self._reorder.next_seq - 1)
+            w = self._works.pop(d.seq)
             self._buffered_tokens -= w.tokens
             self.metrics.buffered_tokens.set(self._buffered_tokens)
             if d.drop_reason:
@@ -234,16 +241,19 @@ class Dispatcher:
                     self._source_done = True
                     return
             s = self._peeked
-            if s.tokens and self._buffered_tokens and self._buffered_tokens + s.tokens > limit:
+            if s is None:  # nothing now: the source has more once earlier answers are in
+                return
+            tokens = 0 if s.drop_reason else self.kind.cost(s.token_ids)
+            if tokens and self._buffered_tokens and self._buffered_tokens + s.tokens > limit:
                 return
             self._peeked = None
-            w = _Work(self._next_seq, s, s.tokens)
+            w = _Work(self._next_seq, s, tokens)
             self._next_seq += 1
             self._works[w.seq] = w
             self.stats.pulled += 1
             if s.drop_reason:
                 w.done = True
-                self._reorder.put(w.seq, Delivery(s, drop_reason=s.drop_reason))
+                self._reorder.put(w.seq, Delivery(s, drop_reason=s.drop_reason, seq=w.seq))
                 self.cv.notify_all()
                 continue
             self._buffered_tokens += w.tokens
@@ -327,7 +337,7 @@ class Dispatcher:
         works = [self._pop()]
         total = works[0].tokens
         while (self._pending and not works[0].solo and not self._pending[0].solo
-               and total + self._pending[0].tokens <= cap):
+               and total + self._pending[0].tokens <= cap and len(works) < self.kind.max_items):
             w = self._pop()
             works.append(w)
             total += w.tokens
@@ -362,36 +372,23 @@ class Dispatcher:
         by_seq = {w.seq: w for w in req.works}
         err: BaseException | None = None
         try:
-            stream = client.features(
-                [w.seq for w in req.works], [np.asarray(w.sample.token_ids).tolist() for w in req.works],
-                teacher=self.cfg.teacher, topk=self.cfg.topk, deadline_s=self.cfg.request_timeout_s,
-                expect_dtype=self.pool.info.dtype)
-            for f in stream:
-                w = by_seq.get(f.sample_id)
-                if w is None or f.sample_id in req.received:
-                    raise SchemaError(f"server {req.endpoint.address} answered for sample {f.sample_id}, which "
+            for seq, result in self.kind.send(client, req.works, self.cfg.request_timeout_s):
+                w = by_seq.get(seq)
+                if w is None or seq in req.received:
+                    raise SchemaError(f"server {req.endpoint.address} answered for sample {seq}, which "
                                       f"request {req.request_id} did not ask for (or twice)")
-                self._validate(req, w, f)
+                self.kind.check(req.endpoint.address, w, result)
                 with self.cv:
                     if self._closed:
                         return
-                    self._on_sample(req, w, f)
+                    self._on_sample(req, w, result)
         except BaseException as e:  # classified below; never lost
             err = e
         with self.cv:
             if not self._closed:
                 self._on_done(req, err)
 
-    def _validate(self, req: _Request, w: _Work, f: SampleFeatures) -> None:
-        width_aux, width_t = self._widths
-        t = f.teacher_TH if f.teacher_TH is not None else f.topk_ids_TK
-        if f.length != w.tokens or f.aux_T3H.shape[1] != width_aux or t is None or tuple(t.shape) != (w.tokens, width_t):
-            raise SchemaError(
-                f"server {req.endpoint.address} sent features of shape aux {tuple(f.aux_T3H.shape)} / teacher "
-                f"{None if t is None else tuple(t.shape)} for a {w.tokens}-token sample; expected "
-                f"[{w.tokens}, {width_aux}] / [{w.tokens}, {width_t}]")
-
-    def _on_sample(self, req: _Request, w: _Work, f: SampleFeatures) -> None:
+    def _on_sample(self, req: _Request, w: _Work, f: Any) -> None:
         req.received.add(w.seq)
         req.open_tokens -= w.tokens
         self._move_tokens(req.endpoint, -w.tokens)
@@ -401,7 +398,11 @@ class Dispatcher:
             self.stats.duplicates += 1
             return
         w.done = True
-        self._reorder.put(w.seq, Delivery(w.sample, dataclasses.replace(f, sample_id=w.sample.sample_id)))
+        if isinstance(f, SampleFeatures):
+            d = Delivery(w.sample, dataclasses.replace(f, sample_id=w.sample.sample_id), seq=w.seq)
+        else:
+            d = Delivery(w.sample, result=f, seq=w.seq)
+        self._reorder.put(w.seq, d)
         self.cv.notify_all()
 
     def _on_done(self, req: _Request, err: BaseException | None) -> None:
@@ -473,13 +474,14 @@ class Dispatcher:
 
     def _drop(self, w: _Work, reason: str) -> None:
         w.done = True
-        self._reorder.put(w.seq, Delivery(w.sample, drop_reason=reason))
+        self._reorder.put(w.seq, Delivery(w.sample, drop_reason=reason, seq=w.seq))
 
     # ---------------------------------------------------------------- timers
     def _hedge(self, now: float) -> None:
         if self.cfg.hedge_after_s <= 0 or not self._consumer_waiting:
             return
-        head = self._works.get(self._reorder.next_seq)
+        head = self._works.get(self._reorder.next_seq if self.ordered else
+                               min((q for q, w in self._works.items() if not w.done), default=-1))
         if head is None or head.done or head.hedged or head.inflight != 1:
             return
         req = next((r for r in self._active if head in r.works and head.seq not in r.received), None)

@@ -34,8 +34,8 @@ from common.contract import ModelInfo, check_compatible
 from common.errors import ConfigError, ContractError, SpecRelayError, TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.target import TargetClient
-from draft_trainer.config import TargetsConfig
-from draft_trainer.metrics import ENDPOINT_STATES, TrainerMetrics
+from draft_trainer.client.config import PoolConfig
+from draft_trainer.client.metrics import ENDPOINT_STATES, PoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,12 @@ class Endpoint:
 
 
 class TargetPool:
-    def __init__(self, source: EndpointSource, cfg: TargetsConfig, *, expected: ModelInfo | None = None,
-                 expected_name: str = "the run", metrics: TrainerMetrics | None = None,
+    def __init__(self, source: EndpointSource, cfg: PoolConfig, *, expected: ModelInfo | None = None,
+                 expected_name: str = "the run", metrics: PoolMetrics | None = None,
                  client_kwargs: dict[str, Any] | None = None, client_id: str | None = None) -> None:
         self.source = source
         self.cfg = cfg
-        self.metrics = metrics or TrainerMetrics()
+        self.metrics = metrics or PoolMetrics()
         self.client_kwargs = dict(client_kwargs or {})   # passed through to TargetClient (auth, TLS, ...)
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self.cv = threading.Condition()
