@@ -51,6 +51,9 @@ from draft_trainer.data.prepare import CONVERSATIONS_FILE, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+REGEN_AUTH_HINT = ("Give regenerate the servers' token (--auth-token-file) and, for TLS, the root that signed their "
+                   "certificate (--tls-root-cert).")
+
 
 @dataclass
 class RegenerateConfig:
@@ -268,7 +271,7 @@ def regenerate(cfg: RegenerateConfig) -> dict[str, Any]:
 
     pool_cfg = cfg.pool_config()
     pool = TargetPool(EndpointSource(pool_cfg.endpoints), pool_cfg, client_kwargs=client_kwargs(pool_cfg),
-                      expected_name=f"the tokenizer {model}")
+                      expected_name=f"the tokenizer {model}", auth_hint=REGEN_AUTH_HINT)
     try:
         info = pool.start()
         if info.tokenizer_fingerprint != fp:

@@ -52,7 +52,7 @@ from common import status
 from common.errors import SchemaError, TargetUnavailableError
 from common.features import SampleFeatures
 from draft_trainer.client.kinds import FeatureKind
-from draft_trainer.client.pool import AUTH_HINT, Endpoint, TargetPool
+from draft_trainer.client.pool import Endpoint, TargetPool
 from draft_trainer.client.reorder import ArrivalBuffer, ReorderBuffer
 from draft_trainer.client.config import PoolConfig
 from draft_trainer.client.metrics import PoolMetrics
@@ -444,7 +444,7 @@ class Dispatcher:
                     w.solo = True
                 self._requeue(missing, "isolate_invalid")
         elif c.code == status.UNAUTHENTICATED:
-            self.pool.refuse(ep, f"{detail}\n{AUTH_HINT}")
+            self.pool.refuse(ep, f"{detail}\n{self.pool.auth_hint}")
             self._requeue(missing, "unauthenticated")
         else:  # UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, a malformed stream
             if c.code == status.DEADLINE_EXCEEDED:  # once back, it is known to be slow

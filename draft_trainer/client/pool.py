@@ -87,12 +87,14 @@ class Endpoint:
 class TargetPool:
     def __init__(self, source: EndpointSource, cfg: PoolConfig, *, expected: ModelInfo | None = None,
                  expected_name: str = "the run", metrics: PoolMetrics | None = None,
-                 client_kwargs: dict[str, Any] | None = None, client_id: str | None = None) -> None:
+                 client_kwargs: dict[str, Any] | None = None, client_id: str | None = None,
+                 auth_hint: str = AUTH_HINT) -> None:
         self.source = source
         self.cfg = cfg
         self.metrics = metrics or PoolMetrics()
         self.client_kwargs = dict(client_kwargs or {})   # passed through to TargetClient (auth, TLS, ...)
         self.client_id = client_id or uuid.uuid4().hex[:12]
+        self.auth_hint = auth_hint  # how the command in use takes a token and a TLS root
         self.cv = threading.Condition()
         self.endpoints: dict[str, Endpoint] = {}
         self.info: ModelInfo | None = expected
@@ -129,8 +131,8 @@ class TargetPool:
             if denied:
                 for client, _ in ok.values():
                     client.close()
-                raise ConfigError("target servers rejected this trainer's credentials (before training):\n  "
-                                  + "\n  ".join(denied) + f"\n{AUTH_HINT}")
+                raise ConfigError("target servers rejected this client's credentials (before any work):\n  "
+                                  + "\n  ".join(denied) + f"\n{self.auth_hint}")
             for addr, (client, res) in results.items():
                 if not isinstance(res, ModelInfo):
                     ep = self.endpoints[addr]
@@ -360,7 +362,7 @@ class TargetPool:
                     return
                 self._set_up(ep, client, res, now)
             elif _unauthenticated(res):
-                self.refuse(ep, f"{res}\n{AUTH_HINT}")
+                self.refuse(ep, f"{res}\n{self.auth_hint}")
             else:
                 ep.failures += 1
                 ep.last_error = str(res)
