@@ -271,7 +271,8 @@ def regenerate(cfg: RegenerateConfig) -> dict[str, Any]:
 
     pool_cfg = cfg.pool_config()
     pool = TargetPool(EndpointSource(pool_cfg.endpoints), pool_cfg, client_kwargs=client_kwargs(pool_cfg),
-                      expected_name=f"the tokenizer {model}", auth_hint=REGEN_AUTH_HINT)
+                      expected_name=f"the tokenizer {model}", auth_hint=REGEN_AUTH_HINT,
+                      tls_hint="this server speaks TLS: pass --tls-root-cert (the PEM root that signed its certificate)")
     try:
         info = pool.start()
         if info.tokenizer_fingerprint != fp:

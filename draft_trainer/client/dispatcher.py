@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-import math
 import threading
 import time
 import uuid
@@ -54,13 +53,13 @@ from common.features import SampleFeatures
 from draft_trainer.client.kinds import FeatureKind
 from draft_trainer.client.pool import Endpoint, TargetPool
 from draft_trainer.client.reorder import ArrivalBuffer, ReorderBuffer
+from draft_trainer.client.balance import choose, fits, hedge_target, overdue_after, request_cap
 from draft_trainer.client.config import PoolConfig
 from draft_trainer.client.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
 WAKE_S = 0.05  # the dispatch thread re-checks timers (backoff, hedging, unavailability) this often
-IDLE_FORGET_S = 5.0  # an idle server's speed estimate fades back to the best server's with this time constant
 
 
 @dataclass
@@ -272,53 +271,15 @@ class Dispatcher:
             self._pull()
 
     def _choose(self, eps: list[Endpoint], tokens: int) -> Endpoint | None:
-        """The server expected to finish `tokens` soonest: least outstanding tokens, weighted by the
-        server's measured time per token (plain least-outstanding-tokens while servers look alike).
-        A server with a full window is waited for when the best one with room would take over twice
-        as long: a slow server gets only the work it can finish about as soon as the fast ones.
-        An idle server's estimate fades back to the best one's (IDLE_FORGET_S), so a server judged
-        slow is tried again instead of starving on an old measurement."""
-        if not eps:
-            return None
-        known = [e.sec_per_token for e in eps if e.sec_per_token]
-        best_spt = min(known) if known else 1.0  # unmeasured (new) servers: assume the best, then measure
-        want = min(self._pending_tokens, self._request_cap(None))
+        """The server for the next request (balance.choose): soonest expected finish; a full fast
+        server is waited for unless it holds an overdue request (it may be hung)."""
         now = time.monotonic()
-
-        def spt(e: Endpoint) -> float:
-            if not e.sec_per_token:
-                return best_spt
-            if e.inflight_tokens:
-                return e.sec_per_token
-            fade = math.exp(-(now - e.idle_since) / IDLE_FORGET_S)
-            return best_spt + (e.sec_per_token - best_spt) * fade
-
-        def eta(e: Endpoint) -> float:
-            return (e.inflight_tokens + tokens) * spt(e)
-
-        def has_room(e: Endpoint) -> bool:  # idle, or room for a full-size request (fewer, larger requests)
-            return e.inflight_tokens == 0 or e.inflight_tokens + max(tokens, want) <= e.window_tokens
-
-        order = lambda e: (eta(e), e.failures, e.last_used)  # noqa: E731
-        roomy = [e for e in eps if has_room(e)]
-        if not roomy:
-            return None
-        pick = min(roomy, key=order)
-        # Worth waiting for only if it is answering: a server holding an overdue request may be hung.
-        overdue = now - self._overdue_s()
-        stuck = {r.endpoint for r in self._active if r.started < overdue}
-        best = min([e for e in eps if e not in stuck] or eps, key=order)
-        return pick if pick is best or eta(pick) <= 2 * eta(best) else None
+        want = min(self._pending_tokens, self.cfg.request_tokens)
+        stuck = {r.endpoint for r in self._active if r.started < now - self._overdue_s()}
+        return choose(eps, tokens, want, stuck, now)
 
     def _overdue_s(self) -> float:
-        """A request older than this is late: hedge it, and stop waiting for its server."""
-        return max(self.cfg.hedge_after_s, 4 * self._typical_s)
-
-    def _request_cap(self, ep: Endpoint | None) -> int:
-        cap = self.cfg.request_tokens
-        if ep is not None and ep.info is not None and ep.info.max_request_tokens:
-            cap = min(cap, ep.info.max_request_tokens)
-        return cap
+        return overdue_after(self.cfg.hedge_after_s, self._typical_s)
 
     def _push(self, w: _Work) -> None:
         heapq.heappush(self._pending, w)
@@ -331,13 +292,12 @@ class Dispatcher:
 
     def _take(self, ep: Endpoint) -> list[_Work]:
         """Lowest pending seqs for one request to `ep` (always at least one)."""
-        cap = self._request_cap(ep)
-        room = min(ep.window_tokens - ep.inflight_tokens, self.cfg.max_inflight_tokens - self._inflight_tokens)
-        cap = min(cap, max(room, 0))
+        cap = request_cap(self.cfg.request_tokens, ep.info.max_request_tokens if ep.info is not None else 0,
+                          ep.window_tokens - ep.inflight_tokens, self.cfg.max_inflight_tokens - self._inflight_tokens)
         works = [self._pop()]
         total = works[0].tokens
         while (self._pending and not works[0].solo and not self._pending[0].solo
-               and total + self._pending[0].tokens <= cap and len(works) < self.kind.max_items):
+               and fits(total, len(works), self._pending[0].tokens, cap, self.kind.max_items)):
             w = self._pop()
             works.append(w)
             total += w.tokens
@@ -353,16 +313,13 @@ class Dispatcher:
                 self.stats.dispatched += 1
                 self.metrics.samples_dispatched.inc()
         self._move_tokens(ep, req.open_tokens)
-        ep.requests += 1
-        ep.last_used = now
+        ep.sent(now)
         self._active.add(req)
         threading.Thread(target=self._execute, args=(req, ep.client), name=f"req-{req.request_id}",
                          daemon=True).start()
 
     def _move_tokens(self, ep: Endpoint, n: int) -> None:
-        ep.inflight_tokens += n
-        if ep.inflight_tokens == 0:
-            ep.idle_since = time.monotonic()
+        ep.carry(n, time.monotonic())
         self._inflight_tokens += n
         self.metrics.inflight_tokens.set(self._inflight_tokens)
         self.metrics.endpoint_inflight_tokens.labels(endpoint=ep.address).set(ep.inflight_tokens)
@@ -393,7 +350,7 @@ class Dispatcher:
         req.open_tokens -= w.tokens
         self._move_tokens(req.endpoint, -w.tokens)
         w.inflight -= 1
-        req.endpoint.samples += 1
+        req.endpoint.answered()
         if w.done:
             self.stats.duplicates += 1
             return
@@ -487,14 +444,12 @@ class Dispatcher:
         req = next((r for r in self._active if head in r.works and head.seq not in r.received), None)
         if req is None or now - req.started < self._overdue_s():
             return
-        others = [ep for ep in self.pool.usable(now) if ep is not req.endpoint
-                  and ep.inflight_tokens + head.tokens <= max(ep.window_tokens, head.tokens)]
-        if not others:
+        ep = hedge_target([e for e in self.pool.usable(now) if e is not req.endpoint], head.tokens)
+        if ep is None:
             return
         works = [w for w in req.works if w.seq not in req.received and not w.done and w.inflight == 1 and not w.hedged]
         for w in works:
             w.hedged = True
-        ep = min(others, key=lambda e: (e.inflight_tokens, e.failures, e.last_used))
         log.info("hedging %d samples of request %s (%.1fs on %s) to %s", len(works), req.request_id,
                  now - req.started, req.endpoint.address, ep.address)
         self.stats.hedges += 1

@@ -45,6 +45,25 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def speaks_tls(endpoint: str, timeout_s: float = 1.0) -> bool:
+    """Whether a TLS handshake succeeds on `endpoint` (no verification: only to explain a failure)."""
+    import socket
+    import ssl
+
+    host, port = parse_endpoint(endpoint)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host if not host.replace(".", "").isdigit() and ":" not in host
+                                 else None):
+                return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
+
+
 class TargetClient:
     def __init__(self, endpoint: str, *, client_id: str | None = None, timeout_s: float = 30.0,
                  auth_token: str | None = None, tls_root_cert: str | None = None,
