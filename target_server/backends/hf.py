@@ -42,7 +42,7 @@ class HFBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                  aux_layers: str | list[int] = "auto", max_length: int | None = None,
-                 max_topk: int = MAX_TOPK) -> None:
+                 max_topk: int = MAX_TOPK, batch_invariant: bool = False) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -65,6 +65,9 @@ class HFBackend(Backend):
         self.aux_layer_ids = parse_aux_layers(aux_layers, self.num_layers)
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 4096))
         self.max_topk = max_topk
+        # Each sample's features computed alone (B=1, no padding): independent of its batch-mates,
+        # so a resumed run gets bit-identical features; costs the batching (bench_batch_invariant).
+        self.batch_invariant = batch_invariant
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.path = path
@@ -82,7 +85,7 @@ class HFBackend(Backend):
     @classmethod
     def from_config(cls, cfg) -> "HFBackend":
         return cls(cfg.model, device=cfg.device, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
-                   max_length=cfg.max_length or None, max_topk=cfg.max_topk)
+                   max_length=cfg.max_length or None, max_topk=cfg.max_topk, batch_invariant=cfg.batch_invariant)
 
     def _hook(self, key: str):
         def hook(_module, _inputs, output):
@@ -96,8 +99,13 @@ class HFBackend(Backend):
                              aux_layer_ids=self.aux_layer_ids, dtype=self.dtype, max_length=self.max_length,
                              max_topk=min(self.max_topk, self.vocab_size), default_arch=type(self.model).__name__)
 
-    @torch.inference_mode()
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
+        if self.batch_invariant and len(seqs) > 1:
+            return [c for s in seqs for c in self._forward([s], teacher, topk)]
+        return self._forward(seqs, teacher, topk)
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[list[int]], teacher: str, topk: int = 0) -> list[Capture]:
         lengths = [len(s) for s in seqs]
         B, Tm = len(seqs), max(lengths)
         ids_BT = torch.zeros(B, Tm, dtype=torch.long)
