@@ -9,6 +9,7 @@ import os
 import sys
 
 from common.errors import ConfigError, SpecRelayError
+from draft_trainer.client.config import add_security_args
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -107,12 +108,15 @@ def _prepare_data(args: argparse.Namespace) -> int:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
-    from draft_trainer.data.regenerate import RegenerateConfig, regenerate
+    from draft_trainer.regenerate import RegenerateConfig, regenerate
 
     cfg = RegenerateConfig(targets=[t.strip() for t in args.targets.split(",") if t.strip()], input=args.input,
                            output=args.output, model=args.model, temperature=args.temperature, top_p=args.top_p,
-                           max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
-                           batch_size=args.batch_size, seed=args.seed, request_timeout_s=args.request_timeout)
+                           top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking,
+                           concurrency=args.concurrency, batch_size=args.batch_size, seed=args.seed,
+                           request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
+                           auth_token_file=args.auth_token_file, tls_root_cert=args.tls_root_cert,
+                           tls_server_name=args.tls_server_name)
     report = regenerate(cfg)
     print(json.dumps(report, indent=1))
     return 0
@@ -214,11 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="tokenizer directory (default: the one the dataset was prepared with)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     r.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer generated")
-    r.add_argument("--concurrency", type=int, default=2, help="requests in flight per server")
-    r.add_argument("--batch-size", type=int, default=8, help="prompts per Generate request")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed")
+    r.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
+                   help="enable_thinking for chat templates that have it (Qwen3 & co); auto = the template's default")
+    r.add_argument("--concurrency", type=int, default=2, help="full requests in flight per server")
+    r.add_argument("--batch-size", type=int, default=8, help="prompts per Generate request (at most)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed (per conversation and turn)")
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per Generate request")
+    r.add_argument("--max-attempts", type=int, default=5,
+                   help="failed requests carrying one prompt before its conversation is skipped (target_error)")
+    add_security_args(r)
     r.set_defaults(func=_regenerate)
 
     e = sub.add_parser("export", help="export a trained draft for serving (its method's formats; default SGLang's)")

@@ -9,32 +9,17 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.metrics import TIME_BUCKETS, RegisteredOnFirstSet, new_registry
+from draft_trainer.client.metrics import ENDPOINT_STATES, PoolMetrics
+
+__all__ = ["ENDPOINT_STATES", "TrainerMetrics"]
 
 P = "specrelay_trainer_"
 
-ENDPOINT_STATES = ("joining", "up", "down", "refused", "draining")
 
-
-class TrainerMetrics:
+class TrainerMetrics(PoolMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or new_registry()
+        super().__init__(registry or new_registry())  # the data path (draft_trainer/client)
         r = self.registry
-        # Data path (draft_trainer/client).
-        self.inflight_tokens = Gauge(P + "inflight_tokens", "Tokens requested from target servers, not yet received",
-                                     registry=r)
-        self.buffered_tokens = Gauge(P + "buffered_tokens", "Tokens dispatched and not yet consumed by the trainer "
-                                     "(in flight + reorder buffer)", registry=r)
-        self.endpoint_inflight_tokens = Gauge(P + "endpoint_inflight_tokens", "Tokens in flight per target server",
-                                              ["endpoint"], registry=r)
-        self.endpoints = Gauge(P + "endpoints", "Target servers by state", ["state"], registry=r)
-        self.requests = Counter(P + "requests", "Feature requests by outcome", ["status"], registry=r)
-        self.request_seconds = Histogram(P + "request_seconds", "Feature request latency (successful requests)",
-                                         buckets=TIME_BUCKETS, registry=r)
-        self.retries = Counter(P + "retries", "Samples sent again, by reason", ["reason"], registry=r)
-        self.failovers = Counter(P + "failovers", "Target servers marked down after a failed request", registry=r)
-        self.hedges = Counter(P + "hedges", "Slow requests also sent to another server", registry=r)
-        self.samples_dispatched = Counter(P + "samples_dispatched", "Samples sent to a target server (first time)",
-                                          registry=r)
         self.samples_consumed = Counter(P + "samples_consumed", "Samples handed to the training step", registry=r)
         self.samples_dropped = Counter(P + "samples_dropped", "Samples dropped, by reason", ["reason"], registry=r)
         self.data_wait_seconds = Counter(P + "data_wait_seconds", "Time the trainer waited for features", registry=r)
@@ -54,7 +39,3 @@ class TrainerMetrics:
             Gauge(P + "eval_sim_accept_len", "Held-out simulated acceptance length", registry=None), r)
         self.lr = Gauge(P + "lr", "Learning rate", registry=r)
         self.checkpoints = Counter(P + "checkpoints", "Checkpoints written", registry=r)
-
-    def set_endpoint_states(self, counts: dict[str, int]) -> None:
-        for state in ENDPOINT_STATES:
-            self.endpoints.labels(state=state).set(counts.get(state, 0))

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--aux-layers", default=d.aux_layers, help="'auto' = [1, L//2-1, L-4], or i,j,k (0-indexed)")
     m.add_argument("--max-length", type=int, default=d.max_length, help="longest sample (0 = the model's)")
     m.add_argument("--max-topk", type=int, default=d.max_topk, help="largest k for teacher=topk requests")
+    m.add_argument("--batch-invariant", action="store_true", default=d.batch_invariant,
+                   help="a sample's features do not depend on what it is batched with (hf backend: one sample "
+                        "per forward pass; makes a resumed training run bit-exact; costs throughput)")
     n = s.add_argument_group("network")
     n.add_argument("--host", default=d.host, help="bind address (all interfaces, 0.0.0.0, must be explicit)")
     n.add_argument("--grpc-port", type=int, default=d.grpc_port, help="control plane port (0 = any free)")

@@ -201,6 +201,9 @@ class FeatureFlightServer(flight.FlightServerBase):
             self.metrics.finish_request(state.status, state.served, len(req.seqs))
         if state.status == "ok":
             log.debug("request %s from %s: %d samples served", req.request_id, req.client_id, state.served)
+        elif state.status == "cancelled":  # the client stopped reading (e.g. a trainer's prefetch it no longer needs)
+            log.info("request %s from %s cancelled by the client: %d of %d samples sent, %d not computed",
+                     req.request_id, req.client_id, state.served, len(req.seqs), dropped)
         else:
             log.info("request %s from %s ended %s: %d of %d samples served, %d dropped (%d unstarted)",
                      req.request_id, req.client_id, state.status, state.served, len(req.seqs),

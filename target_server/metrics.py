@@ -47,6 +47,20 @@ class ServerMetrics:
         self.active_streams = Gauge(P + "active_streams", "Feature streams being served", registry=r)
         self.auth_failures = Counter(P + "auth_failures", "Calls rejected for a missing or wrong token", ["plane"],
                                      registry=r)
+        # Generation (the Generate RPC through the scheduler's decode batch).
+        self.gen_requests = Counter(P + "generate_requests", "Generate calls by final status", ["status"], registry=r)
+        self.gen_tokens = Counter(P + "generated_tokens", "Tokens generated", registry=r)
+        self.gen_running = Gauge(P + "generate_running_sequences", "Sequences in the decode batch", registry=r)
+        self.gen_queued = Gauge(P + "generate_queued_sequences", "Sequences waiting to join the decode batch",
+                                registry=r)
+        self.gen_batch_size = Histogram(P + "generate_batch_size", "Sequences per decode step",
+                                        buckets=BATCH_SAMPLE_BUCKETS, registry=r)
+        self.gen_step_seconds = Histogram(P + "generate_step_seconds", "Decode step wall time", buckets=TIME_BUCKETS,
+                                          registry=r)
+        self.gen_ttft_seconds = Histogram(P + "generate_ttft_seconds", "Time to first token (from arrival)",
+                                          buckets=TIME_BUCKETS, registry=r)
+        self.gen_tpot_seconds = Histogram(P + "generate_tpot_seconds", "Time per output token after the first",
+                                          buckets=TIME_BUCKETS, registry=r)
         self.ready = Gauge(P + "ready", "1 when serving, 0 when starting or draining", registry=r)
         self.model = Info(P + "model", "The served model contract", registry=r)
         # Export every label value from the start, so dashboards and rate() see zeros, not gaps.
@@ -54,6 +68,8 @@ class ServerMetrics:
             self.requests.labels(status=s)
         for o in SAMPLE_OUTCOMES:
             self.samples.labels(outcome=o)
+        for st in REQUEST_STATUSES:
+            self.gen_requests.labels(status=st)
         for plane in ("grpc", "flight"):
             self.auth_failures.labels(plane=plane)
 

@@ -18,6 +18,12 @@
 - A failing multi-sample forward is retried one sample at a time, so one poisonous sample
   fails only its own request.
 - One worker thread runs the backend; results go back per sample as they are computed.
+- Generation (`submit_generate`) is a second request kind under the same queue bound, drain and
+  deadlines: its sequences queue per client, join the running decode batch between steps while
+  their KV reservations (prompt + max new tokens) fit in `max_batch_tokens`, least-served
+  client first, and leave the step they finish (generation.py). Between the two kinds the
+  worker is fair in device time: it runs whichever kind has used less of it (a kind returning
+  from idle starts level, it does not bank credit).
 """
 
 from __future__ import annotations
@@ -29,38 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from common import status
-from common.errors import SpecRelayError
+from target_server.errors import DeadlineExceeded, Draining, ForwardFailed, Overloaded, SchedulerError
 from target_server.backends.base import Backend, Capture
+from target_server.gen_lane import GenLane
+from target_server.generation import GenRequest
 
 log = logging.getLogger(__name__)
-
-
-class SchedulerError(SpecRelayError):
-    """A request could not be (fully) served; `code` is its status (common/status.py)."""
-
-    code = status.INTERNAL
-    retry_after_s: float | None = None
-
-
-class Overloaded(SchedulerError):
-    code = status.RESOURCE_EXHAUSTED
-
-    def __init__(self, text: str, retry_after_s: float) -> None:
-        super().__init__(text)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(SchedulerError):
-    code = status.DEADLINE_EXCEEDED
-
-
-class Draining(SchedulerError):
-    code = status.UNAVAILABLE
-
-
-class ForwardFailed(SchedulerError):
-    code = status.INTERNAL
 
 
 @dataclass(eq=False)
@@ -128,20 +108,14 @@ class Scheduler:
         self._busy = False  # the worker holds a batch
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._tokens_per_s = 0.0  # smoothed forward throughput, for retry hints
+        self._gen = GenLane(backend, self._cv, max_batch_tokens=max_batch_tokens, metrics=metrics)
+        self._loop = self._gen.loop  # the running decode batch
+        self._kind_seconds = {"features": 0.0, "generate": 0.0}  # device time used, for fairness between kinds
 
     # ---------------------------------------------------------------- client side
     def submit(self, req: Request) -> None:
         with self._cv:
-            if self._draining or self._stopping:
-                raise Draining("server is draining; send the request to another server")
-            if req.expired():
-                raise DeadlineExceeded(f"request {req.request_id} arrived after its deadline")
-            if self._queued_tokens + self._held_tokens + req.tokens > self.max_queue_tokens:
-                raise Overloaded(
-                    f"{self._queued_tokens} tokens queued + {self._held_tokens} computed and unsent + {req.tokens} "
-                    f"requested > limit {self.max_queue_tokens}",
-                    retry_after_s=self._retry_hint(req.tokens),
-                )
+            self._admission_check(req.request_id, req.expired(), req.tokens)
             client = self._clients.get(req.client_id)
             if client is None:
                 # A (re)arriving client starts level with the least-served active client.
@@ -152,6 +126,39 @@ class Scheduler:
             self._queued_tokens += req.tokens
             self._report_queue()
             self._cv.notify_all()
+
+    def submit_generate(self, req: GenRequest) -> None:
+        """Queue a generation request (same refusals as `submit`); results arrive per prompt."""
+        with self._cv:
+            self._admission_check(req.request_id, req.expired(), req.tokens)
+            self._gen.enqueue(req)
+            self._queued_tokens += req.tokens
+            self._report_queue()
+            self._cv.notify_all()
+
+    def cancel_generate(self, req: GenRequest) -> None:
+        """The caller went away: drop its queued sequences; running ones leave at the next step."""
+        with self._cv:
+            req.cancelled.set()
+            self._queued_tokens -= self._gen.purge(req)
+            self._report_queue()
+            self._cv.notify_all()
+
+    @property
+    def batched_generation(self) -> bool:
+        return self._gen.batched
+
+    def _admission_check(self, request_id: str, expired: bool, tokens: int) -> None:
+        if self._draining or self._stopping:
+            raise Draining("server is draining; send the request to another server")
+        if expired:
+            raise DeadlineExceeded(f"request {request_id} arrived after its deadline")
+        if self._queued_tokens + self._held_tokens + tokens > self.max_queue_tokens:
+            raise Overloaded(
+                f"{self._queued_tokens} tokens queued + {self._held_tokens} computed and unsent + {tokens} "
+                f"requested > limit {self.max_queue_tokens}",
+                retry_after_s=self._retry_hint(tokens),
+            )
 
     def cancel(self, req: Request) -> int:
         """The request is over (finished, failed, client gone): drop its queued samples and release
@@ -191,7 +198,7 @@ class Scheduler:
     def _retry_hint(self, tokens: int) -> float:
         """Seconds until `tokens` would fit, at the measured forward throughput (0.05 .. 10 s)."""
         excess = self._queued_tokens + self._held_tokens + tokens - self.max_queue_tokens
-        rate = self._tokens_per_s or 1000.0
+        rate = max(self._tokens_per_s, self._gen.tokens_per_s) or 1000.0
         return min(10.0, max(0.05, excess / rate))
 
     @property
@@ -205,7 +212,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         with self._cv:
-            return self._queued_tokens == 0 and not self._busy
+            return self._queued_tokens == 0 and not self._busy and not self._loop.running
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -216,9 +223,9 @@ class Scheduler:
         end = time.monotonic() + timeout
         with self._cv:
             self._draining = True
-            while (self._queued_tokens > 0 or self._busy) and time.monotonic() < end:
+            while (self._queued_tokens > 0 or self._busy or self._loop.running) and time.monotonic() < end:
                 self._cv.wait(timeout=min(0.1, max(0.0, end - time.monotonic())))
-            return self._queued_tokens == 0 and not self._busy
+            return self._queued_tokens == 0 and not self._busy and not self._loop.running
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker; queued work fails with UNAVAILABLE so its streams end at once."""
@@ -228,6 +235,7 @@ class Scheduler:
                 for req in {id(it.request): it.request for it in client.items}.values():
                     req.fail(Draining("server is shutting down; retry on another server"))
             self._clients.clear()
+            self._gen.fail_all(running=not self._busy)  # else the worker ends the batch when its step returns
             self._queued_tokens = 0
             self._report_queue()
             self._cv.notify_all()
@@ -239,6 +247,8 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_tokens.set(self._queued_tokens)
             self.metrics.held_tokens.set(self._held_tokens)
+            self.metrics.gen_queued.set(self._gen.queued_seqs)
+            self.metrics.gen_running.set(len(self._loop.running))
 
     def _drop_expired(self, now: float) -> None:
         for client in list(self._clients.values()):
@@ -277,23 +287,48 @@ class Scheduler:
             batch.append(item)
             key, longest = item.key, max(longest, item.length)
 
+    def _next_kind(self) -> str:
+        """The kind of work that has used less device time (a kind without work keeps level)."""
+        has = {"features": bool(self._clients), "generate": self._gen.has_work}
+        top = max(self._kind_seconds.values())
+        for k, busy in has.items():
+            if not busy:
+                self._kind_seconds[k] = top
+        if has["features"] and has["generate"]:
+            return min(self._kind_seconds, key=self._kind_seconds.get)
+        return "features" if has["features"] else "generate"
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._clients:
+                while not self._stopping and not self._clients and not self._gen.has_work:
                     self._cv.wait(timeout=0.5)
                 if self._stopping:
                     return
-                batch = self._take_batch()
-                self._busy = bool(batch)
+                kind = self._next_kind()
+                if kind == "features":
+                    batch: list = self._take_batch()
+                else:
+                    batch, released = self._gen.admit()
+                    self._queued_tokens -= released
+                self._busy = bool(batch) or kind == "generate"
                 self._report_queue()
-            if batch:
-                try:
+            if not self._busy:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if kind == "features":
                     self._run_batch(batch)
-                finally:
-                    with self._cv:
-                        self._busy = False
-                        self._cv.notify_all()
+                else:
+                    self._gen.run(batch)
+            finally:
+                with self._cv:
+                    self._kind_seconds[kind] += time.perf_counter() - t0
+                    self._busy = False
+                    if self._stopping:
+                        self._gen.fail_all(running=True)
+                    self._report_queue()
+                    self._cv.notify_all()
 
     def _forward(self, batch: list[_Item]) -> list[Capture]:
         teacher, topk, layer_ids = batch[0].key

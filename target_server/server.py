@@ -63,6 +63,7 @@ class ServerConfig:
     max_request_tokens: int = 65536
     max_length: int = 0  # 0 = the model's max_position_embeddings
     max_topk: int = 64  # largest k a client may ask for in teacher=topk mode
+    batch_invariant: bool = False  # features independent of batch-mates (hf: one sample per forward)
     drain_timeout_s: float = 30.0
     auth_token_file: str = ""  # bearer token required on both planes when set
     tls_cert: str = ""  # PEM certificate chain; with tls_key, both planes speak TLS
@@ -147,7 +148,8 @@ class TargetServer:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
                                  interceptors=interceptors, options=GRPC_OPTIONS + GRPC_BIND_OPTIONS)
         pb_grpc.add_TargetServiceServicer_to_server(
-            TargetService(self.backend, self.info, draining=lambda: self.draining), self._grpc)
+            TargetService(self.backend, self.info, self.scheduler, draining=lambda: self.draining,
+                          metrics=self.metrics), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])]) if self.tls else None
         try:

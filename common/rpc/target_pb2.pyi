@@ -115,39 +115,51 @@ class FeatureRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., teacher_mode: _Optional[_Union[TeacherMode, str]] = ..., topk: _Optional[int] = ..., feature_schema_version: _Optional[int] = ..., client_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., expect_dtype: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "max_new_tokens", "temperature", "top_p", "seed", "stop_token_ids")
+    __slots__ = ("prompts", "max_new_tokens", "temperature", "top_p", "seed", "stop_token_ids", "top_k", "stop", "client_id", "chat_template_kwargs_json")
     class Prompt(_message.Message):
-        __slots__ = ("id", "token_ids")
+        __slots__ = ("id", "token_ids", "messages_json")
         ID_FIELD_NUMBER: _ClassVar[int]
         TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+        MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
         id: str
         token_ids: _containers.RepeatedScalarFieldContainer[int]
-        def __init__(self, id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+        messages_json: str
+        def __init__(self, id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages_json: _Optional[str] = ...) -> None: ...
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[GenerateRequest.Prompt]
     max_new_tokens: int
     temperature: float
     top_p: float
     seed: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompts: _Optional[_Iterable[_Union[GenerateRequest.Prompt, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    top_k: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    client_id: str
+    chat_template_kwargs_json: str
+    def __init__(self, prompts: _Optional[_Iterable[_Union[GenerateRequest.Prompt, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., client_id: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("completions",)
     class Completion(_message.Message):
-        __slots__ = ("id", "token_ids", "finish_reason")
+        __slots__ = ("id", "token_ids", "finish_reason", "prompt_tokens")
         ID_FIELD_NUMBER: _ClassVar[int]
         TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
         FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+        PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
         id: str
         token_ids: _containers.RepeatedScalarFieldContainer[int]
         finish_reason: str
-        def __init__(self, id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+        prompt_tokens: int
+        def __init__(self, id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     completions: _containers.RepeatedCompositeFieldContainer[GenerateResponse.Completion]
     def __init__(self, completions: _Optional[_Iterable[_Union[GenerateResponse.Completion, _Mapping]]] = ...) -> None: ...

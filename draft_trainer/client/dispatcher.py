@@ -6,6 +6,10 @@ in the rank's order.
         ...
     stream.close()
 
+The same machinery carries generation (`kind=GenerateKind(...)`, kinds.py; d.result holds the
+completion) for `regenerate`, unordered (`ordered=False`: results as they arrive) and from a
+source that may yield None ("nothing now, more later": work that depends on earlier answers).
+
 How it works (one thread decides, one thread per request does the network I/O):
 - Samples are numbered (seq) in the order the source yields them. Up to `max_buffered_tokens`
   of them may be ahead of the trainer (in flight or waiting in the reorder buffer), of which up to
@@ -34,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-import math
 import threading
 import time
 import uuid
@@ -47,15 +50,16 @@ import numpy as np
 from common import status
 from common.errors import SchemaError, TargetUnavailableError
 from common.features import FeatureSpec, SampleFeatures
-from draft_trainer.client.pool import AUTH_HINT, Endpoint, TargetPool
-from draft_trainer.client.reorder import ReorderBuffer
-from draft_trainer.config import TargetsConfig
-from draft_trainer.metrics import TrainerMetrics
+from draft_trainer.client.kinds import FeatureKind
+from draft_trainer.client.pool import Endpoint, TargetPool
+from draft_trainer.client.reorder import ArrivalBuffer, ReorderBuffer
+from draft_trainer.client.balance import choose, fits, hedge_target, overdue_after, request_cap
+from draft_trainer.client.config import PoolConfig
+from draft_trainer.client.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
 WAKE_S = 0.05  # the dispatch thread re-checks timers (backoff, hedging, unavailability) this often
-IDLE_FORGET_S = 5.0  # an idle server's speed estimate fades back to the best server's with this time constant
 
 
 @dataclass
@@ -65,8 +69,9 @@ class Sample:
     cursor: tuple[int, int]            # (epoch, index in the epoch order): where the trainer resumes
     sample_id: int                     # the dataset's id
     token_ids: np.ndarray | list[int]
-    loss_mask: np.ndarray | None = None  # carried to the consumer untouched: 1 = supervised token
-    truncated: bool = False            # token_ids were cut to the run's maximum length
+    loss_mask: np.ndarray | None = None  # training: 1 = supervised token (carried to the consumer untouched)
+    truncated: bool = False            # training: token_ids were cut to the run's maximum length
+    data: Any = None                   # other request kinds' payload (e.g. a generation's key)
     drop_reason: str = ""              # dropped before dispatch (too short, ...): delivered as a drop, in order
 
     @property
@@ -79,6 +84,8 @@ class Delivery:
     sample: Sample
     features: SampleFeatures | None = None
     drop_reason: str = ""
+    result: Any = None                 # what a non-feature kind answered (e.g. a completion)
+    seq: int = -1                      # the dispatcher's position number
 
 
 @dataclass(eq=False)
@@ -126,8 +133,9 @@ class DispatchStats:
 
 
 class Dispatcher:
-    def __init__(self, pool: TargetPool, samples: Iterator[Sample], cfg: TargetsConfig,
-                 metrics: TrainerMetrics | None = None, spec: FeatureSpec | None = None) -> None:
+    def __init__(self, pool: TargetPool, samples: Iterator[Sample | None], cfg: PoolConfig,
+                 metrics: PoolMetrics | None = None, *, kind=None, spec: FeatureSpec | None = None,
+                 ordered: bool = True) -> None:
         if pool.info is None:
             raise RuntimeError("start the pool (handshake) before the dispatcher")
         self.pool = pool
@@ -143,7 +151,8 @@ class Dispatcher:
         self._pending: list[_Work] = []             # heap: waiting for a request
         self._pending_tokens = 0
         self._active: set[_Request] = set()
-        self._reorder: ReorderBuffer[Delivery] = ReorderBuffer()
+        self._reorder = ReorderBuffer() if ordered else ArrivalBuffer()
+        self.ordered = ordered
         self._inflight_tokens = 0
         self._buffered_tokens = 0
         self._typical_s = max(cfg.hedge_after_s, 0.1)  # EWMA of successful request time
@@ -151,11 +160,9 @@ class Dispatcher:
         self._no_server_since: float | None = None
         self._fatal: BaseException | None = None
         self._closed = False
-        # The features every request asks for (the method's spec; default: the servers' aux layers).
-        self.spec = spec or FeatureSpec(tuple(pool.info.aux_layer_ids), cfg.teacher, cfg.topk)
-        H = pool.info.hidden_size
-        self._widths = (len(self.spec.layer_ids) * H,
-                        {"hidden": H, "topk": self.spec.topk, "none": None}[self.spec.teacher])
+        # Default kind: the features of `spec` (the run's method; default: the servers' aux layers).
+        spec = spec or FeatureSpec(tuple(pool.info.aux_layer_ids), cfg.teacher, cfg.topk)
+        self.kind = kind or FeatureKind(spec, pool.info.hidden_size, pool.info.dtype)
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     def start(self) -> "Dispatcher":
@@ -180,7 +187,7 @@ class Dispatcher:
                 self.cv.wait(timeout=0.5)
             self._consumer_waiting = False
             d = self._reorder.pop()
-            w = self._works.pop(self._reorder.next_seq - 1)
+            w = self._works.pop(d.seq)
             self._buffered_tokens -= w.tokens
             self.metrics.buffered_tokens.set(self._buffered_tokens)
             if d.drop_reason:
@@ -238,16 +245,19 @@ class Dispatcher:
                     self._source_done = True
                     return
             s = self._peeked
-            if s.tokens and self._buffered_tokens and self._buffered_tokens + s.tokens > limit:
+            if s is None:  # nothing now: the source has more once earlier answers are in
+                return
+            tokens = 0 if s.drop_reason else self.kind.cost(s.token_ids)
+            if tokens and self._buffered_tokens and self._buffered_tokens + s.tokens > limit:
                 return
             self._peeked = None
-            w = _Work(self._next_seq, s, s.tokens)
+            w = _Work(self._next_seq, s, tokens)
             self._next_seq += 1
             self._works[w.seq] = w
             self.stats.pulled += 1
             if s.drop_reason:
                 w.done = True
-                self._reorder.put(w.seq, Delivery(s, drop_reason=s.drop_reason))
+                self._reorder.put(w.seq, Delivery(s, drop_reason=s.drop_reason, seq=w.seq))
                 self.cv.notify_all()
                 continue
             self._buffered_tokens += w.tokens
@@ -266,53 +276,15 @@ class Dispatcher:
             self._pull()
 
     def _choose(self, eps: list[Endpoint], tokens: int) -> Endpoint | None:
-        """The server expected to finish `tokens` soonest: least outstanding tokens, weighted by the
-        server's measured time per token (plain least-outstanding-tokens while servers look alike).
-        A server with a full window is waited for when the best one with room would take over twice
-        as long: a slow server gets only the work it can finish about as soon as the fast ones.
-        An idle server's estimate fades back to the best one's (IDLE_FORGET_S), so a server judged
-        slow is tried again instead of starving on an old measurement."""
-        if not eps:
-            return None
-        known = [e.sec_per_token for e in eps if e.sec_per_token]
-        best_spt = min(known) if known else 1.0  # unmeasured (new) servers: assume the best, then measure
-        want = min(self._pending_tokens, self._request_cap(None))
+        """The server for the next request (balance.choose): soonest expected finish; a full fast
+        server is waited for unless it holds an overdue request (it may be hung)."""
         now = time.monotonic()
-
-        def spt(e: Endpoint) -> float:
-            if not e.sec_per_token:
-                return best_spt
-            if e.inflight_tokens:
-                return e.sec_per_token
-            fade = math.exp(-(now - e.idle_since) / IDLE_FORGET_S)
-            return best_spt + (e.sec_per_token - best_spt) * fade
-
-        def eta(e: Endpoint) -> float:
-            return (e.inflight_tokens + tokens) * spt(e)
-
-        def has_room(e: Endpoint) -> bool:  # idle, or room for a full-size request (fewer, larger requests)
-            return e.inflight_tokens == 0 or e.inflight_tokens + max(tokens, want) <= e.window_tokens
-
-        order = lambda e: (eta(e), e.failures, e.last_used)  # noqa: E731
-        roomy = [e for e in eps if has_room(e)]
-        if not roomy:
-            return None
-        pick = min(roomy, key=order)
-        # Worth waiting for only if it is answering: a server holding an overdue request may be hung.
-        overdue = now - self._overdue_s()
-        stuck = {r.endpoint for r in self._active if r.started < overdue}
-        best = min([e for e in eps if e not in stuck] or eps, key=order)
-        return pick if pick is best or eta(pick) <= 2 * eta(best) else None
+        want = min(self._pending_tokens, self.cfg.request_tokens)
+        stuck = {r.endpoint for r in self._active if r.started < now - self._overdue_s()}
+        return choose(eps, tokens, want, stuck, now)
 
     def _overdue_s(self) -> float:
-        """A request older than this is late: hedge it, and stop waiting for its server."""
-        return max(self.cfg.hedge_after_s, 4 * self._typical_s)
-
-    def _request_cap(self, ep: Endpoint | None) -> int:
-        cap = self.cfg.request_tokens
-        if ep is not None and ep.info is not None and ep.info.max_request_tokens:
-            cap = min(cap, ep.info.max_request_tokens)
-        return cap
+        return overdue_after(self.cfg.hedge_after_s, self._typical_s)
 
     def _push(self, w: _Work) -> None:
         heapq.heappush(self._pending, w)
@@ -325,13 +297,12 @@ class Dispatcher:
 
     def _take(self, ep: Endpoint) -> list[_Work]:
         """Lowest pending seqs for one request to `ep` (always at least one)."""
-        cap = self._request_cap(ep)
-        room = min(ep.window_tokens - ep.inflight_tokens, self.cfg.max_inflight_tokens - self._inflight_tokens)
-        cap = min(cap, max(room, 0))
+        cap = request_cap(self.cfg.request_tokens, ep.info.max_request_tokens if ep.info is not None else 0,
+                          ep.window_tokens - ep.inflight_tokens, self.cfg.max_inflight_tokens - self._inflight_tokens)
         works = [self._pop()]
         total = works[0].tokens
         while (self._pending and not works[0].solo and not self._pending[0].solo
-               and total + self._pending[0].tokens <= cap):
+               and fits(total, len(works), self._pending[0].tokens, cap, self.kind.max_items)):
             w = self._pop()
             works.append(w)
             total += w.tokens
@@ -347,16 +318,13 @@ class Dispatcher:
                 self.stats.dispatched += 1
                 self.metrics.samples_dispatched.inc()
         self._move_tokens(ep, req.open_tokens)
-        ep.requests += 1
-        ep.last_used = now
+        ep.sent(now)
         self._active.add(req)
         threading.Thread(target=self._execute, args=(req, ep.client), name=f"req-{req.request_id}",
                          daemon=True).start()
 
     def _move_tokens(self, ep: Endpoint, n: int) -> None:
-        ep.inflight_tokens += n
-        if ep.inflight_tokens == 0:
-            ep.idle_since = time.monotonic()
+        ep.carry(n, time.monotonic())
         self._inflight_tokens += n
         self.metrics.inflight_tokens.set(self._inflight_tokens)
         self.metrics.endpoint_inflight_tokens.labels(endpoint=ep.address).set(ep.inflight_tokens)
@@ -366,47 +334,37 @@ class Dispatcher:
         by_seq = {w.seq: w for w in req.works}
         err: BaseException | None = None
         try:
-            stream = client.features(
-                [w.seq for w in req.works], [np.asarray(w.sample.token_ids).tolist() for w in req.works],
-                teacher=self.spec.teacher, topk=self.spec.topk, layer_ids=self.spec.layer_ids,
-                deadline_s=self.cfg.request_timeout_s, expect_dtype=self.pool.info.dtype)
-            for f in stream:
-                w = by_seq.get(f.sample_id)
-                if w is None or f.sample_id in req.received:
-                    raise SchemaError(f"server {req.endpoint.address} answered for sample {f.sample_id}, which "
+            for seq, result in self.kind.send(client, req.works, self.cfg.request_timeout_s):
+                w = by_seq.get(seq)
+                if w is None or seq in req.received:
+                    raise SchemaError(f"server {req.endpoint.address} answered for sample {seq}, which "
                                       f"request {req.request_id} did not ask for (or twice)")
-                self._validate(req, w, f)
+                self.kind.check(req.endpoint.address, w, result)
                 with self.cv:
                     if self._closed:
                         return
-                    self._on_sample(req, w, f)
+                    self._on_sample(req, w, result)
         except BaseException as e:  # classified below; never lost
             err = e
         with self.cv:
             if not self._closed:
                 self._on_done(req, err)
 
-    def _validate(self, req: _Request, w: _Work, f: SampleFeatures) -> None:
-        width_aux, width_t = self._widths
-        t = f.teacher_TH if f.teacher_TH is not None else f.topk_ids_TK
-        t_ok = t is None if width_t is None else (t is not None and tuple(t.shape) == (w.tokens, width_t))
-        if f.length != w.tokens or f.aux_T3H.shape[1] != width_aux or not t_ok:
-            raise SchemaError(
-                f"server {req.endpoint.address} sent features of shape aux {tuple(f.aux_T3H.shape)} / teacher "
-                f"{None if t is None else tuple(t.shape)} for a {w.tokens}-token sample; expected "
-                f"[{w.tokens}, {width_aux}] / [{w.tokens}, {width_t}]")
-
-    def _on_sample(self, req: _Request, w: _Work, f: SampleFeatures) -> None:
+    def _on_sample(self, req: _Request, w: _Work, f: Any) -> None:
         req.received.add(w.seq)
         req.open_tokens -= w.tokens
         self._move_tokens(req.endpoint, -w.tokens)
         w.inflight -= 1
-        req.endpoint.samples += 1
+        req.endpoint.answered()
         if w.done:
             self.stats.duplicates += 1
             return
         w.done = True
-        self._reorder.put(w.seq, Delivery(w.sample, dataclasses.replace(f, sample_id=w.sample.sample_id)))
+        if isinstance(f, SampleFeatures):
+            d = Delivery(w.sample, dataclasses.replace(f, sample_id=w.sample.sample_id), seq=w.seq)
+        else:
+            d = Delivery(w.sample, result=f, seq=w.seq)
+        self._reorder.put(w.seq, d)
         self.cv.notify_all()
 
     def _on_done(self, req: _Request, err: BaseException | None) -> None:
@@ -448,7 +406,7 @@ class Dispatcher:
                     w.solo = True
                 self._requeue(missing, "isolate_invalid")
         elif c.code == status.UNAUTHENTICATED:
-            self.pool.refuse(ep, f"{detail}\n{AUTH_HINT}")
+            self.pool.refuse(ep, f"{detail}\n{self.pool.auth_hint}")
             self._requeue(missing, "unauthenticated")
         else:  # UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, a malformed stream
             if c.code == status.DEADLINE_EXCEEDED:  # once back, it is known to be slow
@@ -478,26 +436,25 @@ class Dispatcher:
 
     def _drop(self, w: _Work, reason: str) -> None:
         w.done = True
-        self._reorder.put(w.seq, Delivery(w.sample, drop_reason=reason))
+        self._reorder.put(w.seq, Delivery(w.sample, drop_reason=reason, seq=w.seq))
 
     # ---------------------------------------------------------------- timers
     def _hedge(self, now: float) -> None:
         if self.cfg.hedge_after_s <= 0 or not self._consumer_waiting:
             return
-        head = self._works.get(self._reorder.next_seq)
+        head = self._works.get(self._reorder.next_seq if self.ordered else
+                               min((q for q, w in self._works.items() if not w.done), default=-1))
         if head is None or head.done or head.hedged or head.inflight != 1:
             return
         req = next((r for r in self._active if head in r.works and head.seq not in r.received), None)
         if req is None or now - req.started < self._overdue_s():
             return
-        others = [ep for ep in self.pool.usable(now) if ep is not req.endpoint
-                  and ep.inflight_tokens + head.tokens <= max(ep.window_tokens, head.tokens)]
-        if not others:
+        ep = hedge_target([e for e in self.pool.usable(now) if e is not req.endpoint], head.tokens)
+        if ep is None:
             return
         works = [w for w in req.works if w.seq not in req.received and not w.done and w.inflight == 1 and not w.hedged]
         for w in works:
             w.hedged = True
-        ep = min(others, key=lambda e: (e.inflight_tokens, e.failures, e.last_used))
         log.info("hedging %d samples of request %s (%.1fs on %s) to %s", len(works), req.request_id,
                  now - req.started, req.endpoint.address, ep.address)
         self.stats.hedges += 1

@@ -33,17 +33,21 @@ from common import status
 from common.contract import ModelInfo, check_compatible
 from common.errors import ConfigError, ContractError, SpecRelayError, TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
-from draft_trainer.client.target import TargetClient
-from draft_trainer.config import TargetsConfig
-from draft_trainer.metrics import ENDPOINT_STATES, TrainerMetrics
+from draft_trainer.client.target import TargetClient, speaks_tls
+from draft_trainer.client.balance import folded_speed, grown_window, shrunk_window
+from draft_trainer.client.config import PoolConfig
+from draft_trainer.client.metrics import ENDPOINT_STATES, PoolMetrics
 
 log = logging.getLogger(__name__)
 
 JOINING, UP, DOWN, REFUSED, DRAINING = ENDPOINT_STATES
 AUTH_HINT = ("Give the trainer the servers' token (targets.auth_token_file) and, for TLS, the root that signed "
              "their certificate (targets.tls_root_cert).")
+TLS_HINT = "this server speaks TLS: set targets.tls_root_cert (the PEM root that signed its certificate)"
 PROBE_BASE_S = 0.25
 HANDSHAKE_TIMEOUT_S = 5.0
+WAIT_LOG_FIRST_S = 2.0   # while no server is up at start-up: first log line after this long,
+WAIT_LOG_EVERY_S = 15.0  # then this often, with each endpoint's reason
 R = TypeVar("R")
 
 
@@ -78,6 +82,37 @@ class Endpoint:
     samples: int = 0
     errors: int = 0
 
+    # Accounting: the endpoint is the one owner of its numbers; callers hold the pool's cv.
+    def carry(self, tokens: int, now: float) -> None:
+        """`tokens` more in flight here (negative: answered or given up)."""
+        self.inflight_tokens += tokens
+        if self.inflight_tokens == 0:
+            self.idle_since = now
+
+    def sent(self, now: float) -> None:
+        self.requests += 1
+        self.last_used = now
+
+    def answered(self) -> None:
+        self.samples += 1
+
+    def request_ok(self, tokens: int, max_window: int) -> None:
+        self.failures = 0
+        self.window_tokens = grown_window(self.window_tokens, tokens, max_window)
+
+    def throttled(self, retry_after_s: float | None, now: float) -> None:
+        """RESOURCE_EXHAUSTED: nothing before the server's retry hint, and half the window."""
+        self.not_before = now + (retry_after_s if retry_after_s is not None else 0.2)
+        self.window_tokens = shrunk_window(self.window_tokens)
+
+    def observe_speed(self, seconds: float, tokens: int, *, at_least: bool = False) -> None:
+        """Fold one request's time per token (its own tokens plus those queued ahead of it) into
+        the estimate; `at_least` (a timeout) only ever makes the estimate slower."""
+        if not self.warm and not at_least:
+            self.warm = True  # a fresh process's first batch includes one-off start-up costs
+            return
+        self.sec_per_token = folded_speed(self.sec_per_token, seconds, tokens, at_least)
+
     def summary(self) -> dict[str, Any]:
         rate = None if not self.sec_per_token else 1.0 / self.sec_per_token
         return {"state": self.state, "requests": self.requests, "samples": self.samples, "errors": self.errors,
@@ -85,14 +120,18 @@ class Endpoint:
 
 
 class TargetPool:
-    def __init__(self, source: EndpointSource, cfg: TargetsConfig, *, expected: ModelInfo | None = None,
-                 expected_name: str = "the run", metrics: TrainerMetrics | None = None,
-                 client_kwargs: dict[str, Any] | None = None, client_id: str | None = None) -> None:
+    def __init__(self, source: EndpointSource, cfg: PoolConfig, *, expected: ModelInfo | None = None,
+                 expected_name: str = "the run", metrics: PoolMetrics | None = None,
+                 client_kwargs: dict[str, Any] | None = None, client_id: str | None = None,
+                 auth_hint: str = AUTH_HINT, tls_hint: str = TLS_HINT) -> None:
         self.source = source
         self.cfg = cfg
-        self.metrics = metrics or TrainerMetrics()
+        self.metrics = metrics or PoolMetrics()
         self.client_kwargs = dict(client_kwargs or {})   # passed through to TargetClient (auth, TLS, ...)
         self.client_id = client_id or uuid.uuid4().hex[:12]
+        self.auth_hint = auth_hint  # how the command in use takes a token and a TLS root
+        self.tls_hint = tls_hint
+        self._stop = threading.Event()  # close() (e.g. from a signal handler) ends a start-up wait
         self.cv = threading.Condition()
         self.endpoints: dict[str, Endpoint] = {}
         self.info: ModelInfo | None = expected
@@ -102,14 +141,18 @@ class TargetPool:
         self._monitor: threading.Thread | None = None
 
     # ---------------------------------------------------------------- start-up
-    def start(self) -> ModelInfo:
+    def start(self, stop: threading.Event | None = None) -> ModelInfo:
         """Handshake with the listed servers; returns the agreed ModelInfo.
 
         Every server reachable now must agree with the run (or, for a new run, with the first of
         them), else ContractError naming both values. Servers not reachable yet join later.
+        While none is up, the wait is logged with each endpoint's reason, and it ends early
+        (TargetUnavailableError) when `stop` is set or the pool is closed.
         """
         cfg = self.cfg
-        deadline = time.monotonic() + cfg.startup_timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + cfg.startup_timeout_s
+        next_log = t0 + WAIT_LOG_FIRST_S
         delay = PROBE_BASE_S
         resolve_error = ""
         while True:
@@ -129,8 +172,8 @@ class TargetPool:
             if denied:
                 for client, _ in ok.values():
                     client.close()
-                raise ConfigError("target servers rejected this trainer's credentials (before training):\n  "
-                                  + "\n  ".join(denied) + f"\n{AUTH_HINT}")
+                raise ConfigError("target servers rejected this client's credentials (before any work):\n  "
+                                  + "\n  ".join(denied) + f"\n{self.auth_hint}")
             for addr, (client, res) in results.items():
                 if not isinstance(res, ModelInfo):
                     ep = self.endpoints[addr]
@@ -138,18 +181,33 @@ class TargetPool:
             if ok:
                 self._agree_initial(ok)
                 break
-            if time.monotonic() + delay > deadline:
+            now = time.monotonic()
+            if now + delay > deadline:
                 raise TargetUnavailableError(
                     f"no target server reachable at {self.source.spec} after {cfg.startup_timeout_s:.0f}s "
                     f"(targets.startup_timeout_s):\n  " + self.describe() + resolve_error
                     + "\nStart the servers, or check the address and that the port is the gRPC port.")
-            time.sleep(delay)
+            if now >= next_log:
+                log.warning("waiting for target servers (%.0fs of %.0fs, targets.startup_timeout_s):\n  %s%s",
+                            now - t0, cfg.startup_timeout_s, self.describe(), resolve_error)
+                next_log = now + WAIT_LOG_EVERY_S
+            if self._wait_stopped(delay, stop):
+                raise TargetUnavailableError(f"stopped while waiting for target servers at {self.source.spec}:\n  "
+                                             + self.describe())
             delay = min(delay * 2, 2.0)
         self._next_refresh = time.monotonic() + cfg.refresh_interval_s
         self._publish_states()
         self._monitor = threading.Thread(target=self._monitor_loop, name="pool-monitor", daemon=True)
         self._monitor.start()
         return self.info
+
+    def _wait_stopped(self, seconds: float, stop: threading.Event | None) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self._stop.is_set() or (stop is not None and stop.is_set()):
+                return True
+            self._stop.wait(min(0.1, max(0.0, end - time.monotonic())))
+        return self._stop.is_set() or (stop is not None and stop.is_set())
 
     def _agree_initial(self, ok: dict[str, tuple[TargetClient, ModelInfo]]) -> None:
         addrs = sorted(ok)
@@ -192,6 +250,8 @@ class TargetPool:
         except Exception as e:  # any failure means "not usable now"; the message is kept for the operator
             if client is not None:
                 client.close()
+            if not self.client_kwargs.get("tls_root_cert") and not _unauthenticated(e) and speaks_tls(addr):
+                return None, TargetUnavailableError(f"{e} -- {self.tls_hint}")
             return None, e if isinstance(e, SpecRelayError) else TargetUnavailableError(f"{addr}: {type(e).__name__}: {e}")
 
     def _handshake_all(self, addrs: list[str]) -> dict[str, tuple[TargetClient | None, ModelInfo | Exception]]:
@@ -246,28 +306,14 @@ class TargetPool:
         self._publish_states()
 
     def slow_down(self, ep: Endpoint, retry_after_s: float | None) -> None:
-        """RESOURCE_EXHAUSTED: honour the server's retry hint and halve what we keep in flight there."""
-        ep.not_before = time.monotonic() + (retry_after_s if retry_after_s is not None else 0.2)
-        ep.window_tokens = max(1, ep.window_tokens // 2)
+        ep.throttled(retry_after_s, time.monotonic())
 
     def request_ok(self, ep: Endpoint, tokens: int) -> None:
-        ep.failures = 0
-        ep.window_tokens = min(self.cfg.max_endpoint_inflight_tokens, ep.window_tokens + tokens)
+        ep.request_ok(tokens, self.cfg.max_endpoint_inflight_tokens)
 
     @staticmethod
     def observe_speed(ep: Endpoint, seconds: float, tokens: int, *, at_least: bool = False) -> None:
-        """Fold one request's time per token (its own tokens plus those queued ahead of it) into the
-        server's estimate; `at_least` (a timeout) only ever makes the estimate slower."""
-        s = seconds / max(1, tokens)
-        if not ep.warm and not at_least:
-            ep.warm = True  # a fresh process's first batch includes one-off start-up costs
-            return
-        if ep.sec_per_token is None:
-            ep.sec_per_token = s
-        elif at_least:
-            ep.sec_per_token = max(ep.sec_per_token, s)
-        else:
-            ep.sec_per_token = 0.7 * ep.sec_per_token + 0.3 * s
+        ep.observe_speed(seconds, tokens, at_least=at_least)
 
     def usable(self, now: float) -> list[Endpoint]:
         return [ep for ep in self.endpoints.values() if ep.state == UP and ep.not_before <= now]
@@ -360,7 +406,7 @@ class TargetPool:
                     return
                 self._set_up(ep, client, res, now)
             elif _unauthenticated(res):
-                self.refuse(ep, f"{res}\n{AUTH_HINT}")
+                self.refuse(ep, f"{res}\n{self.auth_hint}")
             else:
                 ep.failures += 1
                 ep.last_error = str(res)
@@ -388,6 +434,7 @@ class TargetPool:
                                      ["(no server is up)"]))
 
     def close(self) -> None:
+        self._stop.set()
         with self.cv:
             self._closed = True
             self.cv.notify_all()

@@ -36,3 +36,29 @@ class ReorderBuffer(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class ArrivalBuffer(Generic[T]):
+    """The unordered counterpart (same interface): results are handed out as they arrive, for
+    consumers that key results themselves (regenerate) and must not wait behind a slow one."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, T] = {}
+        self._taken: set[int] = set()
+
+    def put(self, seq: int, item: T) -> bool:
+        if seq in self._items or seq in self._taken:
+            return False
+        self._items[seq] = item
+        return True
+
+    def ready(self) -> bool:
+        return bool(self._items)
+
+    def pop(self) -> T:
+        seq = next(iter(self._items))  # dicts keep arrival order
+        self._taken.add(seq)
+        return self._items.pop(seq)
+
+    def __len__(self) -> int:
+        return len(self._items)

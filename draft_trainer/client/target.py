@@ -12,6 +12,7 @@ Security: `auth_token` is sent as `authorization: Bearer <token>` on both planes
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,25 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 def join_host_port(host: str, port: int) -> str:
     """The inverse of parse_endpoint: IPv6 literals need brackets in gRPC and Flight targets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def speaks_tls(endpoint: str, timeout_s: float = 1.0) -> bool:
+    """Whether a TLS handshake succeeds on `endpoint` (no verification: only to explain a failure)."""
+    import socket
+    import ssl
+
+    host, port = parse_endpoint(endpoint)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host if not host.replace(".", "").isdigit() and ":" not in host
+                                 else None):
+                return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
 
 
 class TargetClient:
@@ -117,12 +137,28 @@ class TargetClient:
         return safetensors_load(blob)
 
     def generate(self, prompts: list[tuple[str, list[int]]], *, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 timeout_s: float | None = None) -> list[tuple[str, list[int], str]]:
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_token_ids: list[int] | None = None,
+                 stop: list[str] | None = None, timeout_s: float | None = None) -> list[tuple[str, list[int], str]]:
+        """Completions (id, token ids, finish reason) of token-id prompts."""
+        return self._generate([pb.GenerateRequest.Prompt(id=i, token_ids=t) for i, t in prompts], max_new_tokens,
+                              temperature, top_p, top_k, seed, stop_token_ids, stop, None, timeout_s)
+
+    def generate_messages(self, prompts: list[tuple[str, list[dict]]], *, max_new_tokens: int,
+                          chat_template_kwargs: dict | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                          top_k: int = 0, seed: int = 0, stop_token_ids: list[int] | None = None,
+                          stop: list[str] | None = None,
+                          timeout_s: float | None = None) -> list[tuple[str, list[int], str]]:
+        """Completions of chat prompts rendered by the server's chat template (+ template variables)."""
+        return self._generate([pb.GenerateRequest.Prompt(id=i, messages_json=json.dumps(m)) for i, m in prompts],
+                              max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, stop,
+                              chat_template_kwargs, timeout_s)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, stop,
+                  chat_template_kwargs, timeout_s) -> list[tuple[str, list[int], str]]:
         req = pb.GenerateRequest(
-            prompts=[pb.GenerateRequest.Prompt(id=i, token_ids=t) for i, t in prompts],
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            stop_token_ids=stop_token_ids or [],
+            prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop_token_ids=stop_token_ids or [], stop=stop or [], client_id=self.client_id,
+            chat_template_kwargs_json=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
         )
         try:
             resp = self._stub.Generate(req, timeout=timeout_s or max(self.timeout_s, 600), metadata=self._metadata)

@@ -69,7 +69,7 @@ class Trainer:
         self._stack.callback(destroy_distributed)
         port = cfg.metrics_port + self.dist.local_rank if cfg.metrics_port > 0 else cfg.metrics_port
         self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_host, port)
-        run = self.run_ = build_run(cfg, self.dist, self._stack, self.metrics)
+        run = self.run_ = build_run(cfg, self.dist, self._stack, self.metrics, stop=self._stop)
         best = None
         if run.restored:
             st = run.restored
@@ -123,6 +123,7 @@ class Trainer:
             if self._stop.is_set() or self.run_ is None:
                 # A second signal, or one before training started (waiting for servers, loading):
                 # stop now; the last complete checkpoint stays as it is.
+                self._stop.set()
                 raise KeyboardInterrupt
             log.warning("signal %d: saving a checkpoint at the end of this step, then exiting "
                         "(a second signal stops at once, keeping the last complete checkpoint)", signum)

@@ -22,7 +22,7 @@ import torch
 from common.contract import ModelInfo, check_feature_spec
 from common.errors import ConfigError, ContractError, DataError
 from common.features import FeatureSchema, FeatureSpec
-from common.security import read_token_file
+from draft_trainer.client.config import client_kwargs
 from draft_trainer.config import TrainConfig
 from draft_trainer.data.dataset import TokenizedDataset
 from draft_trainer.data.feature_cache import FeatureCacheReader, FeatureCacheWriter, estimate_bytes
@@ -58,7 +58,7 @@ class Run:
     restored: dict = field(default_factory=dict)    # the checkpoint's trainer + rank state, when resuming
 
 
-def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, metrics) -> Run:
+def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, metrics, stop=None) -> Run:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = TokenizedDataset(cfg.data.path)
@@ -77,7 +77,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
         run.info = run.cache_reader.info
         frozen = run.cache_reader.frozen_tensors() if dist.is_main else None
     else:
-        run.pool = start_pool(cfg, dist, stack, out, resume, metrics)
+        run.pool = start_pool(cfg, dist, stack, out, resume, metrics, stop)
         run.info = run.pool.info
         names = run.method.frozen_tensor_names()
         frozen = run.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors") if dist.is_main else None
@@ -149,7 +149,7 @@ def check_resume_state(cfg: TrainConfig, dist: DistInfo, path: Path, state: dict
 
 
 def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, out: Path, resume: Path | None,
-               metrics):
+               metrics, stop=None):
     from draft_trainer.client.discovery import EndpointSource
     from draft_trainer.client.local_server import LocalServer
     from draft_trainer.client.pool import TargetPool
@@ -171,14 +171,11 @@ def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, ou
             tdist.broadcast_object_list(box, src=0)
             endpoint = box[0]
     expected = ModelInfo(**json.loads((resume / "model_info.json").read_text())) if resume else None
-    t = cfg.targets
-    client_kwargs = {"auth_token": read_token_file(t.auth_token_file) if t.auth_token_file else None,
-                     "tls_root_cert": t.tls_root_cert or None, "tls_server_name": t.tls_server_name or None}
     pool = TargetPool(EndpointSource(endpoint), cfg.targets, metrics=metrics,
-                      client_kwargs=client_kwargs, expected=expected,
+                      client_kwargs=client_kwargs(cfg.targets), expected=expected,
                       expected_name=f"checkpoint {resume}" if resume else "the run")
     stack.callback(pool.close)
-    pool.info = pool.start()
+    pool.info = pool.start(stop)  # the wait for servers ends early when `stop` is set
     return pool
 
 

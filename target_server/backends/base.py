@@ -58,9 +58,44 @@ class Backend(abc.ABC):
                  seed: int, stop_token_ids: list[int]) -> list[Completion]:
         raise NotImplementedError(f"backend {self.name!r} does not support generation")
 
+    def decoder(self) -> "Decoder | None":
+        """A batched decoder for continuous-batching generation, or None (then `generate` serves
+        one prompt at a time)."""
+        return None
+
+    def eos_token_ids(self) -> list[int]:
+        """Where generation stops when a request names no stop tokens."""
+        return []
+
+    def chat_prompt(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template and a generation prompt."""
+        raise NotImplementedError(f"backend {self.name!r} has no chat template: send token_ids")
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Text of `token_ids` (for stop strings)."""
+        raise NotImplementedError(f"backend {self.name!r} has no tokenizer: stop strings are not supported")
+
     def close(self) -> None:
         pass
 
+
+class Decoder(abc.ABC):
+    """KV-cached decode state of the running sequences: row b is the b-th sequence added and kept.
+
+    Driven by one thread (the scheduler's worker) between feature forward passes.
+    """
+
+    @abc.abstractmethod
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Append one row per prompt (its KV cache filled); returns the next-token logits [n, V]."""
+
+    @abc.abstractmethod
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row (in row order); returns the next-token logits [B, V]."""
+
+    @abc.abstractmethod
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (ascending), in that order; their KV entries stay, the others are freed."""
 
 
 

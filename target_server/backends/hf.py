@@ -18,8 +18,8 @@ import torch
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers, parse_tensor_name
 from common.errors import AssetError, ConfigError, ContractError
 from target_server.backends.base import Backend, Capture, Completion, topk_logprobs
-from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, resolve_dtype,
-                                               sample_next)
+from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, render_chat,
+                                               resolve_dtype, sample_next)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class HFBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                  aux_layers: str | list[int] = "auto", max_length: int | None = None,
-                 max_topk: int = MAX_TOPK) -> None:
+                 max_topk: int = MAX_TOPK, batch_invariant: bool = False) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -65,11 +65,15 @@ class HFBackend(Backend):
         self.aux_layer_ids = parse_aux_layers(aux_layers, self.num_layers)
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 4096))
         self.max_topk = max_topk
+        # Each sample's features computed alone (B=1, no padding): independent of its batch-mates,
+        # so a resumed run gets bit-identical features; costs the batching (bench_batch_invariant).
+        self.batch_invariant = batch_invariant
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.path = path
         self._decoder, layers, norm = decoder_parts(self.model)
         self._captured: dict[str, torch.Tensor] = {}
+        self._capturing = False  # hooks keep states only during a feature forward, not while decoding
         self._lock = threading.Lock()  # hooks write shared state: one forward at a time
         # Hooks sit on the layers some feature spec has asked for (the aux layers from the start,
         # others added on first request); a forward keeps only its own spec's layers (`_want`,
@@ -84,7 +88,7 @@ class HFBackend(Backend):
     @classmethod
     def from_config(cls, cfg) -> "HFBackend":
         return cls(cfg.model, device=cfg.device, dtype=cfg.dtype, aux_layers=cfg.aux_layers,
-                   max_length=cfg.max_length or None, max_topk=cfg.max_topk)
+                   max_length=cfg.max_length or None, max_topk=cfg.max_topk, batch_invariant=cfg.batch_invariant)
 
     def _hook_layers(self, layer_ids) -> None:
         for lid in layer_ids:
@@ -94,7 +98,7 @@ class HFBackend(Backend):
 
     def _hook(self, key):
         def hook(_module, _inputs, output):
-            if key == "final" or key in self._want:
+            if self._capturing and (key == "final" or key in self._want):
                 self._captured[key] = output[0] if isinstance(output, tuple) else output
         return hook
 
@@ -105,10 +109,15 @@ class HFBackend(Backend):
                              max_topk=min(self.max_topk, self.vocab_size), default_arch=type(self.model).__name__,
                              max_capture_layer=self.num_layers - 1)
 
-    @torch.inference_mode()
     def forward(self, seqs: list[list[int]], teacher: str, topk: int = 0,
                 layer_ids: tuple[int, ...] | None = None) -> list[Capture]:
         layer_ids = tuple(layer_ids or self.aux_layer_ids)
+        if self.batch_invariant and len(seqs) > 1:
+            return [c for s in seqs for c in self._forward([s], teacher, topk, layer_ids)]
+        return self._forward(seqs, teacher, topk, layer_ids)
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[list[int]], teacher: str, topk: int, layer_ids: tuple[int, ...]) -> list[Capture]:
         keys = list(layer_ids) + ["final"]
         lengths = [len(s) for s in seqs]
         B, Tm = len(seqs), max(lengths)
@@ -121,6 +130,7 @@ class HFBackend(Backend):
             self._captured.clear()
             self._hook_layers(layer_ids)
             self._want = set(layer_ids)
+            self._capturing = True
             # A single unpadded sequence runs without a mask: the exact path transformers takes.
             try:
                 self._decoder(input_ids=ids_BT.to(self.device),
@@ -130,6 +140,8 @@ class HFBackend(Backend):
                 self._captured.clear()
                 torch.cuda.empty_cache()
                 raise
+            finally:
+                self._capturing = False
             missing = [k for k in keys if k not in self._captured]
             if missing:
                 raise RuntimeError(f"forward hooks did not fire for {missing}: unsupported model structure")
@@ -149,6 +161,24 @@ class HFBackend(Backend):
                     final_BTH[b, :T], self.model.get_output_embeddings(), topk)
             out.append(cap)
         return out
+
+    def decoder(self):
+        # Sliding-window / hybrid attention layers keep a different cache layout: one at a time there.
+        kinds = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            return None
+        from target_server.backends.hf_decode import HFDecoder
+
+        return HFDecoder(self.model, self.device, self._lock)
+
+    def chat_prompt(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+        return render_chat(self.tokenizer, messages, template_kwargs)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def eos_token_ids(self) -> list[int]:
+        return eos_ids(self.model.generation_config, self.model.config)
 
     def frozen_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         table = {

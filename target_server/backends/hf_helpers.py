@@ -81,3 +81,12 @@ def eos_ids(*configs) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def render_chat(tokenizer, messages: list[dict], template_kwargs: dict) -> list[int]:
+    """Token ids of `messages` + the generation prompt, with the tokenizer's chat template and
+    extra template variables (e.g. enable_thinking=False)."""
+    if not tokenizer.chat_template:
+        raise NotImplementedError("the served tokenizer has no chat template: send token_ids")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -24,7 +24,7 @@ class BackendEntry:
 
 
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
-    BackendEntry("hf", "target_server.backends.hf:HFBackend", needs_model=True),
+    BackendEntry("hf", "target_server.backends.hf:HFBackend", needs_model=True, section=("batch_invariant",)),
     BackendEntry("synthetic", "target_server.backends.synthetic:SyntheticBackend", needs_model=False,
                  section=("synthetic_hidden_size", "synthetic_num_layers", "synthetic_vocab_size",
                           "synthetic_cost_per_token_us")),

@@ -21,7 +21,7 @@ import torch
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers
 from common.errors import ContractError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
-from target_server.backends.base import Backend, Capture, Completion
+from target_server.backends.base import Backend, Capture, Completion, Decoder
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _BLOCK = 256      # pool rows are generated in seeded blocks of this many rows
@@ -161,3 +161,40 @@ class SyntheticBackend(Backend):
                 return_reason = "length"
             out.append(Completion(token_ids=new, finish_reason=return_reason))
         return out
+
+    def decoder(self) -> "SyntheticDecoder":
+        return SyntheticDecoder(self.vocab_size, self.cost_per_token_us)
+
+
+def next_token(seq: list[int], vocab_size: int, seed: int = 0) -> int:
+    """The synthetic model's next token: a hash of the last four (Python's int-tuple hash is unsalted)."""
+    return int(abs(hash((tuple(seq[-4:]), seed))) % vocab_size)
+
+
+class SyntheticDecoder(Decoder):
+    """Rows are token histories; logits put all mass on `next_token` (greedy = the old `generate`)."""
+
+    def __init__(self, vocab_size: int, cost_per_token_us: float) -> None:
+        self.vocab_size, self.cost_per_token_us = vocab_size, cost_per_token_us
+        self.rows: list[list[int]] = []
+
+    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+        logits_BV = torch.full((len(rows), self.vocab_size), -30.0)
+        for b, r in enumerate(rows):
+            logits_BV[b, next_token(r, self.vocab_size)] = 30.0
+        if self.cost_per_token_us > 0:
+            time.sleep(self.cost_per_token_us * 1e-6 * len(rows))
+        return logits_BV
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        new = [list(p) for p in prompts]
+        self.rows += new
+        return self._logits(new)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        for r, t in zip(self.rows, tokens, strict=True):
+            r.append(t)
+        return self._logits(self.rows)
+
+    def keep(self, rows: list[int]) -> None:
+        self.rows = [self.rows[i] for i in rows]

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.errors import ConfigError
 from draft_trainer.data.chat import ChatEncoder
 from draft_trainer.data.prepare import PrepareConfig, prepare_data
-from draft_trainer.data.regenerate import RegenerateConfig, regenerate
+from draft_trainer.regenerate import RegenerateConfig, regenerate
 from tests.support.procs import REPO, env_with_repo, start_server
 
 NEW = 6  # max new tokens: short, so the tests stay fast on 2 shared cores

@@ -24,6 +24,17 @@ class RecordingBackend(SyntheticBackend):
         self.calls: list[tuple[list[list[int]], str]] = []
         self.poison = poison
 
+    def decoder(self):
+        dec = super().decoder()
+        prefill, self.prefills = dec.prefill, []
+
+        def recording_prefill(prompts):
+            self.prefills.append([list(p) for p in prompts])
+            return prefill(prompts)
+
+        dec.prefill = recording_prefill
+        return dec
+
     def forward(self, seqs, teacher, topk=0):
         self.calls.append(([list(s) for s in seqs], teacher))
         if self.poison is not None and any(self.poison in s for s in seqs):
@@ -238,3 +249,76 @@ def test_computed_but_unsent_features_count_against_the_bound():
         assert s2.held_tokens == 0
     finally:
         s2.stop()
+
+
+# ---------------------------------------------------------------- generation as a request kind
+from target_server.generation import GenRequest  # noqa: E402
+
+
+def gen_results(r: GenRequest, timeout: float = 30.0) -> dict:
+    out = {}
+    while len(out) < len(r.prompts):
+        item = r.results.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        out[item[0]] = item[1]
+    return out
+
+
+def test_feature_requests_are_served_while_a_long_generation_runs():
+    """Fair in device time between kinds: a feature request submitted behind a long generation
+    finishes while that generation is still decoding (not after it)."""
+    be = RecordingBackend(cost_per_token_us=2000)
+    s = Scheduler(be, max_batch_tokens=4096, max_queue_tokens=1 << 20)
+    s.start()
+    try:
+        g = GenRequest("g", "regen", [[1, 2, 3]] * 8, max_new_tokens=200)
+        s.submit_generate(g)
+        end = time.monotonic() + 30
+        while not s._loop.running and time.monotonic() < end:
+            time.sleep(0.005)
+        f = req("trainer", [64, 64])
+        s.submit(f)
+        assert all(not isinstance(x, BaseException) for x in collect(f))
+        assert g.results.qsize() == 0 and s._loop.running, "the generation finished first: features waited for it"
+        assert all(len(c.token_ids) == 200 for c in gen_results(g, timeout=60).values())
+    finally:
+        s.stop()
+
+
+def test_generation_is_fair_between_clients_and_drains():
+    be = RecordingBackend()
+    # Budget for two sequences at a time: 2 x (3 + 20) = 46 <= 50 < 3 x 23.
+    s = Scheduler(be, max_batch_tokens=50, max_queue_tokens=1 << 20)
+    a = GenRequest("a", "A", [[1, 2, 3]] * 4, max_new_tokens=20)
+    b = GenRequest("b", "B", [[4, 5, 6]], max_new_tokens=20)
+    s.submit_generate(a)
+    s.submit_generate(b)
+    s.start()
+    try:
+        assert s.drain(timeout=30)
+        assert len(gen_results(a)) == 4 and len(gen_results(b)) == 1
+        # B's one sequence joined with A's first one, not after all four of A's; then A's in pairs.
+        assert be.prefills[0] == [[1, 2, 3], [4, 5, 6]]
+        assert sum(len(p) for p in be.prefills) == 5 and max(len(p) for p in be.prefills) == 2
+        with pytest.raises(Draining):
+            s.submit_generate(GenRequest("c", "C", [[1]], max_new_tokens=2))
+    finally:
+        s.stop()
+
+
+def test_cancelled_generation_leaves_the_batch_and_the_queue():
+    be = RecordingBackend(cost_per_token_us=1000)
+    s = Scheduler(be, max_batch_tokens=64, max_queue_tokens=1 << 20)
+    r = GenRequest("a", "A", [[1, 2, 3]] * 6, max_new_tokens=400)
+    s.submit_generate(r)
+    s.start()
+    try:
+        end = time.monotonic() + 30
+        while not s._loop.running and time.monotonic() < end:
+            time.sleep(0.01)
+        s.cancel_generate(r)
+        wait_idle(s)
+        assert s.queued_tokens == 0 and not s._loop.running
+    finally:
+        s.stop()

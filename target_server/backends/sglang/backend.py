@@ -32,7 +32,8 @@ import torch
 from common.contract import ModelInfo, parse_aux_layers, parse_tensor_name
 from common.errors import AssetError, ConfigError
 from target_server.backends.base import Backend, Capture, Completion
-from target_server.backends.hf_helpers import MAX_TOPK, check_model_dir, eos_ids, hf_model_info, resolve_dtype
+from target_server.backends.hf_helpers import (MAX_TOPK, check_model_dir, eos_ids, hf_model_info, render_chat,
+                                               resolve_dtype)
 from target_server.backends.sglang.preflight import (check_architecture, check_capturable, check_sglang_version,
                                                      check_tp)
 from target_server.backends.sglang.runner import MAX_SEQS_PER_FORWARD, _Program, _Runner
@@ -143,6 +144,15 @@ class SGLangBackend(Backend):
         return self._run(_Program("generate", gen=dict(prompts=prompts, max_new_tokens=max_new_tokens,
                                                        temperature=temperature, top_p=top_p, seed=seed,
                                                        stop_token_ids=stops)))
+
+    def eos_token_ids(self) -> list[int]:
+        return eos_ids(self.hf_config)
+
+    def chat_prompt(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+        return render_chat(self.tokenizer, messages, template_kwargs)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def close(self) -> None:
         store = self.spec["dist_init_method"].removeprefix("file://")
