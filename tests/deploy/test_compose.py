@@ -14,7 +14,6 @@ from common.config import load_config
 from draft_trainer.cli import build_parser as trainer_parser
 from draft_trainer.config import TrainConfig
 from target_server.cli import build_parser as server_parser
-from tests.deploy import pending
 from tests.deploy.conftest import DEPLOY, REPO, require_tool
 
 COMPOSE = DEPLOY / "compose"
@@ -54,7 +53,7 @@ def test_compose_file_validates_and_wires_the_services(tmp_path):
     # Target servers: the real CLI accepts their arguments; all interfaces bound explicitly.
     metrics_ports = {}
     for name, s in targets.items():
-        argv = [a for a in s["command"] if a.split("=")[0] not in pending.missing_server_flags()]
+        argv = list(s["command"])
         args = server_parser().parse_args(["serve", *argv])
         assert args.host == "0.0.0.0" and args.backend == "sglang"
         metrics_ports[name] = (args.grpc_port, args.metrics_port)
@@ -82,9 +81,6 @@ def test_compose_file_validates_and_wires_the_services(tmp_path):
     raw = yaml.safe_load((COMPOSE / "trainer.yaml").read_text())
     assert mounts_["/etc/specrelay/trainer.yaml"] == str(COMPOSE / "trainer.yaml")
     assert raw["metrics_host"] == "0.0.0.0" and raw["metrics_port"] == 9400  # what Prometheus scrapes below
-    missing = pending.missing_train_keys()
-    raw = {k: v for k, v in raw.items() if k not in missing}
-    raw["targets"] = {k: v for k, v in raw["targets"].items() if f"targets.{k}" not in missing}
     tmp = tmp_path / "trainer.yaml"
     tmp.write_text(yaml.safe_dump(raw))
     tcfg = load_config(TrainConfig, tmp)

@@ -11,7 +11,6 @@ import json
 import yaml
 
 from target_server.metrics import ServerMetrics
-from tests.deploy import pending
 from tests.deploy.conftest import DEPLOY, REPO
 from tests.deploy.metric_names import defined_in_source, exposition_names, referenced_in_promql
 
@@ -54,22 +53,13 @@ def test_every_referenced_metric_exists():
         for expr in exprs:
             for name in referenced_in_promql(expr) - known:
                 missing.setdefault(name, set()).add(where)
-    tolerated = exposition_names({n: k for n, (_g, k, _l) in pending.TRAINER_METRICS.items()})
-    unexplained = {n: w for n, w in missing.items() if n not in tolerated}
-    assert not unexplained, f"metrics referenced but defined nowhere in the code: {unexplained}"
+    assert not missing, f"metrics referenced but defined nowhere in the code: {missing}"
 
 
 def test_reference_extraction_can_fail():
     assert referenced_in_promql('sum by (instance) (rate(specrelay_target_tokenz_total{status="ok"}[5m]))') == \
         {"specrelay_target_tokenz_total"}
     assert "specrelay_target_tokenz_total" not in code_names()
-
-
-def test_every_pending_metric_is_actually_used():
-    used = set().union(*(referenced_in_promql(e) for e in dashboard_exprs() + [r["expr"] for r in rules()]))
-    names = exposition_names({n: k for n, (_g, k, _l) in pending.TRAINER_METRICS.items()})
-    for base in pending.TRAINER_METRICS:
-        assert used & {n for n in names if n.startswith(base)}, f"{base} is listed as pending but not used"
 
 
 def test_dashboard_is_well_formed():

@@ -19,7 +19,6 @@ from common.config import load_config
 from draft_trainer.cli import build_parser as trainer_parser
 from draft_trainer.config import TrainConfig
 from target_server.cli import build_parser as server_parser
-from tests.deploy import pending
 from tests.deploy.conftest import DEPLOY, require_module, require_tool
 
 K8S = DEPLOY / "k8s"
@@ -218,14 +217,10 @@ def _server_args(overlay):
     return sts, c, argv[2:]
 
 
-def _without_pending(argv, flags):
-    return [a for a in argv if a.split("=")[0] not in flags]
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_target_server_args_parse_with_the_real_cli(overlay):
     _sts, _c, argv = _server_args(overlay)
-    args = server_parser().parse_args(["serve", *_without_pending(argv, pending.missing_server_flags())])
+    args = server_parser().parse_args(["serve", *argv])
     assert args.host == "0.0.0.0", "pods must bind all interfaces explicitly"
     assert (args.backend, args.device) == {"gpu": ("sglang", "cuda"), "cpu-demo": ("hf", "cpu")}[overlay]
 
@@ -233,7 +228,7 @@ def test_target_server_args_parse_with_the_real_cli(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_and_drain_match_the_server(overlay):
     sts, c, argv = _server_args(overlay)
-    args = server_parser().parse_args(["serve", *_without_pending(argv, pending.missing_server_flags())])
+    args = server_parser().parse_args(["serve", *argv])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": args.grpc_port, "flight": args.flight_port, "metrics": args.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -250,7 +245,7 @@ def test_probes_and_drain_match_the_server(overlay):
     # refresh. preStop keeps the server serving until then, so requests are not refused needlessly.
     from draft_trainer.config import TargetsConfig
 
-    refresh = getattr(TargetsConfig(), "refresh_interval_s", pending.DNS_REFRESH_S)
+    refresh = TargetsConfig().refresh_interval_s
     assert pre_s > refresh, f"preStop {pre_s}s must exceed the trainers' DNS refresh interval {refresh}s"
     # A draining server reports NOT_SERVING: the liveness window must outlast the drain.
     assert live["periodSeconds"] * live["failureThreshold"] > args.drain_timeout_s
@@ -316,9 +311,7 @@ def test_trainer_config_loads_as_a_train_config(overlay):
     docs = render(overlay)
     raw = trainer_config(docs)
     keys = dict(flatten(raw))
-    missing = pending.missing_train_keys()
-    live = {k: v for k, v in keys.items() if k not in missing}
-    cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in live.items()])
+    cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in keys.items()])
     job = one(docs, "Job")
     spec = job["spec"]["template"]["spec"]
     # Endpoints: the headless target Service by DNS, on its gRPC port.

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from draft_trainer.client.target import TargetClient
-from tests.deploy import pending
 from tests.deploy.conftest import DEPLOY, require_tool
 from tests.support.procs import REPO, env_with_repo, start_server
 
@@ -120,14 +119,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_real_prometheus_scrapes_a_target_server_and_a_trainer(tmp_path, tiny_llama, tiny_dataset):
-    """The target server always; the trainer too once its /metrics endpoint (issue 7) is in the code."""
+    """A target server and a trainer, scraped by a real Prometheus with the shipped rules."""
     prometheus = require_tool("prometheus")
-    with_trainer = pending.GATES["pool"]()
     srv = start_server(tmp_path, "--backend", "hf", "--model", str(tiny_llama), "--metrics-port", "0")
     prom_port, trainer_metrics = _free_ports(2)
     jobs = [{"job_name": "specrelay-target", "static_configs": [{"targets": [f"127.0.0.1:{srv.metrics_port}"]}]}]
-    if with_trainer:
-        jobs.append({"job_name": "specrelay-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_metrics}"]}]})
+    jobs.append({"job_name": "specrelay-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_metrics}"]}]})
     cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
            "scrape_configs": jobs}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
@@ -160,22 +157,21 @@ def test_real_prometheus_scrapes_a_target_server_and_a_trainer(tmp_path, tiny_ll
         assert [float(r["value"][1]) for r in _query(base, "specrelay_target_ready")] == [1.0]
         info = _query(base, "specrelay_target_model_info")
         assert info and info[0]["metric"]["backend"] == "hf"
-        if with_trainer:
-            # A real trainer against the server, scraped while it trains.
-            with open(tmp_path / "trainer.log", "wb") as tlog:
-                trainer = subprocess.Popen(
-                    [sys.executable, "-m", "draft_trainer", "train", f"data.path={tiny_dataset}",
-                     f"targets.endpoints={srv.endpoint}", f"output_dir={tmp_path / 'run'}", "max_steps=100000",
-                     "epochs=1000", "batch_size=2", "model.ttt_steps=2", "log_every=1000",
-                     "metrics_host=127.0.0.1", f"metrics_port={trainer_metrics}"],
-                    stdout=tlog, stderr=subprocess.STDOUT, env=env_with_repo(), cwd=REPO)
-            consumed = _wait("trainer samples consumed", lambda: [
-                r for r in _query(base, 'specrelay_trainer_samples_consumed_total{job="specrelay-trainer"}')
-                if float(r["value"][1]) > 0], proc=proc, log=log, timeout=120)
-            assert consumed[0]["metric"]["instance"] == f"127.0.0.1:{trainer_metrics}"
-            wait = _wait("data-wait recording rule", lambda: _query(base, "specrelay:trainer_data_wait:fraction5m"),
-                         proc=proc, log=log)
-            assert 0.0 <= float(wait[0]["value"][1]) <= 1.0
+        # A real trainer against the server, scraped while it trains.
+        with open(tmp_path / "trainer.log", "wb") as tlog:
+            trainer = subprocess.Popen(
+                [sys.executable, "-m", "draft_trainer", "train", f"data.path={tiny_dataset}",
+                 f"targets.endpoints={srv.endpoint}", f"output_dir={tmp_path / 'run'}", "max_steps=100000",
+                 "epochs=1000", "batch_size=2", "model.ttt_steps=2", "log_every=1000",
+                 "metrics_host=127.0.0.1", f"metrics_port={trainer_metrics}"],
+                stdout=tlog, stderr=subprocess.STDOUT, env=env_with_repo(), cwd=REPO)
+        consumed = _wait("trainer samples consumed", lambda: [
+            r for r in _query(base, 'specrelay_trainer_samples_consumed_total{job="specrelay-trainer"}')
+            if float(r["value"][1]) > 0], proc=proc, log=log, timeout=120)
+        assert consumed[0]["metric"]["instance"] == f"127.0.0.1:{trainer_metrics}"
+        wait = _wait("data-wait recording rule", lambda: _query(base, "specrelay:trainer_data_wait:fraction5m"),
+                     proc=proc, log=log)
+        assert 0.0 <= float(wait[0]["value"][1]) <= 1.0
         # Every shipped rule loaded and evaluates without error against real data.
         rules = _get(f"{base}/api/v1/rules")["data"]["groups"]
         evaluated = [r for g in rules for r in g["rules"]]
