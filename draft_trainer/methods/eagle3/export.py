@@ -129,6 +129,9 @@ def write_sglang(out: Path, td) -> None:
 
 
 def draft_config_from_export(config: dict) -> DraftConfig:
+    if config.get("norm_before_fc") or (config.get("eagle_config") or {}).get("norm_before_fc"):
+        raise ExportError("exported config.json sets norm_before_fc (one norm over the concatenated aux features); "
+                          "this trainer reads EAGLE-3 and EAGLE-3.1 (fc_norm, per aux layer) drafts only")
     rope = config.get("rope_parameters") or {"rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default"),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
     try:
@@ -148,9 +151,6 @@ def draft_config_from_export(config: dict) -> DraftConfig:
             norm_output=bool(config.get("norm_output")))
     except KeyError as e:
         raise ExportError(f"exported config.json lacks {e}; is this an EAGLE-3 draft directory?") from None
-    if config.get("norm_before_fc") or (config.get("eagle_config") or {}).get("norm_before_fc"):
-        raise ExportError("exported config.json sets norm_before_fc (one norm over the concatenated aux features); "
-                          "this trainer reads EAGLE-3 and EAGLE-3.1 (fc_norm, per aux layer) drafts only")
 
 
 def load_exported(path: str | Path, embed_tokens_VH: torch.Tensor | None = None,
