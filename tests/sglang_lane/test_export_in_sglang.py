@@ -138,20 +138,20 @@ def test_eagle31_export_same_logits_in_sglang(target, tiny_llama, tmp_path):
     ids = [5, 17, 42, 99, 3, 250, 7, 8, 300, 11, 64, 128]
     (cap,) = target.forward([ids], "hidden")
     aux_T3H = cap.aux_T3H.float()
-    emb_1Th = ours.embed_tokens(torch.tensor([ids]))
     pos_1T = torch.arange(len(ids))[None]
     with torch.no_grad():
+        emb_1Th = ours.embed_tokens(torch.tensor([ids]))
         g0_1Th = ours.step(emb_1Th, ours.project(aux_T3H[None]), pos_1T, KVCache())
         g1_1Th = ours.step(emb_1Th, ours.feed(g0_1Th), pos_1T, KVCache())
+        want0_TV, fed0_Th, want1_TV = ours.logits(g0_1Th)[0], ours.feed(g0_1Th)[0], ours.logits(g1_1Th)[0]
     fed = {}
     h0_Nh, _ = _run_sglang_draft(target._runner, theirs, ids, aux_T3H, out_aux=fed)
-    d0 = (torch.nn.functional.linear(h0_Nh, theirs.lm_head.weight)[:, :VD] - ours.logits(g0_1Th)[0]).abs().max()
+    d0 = (torch.nn.functional.linear(h0_Nh, theirs.lm_head.weight)[:, :VD] - want0_TV).abs().max()
     assert d0 <= 1e-5, float(d0)
     # norm_output: SGLang hands the next step norm(g), which is our feed(g) (not g itself).
-    torch.testing.assert_close(fed["aux"], ours.feed(g0_1Th)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fed["aux"], fed0_Th, rtol=0, atol=1e-5)
     assert not torch.allclose(fed["aux"], g0_1Th[0], atol=1e-2)
     h1_Nh, last1 = _run_sglang_draft(target._runner, theirs, ids, fed["aux"])
-    want1_TV = ours.logits(g1_1Th)[0]
     got1_TV = torch.nn.functional.linear(h1_Nh, theirs.lm_head.weight)[:, :VD]
     torch.testing.assert_close(got1_TV, want1_TV, rtol=0, atol=1e-5)
     torch.testing.assert_close(last1[0, :VD], want1_TV[-1], rtol=0, atol=1e-5)
