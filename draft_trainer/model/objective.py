@@ -72,10 +72,18 @@ def objective_rows(logits_cV: torch.Tensor, obj: Objective, p_cV: torch.Tensor |
     return lam * kl + (1 - lam) * (1 - a), logq, a
 
 
+def neg_entropy_rows(p_cV: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v log p_v per row (>= fp32): KL(p||q) = CE(p, q) + this."""
+    return rowsum(torch.special.xlogy(p_cV, p_cV))
+
+
 def objective_rows_inplace(z_cV: torch.Tensor, obj: Objective, p_cV: torch.Tensor | None = None,
-                           ids_cK: torch.Tensor | None = None, pk_cK: torch.Tensor | None = None):
+                           ids_cK: torch.Tensor | None = None, pk_cK: torch.Tensor | None = None,
+                           negH_c: torch.Tensor | None = None):
     """Fused form of `objective_rows`: returns (loss_c, argmax_c, a_c) (>= fp32) and leaves
-    dloss/dz in z (in z's dtype). `obj.kind == "kl"` is served by the soft-CE kernels instead."""
+    dloss/dz in z (in z's dtype). `obj.kind == "kl"` is served by the soft-CE kernels instead.
+    `negH_c`: the rows' `neg_entropy_rows(p)` when the caller has it (a teacher row is shared by
+    every TTT step: computed once, not once per step)."""
     red = acc_dtype(z_cV.dtype)
     dense = p_cV is not None
     m_c, amax_c = z_cV.max(-1)
@@ -83,7 +91,8 @@ def objective_rows_inplace(z_cV: torch.Tensor, obj: Objective, p_cV: torch.Tenso
     if dense:
         pz_c = rowsum(p_cV * z_cV)
         sp_c = torch.ones_like(pz_c)
-        negH_c = rowsum(torch.special.xlogy(p_cV, p_cV)) if obj.kind == "lk_lambda" else None
+        if obj.kind == "lk_lambda" and negH_c is None:
+            negH_c = neg_entropy_rows(p_cV)
     else:
         pk = pk_cK.to(red)
         pz_c = (pk * z_cV.gather(-1, ids_cK).to(red)).sum(-1)

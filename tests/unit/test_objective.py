@@ -150,3 +150,45 @@ def test_fused_ttt_loss_equals_reference_with_lk(kind, sparse):
     for name in ("loss", "acc", "cond_acc", "exp_acc"):
         torch.testing.assert_close(torch.tensor(getattr(new_stats, name)), torch.tensor(getattr(ref_stats, name)),
                                    msg=name, **tol)
+
+
+def step_case(lengths=(20, 14, 6), supervised=0.25):
+    from draft_trainer.data.batch import Batch
+
+    cfg = tiny_cfg(draft_vocab_size=50)
+    model = random_draft(cfg, dtype=torch.float32)
+    vocab = build_vocab_mapping(torch.arange(cfg.vocab_size) % 7, cfg.draft_vocab_size)
+    model.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    aux, ids, am = padded_inputs(cfg, list(lengths), dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    teacher = torch.randn(*ids.shape, cfg.target_hidden_size, generator=g)
+    loss_mask = (torch.rand(ids.shape, generator=g) > supervised).float() * am
+    head = torch.randn(cfg.vocab_size, cfg.target_hidden_size, generator=torch.Generator().manual_seed(1))
+    batch = Batch(list(range(len(lengths))), ids, loss_mask, am, aux, teacher_BTH=teacher)
+    return model, (model, batch, head, vocab.used, vocab.t2d, vocab.target_to_draft, 4)
+
+
+@pytest.mark.parametrize("kind", ["lk_alpha", "lk_lambda"])
+def test_train_step_fused_equals_reference_with_lk(kind):
+    from draft_trainer.methods.eagle3.step import train_step
+
+    model, args = step_case()
+    out = {}
+    for impl in ("reference", "fused"):
+        model.zero_grad()
+        loss, stats = train_step(*args, impl=impl, precision="fp32", objective=Objective(kind))
+        loss.backward()
+        out[impl] = (loss, stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (rl, rs, rg), (fl, fs, fg) = out["reference"], out["fused"]
+    torch.testing.assert_close(fl.float(), rl.float(), rtol=1e-5, atol=1e-6)
+    assert fs.positions == rs.positions and fs.acc == rs.acc and rg.keys() == fg.keys()
+    for n in rg:
+        torch.testing.assert_close(fg[n], rg[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_lk_with_nothing_supervised_is_zero_not_an_error():
+    from draft_trainer.methods.eagle3.step import train_step
+
+    model, args = step_case(supervised=1.1)   # no supervised token at all
+    loss, stats = train_step(*args, precision="fp32", objective=Objective("lk_lambda"))
+    assert float(loss.detach()) == 0.0 and sum(stats.positions) == 0

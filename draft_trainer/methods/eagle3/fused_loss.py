@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from draft_trainer.methods.eagle3.losses import STEP_WEIGHT_DECAY
-from draft_trainer.model.objective import KL, Objective, objective_rows_inplace
+from draft_trainer.model.objective import KL, Objective, neg_entropy_rows, objective_rows_inplace
 from draft_trainer.model.stats import StepStats, sim_accept_len
 from draft_trainer.model.tensors import acc_dtype, rowsum, shift_left
 
@@ -137,9 +137,9 @@ def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, i
     return ce_c, amax_c, ea_c
 
 
-def _soft_ce_rows(z, p=None, ids=None, pk=None, obj: Objective = KL):
+def _soft_ce_rows(z, p=None, ids=None, pk=None, obj: Objective = KL, negH=None):
     if not obj.is_kl:  # LK losses (model/objective.py): the same one-pass form, torch on every device
-        return objective_rows_inplace(z, obj, p, ids, pk)
+        return objective_rows_inplace(z, obj, p, ids, pk, negH)
     if z.is_cuda and p is not None:
         from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton  # lazy: triton only on GPU
 
@@ -173,13 +173,17 @@ class LinearSoftCE(torch.autograd.Function):
             pbuf = torch.empty(c, Vd, dtype=cdt, device=x.device) if dense else None
             dW_c = torch.empty(Vd, h, dtype=cdt, device=x.device) if cdt != acc else None
             w_acc = w_N.to(acc)
+            negH_R = None   # lk_lambda's KL needs each teacher row's entropy: once per row, not per step
+            if dense and obj.kind == "lk_lambda" and teacher.p_RVd.shape[0]:
+                negH_R = torch.cat([neg_entropy_rows(teacher.p_RVd[s : s + c].to(cdt))
+                                    for s in range(0, teacher.p_RVd.shape[0], c)])
             for s in range(0, N, c):
                 e = min(N, s + c)
                 z = x[s:e].to(cdt) @ W.T
                 r = r_N[s:e]
                 if dense:
                     p = torch.index_select(teacher.p_RVd.to(cdt), 0, r, out=pbuf[: e - s])
-                    out = _soft_ce_rows(z, p=p, obj=obj)
+                    out = _soft_ce_rows(z, p=p, obj=obj, negH=None if negH_R is None else negH_R[r])
                 else:
                     out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r], obj=obj)
                 ce[s:e], amax[s:e], ea[s:e] = out
