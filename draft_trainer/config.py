@@ -50,6 +50,24 @@ class ModelConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # compute dtype; auto = bf16 where supported
     init: Literal["random", "target"] = "random"  # target: start from the target's lm_head/final norm and the
                                                   # decoder layer after the last aux layer (methods/eagle3/init.py)
+    eagle_variant: str = "3"         # EAGLE-3: "3" or "3.1" (adds fc_norm, an RMSNorm per aux layer before fc, and
+                                     # norm_output, the next TTT step reads the normed output; SGLang/vLLM serve both)
+    loss: Literal["kl", "lk_alpha", "lk_lambda"] = "kl"  # training objective per draft position (model/objective.py):
+                                     # kl = soft cross-entropy to the target; LK losses (arXiv 2602.23881) train the
+                                     # acceptance rate a = sum min(p, q): lk_alpha = -log a, lk_lambda = l*KL + (1-l)*(1-a)
+    lk_eta: float = 3.0              # lk_lambda: l = exp(-lk_eta * a) (a not differentiated); the paper's best is 3
+
+    def validate(self) -> None:
+        if self.eagle_variant not in EAGLE_VARIANTS:
+            raise ConfigError(f"model.eagle_variant: {self.eagle_variant!r} is not one of {list(EAGLE_VARIANTS)}")
+        if self.eagle_variant != "3" and self.method != "eagle3":
+            raise ConfigError(f"model.eagle_variant={self.eagle_variant} is an EAGLE-3 variant; "
+                              f"model.method is {self.method!r} (use model.method=eagle3 or drop the variant)")
+        if not self.lk_eta > 0:
+            raise ConfigError(f"model.lk_eta: must be > 0, got {self.lk_eta}")
+
+
+EAGLE_VARIANTS = ("3", "3.1")
 
 
 @dataclass
@@ -117,6 +135,7 @@ class TrainConfig:
         from draft_trainer.methods import method_class
 
         method_class(self.model.method)  # an unknown method is refused before anything starts
+        self.model.validate()
         if not self.data.path:
             raise ConfigError("data.path: required (a tokenized dataset from `draft-trainer prepare-data`)")
         if self.feature_cache.offline:

@@ -19,12 +19,15 @@ from tests.support.drafts import save_checkpoint
 from tests.support.eagle3 import random_draft as random_weights
 
 
-def random_draft(target_dir: Path, info, draft_vocab_size: int, seed: int = 0) -> tuple[Eagle3Draft, VocabMapping]:
+def random_draft(target_dir: Path, info, draft_vocab_size: int, seed: int = 0,
+                 eagle31: bool = False) -> tuple[Eagle3Draft, VocabMapping]:
     """Eagle3Draft for the target `info` describes: random weights (norms not all-ones, so a
-    dropped norm shows up), the target's embedding, a random pinned vocabulary mapping."""
+    dropped norm shows up), the target's embedding, a random pinned vocabulary mapping.
+    `eagle31`: the EAGLE-3.1 variant (fc_norm + norm_output, as model.eagle_variant=3.1 builds it)."""
     from safetensors.torch import load_file
 
     cfg = DraftConfig.from_model_info(info, draft_vocab_size=draft_vocab_size)
+    cfg.fc_norm = cfg.norm_output = eagle31
     draft = random_weights(cfg, seed=seed, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     vocab = VocabMapping(used=torch.randperm(info.vocab_size, generator=g)[:draft_vocab_size].sort().values,

@@ -21,7 +21,7 @@ def random_draft(cfg: DraftConfig, seed: int = 0, dtype=torch.float64) -> Eagle3
     m = Eagle3Draft(cfg)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if "norm" in name:
                 p.uniform_(0.5, 1.5)   # not all-ones, so the norms' gradients are tested too
             else:
                 p.normal_(0.0, 0.2)

@@ -28,6 +28,9 @@ class DraftConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # EAGLE-3.1 (model.eagle_variant=3.1); field names as SGLang/vLLM read them from config.json.
+    fc_norm: bool = False            # an RMSNorm over each aux layer's H before `fc` (weights fc_norm.{i})
+    norm_output: bool = False        # the next draft step reads norm(g), the final-normed output, not g
 
     @classmethod
     def from_model_info(cls, info: ModelInfo, draft_vocab_size: int) -> "DraftConfig":

@@ -28,7 +28,7 @@ class Eagle3Drafter(Drafter):
     def _extend(self, feats_SLH: torch.Tensor, next_tokens: list[int]) -> None:
         d = self.draft
         S = feats_SLH.shape[0]
-        g = d.fc(feats_SLH[None].to(d.fc.weight.dtype))
+        g = d.project(feats_SLH[None])
         emb = d.embed_tokens(torch.tensor([next_tokens[:S]]))
         pos = torch.arange(self.real_len, self.real_len + S)[None]
         self.g_last = d.step(emb, g, pos, self.cache)[:, -1:]
@@ -45,7 +45,7 @@ class Eagle3Drafter(Drafter):
         for j in range(k):
             if j > 0:
                 emb = d.embed_tokens(torch.tensor([[prev]]))
-                g = d.step(emb, g, torch.tensor([[self.real_len - 1 + j]]), self.cache)
+                g = d.step(emb, d.feed(g), torch.tensor([[self.real_len - 1 + j]]), self.cache)
             tok = int(d.draft_to_target(d.logits(g[:, -1:]).argmax(-1))[0, 0])
             drafts.append(tok)
             prev, g = tok, g[:, -1:]

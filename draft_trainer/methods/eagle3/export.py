@@ -1,8 +1,9 @@
 """EAGLE-3's serving format: what SGLang's `LlamaForCausalLMEagle3` loads unchanged.
 
 Output directory: `config.json` + `model.safetensors` (bf16 weights, d2t int64, t2d bool, no
-embed_tokens: SGLang shares the target's); draft_trainer/export.py adds `specrelay_export.json`
-(provenance; ignored by SGLang) and the atomic publish. SGLang silently skips unknown weight
+embed_tokens: SGLang shares the target's; EAGLE-3.1 adds `fc_norm.{0,1,2}.weight` and the
+config fields `fc_norm`/`norm_output`, as SGLang 0.5.23's llama_eagle3.py reads them);
+draft_trainer/export.py adds `specrelay_export.json` (provenance; ignored by SGLang) and the atomic publish. SGLang silently skips unknown weight
 names and keeps random values for missing ones, so the writer refuses anything but the exact
 key set, the exact shapes and a consistent vocabulary mapping.
 
@@ -28,7 +29,9 @@ def expected_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor SGLang's LlamaForCausalLMEagle3 reads, with its shape (exact key names)."""
     h, H, d = cfg.hidden_size, cfg.target_hidden_size, cfg.head_dim
     nh, nkv, ffn = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    norms = {f"fc_norm.{i}.weight": (H,) for i in range(3)} if cfg.fc_norm else {}
     return {
+        **norms,
         "fc.weight": (h, 3 * H),
         "midlayer.hidden_norm.weight": (h,),
         "midlayer.input_layernorm.weight": (h,),
@@ -82,6 +85,9 @@ def sglang_config(cfg: DraftConfig) -> dict:
         "dtype": "bfloat16",
         "torch_dtype": "bfloat16",
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "use_aux_hidden_state": True},
+        # EAGLE-3.1, read by SGLang >= 0.5.23 and vLLM as top-level fields (absent = EAGLE-3).
+        **({"fc_norm": True} if cfg.fc_norm else {}),
+        **({"norm_output": True} if cfg.norm_output else {}),
     }
 
 
@@ -123,6 +129,9 @@ def write_sglang(out: Path, td) -> None:
 
 
 def draft_config_from_export(config: dict) -> DraftConfig:
+    if config.get("norm_before_fc") or (config.get("eagle_config") or {}).get("norm_before_fc"):
+        raise ExportError("exported config.json sets norm_before_fc (one norm over the concatenated aux features); "
+                          "this trainer reads EAGLE-3 and EAGLE-3.1 (fc_norm, per aux layer) drafts only")
     rope = config.get("rope_parameters") or {"rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default"),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
     try:
@@ -136,7 +145,10 @@ def draft_config_from_export(config: dict) -> DraftConfig:
             rms_norm_eps=config["rms_norm_eps"], max_position_embeddings=config["max_position_embeddings"],
             rope_parameters=dict(rope), hidden_act=config.get("hidden_act", "silu"),
             bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
-            pad_token_id=config.get("pad_token_id"))
+            pad_token_id=config.get("pad_token_id"),
+            # SGLang also accepts the legacy `use_aux_norm` for fc_norm.
+            fc_norm=bool(config.get("fc_norm") or config.get("use_aux_norm")),
+            norm_output=bool(config.get("norm_output")))
     except KeyError as e:
         raise ExportError(f"exported config.json lacks {e}; is this an EAGLE-3 draft directory?") from None
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from draft_trainer.methods.eagle3.losses import STEP_WEIGHT_DECAY
+from draft_trainer.model.objective import KL, Objective, neg_entropy_rows, objective_rows_inplace
 from draft_trainer.model.stats import StepStats, sim_accept_len
-from draft_trainer.model.tensors import acc_dtype, shift_left
+from draft_trainer.model.tensors import acc_dtype, rowsum, shift_left
 
 
 @dataclass
@@ -103,24 +104,6 @@ def row_teacher_from_topk(topk_ids_BTK: torch.Tensor, topk_logprobs_BTK: torch.T
 
 # ----------------------------------------------------------------------------- per-row soft CE
 
-def rowsum(x_cV: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Row sums in >= fp32, fast for bf16 on CPU.
-
-    `x.sum(-1, dtype=float32)` on a bf16 tensor first copies the whole tensor to fp32 (~20x slower
-    than a bf16 sum). Summing blocks of 128 in bf16 (fp32 accumulation inside, one rounding per
-    block) and the block sums in fp32 keeps the relative error near 1e-4 at bf16-sum speed.
-    """
-    red = acc_dtype(x_cV.dtype)
-    if x_cV.dtype == red:
-        return x_cV.sum(-1)
-    V = x_cV.shape[-1]
-    main = V // block * block
-    out = x_cV[:, :main].unflatten(-1, (-1, block)).sum(-1).to(red).sum(-1)
-    if main < V:
-        out += x_cV[:, main:].to(red).sum(-1)
-    return out
-
-
 def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, ids_cK: torch.Tensor | None = None,
                        pk_cK: torch.Tensor | None = None):
     """Soft cross-entropy of logits z against a teacher p, per row, in place and in z's dtype.
@@ -154,7 +137,9 @@ def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, i
     return ce_c, amax_c, ea_c
 
 
-def _soft_ce_rows(z, p=None, ids=None, pk=None):
+def _soft_ce_rows(z, p=None, ids=None, pk=None, obj: Objective = KL, negH=None):
+    if not obj.is_kl:  # LK losses (model/objective.py): the same one-pass form, torch on every device
+        return objective_rows_inplace(z, obj, p, ids, pk, negH)
     if z.is_cuda and p is not None:
         from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton  # lazy: triton only on GPU
 
@@ -170,7 +155,7 @@ class LinearSoftCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Nh, W_Vdh, teacher: RowTeacher, r_N, w_N, compute_dtype, chunk: int):
+    def forward(ctx, x_Nh, W_Vdh, teacher: RowTeacher, r_N, w_N, compute_dtype, chunk: int, obj: Objective = KL):
         with torch.autocast(x_Nh.device.type, enabled=False):
             N, h = x_Nh.shape
             Vd = W_Vdh.shape[0]
@@ -188,15 +173,19 @@ class LinearSoftCE(torch.autograd.Function):
             pbuf = torch.empty(c, Vd, dtype=cdt, device=x.device) if dense else None
             dW_c = torch.empty(Vd, h, dtype=cdt, device=x.device) if cdt != acc else None
             w_acc = w_N.to(acc)
+            negH_R = None   # lk_lambda's KL needs each teacher row's entropy: once per row, not per step
+            if dense and obj.kind == "lk_lambda" and teacher.p_RVd.shape[0]:
+                negH_R = torch.cat([neg_entropy_rows(teacher.p_RVd[s : s + c].to(cdt))
+                                    for s in range(0, teacher.p_RVd.shape[0], c)])
             for s in range(0, N, c):
                 e = min(N, s + c)
                 z = x[s:e].to(cdt) @ W.T
                 r = r_N[s:e]
                 if dense:
                     p = torch.index_select(teacher.p_RVd.to(cdt), 0, r, out=pbuf[: e - s])
-                    out = _soft_ce_rows(z, p=p)
+                    out = _soft_ce_rows(z, p=p, obj=obj, negH=None if negH_R is None else negH_R[r])
                 else:
-                    out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r])
+                    out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r], obj=obj)
                 ce[s:e], amax[s:e], ea[s:e] = out
                 w_c = w_acc[s:e, None]
                 dx[s:e] = (z @ W).to(acc) * w_c
@@ -218,13 +207,15 @@ class LinearSoftCE(torch.autograd.Function):
         ctx.grads = None
         # In place: backward runs once per graph, and a second [Vd,h] copy would be the peak.
         return (dx.mul_(grad_loss).to(ctx.dtypes[0]), dW.mul_(grad_loss).to(ctx.dtypes[1]),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
                    compute_dtype: torch.dtype | None = None, chunk: int = 256,
-                   normalizers: list[float] | None = None) -> tuple[torch.Tensor, StepStats]:
+                   normalizers: list[float] | None = None, objective: Objective = KL) -> tuple[torch.Tensor, StepStats]:
     """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`).
+
+    `objective` is the per-position loss (model/objective.py): soft cross-entropy, or an LK loss.
 
     `normalizers[k]` replaces step k's own supervised-position count as the divisor of its loss:
     the trainer passes counts summed over micro-batches and ranks, so that the gradient of a
@@ -243,7 +234,8 @@ def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
                                   device=r.device))
     x_Nh = model.norm(torch.cat([g.reshape(B * T, h)[pos] for g, pos in zip(g_steps, flat_pos)]))
     r_N, w_N = torch.cat(rows), torch.cat(weights)
-    loss, ce_N, amax_N, ea_N = LinearSoftCE.apply(x_Nh, model.lm_head.weight, teacher, r_N, w_N, compute_dtype, chunk)
+    loss, ce_N, amax_N, ea_N = LinearSoftCE.apply(x_Nh, model.lm_head.weight, teacher, r_N, w_N, compute_dtype, chunk,
+                                                  objective)
     stats = _step_stats(model, teacher, rows, flat_pos, counts, ce_N, amax_N, ea_N, B * T)
     return loss, stats
 

@@ -12,7 +12,8 @@ target distribution at position t+1+k; everything it needs is the step-0 tensor 
 Loss. Soft cross-entropy against the target distribution renormalised over the draft vocab,
 `p = softmax(z[..., used])`, at positions whose full-vocab target argmax is in the draft vocab.
 Each step's loss is divided by its number of supervised positions (not by B*T: padding must
-not dilute the loss), and the total is `sum_k 0.8^k L_k`.
+not dilute the loss), and the total is `sum_k 0.8^k L_k`. `model.loss=lk_alpha|lk_lambda`
+replaces the soft cross-entropy by an LK loss (draft_trainer/model/objective.py).
 
 Metrics (per step k, over that step's supervised positions):
   acc_k       draft argmax (mapped to target ids) == target full-vocab argmax
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draft_trainer.model.objective import KL, Objective, objective_rows
 from draft_trainer.model.stats import StepStats, sim_accept_len
 from draft_trainer.model.tensors import acc_dtype, shift_left
 
@@ -96,17 +98,20 @@ def teacher_from_topk(topk_ids_BTK: torch.Tensor, topk_logprobs_BTK: torch.Tenso
     return Teacher(p_BTVd=None, top_BT=top_BT, mask_BT=mask_BT, topk_ids_BTK=draft_ids, topk_p_BTK=p)
 
 
-def step_loss(logits_BTVd: torch.Tensor, t: Teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """(soft cross-entropy summed over supervised positions, log-softmax) for one TTT step."""
-    logq = torch.log_softmax(logits_BTVd.to(acc_dtype(logits_BTVd.dtype)), dim=-1)
+def step_loss(logits_BTVd: torch.Tensor, t: Teacher, objective: Objective = KL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the objective summed over supervised positions, log-softmax) for one TTT step."""
+    B, T, Vd = logits_BTVd.shape
     if t.p_BTVd is not None:
-        ce_BT = -(t.p_BTVd * logq).sum(-1)
+        loss_N, logq_N, _ = objective_rows(logits_BTVd.reshape(B * T, Vd), objective, p_cV=t.p_BTVd.reshape(B * T, Vd))
     else:
-        ce_BT = -(t.topk_p_BTK * logq.gather(-1, t.topk_ids_BTK)).sum(-1)
-    return (ce_BT * t.mask_BT).sum(), logq
+        K = t.topk_ids_BTK.shape[-1]
+        loss_N, logq_N, _ = objective_rows(logits_BTVd.reshape(B * T, Vd), objective,
+                                           ids_cK=t.topk_ids_BTK.reshape(B * T, K), pk_cK=t.topk_p_BTK.reshape(B * T, K))
+    return (loss_N.view(B, T) * t.mask_BT).sum(), logq_N.view(B, T, Vd)
 
 
-def ttt_loss(model, g_steps: list[torch.Tensor], teacher: Teacher) -> tuple[torch.Tensor, StepStats]:
+def ttt_loss(model, g_steps: list[torch.Tensor], teacher: Teacher,
+             objective: Objective = KL) -> tuple[torch.Tensor, StepStats]:
     """Weighted TTT loss over the step outputs of `ttt_forward`, plus per-step metrics."""
     total = g_steps[0].new_zeros((), dtype=torch.float32)
     stats = StepStats()
@@ -114,7 +119,7 @@ def ttt_loss(model, g_steps: list[torch.Tensor], teacher: Teacher) -> tuple[torc
     for k, g_BTh in enumerate(g_steps):
         t = teacher.for_step(k)
         n = t.mask_BT.sum()
-        ce_sum, logq = step_loss(model.logits(g_BTh), t)
+        ce_sum, logq = step_loss(model.logits(g_BTh), t, objective)
         loss_k = ce_sum / n.clamp_min(1.0)
         total = total + (STEP_WEIGHT_DECAY ** k) * loss_k
         with torch.no_grad():

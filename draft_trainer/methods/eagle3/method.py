@@ -19,6 +19,7 @@ from draft_trainer.methods.eagle3.config import DraftConfig
 from draft_trainer.methods.eagle3.losses import STEP_WEIGHT_DECAY
 from draft_trainer.methods.eagle3.model import Eagle3Draft
 from draft_trainer.methods.eagle3.step import make_teacher, step_counts, train_step
+from draft_trainer.model.objective import Objective
 from draft_trainer.model.precision import cast_frozen, compute_dtype
 
 
@@ -37,6 +38,8 @@ class Eagle3Method(DraftMethod):
             raise ConfigError(f"EAGLE-3 reads exactly three target layers, the feature spec has {list(spec.layer_ids)}")
         cfg = DraftConfig.from_model_info(info, vocab.draft_vocab_size)
         cfg.aux_layer_ids = list(spec.layer_ids)
+        # EAGLE-3.1 = both of SGLang/vLLM's switches (a norm per aux layer before fc, normed output fed back).
+        cfg.fc_norm = cfg.norm_output = getattr(self.cfg, "eagle_variant", "3") == "3.1"
         model = Eagle3Draft(cfg)
         model.set_vocab_mapping(vocab.d2t, vocab.t2d)
         return model
@@ -64,6 +67,7 @@ class Eagle3Method(DraftMethod):
     def bind(self, model, frozen: dict[str, torch.Tensor], vocab: VocabMapping, device: torch.device) -> None:
         self.precision = self.cfg.precision
         self.ttt_steps = self.cfg.ttt_steps
+        self.objective = Objective(getattr(self.cfg, "loss", "kl"), getattr(self.cfg, "lk_eta", 3.0))
         self.target_head_VH = cast_frozen(model, frozen["lm_head"].float().to(device),
                                           compute_dtype(self.precision, device))
         self.used_Vd, self.t2d_V, self.t2d_index_V = (vocab.used.to(device), vocab.t2d.to(device),
@@ -78,7 +82,8 @@ class Eagle3Method(DraftMethod):
 
     def loss(self, model, batch, targets, normalizers=None):
         return train_step(model, batch, self.target_head_VH, self.used_Vd, self.t2d_V, self.t2d_index_V,
-                          self.ttt_steps, precision=self.precision, teacher=targets, normalizers=normalizers)
+                          self.ttt_steps, precision=self.precision, teacher=targets, normalizers=normalizers,
+                          objective=self.objective)
 
     def num_positions(self) -> int:
         return self.cfg.ttt_steps

@@ -88,6 +88,8 @@ class Eagle3Draft(nn.Module):
         # Frozen copy of the target's input embedding (SGLang shares the target's; not exported).
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
         self.embed_tokens.weight.requires_grad_(False)
+        # EAGLE-3.1: one norm per aux layer before fc (SGLang/vLLM `fc_norm`, keys fc_norm.{0,1,2}).
+        self.fc_norm = nn.ModuleList([RMSNorm(H, cfg.rms_norm_eps) for _ in range(3)]) if cfg.fc_norm else None
         self.fc = nn.Linear(3 * H, h, bias=False)
         self.midlayer = MidLayer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
@@ -106,6 +108,19 @@ class Eagle3Draft(nn.Module):
 
     def logits(self, g_BTh: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(g_BTh))
+
+    def project(self, aux_BT3H: torch.Tensor) -> torch.Tensor:
+        """The first hidden stream g from the target's aux features: fc(aux), EAGLE-3.1 norming
+        each aux layer first."""
+        aux_BT3H = aux_BT3H.to(self.fc.weight.dtype)
+        if self.fc_norm is not None:
+            aux_BT3H = torch.cat([n(a) for n, a in zip(self.fc_norm, aux_BT3H.chunk(3, dim=-1))], dim=-1)
+        return self.fc(aux_BT3H)
+
+    def feed(self, g_BTh: torch.Tensor) -> torch.Tensor:
+        """What the next draft step reads of a step's output g: g itself (EAGLE-3), or norm(g)
+        with EAGLE-3.1's `norm_output` (the logits read norm(g) in both)."""
+        return self.norm(g_BTh) if self.cfg.norm_output else g_BTh
 
     def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t)
@@ -128,7 +143,8 @@ class Eagle3Draft(nn.Module):
     # ------------------------------------------------------------------ TTT reference
     def ttt_forward(self, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
                     attention_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Reference TTT: returns the hidden output g_{k+1} [B,T,h] of every step k.
+        """Reference TTT: returns the hidden output g_{k+1} [B,T,h] of every step k (before the
+        final norm; step k+1 reads `feed(g_{k+1})`).
 
         `input_ids_BT[:, t]` is the token the draft reads at position t of step 0 (already
         shifted by one, see losses.py); step k reads `input_ids_BT[:, t + k]` (zero past the end).
@@ -137,7 +153,7 @@ class Eagle3Draft(nn.Module):
         """
         B, T, _ = aux_BT3H.shape
         attn = self.midlayer.self_attn
-        g_BTh = self.fc(aux_BT3H.to(self.fc.weight.dtype))
+        g_BTh = self.project(aux_BT3H)
         dtype = g_BTh.dtype
         acc = acc_dtype(dtype)
         scale = attn.d ** -0.5
@@ -175,14 +191,16 @@ class Eagle3Draft(nn.Module):
             for j, vd in enumerate(diag_v):
                 o_BnTd = o_BnTd + p[..., T + j : T + j + 1].to(dtype) * vd
             o_BTnd = o_BnTd.transpose(1, 2).reshape(B, T, -1)
-            g_BTh = self.midlayer.finish(g_BTh, o_BTnd)
-            outs.append(g_BTh)
+            out_BTh = self.midlayer.finish(g_BTh, o_BTnd)
+            outs.append(out_BTh)
+            g_BTh = self.feed(out_BTh)
         return outs
 
     # ------------------------------------------------------------------ incremental (serving/eval)
     def step(self, emb_BTh: torch.Tensor, g_BTh: torch.Tensor, pos_BT: torch.Tensor,
              cache: "KVCache") -> torch.Tensor:
-        """Plain causal decoding with a KV cache (what SGLang runs when drafting): returns g'."""
+        """Plain causal decoding with a KV cache (what SGLang runs when drafting): returns g'.
+        `g_BTh` is fc(aux) or `feed` of the previous step's g'."""
         attn = self.midlayer.self_attn
         cos, sin = self.rope(pos_BT, g_BTh.dtype)
         q_BnTd, k_BkTd, v_BkTd = attn.qkv(self.midlayer.attn_input(emb_BTh, g_BTh), cos, sin)

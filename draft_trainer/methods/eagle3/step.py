@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from draft_trainer.methods.eagle3.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
 from draft_trainer.methods.eagle3.losses import teacher_from_hidden, teacher_from_topk, ttt_loss
 from draft_trainer.methods.eagle3.model import Eagle3Draft
+from draft_trainer.model.objective import KL, Objective
 from draft_trainer.model.precision import autocast, compute_dtype
 from draft_trainer.model.stats import StepStats
 from draft_trainer.model.tensors import shift_left
@@ -47,13 +48,15 @@ def step_counts(teacher, ttt_steps: int) -> list[int]:
 
 def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | None, used_Vd: torch.Tensor,
                t2d_V: torch.Tensor, t2d_index_V: torch.Tensor, ttt_steps: int, *, precision: str = "auto",
-               impl: str = "fused", teacher=None, normalizers: list[float] | None = None) -> tuple[torch.Tensor, StepStats]:
+               impl: str = "fused", teacher=None, normalizers: list[float] | None = None,
+               objective: Objective = KL) -> tuple[torch.Tensor, StepStats]:
     """One TTT forward + loss (the caller runs backward and the optimizer).
 
     impl="fused" (default): fused TTT attention + chunked loss, matmuls in the `precision` dtype
     (bf16 where supported) with fp32 master weights. impl="reference": the readable reference
     (fp32), kept for equivalence tests. `normalizers` (per TTT step) replace the batch's own
     supervised-position counts, for global normalisation over micro-batches and ranks.
+    `objective` (model.loss) is the per-position loss: soft cross-entropy or an LK loss.
     """
     if teacher is None:
         teacher = make_teacher(batch, target_head_VH, used_Vd, t2d_V, t2d_index_V, precision=precision, impl=impl)
@@ -63,8 +66,8 @@ def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | 
         if normalizers is not None:
             raise ConfigError("normalizers are only supported by the fused path")
         g_steps = model.ttt_forward(batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
-        return ttt_loss(model, g_steps, teacher)
+        return ttt_loss(model, g_steps, teacher, objective)
     cdt = compute_dtype(precision, batch.aux_BT3H.device)
     with autocast(batch.aux_BT3H.device, cdt):
         g_steps = model(batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
-    return fused_ttt_loss(model, g_steps, teacher, compute_dtype=cdt, normalizers=normalizers)
+    return fused_ttt_loss(model, g_steps, teacher, compute_dtype=cdt, normalizers=normalizers, objective=objective)

@@ -114,7 +114,7 @@ def ttt_forward_fused(model, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor,
     B, T, _ = aux_BT3H.shape
     layer = model.midlayer
     attn = layer.self_attn
-    g_BTh = model.fc(aux_BT3H.to(model.fc.weight.dtype))
+    g_BTh = model.project(aux_BT3H)
     dtype = g_BTh.dtype
     mask_B1TT = key_padding_mask(attention_mask_BT, T, dtype)
     base_pos = torch.arange(T, device=g_BTh.device)[None].expand(B, T)
@@ -133,6 +133,7 @@ def ttt_forward_fused(model, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor,
             diag_k.append(k_BkTd)
             diag_v.append(v_BkTd)
         o_BnTd = TTTAttention.apply(attn.d ** -0.5, mask_B1TT, q_BnTd, k0, v0, *diag_k, *diag_v)
-        g_BTh = layer.finish(g_BTh, o_BnTd.transpose(1, 2).reshape(B, T, -1))
-        outs.append(g_BTh)
+        out_BTh = layer.finish(g_BTh, o_BnTd.transpose(1, 2).reshape(B, T, -1))
+        outs.append(out_BTh)
+        g_BTh = model.feed(out_BTh)          # EAGLE-3.1 norm_output: the next step reads norm(g)
     return outs

@@ -1,0 +1,152 @@
+"""Draft quality side by side: EAGLE-3, EAGLE-3.1 and EAGLE-3 + LK losses trained on the same
+data for the same tokens, acceptance length (tau) compared in one run.
+
+    python -m benchmarks.bench_quality            # SmolLM2-135M-Instruct + ShareGPT (not run yet: duration unmeasured)
+    python -m benchmarks.bench_quality --smoke    # tiny offline Llama + built-in chats (seconds per arm)
+    python -m benchmarks.bench_quality --arms eagle3,eagle3.1 --minutes 30
+
+Every arm runs the same recipe (draft_trainer/configs/smollm2_cpu.yaml at full size), the same
+seed, data order, batch size and number of optimizer steps, so each trains on exactly the same
+tokens (checked: the run fails if the token counts differ). Per arm it reports
+  sim_tau     simulated acceptance length of a greedy K-token chain on the held-out samples
+              (the trainer's end-of-run evaluation: 1 + sum_k prod_{j<=k} cond_acc_j)
+  exp_acc     mean over draft positions of sum_v min(p, q): acceptance under sampling
+  tau         real acceptance length: greedy chain speculative decoding of the held-out prompts
+              with the exported draft (`draft-trainer eval`), checked lossless against greedy
+and the ratios to EAGLE-3 (targets of issue 15: EAGLE-3.1 >= 1.05x, LK >= 1.0x).
+At --smoke size the figures only prove the pipeline (a tiny random target, seconds of training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import markdown_table, write_results
+
+ARMS = {  # name -> model.* overrides
+    "eagle3": [],
+    "eagle3.1": ["model.eagle_variant=3.1"],
+    "eagle3+lk_lambda": ["model.loss=lk_lambda", "model.lk_eta=3"],
+    "eagle3+lk_alpha": ["model.loss=lk_alpha"],
+}
+DEFAULT_ARMS = "eagle3,eagle3.1,eagle3+lk_lambda"
+FULL = dict(samples=4000, holdout=64, eval_prompts=16, max_new_tokens=64, K=5, steps=1500, max_length=512,
+            vocab=8192, lr=2e-3)
+SMOKE = dict(samples=64, holdout=8, eval_prompts=4, max_new_tokens=16, K=3, steps=12, max_length=128,
+             vocab=256, lr=3e-3)
+
+
+def prepare(work: Path, d: dict, smoke: bool) -> tuple[Path, Path, Path]:
+    """(target model dir, tokenized dataset dir, held-out prompts file)."""
+    from draft_trainer import assets
+    from draft_trainer.data.prepare import HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
+
+    if smoke:
+        model = assets.build_tiny_model(work / "tiny-llama", "llama")
+        source = work / "chats.jsonl"
+        source.write_text("".join(json.dumps(c) + "\n" for c in assets.tiny_conversations(d["samples"] + d["eval_prompts"])))
+    else:
+        model, source = assets.fetch_smollm2(), assets.locate_sharegpt()
+    res = prepare_data(PrepareConfig(model=str(model), inputs=[str(source)], output=str(work / "data"),
+                                     max_length=d["max_length"], min_supervised_tokens=1, skip_bad=True,
+                                     workers=1, draft_vocab_size=d["vocab"], holdout=d["eval_prompts"],
+                                     max_samples=d["samples"]))
+    return model, res.path, res.path / HELDOUT_PROMPTS_FILE
+
+
+def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: bool, minutes: float) -> dict:
+    from common.config import load_config
+    from draft_trainer.config import TrainConfig
+    from draft_trainer.train.loop import Trainer
+
+    recipe = Path(__file__).resolve().parents[1] / "draft_trainer" / "configs" / "smollm2_cpu.yaml"
+    overrides = [f"data.path={data}", f"targets.embedded_model={model}", f"output_dir={out}", "resume_from=",
+                 "progress=false", f"max_steps={d['steps']}", f"model.ttt_steps={d['K']}", f"optim.lr={d['lr']}",
+                 f"eval.holdout={d['holdout']}", "eval.every_steps=0", "seed=0", "optim.schedule=steps",
+                 f"time_budget_s={minutes * 60 if minutes else 0}", *ARMS[name]]
+    if smoke:
+        overrides += ["targets.embedded_dtype=fp32"]
+    cfg = load_config(TrainConfig, recipe, overrides)
+    t0 = time.perf_counter()
+    summary = Trainer(cfg).run()
+    train_s = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("split", "train") == "train"]
+    ev = [r for r in recs if r.get("split") == "eval"][-1]
+    return {"arm": name, "steps": summary["steps"], "train_tokens": sum(int(r["tokens"]) for r in train),
+            "train_s": round(train_s, 1), "sim_tau": ev["sim_accept_len"],
+            "exp_acc": sum(ev["exp_acc"]) / len(ev["exp_acc"]), "acc0": ev["acc"][0],
+            "eval_loss": ev["loss"], "overrides": ARMS[name]}
+
+
+def real_tau(arm_dir: Path, model: Path, prompts: Path, d: dict, greedy: dict) -> dict:
+    from draft_trainer.eval import evaluate
+    from draft_trainer.export import export_sglang
+    from draft_trainer.train import checkpoint as ckpt_io
+
+    last = ckpt_io.list_checkpoints(arm_dir / "checkpoints")[-1]
+    export = export_sglang(last, arm_dir / "export", overwrite=True)
+    r = evaluate(model, export, prompts, num_steps=d["K"], max_new_tokens=d["max_new_tokens"], greedy_cache=greedy)
+    if not r["lossless"]:
+        raise SystemExit(f"bench_quality: {export} is not lossless against greedy decoding: {r['mismatches'][:3]}")
+    return {"tau": r["tau"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny offline target and chats: proves the pipeline only")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, from {list(ARMS)}")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per arm (default: 12 smoke, 1500 full)")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="also stop each arm after this many minutes (then tokens may differ: the run says so)")
+    p.add_argument("--no-real-tau", action="store_true", help="skip the speculative-decoding evaluation")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or "eagle3" not in arms:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)} and include eagle3 (the baseline)")
+    d = dict(SMOKE if args.smoke else FULL)
+    if args.steps:
+        d["steps"] = args.steps
+    load_start = os.getloadavg()[0]
+    work = Path(tempfile.mkdtemp(prefix="specrelay-bench-quality-"))
+    rows, greedy = [], {}
+    try:
+        model, data, prompts = prepare(work, d, args.smoke)
+        for name in arms:
+            row = train_arm(name, work / name, model, data, d, args.smoke, args.minutes)
+            if not args.no_real_tau:
+                row.update(real_tau(work / name, model, prompts, d, greedy))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = next(r for r in rows if r["arm"] == "eagle3")
+    equal_tokens = len({r["train_tokens"] for r in rows}) == 1
+    for r in rows:
+        r["sim_tau_vs_eagle3"] = r["sim_tau"] / base["sim_tau"]
+        if "tau" in r:
+            r["tau_vs_eagle3"] = r["tau"] / base["tau"]
+    cols = ["arm", "steps", "train_tokens", "sim_tau", "sim_tau_vs_eagle3", "exp_acc", "acc0"]
+    cols += [] if args.no_real_tau else ["tau", "tau_vs_eagle3"]
+    table = markdown_table(rows, cols + ["train_s"])
+    table += (f"\n\n{'Smoke size (tiny random target): pipeline proof only, not a quality result. ' if args.smoke else ''}"
+              f"Equal training tokens in every arm: {'yes' if equal_tokens else 'NO'}. "
+              f"K={d['K']}, {d['steps']} steps, held-out samples {d['holdout']}, eval prompts {d['eval_prompts']} "
+              f"x {d['max_new_tokens']} tokens. Load average at start {load_start:.1f}.")
+    name = "bench_quality_smoke" if args.smoke else "bench_quality"
+    write_results(name, {"config": d, "arms": rows, "equal_tokens": equal_tokens, "smoke": args.smoke,
+                         "load_avg_start": load_start}, table, args.out)
+    if not equal_tokens and not args.minutes:
+        raise SystemExit("bench_quality: arms trained on different token counts; the comparison is void")
+
+
+if __name__ == "__main__":
+    main()
