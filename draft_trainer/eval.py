@@ -1,278 +1,32 @@
-"""Acceptance evaluation by real speculative decoding (greedy chain drafting), checked lossless.
+"""`draft-trainer eval`: acceptance by real speculative decoding (greedy chain drafting), checked lossless.
 
     draft-trainer eval --target-model DIR --draft EXPORT_DIR --prompts prompts.jsonl \
-        [--num-steps 7] [--max-new-tokens 128] [--output result.json]
+        [--num-steps 7] [--max-new-tokens 128] [--speed-rounds 3] [--untrained] [--output result.json]
 
-Legend (shapes): B = 1 (one prompt at a time), S tokens in a forward, H target hidden,
-h draft hidden, K draft tokens per round.
-
-One round, with the committed sequence x_0..x_n (x_n produced by the target, not yet in its KV
-cache; the draft's cache holds positions 0..n-1 built from real target features):
-  1. draft: position n-1 reads f_{n-1} (already cached) ... the chain starts from the draft's
-     last hidden output; step j (1..K) feeds emb(d_{j-1}) (d_0 = x_n) and the previous hidden
-     output at position n-1+j-1, giving d_j = argmax, mapped to a target id through d2t;
-  2. target: one forward over [x_n, d_1..d_K]; d_j is accepted while it equals the target's
-     argmax at the previous position; the target's argmax after the last accepted token is the
-     bonus token. a accepted + 1 bonus tokens are committed per target forward (tau = mean);
-  3. caches: the target's DynamicCache is cropped to the committed tokens; the draft's cache is
-     cropped to its real-feature part and extended with the target's aux features of
-     x_n, d_1..d_a (position p reads f_p and emb(x_{p+1})), exactly as at prefill.
-The output is compared token by token with plain greedy decoding of the same target: any
-difference is reported (and the command fails), so a bug cannot inflate tau.
+The evaluator lives in draft_trainer/evaluate/: the Drafter seam (drafter.py), the generic loop
+(decode.py), EAGLE-3's drafter (eagle3_drafter.py), the prompt-lookup baseline
+(prompt_lookup.py) and the command (runner.py). This module keeps the names callers import.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from draft_trainer.evaluate.decode import SpecStats, TargetVerifier, eos_set, greedy_decode
+from draft_trainer.evaluate.decode import speculative_decode as _speculative_decode
+from draft_trainer.evaluate.drafter import Drafter
+from draft_trainer.evaluate.prompts import load_prompts
+from draft_trainer.evaluate.runner import evaluate
 
-import torch
+_eos_set = eos_set  # the name tests/support/drafts.py imports
 
-from common.errors import ContractError, DataError
-from draft_trainer.model.draft import Eagle3Draft, KVCache
-
-
-# ----------------------------------------------------------------------------- prompts
-
-def load_prompts(path: str | Path, tokenizer) -> list[list[int]]:
-    """JSONL: {"messages": [{"role":..,"content":..}, ...]} or {"prompt": "..."} per line.
-
-    Both are rendered with the tokenizer's chat template (a plain prompt as one user turn) and
-    the generation prompt; without a chat template a plain prompt is tokenized as is.
-    """
-    p = Path(path)
-    try:
-        lines = p.read_text().splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read prompts file {p}: {e}") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{p}:{i}: not valid JSON ({e})") from None
-        if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            msgs = rec["messages"]
-        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-            msgs = [{"role": "user", "content": rec["prompt"]}]
-        else:
-            raise DataError(f'{p}:{i}: expected {{"messages": [...]}} or {{"prompt": "..."}}')
-        if tokenizer.chat_template:
-            try:
-                ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False)
-            except Exception as e:  # template errors are data errors here (bad roles etc.)
-                raise DataError(f"{p}:{i}: chat template failed: {e}") from None
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        elif "prompt" in rec:
-            ids = tokenizer(rec["prompt"], add_special_tokens=True)["input_ids"]
-        else:
-            raise DataError(f"{p}:{i}: chat messages need a tokenizer with a chat template")
-        ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
-        if not ids:
-            raise DataError(f"{p}:{i}: prompt renders to no tokens")
-        out.append(ids)
-    if not out:
-        raise DataError(f"prompts file {p} has no prompts")
-    return out
+__all__ = ["Drafter", "SpecStats", "TargetVerifier", "evaluate", "greedy_decode", "load_prompts",
+           "speculative_decode"]
 
 
-# ----------------------------------------------------------------------------- decoding
+def speculative_decode(target, draft, prompt: list[int], num_steps: int, max_new_tokens: int, eos: set[int],
+                       **kw) -> tuple[list[int], SpecStats]:
+    """decode.speculative_decode with a Drafter, or an Eagle3Draft (wrapped in its drafter)."""
+    if not isinstance(draft, Drafter):
+        from draft_trainer.evaluate.eagle3_drafter import Eagle3Drafter
 
-@dataclass
-class SpecStats:
-    rounds: int = 0
-    accepted: list[int] = field(default_factory=list)   # accepted draft tokens per round
-    new_tokens: int = 0
-    seconds: float = 0.0
-
-
-def _aux(hidden_states, aux_ids: list[int]) -> torch.Tensor:
-    """[1,S,3H]: outputs of decoder layers `aux_ids` (hidden_states[0] is the embedding)."""
-    return torch.cat([hidden_states[i + 1] for i in aux_ids], dim=-1)
-
-
-def _eos_set(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
-
-
-@torch.no_grad()
-def greedy_decode(target, prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
-    """Plain greedy decoding with a KV cache: the reference output and speed."""
-    from transformers import DynamicCache
-
-    t0 = time.perf_counter()
-    cache = DynamicCache()
-    out = target(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-    toks = []
-    nxt = int(out.logits[0, -1].argmax())
-    while True:
-        toks.append(nxt)
-        if len(toks) >= max_new_tokens or nxt in eos:
-            break
-        out = target(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
-        nxt = int(out.logits[0, -1].argmax())
-    return toks, time.perf_counter() - t0
-
-
-@torch.no_grad()
-def speculative_decode(target, draft: Eagle3Draft, prompt: list[int], num_steps: int, max_new_tokens: int,
-                       eos: set[int]) -> tuple[list[int], SpecStats]:
-    from transformers import DynamicCache
-
-    aux_ids = list(draft.cfg.aux_layer_ids)
-    st = SpecStats()
-    t0 = time.perf_counter()
-    tcache = DynamicCache()
-    out = target(torch.tensor([prompt]), past_key_values=tcache, use_cache=True, output_hidden_states=True)
-    x_n = int(out.logits[0, -1].argmax())
-    committed = list(prompt) + [x_n]
-    toks = [x_n]
-    dcache = KVCache()
-    real_len = 0                                   # draft cache entries built from real features
-    # Draft prefill: position p reads f_p and emb(x_{p+1}).
-    feats_SH3 = _aux(out.hidden_states, aux_ids)[0]
-    g_last = _draft_extend(draft, dcache, feats_SH3, committed[1:], 0)
-    real_len = len(prompt)
-    while len(toks) < max_new_tokens and toks[-1] not in eos:
-        # 1. chain drafting
-        drafts = []
-        prev_tok, g = x_n, g_last
-        for j in range(num_steps):
-            if j > 0:
-                emb = draft.embed_tokens(torch.tensor([[prev_tok]]))
-                pos = torch.tensor([[real_len - 1 + j]])
-                g = draft.step(emb, g, pos, dcache)
-            d = int(draft.draft_to_target(draft.logits(g[:, -1:]).argmax(-1))[0, 0])
-            drafts.append(d)
-            prev_tok, g = d, g[:, -1:]
-        # 2. one target forward verifies all drafts
-        inp = [x_n] + drafts
-        out = target(torch.tensor([inp]), past_key_values=tcache, use_cache=True, output_hidden_states=True)
-        tgt = out.logits[0].argmax(-1).tolist()
-        a = 0
-        while a < num_steps and drafts[a] == tgt[a]:
-            a += 1
-        bonus = tgt[a]
-        st.rounds += 1
-        st.accepted.append(a)
-        new = drafts[:a] + [bonus]
-        # 3. caches: keep x_n, d_1..d_a in the target; rebuild the draft from real features.
-        if a < num_steps:                          # drop the rejected drafts' entries
-            tcache.crop(-(num_steps - a))
-        dcache.truncate(real_len)
-        feats_SH3 = _aux(out.hidden_states, aux_ids)[0, : a + 1]
-        g_last = _draft_extend(draft, dcache, feats_SH3, new, real_len)
-        real_len += a + 1
-        committed += new
-        for t in new:
-            toks.append(t)
-            if len(toks) >= max_new_tokens or t in eos:
-                break
-        x_n = bonus
-    st.seconds = time.perf_counter() - t0
-    st.new_tokens = len(toks)
-    return toks, st
-
-
-def _draft_extend(draft: Eagle3Draft, cache: KVCache, feats_SH3: torch.Tensor, next_tokens: list[int],
-                  start: int) -> torch.Tensor:
-    """Append positions start.. built from real target features; returns the last hidden [1,1,h]."""
-    S = feats_SH3.shape[0]
-    g = draft.fc(feats_SH3[None].to(draft.fc.weight.dtype))
-    emb = draft.embed_tokens(torch.tensor([next_tokens[:S]]))
-    pos = torch.arange(start, start + S)[None]
-    return draft.step(emb, g, pos, cache)[:, -1:]
-
-
-# ----------------------------------------------------------------------------- command
-
-def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str | Path, num_steps: int = 7,
-             max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False) -> dict:
-    """Acceptance of one exported draft on a prompts file (see the module doc).
-
-    `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt, so
-    evaluating several drafts on the same target and prompts decodes the reference once.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from draft_trainer.export import load_exported
-
-    if num_steps < 1 or max_new_tokens < 1:
-        raise DataError("--num-steps and --max-new-tokens must be >= 1")
-    tok = AutoTokenizer.from_pretrained(target_model)
-    target = AutoModelForCausalLM.from_pretrained(target_model, dtype=torch.float32).eval()
-    emb = target.get_input_embeddings().weight.detach()
-    draft = load_exported(draft_dir, embed_tokens_VH=None).eval()
-    tcfg = target.config
-    if draft.cfg.vocab_size != emb.shape[0] or draft.cfg.target_hidden_size != tcfg.hidden_size:
-        raise ContractError(f"draft {draft_dir} was trained for V={draft.cfg.vocab_size}, "
-                            f"H={draft.cfg.target_hidden_size}; target {target_model} has V={emb.shape[0]}, "
-                            f"H={tcfg.hidden_size}")
-    if draft.cfg.hidden_size != emb.shape[1]:
-        raise ContractError(f"draft hidden size {draft.cfg.hidden_size} != target embedding width {emb.shape[1]}")
-    if not draft.cfg.aux_layer_ids or max(draft.cfg.aux_layer_ids) >= tcfg.num_hidden_layers:
-        raise ContractError(f"draft aux layer ids {draft.cfg.aux_layer_ids} do not fit the target's "
-                            f"{tcfg.num_hidden_layers} layers")
-    with torch.no_grad():
-        draft.embed_tokens.weight.copy_(emb)
-    prompts = load_prompts(prompts_path, tok)
-    eos = _eos_set(target, tok)
-    per_prompt, mismatches = [], []
-    accepted, rounds, spec_s, greedy_s, spec_tokens, greedy_tokens = [], 0, 0.0, 0.0, 0, 0
-    cache = greedy_cache if greedy_cache is not None else {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=f"eval {Path(draft_dir).name}", unit="prompt", dynamic_ncols=True)
-    for i, prompt in enumerate(prompts):
-        key = (str(target_model), tuple(prompt), max_new_tokens)
-        if key not in cache:
-            cache[key] = greedy_decode(target, prompt, max_new_tokens, eos)
-        ref, g_s = cache[key]
-        got, st = speculative_decode(target, draft, prompt, num_steps, max_new_tokens, eos)
-        same = got == ref
-        if not same:
-            first = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-            mismatches.append({"prompt": i, "first_diff": first, "spec": got[first:first + 5],
-                               "greedy": ref[first:first + 5]})
-        accepted += st.accepted
-        rounds += st.rounds
-        spec_s += st.seconds
-        greedy_s += g_s
-        spec_tokens += len(got)
-        greedy_tokens += len(ref)
-        per_prompt.append({"prompt_tokens": len(prompt), "new_tokens": len(got), "rounds": st.rounds,
-                           "tau": (sum(st.accepted) + st.rounds) / max(st.rounds, 1), "identical": same})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(tau=f"{(sum(accepted) + rounds) / max(rounds, 1):.2f}")
-    if bar is not None:
-        bar.close()
-    # Acceptance per draft position i: P(first i drafts accepted), and given the first i-1 were.
-    reach = [sum(a >= i for a in accepted) for i in range(num_steps + 1)]
-    result = {
-        "target_model": str(target_model), "draft": str(draft_dir), "prompts": len(prompts),
-        "num_steps": num_steps, "max_new_tokens": max_new_tokens, "decoding": "greedy, chain (top-1)",
-        "tau": (sum(accepted) + rounds) / max(rounds, 1),
-        "target_forwards": rounds,
-        "accept_rate_per_position": [reach[i] / max(rounds, 1) for i in range(1, num_steps + 1)],
-        "accepted_histogram": [sum(a == n for a in accepted) for n in range(num_steps + 1)],  # rounds by #accepted
-        "cond_accept_rate_per_position": [reach[i] / max(reach[i - 1], 1) for i in range(1, num_steps + 1)],
-        "spec_tokens_per_s": spec_tokens / max(spec_s, 1e-9),
-        "greedy_tokens_per_s": greedy_tokens / max(greedy_s, 1e-9),
-        "speedup": (spec_tokens / max(spec_s, 1e-9)) / max(greedy_tokens / max(greedy_s, 1e-9), 1e-9),
-        "lossless": not mismatches,
-        "mismatches": mismatches,
-        "per_prompt": per_prompt,
-    }
-    return result
+        draft = Eagle3Drafter(draft)
+    return _speculative_decode(target, draft, prompt, num_steps, max_new_tokens, eos, **kw)

@@ -1,0 +1,66 @@
+"""EAGLE-3's drafter for the lossless evaluator (drafter.py): chain drafting with the draft's KV
+cache, extended from the target's real aux features after each verification.
+
+Legend (shapes): S positions, H target hidden, h draft hidden, 3H = the three aux layers' outputs.
+
+The draft's cache holds positions 0..n-1 of the committed sequence x_0..x_n, built from real
+target features: position p reads f_p (fc of the aux features) and emb(x_{p+1}), exactly as in
+training and in SGLang's draft-extend. `g_last` is the draft's hidden output at n-1, which
+already predicts d_1. Drafting step j (2..K) feeds emb(d_{j-1}) and the previous step's hidden
+output at position n-2+j; those speculative entries are dropped at the next extension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from draft_trainer.model.draft import Eagle3Draft, KVCache
+
+
+class Eagle3Drafter:
+    name = "eagle3"
+
+    def __init__(self, draft: Eagle3Draft) -> None:
+        self.draft = draft
+        self.feature_layers = tuple(draft.cfg.aux_layer_ids)
+        self.cache = KVCache()
+        self.real_len = 0          # cache entries built from real target features
+        self.last_token = -1       # x_n
+        self.g_last = None         # [1,1,h] the draft's hidden output at position n-1
+
+    def start(self, prompt: Sequence[int], first_token: int, feats_S3H: torch.Tensor | None) -> None:
+        self.cache = KVCache()
+        self.real_len = 0
+        self._extend_real(list(prompt[1:]) + [first_token], feats_S3H)
+
+    def extend(self, tokens: Sequence[int], feats_S3H: torch.Tensor | None) -> None:
+        self.cache.truncate(self.real_len)  # drop the last round's speculative entries
+        self._extend_real(list(tokens), feats_S3H)
+
+    def _extend_real(self, tokens: list[int], feats_S3H: torch.Tensor | None) -> None:
+        """Positions real_len.. from real features: position p reads f_p and emb(x_{p+1})."""
+        if feats_S3H is None or feats_S3H.shape[0] != len(tokens):
+            raise ValueError(f"EAGLE-3 drafter: {len(tokens)} tokens need as many feature rows, got "
+                             f"{None if feats_S3H is None else tuple(feats_S3H.shape)}")
+        d = self.draft
+        S = len(tokens)
+        g_1Sh = d.fc(feats_S3H[None].to(d.fc.weight.dtype))
+        emb_1Sh = d.embed_tokens(torch.tensor([tokens]))
+        pos_1S = torch.arange(self.real_len, self.real_len + S)[None]
+        self.g_last = d.step(emb_1Sh, g_1Sh, pos_1S, self.cache)[:, -1:]
+        self.real_len += S
+        self.last_token = tokens[-1]
+
+    def propose(self, max_tokens: int) -> list[int]:
+        d = self.draft
+        drafts: list[int] = []
+        prev_tok, g_11h = self.last_token, self.g_last
+        for j in range(max_tokens):
+            if j > 0:
+                emb_11h = d.embed_tokens(torch.tensor([[prev_tok]]))
+                g_11h = d.step(emb_11h, g_11h, torch.tensor([[self.real_len - 1 + j]]), self.cache)
+            prev_tok = int(d.draft_to_target(d.logits(g_11h).argmax(-1))[0, 0])
+            drafts.append(prev_tok)
+        return drafts
