@@ -8,7 +8,7 @@ median step time after warm-up. SpecForge 0.2.0 runs in its own venv (recipe in
 
     python benchmarks/bench_train_step.py                    # full run (~15-25 min on 2 cores)
     python benchmarks/bench_train_step.py --smoke            # seconds: tiny dims, ours only
-    python benchmarks/bench_train_step.py --specforge-python /work/venvs/specforge/bin/python
+    python benchmarks/bench_train_step.py --specforge-python "$(benchmarks/specforge_setup.sh)"
 
 Writes benchmarks/results/<name>.json and a markdown table next to it.
 """
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impls", default="reference-fp32,fused-fp32,fused-auto")
-    ap.add_argument("--specforge-python", default="/work/venvs/specforge/bin/python",
-                    help="python of a venv with specforge==0.2.0 (skipped if missing)")
+    ap.add_argument("--specforge-python", default=str(REPO / ".venv-specforge" / "bin" / "python"),
+                    help="python of a venv with specforge==0.2.0 (benchmarks/specforge_setup.sh makes "
+                         ".venv-specforge; skipped if missing)")
     ap.add_argument("--specforge-dtypes", default="float32,bfloat16")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", default=str(HERE / "results"))

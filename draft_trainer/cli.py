@@ -135,7 +135,9 @@ def _eval(args: argparse.Namespace) -> int:
     from draft_trainer.eval import evaluate
 
     result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
-                      max_new_tokens=args.max_new_tokens, force=args.force)
+                      max_new_tokens=args.max_new_tokens, prompt_lookup=not args.no_prompt_lookup,
+                      untrained=args.untrained, speed_rounds=args.speed_rounds, max_ngram=args.max_ngram,
+                      min_ngram=args.min_ngram, force=args.force)
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text)
@@ -244,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."} per line')
     v.add_argument("--num-steps", type=int, default=7, help="draft tokens per target forward (chain length)")
     v.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    v.add_argument("--speed-rounds", type=int, default=3,
+                   help="decode every prompt this many times (greedy and each drafter, side by side); "
+                        "tokens/s are the median over rounds")
+    v.add_argument("--untrained", action="store_true",
+                   help="also evaluate a randomly initialised draft of the same geometry (what training added)")
+    v.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup (n-gram) baseline")
+    v.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
+    v.add_argument("--min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
     v.add_argument("--output", help="also write the JSON result here")
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")

@@ -182,6 +182,9 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
              f"{trained['accept_rate_per_position'][0]:.2f}"),
             ("target forwards per prompt", f"{base['target_forwards'] / max(base['prompts'], 1):.1f}",
              f"{trained['target_forwards'] / max(trained['prompts'], 1):.1f}"),
+            ("speculative tokens/s (plain greedy: %.1f)" % trained["greedy_tokens_per_s"],
+             f"{base['spec_tokens_per_s']:.1f}", f"{trained['spec_tokens_per_s']:.1f}"),
+            ("speed vs plain greedy", f"{base['speedup']:.2f}x", f"{trained['speedup']:.2f}x"),
             ("output identical to greedy", str(base["lossless"]), str(trained["lossless"]))]
     lines = ["# SpecRelay demo", "",
              f"{'tiny offline model' if args.tiny else 'SmolLM2-135M-Instruct on ShareGPT'}: "
@@ -193,6 +196,15 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
     if args.tiny:
         lines += ["", "**Tiny model: these numbers only prove that every stage runs; they say nothing about draft "
                       "quality** (a random 4-layer model has no structure to learn in 20 seconds)."]
+    pl, sp, ts = trained.get("prompt_lookup"), trained["speed"], trained["time_split"]
+    if pl:  # the free baseline: no training at all
+        lines += ["", f"Prompt lookup (n-gram {pl['max_ngram']}..{pl['min_ngram']}, no training) on the same prompts: "
+                      f"tau {pl['tau']:.2f}, {pl['spec_tokens_per_s']:.1f} tokens/s ({pl['speedup']:.2f}x plain greedy); "
+                      f"the trained draft's tau is {trained['tau'] / pl['tau']:.2f}x prompt lookup's."]
+    lines += ["", f"Speed: {sp['rounds']} round(s) in one process, {sp['torch_threads']} threads, load average "
+                  f"{sp['load_avg_1m'][0]:.1f}. A speculative round costs {ts['ms_per_round']:.0f} ms, a plain greedy "
+                  f"token {ts['greedy_ms_per_token']:.0f} ms: at K={K} on this machine tau must exceed "
+                  f"{ts['break_even_tau']:.2f} to be faster than plain greedy decoding."]
     lines += ["", "tau vs training tokens: " + ", ".join(f"{c['train_tokens']:,} -> {c['tau']:.2f}" for c in curve),
               "", "stage times: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()) +
               f"; total {total_s / 60:.1f} min", ""]

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -110,8 +111,12 @@ class DraftMethod(abc.ABC):
         vocab, model_info, model) into the empty temporary directory `output`."""
 
     @abc.abstractmethod
-    def drafter(self, export_dir: Path, target: torch.nn.Module, *, dtype: torch.dtype):
-        """A Drafter (draft_trainer/evaluate) over an exported draft, for lossless evaluation."""
+    def drafter(self, export_dir: Path, target: torch.nn.Module, *, dtype: torch.dtype, untrained: bool = False,
+                seed: int = 0) -> "Drafter":
+        """A Drafter over an exported draft, for lossless evaluation; with `untrained`, the same
+        geometry, vocabulary mapping and frozen embedding with freshly initialised weights (the
+        baseline that says what training added). Raises ContractError when the draft does not fit
+        `target`."""
 
     @classmethod
     def recognises(cls, export_config: dict) -> bool:
@@ -119,28 +124,46 @@ class DraftMethod(abc.ABC):
         return False
 
 
-class Drafter(abc.ABC):
-    """A draft model in the lossless evaluator's speculative-decoding loop (draft_trainer/eval.py).
+# ----------------------------------------------------------------------------- the evaluator's seam
+# The lossless evaluator (draft_trainer/evaluate) runs any method's drafter through one loop.
+# The drafter seam of the lossless evaluator: what a draft method hands `speculative_decode`.
+#
+# Legend (shapes): S positions, F feature width (the chosen target layers' hidden states
+# concatenated, e.g. 3H for EAGLE-3).
+#
+# The evaluator keeps the committed sequence x_0..x_n (x_n is the last token the target chose; it
+# is not yet in the target's KV cache). Each round it asks the drafter for up to K tokens that
+# continue the sequence, verifies them with one target forward over [x_n, d_1..d_k], and then
+# commits the accepted drafts and the target's bonus token. Features always travel with the
+# position they were computed at, and a committed token t_{p+1} is paired with the target's
+# features at position p (the position whose output predicted it), as in training. So:
+#
+#   start(prompt, first, feats_SF):  commits prompt + [first]; feats_SF[p] = features of prompt
+#                                    position p (S = len(prompt)), i.e. the position before
+#                                    prompt[1:] + [first];
+#   extend(tokens, feats_SF):        commits tokens (the a accepted drafts + the bonus token);
+#                                    feats_SF[i] = features of the position before tokens[i]
+#                                    (those of x_n, d_1..d_a: what the target just verified);
+#   propose(k):                      up to k tokens continuing the committed sequence (fewer, or
+#                                    none, is allowed: the round then verifies fewer tokens).
+#
+# `feature_layers` names the decoder layers whose outputs make the features (in that order;
+# `()` = the drafter needs none, and the target runs without capturing hidden states).
 
-    The loop owns the target and its KV cache; per round it asks `propose(k)` for up to k draft
-    tokens, verifies them with one target forward, and calls `accept` with the committed tokens
-    and the target's features at their positions (the layers of `layer_ids`, [n, L*H]), exactly
-    as the server would have sent them in training.
-    """
 
-    layer_ids: tuple[int, ...] = ()
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+    feature_layers: tuple[int, ...]
 
-    @abc.abstractmethod
-    def start(self, feats_SLH: torch.Tensor, tokens: list[int]) -> None:
-        """Prefill: features of the prompt's S positions and the S tokens that follow them
-        (prompt[1:] + the target's first token)."""
+    def start(self, prompt: Sequence[int], first_token: int, feats_SF: torch.Tensor | None) -> None:
+        """A new sequence: forget the previous one, commit prompt + [first_token]."""
+        ...
 
-    @abc.abstractmethod
-    def propose(self, k: int) -> list[int]:
-        """Up to k draft tokens (target ids) continuing the committed sequence."""
+    def propose(self, max_tokens: int) -> list[int]:
+        """Up to max_tokens draft tokens (target vocabulary ids) continuing the committed sequence."""
+        ...
 
-    @abc.abstractmethod
-    def accept(self, feats_nLH: torch.Tensor, tokens: list[int]) -> None:
-        """The target committed `tokens` (accepted drafts + its own next token); `feats_nLH` are
-        its features at the n positions that produced them (the last committed token before
-        this round, then the accepted drafts)."""
+    def extend(self, tokens: Sequence[int], feats_SF: torch.Tensor | None) -> None:
+        """Commit `tokens` after a verification (see the module doc for the feature pairing)."""
+        ...

@@ -97,7 +97,7 @@ class Eagle3Method(DraftMethod):
 
         write_sglang(output, trained)
 
-    def drafter(self, export_dir: Path, target, *, dtype: torch.dtype):
+    def drafter(self, export_dir: Path, target, *, dtype: torch.dtype, untrained: bool = False, seed: int = 0):
         from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
         from draft_trainer.methods.eagle3.export import load_exported
 
@@ -113,6 +113,12 @@ class Eagle3Method(DraftMethod):
         if not draft.cfg.aux_layer_ids or max(draft.cfg.aux_layer_ids) >= tcfg.num_hidden_layers:
             raise ContractError(f"draft aux layer ids {draft.cfg.aux_layer_ids} do not fit the target's "
                                 f"{tcfg.num_hidden_layers} layers")
+        if untrained:  # same geometry, vocabulary mapping and frozen embedding; fresh weights
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                fresh = Eagle3Draft(draft.cfg)
+            fresh.set_vocab_mapping(draft.d2t, draft.t2d)
+            draft = fresh.to(dtype).eval()
         with torch.no_grad():
             draft.embed_tokens.weight.copy_(emb)
         return Eagle3Drafter(draft.to(dtype))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.features import FeatureSpec
-from draft_trainer.methods.base import Drafter, DraftMethod
+from draft_trainer.methods.base import DraftMethod
 from draft_trainer.model.layers import RMSNorm
 from draft_trainer.model.stats import StepStats
 from draft_trainer.model.tensors import shift_left
@@ -108,29 +108,35 @@ class ToyMethod(DraftMethod):
         (output / "config.json").write_text(json.dumps({"specrelay": {"method": IMPORT_PATH},
                                                         "toy_config": trained.cfg.to_dict()}))
 
-    def drafter(self, export_dir: Path, target, *, dtype):
+    def drafter(self, export_dir: Path, target, *, dtype, untrained: bool = False, seed: int = 0):
         from safetensors.torch import load_file
 
         cfg = json.loads((export_dir / "config.json").read_text())["toy_config"]
-        model = ToyHead(ToyConfig(**cfg))
-        model.load_state_dict(load_file(str(export_dir / WEIGHTS)))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = ToyHead(ToyConfig(**cfg))
+        state = load_file(str(export_dir / WEIGHTS))
+        model.load_state_dict({k: v for k, v in state.items() if k in ("d2t", "t2d")} if untrained else state,
+                              strict=not untrained)
         return ToyDrafter(model.to(dtype).eval())
 
 
-class ToyDrafter(Drafter):
+class ToyDrafter:
     """One draft token per round: the head over the last verified position's layer output."""
+
+    name = "toy-next-next"
 
     def __init__(self, model: ToyHead) -> None:
         self.model = model
-        self.layer_ids = (model.cfg.layer_id,)
+        self.feature_layers = (model.cfg.layer_id,)
         self.last_H = None
 
-    def start(self, feats_SLH, tokens) -> None:
-        self.last_H = feats_SLH[-1]
+    def start(self, prompt, first_token, feats_SF) -> None:
+        self.last_H = feats_SF[-1]
 
     @torch.no_grad()
-    def propose(self, k: int) -> list[int]:
-        return [int(self.model.to_target(self.model(self.last_H[None].float()).argmax(-1))[0])]
+    def propose(self, max_tokens: int) -> list[int]:
+        return [int(self.model.to_target(self.model(self.last_H[None].float()).argmax(-1))[0])][:max_tokens]
 
-    def accept(self, feats_nLH, tokens) -> None:
-        self.last_H = feats_nLH[-1]
+    def extend(self, tokens, feats_SF) -> None:
+        self.last_H = feats_SF[-1]

@@ -1,0 +1,179 @@
+"""The evaluator's Drafter seam on real tiny targets: acceptance accounting, the features handed
+to a drafter, the fast verification path against the full forward, and the baselines and speed
+rounds that `draft-trainer eval` reports beside the draft."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from draft_trainer.assets import TINY_CHATS
+from draft_trainer.evaluate.decode import TargetVerifier, eos_set, greedy_decode, speculative_decode
+from draft_trainer.methods.base import Drafter
+from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
+from draft_trainer.evaluate.runner import evaluate
+from draft_trainer.export import export_sglang
+from tests.support.drafts import one_thread, save_checkpoint, train_tiny_draft
+from tests.support.procs import run_cli
+
+MAX_NEW = 24
+
+
+def _prompts(model_dir, n=4):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for q, _ in TINY_CHATS[:n]:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+class ScriptedDrafter:
+    """Knows the greedy reference: proposes its next tokens, wrong from position `wrong_at` on
+    (None: never). Records every feature row it is handed, by the position it belongs to."""
+
+    name = "scripted"
+
+    def __init__(self, ref: list[int], wrong_at: int | None, feature_layers=(0, 1), vocab=512):
+        self.ref, self.wrong_at, self.feature_layers, self.vocab = ref, wrong_at, tuple(feature_layers), vocab
+        self.seq: list[int] = []
+        self.feats: dict[int, torch.Tensor] = {}
+
+    def _commit(self, tokens, feats_SF):
+        assert feats_SF.shape[0] == len(tokens)
+        for i in range(len(tokens)):  # the row of the position before tokens[i]
+            self.feats[len(self.seq) - 1] = feats_SF[i].clone()
+            self.seq.append(tokens[i])
+
+    def start(self, prompt, first_token, feats_SF):
+        self.seq, self.feats = [prompt[0]], {}
+        self.n_prompt = len(prompt)
+        self._commit(list(prompt[1:]) + [first_token], feats_SF)
+
+    def extend(self, tokens, feats_SF):
+        self._commit(list(tokens), feats_SF)
+
+    def propose(self, k):
+        done = len(self.seq) - self.n_prompt
+        out = self.ref[done:done + k]
+        if self.wrong_at is not None and self.wrong_at < len(out):
+            out[self.wrong_at] = (out[self.wrong_at] + 1) % self.vocab
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("lazy_head", [True, False])
+def test_acceptance_accounting_and_feature_pairing(family, lazy_head, tiny_llama, tiny_qwen3):
+    model_dir = tiny_llama if family == "llama" else tiny_qwen3
+    target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = _prompts(model_dir, 1)[0]
+    no_eos: set[int] = set()
+    K = 4
+    ref, _ = greedy_decode(target, prompt, MAX_NEW, no_eos)
+    assert ScriptedDrafter(ref, None).name and isinstance(ScriptedDrafter(ref, None), Drafter)
+    for wrong_at in (None, 0, 2):
+        d = ScriptedDrafter(ref, wrong_at, vocab=target.config.vocab_size)
+        verifier = TargetVerifier(target, d.feature_layers, lazy_head=lazy_head)
+        assert (verifier.body is not None) == lazy_head
+        got, st = speculative_decode(target, d, prompt, K, MAX_NEW, no_eos, verifier=verifier)
+        assert got == ref
+        expect = K if wrong_at is None else wrong_at
+        # Every round but the last (cut by max_new_tokens) accepts exactly `expect` drafts.
+        assert st.accepted[:-1] == [expect] * (st.rounds - 1) and st.accepted[-1] <= expect
+        assert st.new_tokens == len(got) == MAX_NEW
+        assert st.proposed[0] == K and 0 < st.draft_s + st.target_s <= st.seconds
+        # The features handed over are the target's own, at the right positions: a full forward
+        # over the committed sequence (no cache) gives the same rows.
+        with torch.no_grad():
+            hs = target(torch.tensor([d.seq]), output_hidden_states=True).hidden_states
+        full_SF = torch.cat([hs[i + 1][0] for i in d.feature_layers], -1)
+        assert sorted(d.feats) == list(range(len(d.feats)))       # every position once, in order
+        got_SF = torch.stack([d.feats[p] for p in sorted(d.feats)])
+        torch.testing.assert_close(got_SF, full_SF[: len(d.feats)], atol=1e-4, rtol=1e-4)
+
+
+def test_a_drafter_may_not_propose_more_than_k(tiny_llama):
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompt = _prompts(tiny_llama, 1)[0]
+    ref, _ = greedy_decode(target, prompt, 8, set())
+    too_many = ScriptedDrafter(ref, None)
+    too_many.propose = lambda k: [1] * (k + 1)
+    with pytest.raises(ValueError, match="proposed 3 tokens, more than 2"):
+        speculative_decode(target, too_many, prompt, 2, 8, set())
+    with pytest.raises(ValueError, match="do not fit the target"):
+        TargetVerifier(target, [0, target.config.num_hidden_layers])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaldrafters")
+    with one_thread():
+        draft, vocab = train_tiny_draft(tiny_llama, _prompts(tiny_llama), steps=50, max_new_tokens=32)
+    out = export_sglang(save_checkpoint(draft, vocab, tmp / "run"), tmp / "export")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in TINY_CHATS[:4]))
+    return draft, out, prompts
+
+
+def test_fast_verification_path_equals_the_full_forward(trained, tiny_llama):
+    """Projecting one position at a time until a rejection decides exactly as all K+1 logits do."""
+    draft, _, _ = trained
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    eos = eos_set(target, tok)
+    total = 0
+    with one_thread():
+        for prompt in _prompts(tiny_llama):
+            runs = [speculative_decode(target, Eagle3Drafter(draft), prompt, 5, 32, eos,
+                                       verifier=TargetVerifier(target, draft.cfg.aux_layer_ids, lazy_head=lazy))
+                    for lazy in (True, False)]
+            (fast, st_fast), (full, st_full) = runs
+            assert fast == full == greedy_decode(target, prompt, 32, eos)[0]
+            assert st_fast.accepted == st_full.accepted
+            total += sum(st_fast.accepted)
+    assert total > 0  # the draft is accepted: the comparison covers accepted and rejected positions
+
+
+def test_evaluate_reports_baselines_and_speed_rounds(trained, tiny_llama):
+    _, export_dir, prompts = trained
+    cache: dict = {}
+    with one_thread():
+        r = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                     untrained=True, speed_rounds=2)
+        again = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache)
+    assert r["lossless"] and not r["mismatches"]
+    pl, un = r["prompt_lookup"], r["untrained"]
+    for block in (r, pl, un):
+        assert sum(block["accepted_histogram"]) == block["target_forwards"] > 0
+        assert 1.0 <= block["tau"] <= 5.0 and block["spec_tokens_per_s"] > 0
+    assert pl["lossless"] and un["lossless"] and pl["max_ngram"] == 3 and 0 <= pl["proposed_per_round"] <= 4
+    assert r["tau"] > un["tau"]                        # training added something over random weights
+    sp = r["speed"]
+    assert sp["rounds"] == 2 and all(len(sp[f"{k}_tokens_per_s"]) == 2
+                                     for k in ("greedy", "draft", "prompt_lookup", "untrained"))
+    assert min(sp["draft_tokens_per_s"]) <= r["spec_tokens_per_s"] <= max(sp["draft_tokens_per_s"])
+    ts = r["time_split"]
+    assert ts["drafter_s"] > 0 and ts["target_s"] > 0 and ts["loop_other_s"] >= 0
+    assert ts["break_even_tau"] == pytest.approx(ts["ms_per_round"] / ts["greedy_ms_per_token"])
+    # The second call reuses the cached greedy references and prompt-lookup decodes: same numbers.
+    assert "untrained" not in again and again["speed"]["rounds"] == 1
+    assert again["tau"] == r["tau"] and again["prompt_lookup"]["tau"] == pl["tau"]
+    assert again["per_prompt"] == r["per_prompt"]
+
+
+def test_eval_command_flags(trained, tiny_llama, tmp_path):
+    _, export_dir, prompts = trained
+    out = tmp_path / "r.json"
+    res = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
+                  "--prompts", str(prompts), "--num-steps", "3", "--max-new-tokens", "16", "--speed-rounds", "2",
+                  "--untrained", "--no-prompt-lookup", "--output", str(out), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "prompt_lookup" not in r and r["untrained"]["lossless"] and r["speed"]["rounds"] == 2
+    bad = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
+                  "--prompts", str(prompts), "--speed-rounds", "0", timeout=600)
+    assert bad.returncode == 2 and "--speed-rounds" in bad.stderr
