@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=128)
     v.add_argument("--output", help="also write the JSON result here")
     v.set_defaults(func=_eval)
+
+    from draft_trainer import convert_cli
+
+    convert_cli.add_parser(sub)
     return p
 
 
