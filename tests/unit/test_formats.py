@@ -20,14 +20,18 @@ from tests.unit.test_ttt_fused import random_draft, tiny_cfg
 NUM_LAYERS = 30          # SmolLM2-135M's depth; its EAGLE-3 default aux ids are [1, 14, 26]
 
 
-@pytest.fixture()
-def exported(tmp_path):
+def make_export(tmp_path, **cfg_kw):
     """Our own export (the product path: checkpoint -> export_sglang), trained ids [1, 14, 26]."""
-    cfg = tiny_cfg(aux_layer_ids=[1, 14, 26])
+    cfg = tiny_cfg(**{"aux_layer_ids": [1, 14, 26], **cfg_kw})
     model = random_draft(cfg, dtype=torch.float32)
     vocab = build_vocab_mapping(torch.arange(cfg.vocab_size) % 11, cfg.draft_vocab_size)
     model.set_vocab_mapping(vocab.d2t, vocab.t2d)
     return model, export_sglang(save_checkpoint(model, vocab, tmp_path / "run"), tmp_path / "sglang")
+
+
+@pytest.fixture()
+def exported(tmp_path):
+    return make_export(tmp_path)   # draft width 32 != target width 24: both layouts must carry it
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
