@@ -17,6 +17,8 @@ What one side cannot express is refused with the reason (ExportError), never dro
 more than one decoder layer into SGLang's layout; a speculators config without an explicit
 `norm_before_residual` (vLLM reads a missing key as true, speculators as false); an
 `embed_tokens` table that is not exactly the target's (SGLang always uses the target's).
+
+Legend (shapes): V target vocabulary, H the embedding width (= the draft's hidden size).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@
 Writes are atomic (temp dir renamed onto the output only after the result was read back and
 validated) and refuse a non-empty output unless `overwrite`. Other files of the input directory
 (provenance, README) are copied unchanged.
+
+Legend (shapes): V target vocabulary, H the embedding width (the draft's hidden size, equal to
+the target's for SpecRelay drafts).
 """
 
 from __future__ import annotations
@@ -70,10 +73,10 @@ def read_target(path: str | Path) -> TargetFacts:
 
     p = Path(path)
     try:
-        cfg = json.loads((p / CONFIG_FILE).read_text())
+        top = json.loads((p / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"--target-model {p}: cannot read {CONFIG_FILE}: {e}") from None
-    cfg = cfg.get("text_config", cfg)
+    cfg = top.get("text_config", top)
     embed = None
     for f in sorted(p.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
@@ -84,7 +87,7 @@ def read_target(path: str | Path) -> TargetFacts:
         if embed is not None:
             break
     return TargetFacts(num_layers=cfg.get("num_hidden_layers"), embed_VH=embed, name_or_path=str(p),
-                       architectures=list(json.loads((p / CONFIG_FILE).read_text()).get("architectures") or []))
+                       architectures=list(top.get("architectures") or []))
 
 
 def write_draft(out: str | Path, config: dict, tensors: dict[str, torch.Tensor], other_files: list[Path] = (),
