@@ -185,3 +185,34 @@ def test_convert_command(exported, tmp_path):
     res = run_cli("draft_trainer", "convert", "--to", "speculators", "--input", str(tmp_path / "spec"), "--output",
                   str(tmp_path / "out"), timeout=300)
     assert res.returncode == 2 and "already in the speculators format" in res.stderr
+
+
+def test_target_model_checks_depth_and_embedding(tmp_path):
+    """--target-model: ids checked against the target's depth, a carried embed_tokens against its table."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from draft_trainer.formats.store import convert_dir, write_draft
+
+    model, src = make_export(tmp_path, target_hidden_size=32)
+    c = model.cfg
+
+    def target(layers, name):
+        t = LlamaForCausalLM(LlamaConfig(vocab_size=c.vocab_size, hidden_size=32, intermediate_size=16,
+                                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1))
+        t.save_pretrained(tmp_path / name)
+        return t, tmp_path / name
+
+    deep, deep_dir = target(NUM_LAYERS, "deep")
+    _, shallow_dir = target(20, "shallow")            # layer 26 does not exist there
+    with pytest.raises(ExportError, match=r"\[26\] cannot be captured by sglang on a 20-layer target"):
+        convert_dir(src, tmp_path / "x", "speculators", target_model=shallow_dir)
+    f = read_draft(src)
+    table = deep.get_input_embeddings().weight.detach()
+    write_draft(tmp_path / "with_embed", f.config, {**f.tensors, "embed_tokens.weight": table.to(torch.bfloat16)})
+    with pytest.raises(ExportError, match="differs from the target's"):   # bf16-rounded: not exactly the table
+        convert_dir(tmp_path / "with_embed", tmp_path / "y", "speculators", target_model=deep_dir)
+    write_draft(tmp_path / "with_embed", f.config, {**f.tensors, "embed_tokens.weight": table}, overwrite=True)
+    out = read_draft(convert_dir(tmp_path / "with_embed", tmp_path / "z", "speculators", target_model=deep_dir))
+    assert "embed_tokens.weight" not in out.tensors
+    assert out.config["speculators_config"]["verifier"] == {"name_or_path": str(deep_dir),
+                                                           "architectures": ["LlamaForCausalLM"]}
