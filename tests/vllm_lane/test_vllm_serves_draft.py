@@ -145,3 +145,20 @@ def test_vllm_feeds_the_drafter_our_trained_layers(served, target, drafts, promp
     # ... and not the neighbouring layers (the off-by-one this format avoids).
     wrong = torch.cat([hs[i][0] for i in ids], dim=-1)
     assert not torch.allclose(got_S3H, wrong, rtol=1e-2, atol=1e-2)
+
+
+def test_vllm_loads_the_target_from_the_speculators_export(served, target, drafts, prompts):
+    """`vllm serve DRAFT_DIR`: vLLM finds the target through `speculators_config.verifier`."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(drafts[1]), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=1,
+              enable_prefix_caching=False, seed=0)
+    try:
+        cfg = llm.llm_engine.vllm_config
+        assert cfg.model_config.model == str(target)
+        assert cfg.speculative_config.method == "eagle3" and cfg.speculative_config.num_speculative_tokens == K
+        out = llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=MAX_NEW),
+                           use_tqdm=False)
+    finally:
+        del llm
+    assert list(out[0].outputs[0].token_ids) == served["tokens"][0]
