@@ -84,7 +84,7 @@ def served(target, drafts, prompts):
     record = [False]
     Eagle3LlamaForCausalLM.combine_hidden_states = recording
     try:
-        llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
+        llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=512, max_num_batched_tokens=512, max_num_seqs=4,
                   enable_prefix_caching=False, seed=0, disable_log_stats=False,
                   speculative_config={"method": "eagle3", "model": str(spec_dir), "num_speculative_tokens": K})
         greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW)
@@ -151,7 +151,7 @@ def test_vllm_loads_the_target_from_the_speculators_export(served, target, draft
     """`vllm serve DRAFT_DIR`: vLLM finds the target through `speculators_config.verifier`."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(drafts[1]), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=1,
+    llm = LLM(model=str(drafts[1]), dtype="float32", enforce_eager=True, max_model_len=512, max_num_batched_tokens=512, max_num_seqs=1,
               enable_prefix_caching=False, seed=0)
     try:
         cfg = llm.llm_engine.vllm_config

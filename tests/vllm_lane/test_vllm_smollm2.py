@@ -20,10 +20,10 @@ import torch
 from common.contract import default_aux_layers
 from draft_trainer.assets import fetch_smollm2
 from draft_trainer.data.vocab import VocabMapping
-from draft_trainer.eval import _eos_set, evaluate, greedy_decode, load_prompts
+from draft_trainer.eval import evaluate, load_prompts
 from draft_trainer.formats.store import to_speculators
 from draft_trainer.model.config import DraftConfig
-from tests.support.drafts import one_thread, save_checkpoint
+from tests.support.drafts import save_checkpoint
 from tests.unit.test_ttt_fused import random_draft
 
 K = 3
@@ -90,7 +90,7 @@ def served(target, drafts, prompts):
 
     Eagle3LlamaForCausalLM.combine_hidden_states = recording
     try:
-        llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=1,
+        llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=512, max_num_batched_tokens=512, max_num_seqs=1,
                   enable_prefix_caching=False, seed=0, disable_log_stats=False,
                   speculative_config={"method": "eagle3", "model": str(drafts[1]), "num_speculative_tokens": K})
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -104,16 +104,23 @@ def served(target, drafts, prompts):
             "per_pos": list(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values)}
 
 
-def test_smollm2_greedy_and_features(served, target, prompts):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.fixture(scope="module")
+def evaluated(target, drafts, prompts_file):
+    """`draft-trainer eval` on the same prompts; its greedy reference is kept (greedy_cache)."""
+    cache: dict = {}
+    res = evaluate(target, drafts[0], prompts_file, num_steps=K, max_new_tokens=MAX_NEW, greedy_cache=cache)
+    return res, cache
 
+
+def test_smollm2_greedy_and_features(served, evaluated, target, prompts):
+    from transformers import AutoModelForCausalLM
+
+    res, cache = evaluated
+    ref = [cache[(str(target), tuple(p), MAX_NEW)][0] for p in prompts]   # plain greedy (HF, fp32)
+    assert res["lossless"] and served["tokens"] == ref
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    eos = _eos_set(model, AutoTokenizer.from_pretrained(target))
-    with one_thread():
-        ref = [greedy_decode(model, p, MAX_NEW, eos)[0] for p in prompts]
-        with torch.no_grad():
-            hs = model(torch.tensor([prompts[0]]), output_hidden_states=True).hidden_states
-    assert served["tokens"] == ref
+    with torch.no_grad():
+        hs = model(torch.tensor([prompts[0]]), output_hidden_states=True).hidden_states
     want_S3H = torch.cat([hs[i + 1][0] for i in (1, 14, 26)], dim=-1)
     got_S3H = served["fc_inputs"][0][: len(prompts[0])]       # prefill of prompts[0] (one request at a time)
     torch.testing.assert_close(got_S3H, want_S3H, rtol=1e-3, atol=1e-3)
@@ -121,10 +128,8 @@ def test_smollm2_greedy_and_features(served, target, prompts):
     assert not torch.allclose(got_S3H, wrong, rtol=1e-2, atol=1e-2)
 
 
-def test_smollm2_acceptance_equals_eval(served, target, drafts, prompts_file):
-    with one_thread():
-        res = evaluate(target, drafts[0], prompts_file, num_steps=K, max_new_tokens=MAX_NEW)
-    assert res["lossless"]
+def test_smollm2_acceptance_equals_eval(served, evaluated):
+    res, _ = evaluated
     hist = res["accepted_histogram"]
     ours = [sum(hist[i + 1:]) for i in range(K)]
     print(f"SmolLM2, random draft: vllm {served['per_pos']} / {served['drafts']} rounds; eval {ours} / "
