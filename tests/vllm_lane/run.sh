@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the vLLM CPU lane (args: pytest args; default the whole lane): set up (or reuse) .venv-vllm,
+# Run the vLLM CPU lane (args: pytest options and/or test paths; default path: the whole lane): set up (or reuse) .venv-vllm,
 # then its pytest, then print wall time. Exits non-zero if the lane cannot be set up or any test
 # fails; it never skips to green.
 set -euo pipefail
@@ -19,7 +19,10 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 
-[[ $# -eq 0 ]] && set -- tests/vllm_lane
+# Without a test path pytest would run the whole suite (pyproject testpaths) in this venv.
+has_path=0
+for a in "$@"; do [[ "$a" == tests/* ]] && has_path=1; done
+[[ $has_path -eq 1 ]] || set -- "$@" tests/vllm_lane
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -p no:warnings "$@"
 rc=$?
