@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-sglang deploy-check proto bench bench-smoke clean
+.PHONY: setup demo test test-fast test-sglang test-vllm deploy-check proto bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 # SGLang backend lane: its own venv (.venv-sglang, see tests/sglang_lane/setup.sh).
 test-sglang:
 	bash tests/sglang_lane/run.sh
+
+# vLLM serving lane: its own venv (.venv-vllm, see tests/vllm_lane/setup.sh).
+test-vllm:
+	bash tests/vllm_lane/run.sh
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")
     v.set_defaults(func=_eval)
+    from draft_trainer import convert_cli
+
+    convert_cli.add_parser(sub)
     for sp in sub.choices.values():  # every command's --help shows its defaults
         sp.formatter_class = HelpFormatter
     return p

@@ -85,6 +85,8 @@ def sglang_config(cfg: DraftConfig) -> dict:
         "dtype": "bfloat16",
         "torch_dtype": "bfloat16",
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "use_aux_hidden_state": True},
+        # SGLang ignores it; vLLM reads a missing key as true, so it is written explicitly.
+        "norm_before_residual": False,
         # EAGLE-3.1, read by SGLang >= 0.5.23 and vLLM as top-level fields (absent = EAGLE-3).
         **({"fc_norm": True} if cfg.fc_norm else {}),
         **({"norm_output": True} if cfg.norm_output else {}),

@@ -25,7 +25,7 @@ from draft_trainer.model.precision import cast_frozen, compute_dtype
 
 class Eagle3Method(DraftMethod):
     name = "eagle3"
-    export_formats = ("sglang",)
+    export_formats = ("sglang", "speculators")  # speculators: the layout vLLM reads (draft_trainer/formats)
 
     # ------------------------------------------------------------------ features
     def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
@@ -93,9 +93,19 @@ class Eagle3Method(DraftMethod):
 
     # ------------------------------------------------------------------ serving
     def export(self, trained, output: Path, fmt: str) -> None:
-        from draft_trainer.methods.eagle3.export import write_sglang
+        from draft_trainer.methods.eagle3.export import serving_tensors, sglang_config, write_sglang
 
-        write_sglang(output, trained)
+        if fmt == "sglang":
+            write_sglang(output, trained)
+            return
+        from draft_trainer.formats.eagle3 import sglang_to_speculators
+        from draft_trainer.formats.store import write_files
+
+        info = trained.model_info
+        config, tensors = sglang_to_speculators(sglang_config(trained.cfg), serving_tensors(trained),
+                                                verifier=info.get("model_name") or None,
+                                                target_num_layers=info.get("num_layers") or None)
+        write_files(output, config, tensors)
 
     def drafter(self, export_dir: Path, target, *, dtype: torch.dtype, untrained: bool = False, seed: int = 0):
         from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
