@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("draft_trainer").setLevel("INFO")
     out = Path(args.output)
     # The demo clears its own train/, drafts/ and eval/ before a re-run: only in its own directory.
-    check_output_dir(out, "demo", recognize=["report.md", "tau_curve.json"], hint="choose another --output")
+    check_output_dir(out, "demo", recognize=["report.md", "tau_curve.json", "train/checkpoints"],
+                     hint="choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUT_MARKER).write_text("demo\n", encoding="utf-8")
     t_demo = time.perf_counter()

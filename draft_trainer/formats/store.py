@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ExportError
-from common.files import replace_dir
+from common.files import OUTPUT_MARKER, replace_dir
 from draft_trainer.formats import eagle3
 
 CONFIG_FILE = "config.json"
@@ -63,7 +63,8 @@ def read_draft(path: str | Path) -> DraftFiles:
         tensors = load_file(str(p / WEIGHT_FILE))
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read draft {p}: {e}") from None
-    others = [f for f in sorted(p.iterdir()) if f.name not in (CONFIG_FILE, WEIGHT_FILE) and f.is_file()]
+    # The output marker says which command wrote the directory, not what the draft is: not carried.
+    others = [f for f in sorted(p.iterdir()) if f.name not in (CONFIG_FILE, WEIGHT_FILE, OUTPUT_MARKER) and f.is_file()]
     return DraftFiles(config=config, tensors=tensors, other_files=others)
 
 

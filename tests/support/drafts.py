@@ -30,13 +30,14 @@ class one_thread:
         return False
 
 
-def save_checkpoint(model: Eagle3Draft, vocab: VocabMapping, out: Path, step: int = 1) -> Path:
-    """The trainer's own checkpoint writer, on a model built by the caller."""
+def save_checkpoint(model: Eagle3Draft, vocab: VocabMapping, out: Path, step: int = 1, target_name: str = "") -> Path:
+    """The trainer's own checkpoint writer, on a model built by the caller. `target_name` is recorded as the
+    target's name (empty: unknown, so `eval` checks only shapes)."""
     cfg = TrainConfig(output_dir=str(out))
     c = model.cfg
     info = ModelInfo(architecture="LlamaForCausalLM", model_type="llama", num_layers=4, hidden_size=c.target_hidden_size,
                      vocab_size=c.vocab_size, aux_layer_ids=list(c.aux_layer_ids), dtype="fp32", max_length=1024,
-                     tokenizer_fingerprint="", model_name="")  # unknown target: eval checks shapes only
+                     tokenizer_fingerprint="", model_name=target_name)
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Run(cfg=cfg, dist=DistInfo(), out=Path(out), dataset=[], stream=SimpleNamespace(eval_indices=[]),
               method=get_method("eagle3", cfg.model), info=info, vocab=vocab, model=model,

@@ -27,7 +27,8 @@ def make_export(tmp_path, **cfg_kw):
     model = random_draft(cfg, dtype=torch.float32)
     vocab = build_vocab_mapping(torch.arange(cfg.vocab_size) % 11, cfg.draft_vocab_size)
     model.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    return model, export_sglang(save_checkpoint(model, vocab, tmp_path / "run"), tmp_path / "sglang")
+    return model, export_sglang(save_checkpoint(model, vocab, tmp_path / "run", target_name="test-target"),
+                                tmp_path / "sglang")
 
 
 @pytest.fixture()
