@@ -12,7 +12,10 @@ export PYTHONPATH="$PWD/tests/sglang_lane/stubs:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export SGLANG_USE_CPU_ENGINE=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-[[ $# -eq 0 ]] && set -- tests/sglang_lane
+# Without a test path pytest would run the whole suite (pyproject testpaths) in this venv.
+has_path=0
+for a in "$@"; do [[ "$a" == tests/* ]] && has_path=1; done
+[[ $has_path -eq 1 ]] || set -- "$@" tests/sglang_lane
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -p no:warnings "$@"
 rc=$?
