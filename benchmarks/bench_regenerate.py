@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.harness import markdown_table, write_results
+from benchmarks.harness import Server, markdown_table, write_results
 
 
 def first_turns(conversations: Path, n: int, out: Path) -> int:
@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     from draft_trainer import assets
     from draft_trainer.data.prepare import PrepareConfig, prepare_data
     from draft_trainer.regenerate import RegenerateConfig, regenerate
-    from tests.support.procs import start_servers
 
     work = Path(tempfile.mkdtemp(prefix="bench-regen-"))
     if args.smoke:
@@ -62,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_data(PrepareConfig(model=str(model), inputs=[str(work / "first.jsonl")], output=str(work / "ds"),
                                max_length=1024, min_supervised_tokens=1, skip_bad=True), progress=False)
     n = len((work / "ds" / "conversations.jsonl").read_text().splitlines())
-    servers = start_servers(work, [(f"s{k}", ["--model", str(model), "--dtype", dtype, "--max-batch-tokens", "65536",
-                                              "--max-length", "2048"]) for k in range(2)], timeout=300)
+    servers = [Server("--model", str(model), "--dtype", dtype, "--max-batch-tokens", "65536", "--max-length", "2048",
+                      threads=1) for _ in range(2)]
     out = work / "regen.jsonl"
     cfg = RegenerateConfig(targets=[s.endpoint for s in servers], input=str(work / "ds"), output=str(out),
                            max_new_tokens=args.m, batch_size=16, concurrency=2, progress=False)
@@ -82,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         t.join()
     finally:
         for s in servers:
-            s.stop(signal.SIGKILL)
+            s.proc.send_signal(signal.SIGKILL)
+            s.stop()
     rep = result["report"]
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     accounted = rep["written"] + sum(rep["skipped"].values())
