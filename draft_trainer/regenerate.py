@@ -421,9 +421,11 @@ class _Run:
             stream.close()
             if bar is not None:
                 bar.close()
+        wall = max(time.monotonic() - t0, 1e-6)
         per_server = {a: {"requests": ep.requests, "prompts": self.kind.per_server.get(a, Counter())["prompts"],
                           "tokens": self.kind.per_server.get(a, Counter())["tokens"], "errors": ep.errors,
-                          "state": ep.state} for a, ep in sorted(self.pool.endpoints.items())}
+                          "state": ep.state, "idle_share": round(ep.idle_total_s / wall, 3)}
+                      for a, ep in sorted(self.pool.endpoints.items())}
         return {"samples": total, "already_done": already, "written": written, "unchanged": unchanged,
                 "skipped": dict(skipped), "turns_regenerated": turns, "conversations_cut": cut,
                 "finish_reasons": dict(finish), "tokens_generated": tokens,

@@ -7,12 +7,14 @@ Exit status: 0 after a complete drain, 1 if the drain was cut short (work left u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
 
+from common.config import load_config
 from common.errors import SpecRelayError
 from common.memory import tune_malloc
 from target_server.backends.registry import BACKENDS
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-topk", type=int, default=d.max_topk, help="largest k for teacher=topk requests")
     m.add_argument("--batch-invariant", action="store_true", default=d.batch_invariant,
                    help="a sample's features do not depend on what it is batched with (hf backend: one sample "
-                        "per forward pass; makes a resumed training run bit-exact; costs throughput)")
+                        "per forward pass, unpadded; makes a resumed training run bit-exact; on a GPU it gives up "
+                        "batching)")
     n = s.add_argument_group("network")
     n.add_argument("--host", default=d.host, help="bind address (all interfaces, 0.0.0.0, must be explicit)")
     n.add_argument("--grpc-port", type=int, default=d.grpc_port, help="control plane port (0 = any free)")
@@ -64,7 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-cost-per-token-us", type=float, default=d.synthetic_cost_per_token_us,
                    help="simulated device time per token (microseconds)")
     s.add_argument("--log-level", default="INFO")
+    s.add_argument("--config", default=None,
+                   help="YAML file of server settings (the flags' names with _, e.g. max_batch_tokens: 16384); "
+                        "flags given on the command line win over it")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="setting overrides applied after --config (same names), e.g. max_batch_tokens=16384")
     return p
+
+
+def _explicit(argv: list[str] | None) -> dict:
+    """The ServerConfig fields given as flags on this command line (not defaults)."""
+    p = build_parser()
+    serve = p._subparsers._group_actions[0].choices["serve"]
+    for a in serve._actions:
+        if a.dest != "help":
+            a.default = argparse.SUPPRESS
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if k in ServerConfig.__dataclass_fields__}
+
+
+def server_config(args: argparse.Namespace, argv: list[str] | None) -> ServerConfig:
+    """Defaults < --config YAML < key=value overrides < flags given explicitly (the same config
+    system as the trainer: common.config)."""
+    if not args.config and not args.overrides:
+        return ServerConfig(**{k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__})
+    return dataclasses.replace(load_config(ServerConfig, args.config, args.overrides), **_explicit(argv))
 
 
 def _exit(code: int) -> None:
@@ -78,10 +104,9 @@ def _exit(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fields = {k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__}
     tune_malloc()  # multi-MiB feature tensors: reuse heap memory instead of page-faulting it in
     try:
-        cfg = ServerConfig(**fields)
+        cfg = server_config(args, argv)
         server = TargetServer(cfg).start()
     except SpecRelayError as e:
         print(f"target-server: error: {e}", file=sys.stderr)

@@ -114,6 +114,11 @@ class TargetService(pb_grpc.TargetServiceServicer):
         if not self.scheduler.batched_generation and (request.top_k or request.stop):
             raise bad(f"the {self.backend.name} backend generates one prompt at a time without top_k or stop "
                       "strings; leave them unset")
+        if request.stop:
+            try:
+                self.backend.detokenize([])
+            except NotImplementedError as e:
+                raise bad(str(e)) from None
         try:
             kwargs = json.loads(request.chat_template_kwargs_json) if request.chat_template_kwargs_json else {}
             if not isinstance(kwargs, dict):

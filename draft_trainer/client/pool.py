@@ -78,6 +78,7 @@ class Endpoint:
     sec_per_token: float | None = None  # measured: request time / (tokens ahead of it there + its own)
     warm: bool = False                 # the first answer after a (re)join is not timed (process warm-up)
     idle_since: float = 0.0            # when its last token in flight came back (monotonic)
+    idle_total_s: float = 0.0          # time with nothing in flight here, between requests (not before the first)
     requests: int = 0
     samples: int = 0
     errors: int = 0
@@ -85,6 +86,8 @@ class Endpoint:
     # Accounting: the endpoint is the one owner of its numbers; callers hold the pool's cv.
     def carry(self, tokens: int, now: float) -> None:
         """`tokens` more in flight here (negative: answered or given up)."""
+        if self.inflight_tokens == 0 and tokens > 0 and self.idle_since:
+            self.idle_total_s += now - self.idle_since
         self.inflight_tokens += tokens
         if self.inflight_tokens == 0:
             self.idle_since = now

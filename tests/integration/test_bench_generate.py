@@ -1,4 +1,4 @@
-"""The generation and batch-invariance benchmarks still run (tiny model, seconds); figures are not checked."""
+"""The generation, batch-invariance and regenerate benchmarks still run (tiny model, seconds); figures are not checked."""
 
 import json
 
@@ -14,3 +14,11 @@ def test_bench_generate_smoke(tmp_path):
 def test_bench_batch_invariant_smoke(tmp_path):
     assert bench_batch_invariant.main(["--smoke", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "batch_invariant_smoke.md").is_file()
+
+
+def test_bench_regenerate_smoke_with_a_kill(tmp_path):
+    from benchmarks import bench_regenerate
+
+    assert bench_regenerate.main(["--smoke", "--kill", "--out", str(tmp_path)]) == 0  # 0: every chat written once
+    r = json.loads((tmp_path / "regenerate_smoke.json").read_text())
+    assert r["lines"] == r["distinct_ids"] == r["n"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common import status
+from common.rpc import target_pb2 as pb
 from draft_trainer.client.target import TargetClient
 from target_server.backends.hf import HFBackend
 from target_server.generation import GenRequest, SamplingParams
@@ -122,9 +123,8 @@ def test_generate_over_the_wire_with_chat_messages_and_template_kwargs(tiny_llam
                                            chat_template_kwargs={"enable_thinking": False})
         assert by_ids == by_msgs and len(by_ids[0][1]) == 8
         with pytest.raises(Exception, match="INVALID_ARGUMENT.*chat_template_kwargs_json"):
-            client._stub.Generate(__import__("common.rpc.target_pb2", fromlist=["x"]).GenerateRequest(
-                prompts=[{"id": "p", "messages_json": json.dumps(msgs)}], max_new_tokens=2,
-                chat_template_kwargs_json="[1]"))
+            client._stub.Generate(pb.GenerateRequest(prompts=[{"id": "p", "messages_json": json.dumps(msgs)}],
+                                                     max_new_tokens=2, chat_template_kwargs_json="[1]"))
     finally:
         client.close()
         server.shutdown(drain=False)

@@ -58,7 +58,7 @@ def test_kill9_of_one_server_mid_run_every_conversation_written_once(tiny_llama,
     assert len(ids) == len(set(ids)) == n, "a conversation was written twice or not at all"
     assert rep["written"] == n and rep["skipped"] == {} and rep["output"]["duplicate_ids"] == 0
     killed = rep["per_server"][servers[1].endpoint]
-    assert killed["state"] != "up" and killed["prompts"] > 0  # it did take part, then its work moved
+    assert killed["state"] != "up" and killed["requests"] > 0  # it was sent work, then its work moved
     assert rep["dispatch"]["reissued"] >= 1 or killed["errors"] >= 1
 
 

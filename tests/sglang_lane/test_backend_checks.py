@@ -94,13 +94,15 @@ def test_tensor_parallel_2_matches_hf(tiny_llama, tmp_path, monkeypatch):
         hf.stop()
 
 
-def test_max_topk_is_honoured(tiny_llama):
-    """--max-topk reaches the sglang backend through the registry (it used to be ignored: always 64)."""
-    from target_server.backends.registry import load_backend
-    from target_server.server import ServerConfig
-
-    backend = load_backend(ServerConfig(model=str(tiny_llama), backend="sglang", max_topk=8, max_batch_tokens=512))
+def test_max_topk_is_honoured(tiny_llama, tmp_path):
+    """--max-topk reaches the sglang backend through the registry (it used to be ignored: always 64).
+    In a server process: SGLang's parallel runtime can be built once per process, and the export
+    tests build one in this pytest process."""
+    srv = start_server(tmp_path, "--model", str(tiny_llama), "--backend", "sglang", "--max-topk", "8",
+                       "--max-batch-tokens", "512", name="topk", timeout=300)
     try:
-        assert backend.model_info().max_topk == 8
+        client = TargetClient(srv.endpoint, timeout_s=60)
+        assert client.model_info().max_topk == 8
+        client.close()
     finally:
-        backend.close()
+        assert srv.stop() == 0, srv.log()[-3000:]

@@ -81,3 +81,13 @@ def test_endpoint_owns_its_accounting():
     assert e.sec_per_token is None and e.warm
     e.observe_speed(1.0, 100)
     assert e.sec_per_token == 0.01
+
+
+def test_endpoint_counts_idle_time_between_requests_only():
+    e = ep("x")
+    e.idle_since = 0.0
+    e.carry(10, NOW)                 # the first request: no idle time before it is counted
+    e.carry(-10, NOW + 1)
+    e.carry(5, NOW + 4)              # 3 s with nothing in flight
+    e.carry(5, NOW + 6)              # still busy: nothing added
+    assert e.idle_total_s == 3.0
