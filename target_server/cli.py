@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     m = s.add_argument_group("model")
     m.add_argument("--model", default=d.model, help="local HF model directory (hf, sglang backends)")
-    m.add_argument("--backend", default=d.backend, choices=list(BACKENDS))
+    m.add_argument("--backend", default=d.backend, choices=list(BACKENDS),
+                   help="hf: transformers (CPU or one GPU); sglang: SGLang's model runner; synthetic: test features")
     m.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     m.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"],
                    help="model compute dtype, also the wire dtype of hidden states")
