@@ -25,9 +25,7 @@ class TargetsConfig:
     embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
     teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal (methods that read one): final hidden or top-k
     topk: int = 0                    # for teacher=topk
-    # Per-tensor wire dtypes asked of the servers, e.g. "aux=float8_e4m3,teacher=float8_e4m3": e4m3
-    # with a per-token scale, half of bf16's bytes (the trainer gets the servers' dtype back). Empty = bf16/... as served.
-    wire_dtypes: str = ""
+    wire_dtypes: str = ""            # per-tensor wire dtypes, e.g. "aux=float8_e4m3,teacher=float8_e4m3": e4m3 + per-token scale, half of bf16's bytes, decoded to the served dtype; empty = as served
     request_timeout_s: float = 120.0  # per-request deadline; a request past it is re-issued elsewhere
     startup_timeout_s: float = 300.0  # wait this long for the first server at start-up
     # The pool (draft_trainer/client): discovery, windows, failover. Tokens bound memory: one token

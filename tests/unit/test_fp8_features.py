@@ -104,3 +104,15 @@ def test_schema_carries_tensor_dtypes_and_refuses_bad_ones():
         {**schema.arrow().metadata})
     with pytest.raises(SchemaError, match="does not match"):
         FeatureSchema.from_arrow(bad)
+
+
+def test_trainer_config_checks_wire_dtypes():
+    from common.config import load_config
+    from common.errors import ConfigError
+    from draft_trainer.config import TrainConfig
+
+    base = ["data.path=x", "targets.endpoints=127.0.0.1:1"]
+    cfg = load_config(TrainConfig, None, base + ["targets.wire_dtypes=aux=float8_e4m3"])
+    assert FeatureSpec((0,), tensor_dtypes=cfg.targets.wire_dtypes).tensor_dtypes == (("aux", "float8_e4m3"),)
+    with pytest.raises(ConfigError, match="targets.wire_dtypes.*aux=fp4"):
+        load_config(TrainConfig, None, base + ["targets.wire_dtypes=aux=fp4"])
