@@ -40,14 +40,14 @@ def test_round_trip_within_the_e4m3_bound_and_half_the_bytes(which):
     assert [r.sample_id for r in out] == [100, 101, 102]
     for r, o in zip(rows, out):
         assert o.aux_T3H.dtype == torch.bfloat16 and o.aux_T3H.shape == r.aux_T3H.shape
-        scale = r.aux_T3H.float().view(r.length, 3, H).abs().amax(-1, keepdim=True).expand(-1, -1, H) / 448
+        scale = r.aux_T3H.float().view(r.length, 3, H).abs().amax(-1, keepdim=True).expand(-1, -1, H) / 224  # scale: a power of 2, <= 2 amax/448
         ok, worst = _bound_ok(r.aux_T3H, o.aux_T3H, scale.reshape(r.length, 3 * H))
         assert ok, worst
         assert torch.equal(o.aux_T3H[0, :H], torch.zeros(H, dtype=torch.bfloat16))
         rel = (o.aux_T3H.float() - r.aux_T3H.float()).norm() / r.aux_T3H.float().norm()
         assert 0 < rel < 0.04, float(rel)                 # lossy (not a copy), but close
         if "teacher" in which:
-            ts = r.teacher_TH.float().abs().amax(-1, keepdim=True) / 448
+            ts = r.teacher_TH.float().abs().amax(-1, keepdim=True) / 224  # scale: a power of 2, <= 2 amax/448
             assert _bound_ok(r.teacher_TH, o.teacher_TH, ts)[0]
         else:
             assert torch.equal(o.teacher_TH, r.teacher_TH)
@@ -79,11 +79,35 @@ def test_quantize_dequantize_direct_and_bad_group():
     x = torch.randn(4, 2 * H, dtype=torch.float32) * 10
     q, s = quantize_e4m3(x, H)
     assert q.dtype == torch.uint8 and s.shape == (4, 2)
+    assert torch.equal(torch.log2(s), torch.log2(s).round())                     # powers of two
+    amax = x.view(4, 2, H).abs().amax(-1)
+    assert ((amax / s <= 448) & (amax / s > 224)).all()                          # the smallest such power
     y = dequantize_e4m3(q, s, torch.float32)
     assert (y - x).abs().max() <= 2 ** -4 * x.abs().max()
-    assert torch.equal(y.view(4, 2, H).abs().amax(-1), x.view(4, 2, H).abs().amax(-1))   # amax is exact
     with pytest.raises(ValueError, match="not a multiple"):
         quantize_e4m3(x[:, :H + 1], H)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_bit_paths_equal_torch_casts(dtype):
+    """The CPU fast paths (bit arithmetic + tables) give exactly torch's e4m3 casts with the same
+    scales: signs, zeros, e4m3 subnormals, values that underflow, a group's largest value."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 3 * H, generator=g) * torch.tensor([1e-3, 2.0, 900.0]).repeat_interleave(H)
+    x[0] = 0.0
+    x[1, :H] = torch.logspace(-30, 2, H)               # from far below e4m3's range up to the max
+    x[2, 5] = -x[2].abs().max() * 1.5                  # a negative largest value
+    x = x.to(dtype)
+    q, s = quantize_e4m3(x, H)
+    ref = (x.float().view(64, 3, H) / s[..., None]).to(torch.float8_e4m3fn).view(torch.uint8).reshape(64, -1)
+    assert torch.equal(q, ref)
+    y = dequantize_e4m3(q, s, dtype)
+    y_ref = (ref.view(torch.float8_e4m3fn).float().view(64, 3, H) * s[..., None]).reshape(64, -1).to(dtype)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(y[0], torch.zeros(3 * H, dtype=dtype))
+    # a scale that is not a power of two (another encoder) takes the generic path, still right
+    y2 = dequantize_e4m3(q, s * 1.5, dtype)
+    torch.testing.assert_close(y2.float(), y_ref.float() * 1.5, rtol=1e-2, atol=0)
 
 
 def test_schema_carries_tensor_dtypes_and_refuses_bad_ones():
