@@ -2,7 +2,8 @@
 `Eagle3Draft.ttt_forward` (the reference) in forward and gradients (tests/unit/test_ttt_fused.py).
 
 Legend (shapes): B batch, T sequence length, h draft hidden, n query heads, kv key/value heads,
-d head_dim, j index of a TTT step >= 1 (its "diagonal" keys).
+d head_dim, j index of a TTT step >= 1 (its "diagonal" keys); in grouped views g = kv (key heads)
+and r = n // kv (the query heads sharing one).
 
 At step k the query at position t attends, inside one softmax, to the step-0 keys 0..t (causal)
 and to the step-j keys at position t only, for j = 1..k. We split that softmax in two parts and
@@ -62,12 +63,15 @@ class TTTAttention(torch.autograd.Function):
         o0_BnTd, lse0_BnT, state = kern.fwd(q_BnTd, _rep(k0_BkTd, krep), _rep(v0_BkTd, krep), mask_B1TT, causal, scale)
         acc = acc_dtype(q_BnTd.dtype)
         lse0_BnT = lse0_BnT.to(acc)
-        q_acc = q_BnTd.to(acc)
-        sd = [(q_acc * _rep(k, rep).to(acc)).sum(-1) * scale for k in kd]   # each [B,n,T]
+        # Diagonal terms on the grouped view [B, kv, rep, T, d]: keys/values broadcast over the
+        # `rep` query heads that share them (no repeat_interleave copies, K(K-1)/2 of them a step).
+        q_BgrTd = _grouped(q_BnTd.to(acc), rep)
+        sd = [(q_BgrTd * k.to(acc)[:, :, None]).sum(-1).flatten(1, 2) * scale for k in kd]   # each [B,n,T]
         lse_BnT = torch.logsumexp(torch.stack([lse0_BnT, *sd]), dim=0) if sd else lse0_BnT
         o = o0_BnTd.to(acc) * torch.exp(lse0_BnT - lse_BnT)[..., None]
+        o_BgrTd = _grouped(o, rep)
         for s, v in zip(sd, vd):
-            o = o + torch.exp(s - lse_BnT)[..., None] * _rep(v, rep).to(acc)
+            o_BgrTd.addcmul_(_grouped(torch.exp(s - lse_BnT)[..., None], rep), v.to(acc)[:, :, None])
         o_BnTd = o.to(q_BnTd.dtype)
         ctx.scale, ctx.causal, ctx.rep, ctx.nd, ctx.kern, ctx.krep, ctx.state = scale, causal, rep, nd, kern, krep, state
         ctx.save_for_backward(mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, *diag)
@@ -83,23 +87,30 @@ class TTTAttention(torch.autograd.Function):
                                     lse_BnT, mask_B1TT, ctx.causal, ctx.scale, ctx.state)
         dk0, dv0 = _unrep(dk0, ctx.krep), _unrep(dv0, ctx.krep)
         acc = acc_dtype(q_BnTd.dtype)
-        dq = dq.to(acc)
+        r = ctx.rep
+        dq = dq.to(acc)                     # the kernel's fresh output: updated in place below
         do32 = do_BnTd.to(acc)
-        D_BnT = (do32 * o_BnTd.to(acc)).sum(-1)
-        q32 = q_BnTd.to(acc)
+        D_BgrT = _grouped((do32 * o_BnTd.to(acc)).sum(-1), r)
+        q_BgrTd, do_BgrTd, dq_BgrTd = _grouped(q_BnTd.to(acc), r), _grouped(do32, r), _grouped(dq, r)
+        lse_BgrT = _grouped(lse_BnT, r)
         dkd, dvd = [], []
         for k, v in zip(kd, vd):
-            k32, v32 = _rep(k, ctx.rep).to(acc), _rep(v, ctx.rep).to(acc)
-            p_BnT = torch.exp((q32 * k32).sum(-1) * ctx.scale - lse_BnT)
-            ds_BnT = p_BnT * ((do32 * v32).sum(-1) - D_BnT)
-            dq = dq + ds_BnT[..., None] * k32 * ctx.scale
-            dkd.append(_unrep(ds_BnT[..., None] * q32 * ctx.scale, ctx.rep).to(k.dtype))
-            dvd.append(_unrep(p_BnT[..., None] * do32, ctx.rep).to(v.dtype))
+            k32, v32 = k.to(acc)[:, :, None], v.to(acc)[:, :, None]          # [B, kv, 1, T, d]
+            p_BgrT = torch.exp((q_BgrTd * k32).sum(-1) * ctx.scale - lse_BgrT)
+            ds_BgrT = p_BgrT * ((do_BgrTd * v32).sum(-1) - D_BgrT)
+            dq_BgrTd.addcmul_(ds_BgrT[..., None], k32, value=ctx.scale)
+            dkd.append(((ds_BgrT[..., None] * q_BgrTd).sum(2) * ctx.scale).to(k.dtype))
+            dvd.append((p_BgrT[..., None] * do_BgrTd).sum(2).to(v.dtype))
         return (None, None, None, dq.to(q_BnTd.dtype), dk0.to(k0_BkTd.dtype), dv0.to(v0_BkTd.dtype), *dkd, *dvd)
 
 
 def _rep(x_BkTd: torch.Tensor, rep: int) -> torch.Tensor:
     return x_BkTd if rep == 1 else x_BkTd.repeat_interleave(rep, dim=1)
+
+
+def _grouped(x_Bn_: torch.Tensor, rep: int) -> torch.Tensor:
+    """[B, n, ...] -> [B, n // rep, rep, ...] (a view): query heads grouped by the key head they share."""
+    return x_Bn_.unflatten(1, (-1, rep))
 
 
 def _unrep(x_BnTd: torch.Tensor, rep: int) -> torch.Tensor:
