@@ -14,6 +14,9 @@ All processes apply `common.memory.tune_malloc()` (as both CLIs do).
 - gRPC bytes: a grpcio server streaming those batches' IPC bytes as `TensorChunk.data`
   (protobuf) messages of at most 4 MiB (gRPC's default message limit, and where protobuf
   decoding does best); the client decodes each message and takes a numpy view.
+- ours fp8 (`--fp8`): the same as ours with aux and teacher asked as float8_e4m3 (per-token
+  scales; the server casts, the client upcasts to the served dtype): bytes per token and tokens/s
+  side by side with the default wire dtype in the same rounds.
 `--inflight` requests are open at a time on each path (1: pure per-stream cost; 2: as a
 trainer's dispatcher runs it); rounds alternate between the paths; medians reported.
 """
@@ -38,13 +41,27 @@ GRPC_MESSAGE_BYTES = 4 << 20
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 
 
-def feature_ticket(request_index: int, samples: int, seq_len: int, vocab: int) -> bytes:
+FP8_ALL = {"aux": "float8_e4m3", "teacher": "float8_e4m3"}
+
+
+def feature_ticket(request_index: int, samples: int, seq_len: int, vocab: int, tensor_dtypes=None) -> bytes:
     from common.rpc import target_pb2 as pb
 
     ids = [(request_index * 7919 + i * 31) % vocab for i in range(samples * seq_len)]
     return pb.FeatureRequest(request_id=f"bench-{request_index}", sample_ids=list(range(samples)), token_ids=ids,
                              lengths=[seq_len] * samples, feature_schema_version=1,
-                             client_id="bench").SerializeToString()
+                             client_id="bench", tensor_dtypes=tensor_dtypes or {}).SerializeToString()
+
+
+def wire_bytes(flight_location: str, ticket: bytes) -> int:
+    """Arrow bytes of one request's record batches, as sent (one DoGet, read raw)."""
+    import pyarrow.flight as flight
+
+    client = flight.FlightClient(flight_location)
+    try:
+        return sum(chunk.data.nbytes for chunk in client.do_get(flight.Ticket(ticket)))
+    finally:
+        client.close()
 
 
 # ------------------------------------------------------------------ baseline servers (subprocess)
@@ -95,7 +112,7 @@ def serve_baselines(source_flight: str, ticket_hex: str, ready_file: str) -> Non
 
 # ------------------------------------------------------------------ clients (this process)
 
-def run_ours(endpoint: str, reqs: list, inflight: int) -> float:
+def run_ours(endpoint: str, reqs: list, inflight: int, tensor_dtypes=()) -> float:
     from draft_trainer.client.target import TargetClient
 
     def one(req, state):
@@ -103,7 +120,7 @@ def run_ours(endpoint: str, reqs: list, inflight: int) -> float:
             state["client"] = TargetClient(endpoint, timeout_s=600)
             state["close"] = [state["client"].close]
         sample_ids, seqs = req
-        n = sum(f.aux_T3H.shape[0] for f in state["client"].features(sample_ids, seqs))
+        n = sum(f.aux_T3H.shape[0] for f in state["client"].features(sample_ids, seqs, tensor_dtypes=tensor_dtypes))
         assert n == sum(map(len, seqs))
 
     return run_parallel(one, reqs, inflight)
@@ -153,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--inflight", type=int, default=1, help="requests open at once on each path")
     p.add_argument("--batch-tokens", type=int, default=0, help="server --max-batch-tokens (0 = one request per pass)")
+    p.add_argument("--fp8", action="store_true", help="also run ours with aux+teacher as float8_e4m3, side by side")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--serve-baselines", nargs=3, metavar=("SOURCE", "TICKET_HEX", "READY"), help=argparse.SUPPRESS)
@@ -195,9 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
         n = a.inflight
         run_ours(ours.endpoint, reqs[:n], n), run_raw(raw_loc, n, n), run_grpc(base["grpc_port"], n, n)  # warm-up
         times = {"ours": [], "raw": [], "grpc": []}
+        order = [("ours", lambda: run_ours(ours.endpoint, reqs, n)), ("raw", lambda: run_raw(raw_loc, a.requests, n)),
+                 ("grpc", lambda: run_grpc(base["grpc_port"], a.requests, n))]
+        if a.fp8:
+            src = f"grpc://127.0.0.1:{ours.flight_port}"
+            fp8_bytes = wire_bytes(src, feature_ticket(0, a.samples, a.seq_len, vocab, FP8_ALL))
+            full_bytes = wire_bytes(src, feature_ticket(0, a.samples, a.seq_len, vocab))
+            run_ours(ours.endpoint, reqs[:n], n, FP8_ALL)   # warm-up
+            times["ours_fp8"] = []
+            order.insert(1, ("ours_fp8", lambda: run_ours(ours.endpoint, reqs, n, FP8_ALL)))
         for r in range(a.rounds):
-            order = [("ours", lambda: run_ours(ours.endpoint, reqs, n)), ("raw", lambda: run_raw(raw_loc, a.requests, n)),
-                     ("grpc", lambda: run_grpc(base["grpc_port"], a.requests, n))]
             for name, fn in (order if r % 2 == 0 else order[::-1]):
                 times[name].append(fn())
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
@@ -209,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     gbs = {k: [nbytes / t / 1e9 for t in v] for k, v in times.items()}
     med = {k: median(v) for k, v in gbs.items()}
     tokens = a.requests * a.samples * a.seq_len
+    tps = {k: tokens / median(v) for k, v in times.items()}
     rows = [
         {"path": "SpecRelay (synthetic server, TargetClient)", "GB/s": f"{med['ours']:.2f}",
          "tokens/s": f"{tokens * med['ours'] / (nbytes / 1e9):.0f}", "ratio": "1"},
@@ -217,16 +243,26 @@ def main(argv: list[str] | None = None) -> dict:
         {"path": "gRPC stream, protobuf bytes messages", "GB/s": f"{med['grpc']:.2f}", "tokens/s": "",
          "ratio": f"**{med['ours'] / med['grpc']:.2f}x** faster (target >= 2)"},
     ]
+    extra = {}
+    if a.fp8:
+        per_tok = {"ours": full_bytes / (a.samples * a.seq_len), "ours_fp8": fp8_bytes / (a.samples * a.seq_len)}
+        rows[0]["bytes/token"] = f"{per_tok['ours']:.0f}"
+        rows.insert(1, {"path": "SpecRelay, aux+teacher as float8_e4m3", "GB/s": "", "tokens/s": f"{tps['ours_fp8']:.0f}",
+                        "bytes/token": f"{per_tok['ours_fp8']:.0f}",
+                        "ratio": f"**{tps['ours_fp8'] / tps['ours']:.2f}x** tokens/s, "
+                                 f"{per_tok['ours_fp8'] / per_tok['ours']:.2f}x bytes of {a.dtype}"})
+        extra = {"bytes_per_token": per_tok, "tokens_per_s": tps, "fp8_tokens_ratio": tps["ours_fp8"] / tps["ours"]}
     desc = (f"H={a.hidden} {a.dtype}, {a.samples} samples x {a.seq_len} tokens per request "
             f"({base['arrow_bytes'] / 2**20:.1f} MiB in {base['batches']} record batches / {base['grpc_messages']} gRPC "
             f"messages), {a.requests} requests "
             f"per round, {a.rounds} rounds, {a.inflight} request(s) open at a time on each path, client and servers "
             "on the same host (loopback).")
-    table = desc + "\n\n" + markdown_table(rows, ["path", "GB/s", "tokens/s", "ratio"])
+    table = desc + "\n\n" + markdown_table(rows, ["path", "GB/s", "tokens/s"] + (["bytes/token"] if a.fp8 else []) + ["ratio"])
     data = {"config": vars(a), "bytes_per_round": nbytes, "seconds": times, "gb_per_s": gbs, "median_gb_per_s": med,
             "ratio_vs_raw_flight": med["ours"] / med["raw"], "ratio_vs_grpc_bytes": med["ours"] / med["grpc"],
-            "targets": {"vs_raw_flight": 0.8, "vs_grpc_bytes": 2.0}, "batches_per_request": base["batches"]}
-    name = "dataplane" + (f"_inflight{a.inflight}" if a.inflight != 1 else "") + ("_smoke" if a.smoke else "")
+            "targets": {"vs_raw_flight": 0.8, "vs_grpc_bytes": 2.0}, "batches_per_request": base["batches"], **extra}
+    name = "dataplane" + (f"_inflight{a.inflight}" if a.inflight != 1 else "") + ("_fp8" if a.fp8 else "") + \
+        ("_smoke" if a.smoke else "")
     write_results(name, data, table, a.out)
     return data
 

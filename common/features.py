@@ -20,8 +20,11 @@ order, so record batches stay bounded (the server's batch size) even at H=8192):
     topk_logprobs list<fixed_size_list<float32, K>>                               (teacher=topk)
 
 E is the storage type of the wire dtype: uint16 for bfloat16/float16 (Arrow has no bfloat16),
-float32 for float32. Schema metadata carries `specrelay.schema_version`, `specrelay.dtype`,
-`specrelay.hidden_size`, `specrelay.teacher`, `specrelay.layer_ids` (absent in streams and caches
+float32 for float32. A tensor the spec asks as float8_e4m3 (`tensor_dtypes`, aux or teacher) is
+sent as e4m3 bytes (E = uint8) plus a column `<name>_scale` of float32 [t, G] (one scale per token
+and captured layer; common/fp8.py) and decoded back to the wire dtype: the server casts, the client
+upcasts in one pass into one new tensor (the only copy; the e4m3 bytes are read in place). Schema metadata carries `specrelay.schema_version`, `specrelay.dtype`,
+`specrelay.hidden_size`, `specrelay.teacher`, `specrelay.layer_ids`, `specrelay.tensor_dtypes` (absent in streams and caches
 written before feature specs: those carry three layers).
 
 Decoding never copies: the fixed-size-list child buffer of a column is one contiguous
@@ -38,6 +41,7 @@ import pyarrow as pa
 import torch
 
 from common.errors import SchemaError
+from common.fp8 import FP8_E4M3, TENSOR_WIRE_DTYPES, dequantize_e4m3, quantize_e4m3
 
 FEATURE_SCHEMA_VERSION = 1
 
@@ -47,8 +51,26 @@ _META_HIDDEN = b"specrelay.hidden_size"
 _META_TEACHER = b"specrelay.teacher"
 _META_TOPK = b"specrelay.topk"
 _META_LAYERS = b"specrelay.layer_ids"
+_META_TENSOR_DTYPES = b"specrelay.tensor_dtypes"
 
 TEACHER_MODES = ("none", "hidden", "topk")
+FEATURE_TENSORS = ("aux", "teacher")  # the float tensors whose wire dtype a spec may choose
+
+
+def normalize_tensor_dtypes(value) -> tuple[tuple[str, str], ...]:
+    """{name: dtype} / [(name, dtype)] / "aux=float8_e4m3,teacher=..." -> sorted pairs, checked."""
+    if isinstance(value, str):
+        value = [kv.split("=", 1) for kv in value.split(",") if kv]
+    pairs = sorted((str(k), str(v)) for k, v in (value.items() if isinstance(value, dict) else value))
+    for name, dtype in pairs:
+        if name not in FEATURE_TENSORS:
+            raise SchemaError(f"feature spec: tensor {name!r} has no choosable dtype; use one of {FEATURE_TENSORS}")
+        if dtype not in TENSOR_WIRE_DTYPES:
+            raise SchemaError(f"feature spec: wire dtype {dtype!r} for {name} is not one of {TENSOR_WIRE_DTYPES} "
+                              "(leave the tensor out to get the server's dtype)")
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise SchemaError(f"feature spec: a tensor is named twice in {pairs}")
+    return tuple(pairs)
 LEGACY_NUM_LAYERS = 3  # streams/caches without specrelay.layer_ids (EAGLE-3's three layers)
 
 
@@ -61,14 +83,20 @@ class FeatureSpec:
     teacher="hidden"). Teacher: "none", "hidden" (final normed hidden state [T, H]) or "topk"
     (top-`topk` target log-probs). Servers check a spec against their model at the handshake
     (common.contract.check_feature_spec) and refuse what they cannot capture.
+    `tensor_dtypes`: per tensor ("aux", "teacher"), a wire dtype other than the server's
+    ("float8_e4m3": e4m3 with a per-token scale, half of bf16's bytes); absent = server's dtype.
     """
 
     layer_ids: tuple[int, ...]
     teacher: str = "hidden"
     topk: int = 0
+    tensor_dtypes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_ids", tuple(int(i) for i in self.layer_ids))
+        object.__setattr__(self, "tensor_dtypes", normalize_tensor_dtypes(self.tensor_dtypes))
+        if self.teacher != "hidden" and "teacher" in dict(self.tensor_dtypes):
+            raise SchemaError(f"feature spec: a teacher wire dtype needs teacher=hidden (teacher is {self.teacher})")
         if self.teacher not in TEACHER_MODES:
             raise SchemaError(f"feature spec: teacher {self.teacher!r} is not one of {TEACHER_MODES}")
         if not self.layer_ids:
@@ -80,7 +108,8 @@ class FeatureSpec:
 
     def __str__(self) -> str:
         t = f"topk{self.topk}" if self.teacher == "topk" else self.teacher
-        return f"layers {list(self.layer_ids)}, teacher {t}"
+        wire = "".join(f", {k} as {v}" for k, v in self.tensor_dtypes)
+        return f"layers {list(self.layer_ids)}, teacher {t}{wire}"
 
 WIRE_DTYPES: dict[str, tuple[torch.dtype, pa.DataType]] = {
     "bfloat16": (torch.bfloat16, pa.uint16()),
@@ -113,10 +142,23 @@ class FeatureSchema:
     teacher: str = "hidden"  # "none" | "hidden" | "topk"
     topk: int = 0
     layer_ids: tuple[int, ...] = ()  # empty: a stream from before feature specs (three layers)
+    tensor_dtypes: tuple[tuple[str, str], ...] = ()  # e.g. (("aux", "float8_e4m3"),): sent as e4m3 + scales
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensor_dtypes", normalize_tensor_dtypes(self.tensor_dtypes))
 
     @classmethod
     def for_spec(cls, spec: FeatureSpec, hidden_size: int, dtype: str) -> "FeatureSchema":
-        return cls(hidden_size, dtype, spec.teacher, spec.topk, tuple(spec.layer_ids))
+        return cls(hidden_size, dtype, spec.teacher, spec.topk, tuple(spec.layer_ids), spec.tensor_dtypes)
+
+    def is_fp8(self, name: str) -> bool:
+        return dict(self.tensor_dtypes).get(name) == FP8_E4M3
+
+    def _float_fields(self, name: str, width: int, storage: pa.DataType) -> list[pa.Field]:
+        if not self.is_fp8(name):
+            return [pa.field(name, pa.list_(pa.list_(storage, width)), nullable=False)]
+        return [pa.field(name, pa.list_(pa.list_(pa.uint8(), width)), nullable=False),
+                pa.field(f"{name}_scale", pa.list_(pa.list_(pa.float32(), width // self.hidden_size)), nullable=False)]
 
     @property
     def aux_width(self) -> int:
@@ -129,12 +171,12 @@ class FeatureSchema:
             pa.field("sample_id", pa.int64(), nullable=False),
             pa.field("start", pa.int32(), nullable=False),
             pa.field("num_tokens", pa.int32(), nullable=False),
-            pa.field("aux", pa.list_(pa.list_(storage, self.aux_width)), nullable=False),
+            *self._float_fields("aux", self.aux_width, storage),
         ]
         if self.teacher == "none":
             pass
         elif self.teacher == "hidden":
-            fields.append(pa.field("teacher", pa.list_(pa.list_(storage, H)), nullable=False))
+            fields += self._float_fields("teacher", H, storage)
         elif self.teacher == "topk":
             fields.append(pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), self.topk)), nullable=False))
             fields.append(pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32(), self.topk)), nullable=False))
@@ -149,6 +191,8 @@ class FeatureSchema:
         }
         if self.layer_ids:
             meta[_META_LAYERS] = ",".join(map(str, self.layer_ids)).encode()
+        if self.tensor_dtypes:
+            meta[_META_TENSOR_DTYPES] = ",".join(f"{k}={v}" for k, v in self.tensor_dtypes).encode()
         return pa.schema(fields, metadata=meta)
 
     @classmethod
@@ -169,6 +213,7 @@ class FeatureSchema:
             teacher=meta[_META_TEACHER].decode(),
             topk=int(meta.get(_META_TOPK, b"0")),
             layer_ids=tuple(int(x) for x in meta.get(_META_LAYERS, b"").decode().split(",") if x),
+            tensor_dtypes=meta.get(_META_TENSOR_DTYPES, b"").decode(),
         )
         if not out.arrow().equals(schema, check_metadata=False):
             raise SchemaError(f"feature batch schema does not match its metadata:\n{schema}")
@@ -223,6 +268,17 @@ def _nested_list(flat: np.ndarray, width: int, lengths: list[int], storage: pa.D
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
+def _float_columns(schema: FeatureSchema, name: str, x_NW: torch.Tensor, lengths: list[int]) -> list[pa.Array]:
+    """The Arrow column(s) of one float tensor: in the wire dtype, or e4m3 bytes + per-token scales."""
+    W = x_NW.shape[1]
+    if schema.is_fp8(name):
+        q_NW, scale_NG = quantize_e4m3(x_NW, schema.hidden_size)
+        return [_nested_list(q_NW.numpy().reshape(-1), W, lengths, pa.uint8()),
+                _nested_list(scale_NG.numpy().reshape(-1), scale_NG.shape[1], lengths, pa.float32())]
+    storage = WIRE_DTYPES[schema.dtype][1]
+    return [_nested_list(_tensor_to_storage_np(x_NW, schema.dtype), W, lengths, storage)]
+
+
 def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.RecordBatch:
     """Build one record batch from sample chunks (server side; one copy into Arrow memory)."""
     if not rows:
@@ -233,21 +289,18 @@ def encode_batch(schema: FeatureSchema, rows: list[SampleFeatures]) -> pa.Record
     for r in rows:
         if r.aux_T3H.ndim != 2 or r.aux_T3H.shape[1] != W:
             raise SchemaError(f"sample {r.sample_id}: aux must be [T, {W}], got {tuple(r.aux_T3H.shape)}")
-    aux = _tensor_to_storage_np(concat_rows([r.aux_T3H for r in rows]), schema.dtype)
-    storage = WIRE_DTYPES[schema.dtype][1]
     arrays = [
         pa.array([r.sample_id for r in rows], pa.int64()),
         pa.array([r.start for r in rows], pa.int32()),
         pa.array([r.num_tokens for r in rows], pa.int32()),
-        _nested_list(aux, W, lengths, storage),
+        *_float_columns(schema, "aux", concat_rows([r.aux_T3H for r in rows]), lengths),
     ]
     if schema.teacher == "hidden":
         for r in rows:
             if r.teacher_TH is None or tuple(r.teacher_TH.shape) != (r.length, H):
                 got = None if r.teacher_TH is None else tuple(r.teacher_TH.shape)
                 raise SchemaError(f"sample {r.sample_id}: teacher must be [{r.length}, {H}], got {got}")
-        teacher = _tensor_to_storage_np(concat_rows([r.teacher_TH for r in rows]), schema.dtype)
-        arrays.append(_nested_list(teacher, H, lengths, storage))
+        arrays += _float_columns(schema, "teacher", concat_rows([r.teacher_TH for r in rows]), lengths)
     elif schema.teacher == "topk":
         K = schema.topk
         ids = concat_rows([r.topk_ids_TK for r in rows]).to(torch.int32).contiguous().numpy().reshape(-1)
@@ -279,6 +332,17 @@ def _column_tensor(col: pa.Array, width: int, torch_dtype: torch.dtype) -> tuple
     return flat.view(n_rows, width), offsets
 
 
+def _float_column(batch: pa.RecordBatch, schema: FeatureSchema, name: str, width: int,
+                  torch_dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A float tensor column as [N, width] in the wire dtype: a view of the Arrow buffer, or (fp8)
+    one upcast of the e4m3 bytes (read in place) times their scales."""
+    if not schema.is_fp8(name):
+        return _column_tensor(batch.column(name), width, torch_dtype)
+    q_NW, offs = _column_tensor(batch.column(name), width, torch.uint8)
+    scale_NG, _ = _column_tensor(batch.column(f"{name}_scale"), width // schema.hidden_size, torch.float32)
+    return dequantize_e4m3(q_NW, scale_NG, torch_dtype), offs
+
+
 def decode_batch(batch: pa.RecordBatch) -> list[SampleFeatures]:
     """Record batch -> per-row SampleFeatures whose tensors are views of the Arrow buffers.
 
@@ -292,10 +356,10 @@ def decode_batch(batch: pa.RecordBatch) -> list[SampleFeatures]:
     with warnings.catch_warnings():
         # from_numpy warns that Arrow buffers are read-only; we never write through these views.
         warnings.simplefilter("ignore", UserWarning)
-        aux, offs = _column_tensor(batch.column("aux"), schema.aux_width, torch_dtype)
+        aux, offs = _float_column(batch, schema, "aux", schema.aux_width, torch_dtype)
         cols = {}
         if schema.teacher == "hidden":
-            cols["teacher_TH"], _ = _column_tensor(batch.column("teacher"), H, torch_dtype)
+            cols["teacher_TH"], _ = _float_column(batch, schema, "teacher", H, torch_dtype)
         elif schema.teacher == "topk":
             cols["topk_ids_TK"], _ = _column_tensor(batch.column("topk_ids"), schema.topk, torch.int32)
             cols["topk_logprobs_TK"], _ = _column_tensor(batch.column("topk_logprobs"), schema.topk, torch.float32)

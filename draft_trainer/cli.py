@@ -160,6 +160,12 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    from draft_trainer.selftest import main as selftest_main
+
+    return selftest_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draft-trainer", description="SpecRelay draft trainer (EAGLE-3 and other draft methods)",
                                 formatter_class=HelpFormatter)
@@ -261,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     from draft_trainer import convert_cli
 
     convert_cli.add_parser(sub)
+
+    st = sub.add_parser("selftest", help="check this device's fast path (fused TTT, soft-CE kernel) and time a "
+                                         "training step; prints a PASS/FAIL table (about a minute)")
+    st.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: CUDA when present)")
+    st.add_argument("--size", default="auto", choices=["auto", "tiny", "small", "smollm2"],
+                    help="draft dims (auto: smollm2 on CUDA, small on CPU)")
+    st.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    st.add_argument("--json", help="also write the table as JSON here")
+    st.set_defaults(func=_selftest)
     for sp in sub.choices.values():  # every command's --help shows its defaults
         sp.formatter_class = HelpFormatter
     return p

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.errors import ConfigError
+from common.errors import ConfigError, SchemaError
+from common.features import FeatureSpec
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TargetsConfig:
     embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
     teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal (methods that read one): final hidden or top-k
     topk: int = 0                    # for teacher=topk
+    wire_dtypes: str = ""            # per-tensor wire dtypes, e.g. "aux=float8_e4m3,teacher=float8_e4m3": e4m3 + per-token scale, half of bf16's bytes, decoded to the served dtype; empty = as served
     request_timeout_s: float = 120.0  # per-request deadline; a request past it is re-issued elsewhere
     startup_timeout_s: float = 300.0  # wait this long for the first server at start-up
     # The pool (draft_trainer/client): discovery, windows, failover. Tokens bound memory: one token
@@ -154,6 +156,10 @@ class TrainConfig:
             raise ConfigError("optim.schedule=time runs the learning-rate schedule over time_budget_s: set time_budget_s > 0")
         if self.targets.teacher == "topk" and self.targets.topk <= 0:
             raise ConfigError("targets.topk must be > 0 when targets.teacher=topk")
+        try:
+            FeatureSpec((0,), self.targets.teacher, max(self.targets.topk, 1), self.targets.wire_dtypes)
+        except SchemaError as e:
+            raise ConfigError(f"targets.wire_dtypes={self.targets.wire_dtypes!r}: {e}") from None
         t = self.targets
         for name in ("request_tokens", "max_inflight_tokens", "max_endpoint_inflight_tokens", "max_buffered_tokens",
                      "max_attempts"):

@@ -98,7 +98,7 @@ def validate_request(msg: pb.FeatureRequest, info: ModelInfo, max_request_tokens
         topk = msg.topk
     # The feature spec: the layers named in the request (default: this server's aux layers).
     try:
-        spec = FeatureSpec(tuple(msg.layer_ids) or tuple(info.aux_layer_ids), teacher, topk)
+        spec = FeatureSpec(tuple(msg.layer_ids) or tuple(info.aux_layer_ids), teacher, topk, dict(msg.tensor_dtypes))
     except SchemaError as e:
         raise SchemaError(f"feature request: {e}") from None
     check_feature_spec(info, spec, where="this server")
@@ -112,7 +112,7 @@ def validate_request(msg: pb.FeatureRequest, info: ModelInfo, max_request_tokens
     return Request(
         request_id=msg.request_id or uuid.uuid4().hex, client_id=msg.client_id or "anonymous",
         sample_ids=list(msg.sample_ids), seqs=seqs, teacher=teacher, topk=topk, deadline=msg.deadline_unix_s,
-        layer_ids=spec.layer_ids,
+        layer_ids=spec.layer_ids, tensor_dtypes=spec.tensor_dtypes,
     )
 
 
@@ -176,7 +176,8 @@ class FeatureFlightServer(flight.FlightServerBase):
             self._open.add(state)
         if self.metrics is not None:
             self.metrics.active_streams.inc()
-        schema = FeatureSchema(self.info.hidden_size, self.info.dtype, req.teacher, req.topk, req.layer_ids)
+        schema = FeatureSchema(self.info.hidden_size, self.info.dtype, req.teacher, req.topk, req.layer_ids,
+                               req.tensor_dtypes)
         gen = self._stream(state, schema)
         # A generator Flight never starts (client gone at once) never runs its `finally`.
         weakref.finalize(gen, self._close, state)

@@ -53,6 +53,7 @@ class Request:
     topk: int = 0
     deadline: float = 0.0  # unix seconds; 0 = none
     layer_ids: tuple[int, ...] = ()  # the feature spec's layers (the flight service fills it in)
+    tensor_dtypes: tuple[tuple[str, str], ...] = ()  # the spec's per-tensor wire dtypes (e.g. aux as fp8)
     results: "queue.Queue[tuple[int, Capture] | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = 0.0  # monotonic

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specrelay/v1/target.proto\x12\x0cspecrelay.v1\"\x15\n\x13GetModelInfoRequest\"\x81\x04\n\tModelInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x1e\n\x16\x66\x65\x61ture_schema_version\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x12\n\nmodel_type\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x15\n\raux_layer_ids\x18\n \x03(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x12\n\nmax_length\x18\x0c \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\r \x01(\t\x12\x15\n\rchat_template\x18\x0e \x01(\t\x12\x30\n\rteacher_modes\x18\x0f \x03(\x0e\x32\x19.specrelay.v1.TeacherMode\x12\x10\n\x08max_topk\x18\x10 \x01(\x05\x12\x16\n\x0ehf_config_json\x18\x11 \x01(\t\x12\x13\n\x0b\x66light_port\x18\x12 \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x13 \x01(\x03\x12\x1a\n\x12max_request_tokens\x18\x14 \x01(\x03\x12\x19\n\x11max_capture_layer\x18\x15 \x01(\x05\"9\n\x13\x46\x65tchTensorsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"P\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x9c\x02\n\x0e\x46\x65\x61tureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsample_ids\x18\x02 \x03(\x03\x12\x15\n\ttoken_ids\x18\x03 \x03(\x05\x42\x02\x10\x01\x12\x13\n\x07lengths\x18\x04 \x03(\x05\x42\x02\x10\x01\x12/\n\x0cteacher_mode\x18\x05 \x01(\x0e\x32\x19.specrelay.v1.TeacherMode\x12\x0c\n\x04topk\x18\x06 \x01(\x05\x12\x1e\n\x16\x66\x65\x61ture_schema_version\x18\x07 \x01(\x05\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\t \x01(\x01\x12\x14\n\x0c\x65xpect_dtype\x18\n \x01(\t\x12\x15\n\tlayer_ids\x18\x0b \x03(\x05\x42\x02\x10\x01\"\xc1\x02\n\x0fGenerateRequest\x12\x35\n\x07prompts\x18\x01 \x03(\x0b\x32$.specrelay.v1.GenerateRequest.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\tclient_id\x18\t \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\n \x01(\t\x1a\x42\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\ttoken_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x15\n\rmessages_json\x18\x03 \x01(\t\"\xb1\x01\n\x10GenerateResponse\x12>\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32).specrelay.v1.GenerateResponse.Completion\x1a]\n\nCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\ttoken_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05*r\n\x0bTeacherMode\x12\x1c\n\x18TEACHER_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13TEACHER_MODE_HIDDEN\x10\x01\x12\x15\n\x11TEACHER_MODE_TOPK\x10\x02\x12\x15\n\x11TEACHER_MODE_NONE\x10\x03\x32\xf6\x01\n\rTargetService\x12J\n\x0cGetModelInfo\x12!.specrelay.v1.GetModelInfoRequest\x1a\x17.specrelay.v1.ModelInfo\x12N\n\x0c\x46\x65tchTensors\x12!.specrelay.v1.FetchTensorsRequest\x1a\x19.specrelay.v1.TensorChunk0\x01\x12I\n\x08Generate\x12\x1d.specrelay.v1.GenerateRequest\x1a\x1e.specrelay.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specrelay/v1/target.proto\x12\x0cspecrelay.v1\"\x15\n\x13GetModelInfoRequest\"\x81\x04\n\tModelInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x1e\n\x16\x66\x65\x61ture_schema_version\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x12\n\nmodel_type\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x15\n\raux_layer_ids\x18\n \x03(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x12\n\nmax_length\x18\x0c \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\r \x01(\t\x12\x15\n\rchat_template\x18\x0e \x01(\t\x12\x30\n\rteacher_modes\x18\x0f \x03(\x0e\x32\x19.specrelay.v1.TeacherMode\x12\x10\n\x08max_topk\x18\x10 \x01(\x05\x12\x16\n\x0ehf_config_json\x18\x11 \x01(\t\x12\x13\n\x0b\x66light_port\x18\x12 \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x13 \x01(\x03\x12\x1a\n\x12max_request_tokens\x18\x14 \x01(\x03\x12\x19\n\x11max_capture_layer\x18\x15 \x01(\x05\"9\n\x13\x46\x65tchTensorsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"P\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x98\x03\n\x0e\x46\x65\x61tureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsample_ids\x18\x02 \x03(\x03\x12\x15\n\ttoken_ids\x18\x03 \x03(\x05\x42\x02\x10\x01\x12\x13\n\x07lengths\x18\x04 \x03(\x05\x42\x02\x10\x01\x12/\n\x0cteacher_mode\x18\x05 \x01(\x0e\x32\x19.specrelay.v1.TeacherMode\x12\x0c\n\x04topk\x18\x06 \x01(\x05\x12\x1e\n\x16\x66\x65\x61ture_schema_version\x18\x07 \x01(\x05\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\t \x01(\x01\x12\x14\n\x0c\x65xpect_dtype\x18\n \x01(\t\x12\x15\n\tlayer_ids\x18\x0b \x03(\x05\x42\x02\x10\x01\x12\x45\n\rtensor_dtypes\x18\x0c \x03(\x0b\x32..specrelay.v1.FeatureRequest.TensorDtypesEntry\x1a\x33\n\x11TensorDtypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x02\n\x0fGenerateRequest\x12\x35\n\x07prompts\x18\x01 \x03(\x0b\x32$.specrelay.v1.GenerateRequest.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\tclient_id\x18\t \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\n \x01(\t\x1a\x42\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\ttoken_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x15\n\rmessages_json\x18\x03 \x01(\t\"\xb1\x01\n\x10GenerateResponse\x12>\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32).specrelay.v1.GenerateResponse.Completion\x1a]\n\nCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\ttoken_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05*r\n\x0bTeacherMode\x12\x1c\n\x18TEACHER_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13TEACHER_MODE_HIDDEN\x10\x01\x12\x15\n\x11TEACHER_MODE_TOPK\x10\x02\x12\x15\n\x11TEACHER_MODE_NONE\x10\x03\x32\xf6\x01\n\rTargetService\x12J\n\x0cGetModelInfo\x12!.specrelay.v1.GetModelInfoRequest\x1a\x17.specrelay.v1.ModelInfo\x12N\n\x0c\x46\x65tchTensors\x12!.specrelay.v1.FetchTensorsRequest\x1a\x19.specrelay.v1.TensorChunk0\x01\x12I\n\x08Generate\x12\x1d.specrelay.v1.GenerateRequest\x1a\x1e.specrelay.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specrelay.v1.target_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FEATUREREQUEST_TENSORDTYPESENTRY']._loaded_options = None
+  _globals['_FEATUREREQUEST_TENSORDTYPESENTRY']._serialized_options = b'8\001'
   _globals['_FEATUREREQUEST'].fields_by_name['token_ids']._loaded_options = None
   _globals['_FEATUREREQUEST'].fields_by_name['token_ids']._serialized_options = b'\020\001'
   _globals['_FEATUREREQUEST'].fields_by_name['lengths']._loaded_options = None
@@ -41,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_PROMPT'].fields_by_name['token_ids']._serialized_options = b'\020\001'
   _globals['_GENERATERESPONSE_COMPLETION'].fields_by_name['token_ids']._loaded_options = None
   _globals['_GENERATERESPONSE_COMPLETION'].fields_by_name['token_ids']._serialized_options = b'\020\001'
-  _globals['_TEACHERMODE']._serialized_start=1514
-  _globals['_TEACHERMODE']._serialized_end=1628
+  _globals['_TEACHERMODE']._serialized_start=1638
+  _globals['_TEACHERMODE']._serialized_end=1752
   _globals['_GETMODELINFOREQUEST']._serialized_start=43
   _globals['_GETMODELINFOREQUEST']._serialized_end=64
   _globals['_MODELINFO']._serialized_start=67
@@ -52,15 +54,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORCHUNK']._serialized_start=641
   _globals['_TENSORCHUNK']._serialized_end=721
   _globals['_FEATUREREQUEST']._serialized_start=724
-  _globals['_FEATUREREQUEST']._serialized_end=1008
-  _globals['_GENERATEREQUEST']._serialized_start=1011
-  _globals['_GENERATEREQUEST']._serialized_end=1332
-  _globals['_GENERATEREQUEST_PROMPT']._serialized_start=1266
-  _globals['_GENERATEREQUEST_PROMPT']._serialized_end=1332
-  _globals['_GENERATERESPONSE']._serialized_start=1335
-  _globals['_GENERATERESPONSE']._serialized_end=1512
-  _globals['_GENERATERESPONSE_COMPLETION']._serialized_start=1419
-  _globals['_GENERATERESPONSE_COMPLETION']._serialized_end=1512
-  _globals['_TARGETSERVICE']._serialized_start=1631
-  _globals['_TARGETSERVICE']._serialized_end=1877
+  _globals['_FEATUREREQUEST']._serialized_end=1132
+  _globals['_FEATUREREQUEST_TENSORDTYPESENTRY']._serialized_start=1081
+  _globals['_FEATUREREQUEST_TENSORDTYPESENTRY']._serialized_end=1132
+  _globals['_GENERATEREQUEST']._serialized_start=1135
+  _globals['_GENERATEREQUEST']._serialized_end=1456
+  _globals['_GENERATEREQUEST_PROMPT']._serialized_start=1390
+  _globals['_GENERATEREQUEST_PROMPT']._serialized_end=1456
+  _globals['_GENERATERESPONSE']._serialized_start=1459
+  _globals['_GENERATERESPONSE']._serialized_end=1636
+  _globals['_GENERATERESPONSE_COMPLETION']._serialized_start=1543
+  _globals['_GENERATERESPONSE_COMPLETION']._serialized_end=1636
+  _globals['_TARGETSERVICE']._serialized_start=1755
+  _globals['_TARGETSERVICE']._serialized_end=2001
 # @@protoc_insertion_point(module_scope)

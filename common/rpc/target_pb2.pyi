@@ -89,7 +89,14 @@ class TensorChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class FeatureRequest(_message.Message):
-    __slots__ = ("request_id", "sample_ids", "token_ids", "lengths", "teacher_mode", "topk", "feature_schema_version", "client_id", "deadline_unix_s", "expect_dtype", "layer_ids")
+    __slots__ = ("request_id", "sample_ids", "token_ids", "lengths", "teacher_mode", "topk", "feature_schema_version", "client_id", "deadline_unix_s", "expect_dtype", "layer_ids", "tensor_dtypes")
+    class TensorDtypesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +108,7 @@ class FeatureRequest(_message.Message):
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     EXPECT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DTYPES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -112,7 +120,8 @@ class FeatureRequest(_message.Message):
     deadline_unix_s: float
     expect_dtype: str
     layer_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., teacher_mode: _Optional[_Union[TeacherMode, str]] = ..., topk: _Optional[int] = ..., feature_schema_version: _Optional[int] = ..., client_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., expect_dtype: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    tensor_dtypes: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., teacher_mode: _Optional[_Union[TeacherMode, str]] = ..., topk: _Optional[int] = ..., feature_schema_version: _Optional[int] = ..., client_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., expect_dtype: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., tensor_dtypes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompts", "max_new_tokens", "temperature", "top_p", "seed", "stop_token_ids", "top_k", "stop", "client_id", "chat_template_kwargs_json")

@@ -33,7 +33,7 @@ class FeatureKind:
         stream = client.features(
             [w.seq for w in works], [np.asarray(w.sample.token_ids).tolist() for w in works],
             teacher=self.spec.teacher, topk=self.spec.topk, layer_ids=self.spec.layer_ids, deadline_s=deadline_s,
-            expect_dtype=self.dtype)
+            expect_dtype=self.dtype, tensor_dtypes=self.spec.tensor_dtypes)
         for f in stream:
             yield f.sample_id, f
 

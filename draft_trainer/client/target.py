@@ -179,14 +179,14 @@ class TargetClient:
 
     def features(self, sample_ids: list[int], seqs: list[list[int]], *, teacher: str = TEACHER_HIDDEN,
                  topk: int = 0, layer_ids=(), deadline_s: float | None = None,
-                 expect_dtype: str = "") -> Iterator[SampleFeatures]:
+                 expect_dtype: str = "", tensor_dtypes=()) -> Iterator[SampleFeatures]:
         """Stream features for the given samples; yields each sample once it is complete."""
         req = pb.FeatureRequest(
             request_id=uuid.uuid4().hex, sample_ids=sample_ids,
             token_ids=[t for s in seqs for t in s], lengths=[len(s) for s in seqs],
             teacher_mode=teacher_mode_to_pb(teacher), topk=topk, feature_schema_version=FEATURE_SCHEMA_VERSION,
             client_id=self.client_id, deadline_unix_s=(time.time() + deadline_s) if deadline_s else 0.0,
-            expect_dtype=expect_dtype, layer_ids=list(layer_ids),
+            expect_dtype=expect_dtype, layer_ids=list(layer_ids), tensor_dtypes=dict(tensor_dtypes),
         )
         options = flight.FlightCallOptions(timeout=deadline_s or None, headers=self._flight_headers)
         reader = self._flight_client().do_get(flight.Ticket(req.SerializeToString()), options=options)

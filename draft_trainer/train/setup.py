@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -95,6 +95,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
     if run.cache_reader is not None:
         run.cache_reader.check_spec(run.spec)
     if run.pool is not None:
+        if cfg.targets.wire_dtypes:   # how the servers send it (e.g. aux as fp8); decoded to the served dtype
+            run.spec = replace(run.spec, tensor_dtypes=cfg.targets.wire_dtypes)
         run.pool.feature_spec = run.spec
     # Rank 0 fetched the frozen target tensors once; every rank gets a copy.
     frozen = broadcast_tensors(frozen, dist)
@@ -239,7 +241,8 @@ def build_model(run: Run, frozen: dict[str, torch.Tensor], init: bool) -> None:
 
 def open_cache(run: Run, frozen: dict[str, torch.Tensor]) -> FeatureCacheWriter:
     fc = run.cfg.feature_cache
-    schema = FeatureSchema.for_spec(run.spec, run.info.hidden_size, run.info.dtype)
+    # The cache keeps the decoded features in the served dtype (re-quantizing fp8 would round twice).
+    schema = FeatureSchema.for_spec(replace(run.spec, tensor_dtypes=()), run.info.hidden_size, run.info.dtype)
     tokens = run.stream.usable_train_tokens()
     est = estimate_bytes(tokens, run.info, run.spec)
     limit = int(fc.limit_gb * 1e9)

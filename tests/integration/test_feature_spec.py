@@ -94,3 +94,29 @@ def test_spec_against_a_server_from_before_feature_specs_is_refused():
         check_feature_spec(old, FeatureSpec((0, 1, 2, 3, 4)))
     with pytest.raises(ContractError, match="teacher mode 'none'"):
         check_feature_spec(old, FeatureSpec((1, 3, 4), teacher="none"))
+
+
+def test_server_streams_fp8_features_the_client_upcasts(llama_server):
+    """aux and teacher asked as float8_e4m3: a real server casts, the client gets the served dtype
+    back within e4m3's bound of the same features sent in full precision; a wire dtype the server
+    does not know is refused naming it."""
+    client = TargetClient(llama_server.endpoint)
+    try:
+        info = client.model_info()
+        seqs = [torch.randint(0, info.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                for n in (13, 4)]
+        full = {f.sample_id: f for f in client.features([1, 2], seqs)}
+        fp8 = {f.sample_id: f for f in client.features([1, 2], seqs, tensor_dtypes={"aux": "float8_e4m3",
+                                                                                   "teacher": "float8_e4m3"})}
+        H = info.hidden_size
+        for sid, n in ((1, 13), (2, 4)):
+            a, b = full[sid], fp8[sid]
+            assert b.aux_T3H.dtype == a.aux_T3H.dtype == torch.float32 and b.aux_T3H.shape == (n, 3 * H)
+            for x, y, groups in ((a.aux_T3H, b.aux_T3H, 3), (a.teacher_TH, b.teacher_TH, 1)):
+                scale = x.view(n, groups, H).abs().amax(-1, keepdim=True).expand(-1, -1, H).reshape(n, -1) / 224  # scale: a power of 2, <= 2 amax/448
+                assert ((y - x).abs() <= 2 ** -4 * x.abs() + 2 ** -10 * scale + 1e-30).all()
+                assert not torch.equal(x, y)            # it really went through e4m3
+        with pytest.raises(flight.FlightError, match="int4"):
+            list(client.features([3], [[1, 2, 3]], tensor_dtypes={"aux": "int4"}))
+    finally:
+        client.close()

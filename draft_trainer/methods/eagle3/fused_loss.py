@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from draft_trainer.methods.eagle3.losses import STEP_WEIGHT_DECAY
+from draft_trainer.model.kernels.select import soft_ce_backend
 from draft_trainer.model.objective import KL, Objective, neg_entropy_rows, objective_rows_inplace
 from draft_trainer.model.stats import StepStats, sim_accept_len
 from draft_trainer.model.tensors import acc_dtype, rowsum, shift_left
@@ -140,7 +141,7 @@ def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, i
 def _soft_ce_rows(z, p=None, ids=None, pk=None, obj: Objective = KL, negH=None):
     if not obj.is_kl:  # LK losses (model/objective.py): the same one-pass form, torch on every device
         return objective_rows_inplace(z, obj, p, ids, pk, negH)
-    if z.is_cuda and p is not None:
+    if p is not None and soft_ce_backend(z.device) == "triton":
         from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton  # lazy: triton only on GPU
 
         return soft_ce_rows_triton(z, p)

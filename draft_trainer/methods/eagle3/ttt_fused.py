@@ -2,7 +2,8 @@
 `Eagle3Draft.ttt_forward` (the reference) in forward and gradients (tests/unit/test_ttt_fused.py).
 
 Legend (shapes): B batch, T sequence length, h draft hidden, n query heads, kv key/value heads,
-d head_dim, j index of a TTT step >= 1 (its "diagonal" keys).
+d head_dim, j index of a TTT step >= 1 (its "diagonal" keys); in grouped views g = kv (key heads)
+and r = n // kv (the query heads sharing one).
 
 At step k the query at position t attends, inside one softmax, to the step-0 keys 0..t (causal)
 and to the step-j keys at position t only, for j = 1..k. We split that softmax in two parts and
@@ -16,19 +17,18 @@ uses D = rowsum(dO * O). Handing it the *merged* output and lse makes it produce
 gradients of the step-0 block inside the merged softmax; the diagonal terms are done by hand.
 Nothing of size T^2 x K is kept for backward (the reference keeps K score matrices).
 
-CPU uses aten's flash attention for CPU (it supports bf16 and GQA). Other devices fall back to
-the reference math (a CUDA path would use the same merge with the CUDA flash kernel; not built
-here because nothing here can test it).
+This merge and its backward are written once for every device; only the flash kernel differs
+(model/kernels/flash.py: CPU's aten flash op, CUDA's flash / memory-efficient SDPA ops, a plain
+torch kernel elsewhere), chosen by `kernel_for` from q's device and dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
+from draft_trainer.model.kernels.flash import kernel_for
 from draft_trainer.model.tensors import acc_dtype, shift_left
 
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def key_padding_mask(attention_mask_BT: torch.Tensor | None, T: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -53,21 +53,27 @@ class TTTAttention(torch.autograd.Function):
     """o = softmax over [causal step-0 keys | diagonal keys of steps 1..k] applied to the values."""
 
     @staticmethod
-    def forward(ctx, scale: float, mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, *diag):
+    def forward(ctx, kern, scale: float, mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, *diag):
         nd = len(diag) // 2
         kd, vd = diag[:nd], diag[nd:]
         causal = mask_B1TT is None
-        o0_BnTd, lse0_BnT = _flash_fwd(q_BnTd, k0_BkTd, v0_BkTd, 0.0, causal, attn_mask=mask_B1TT, scale=scale)
         rep = q_BnTd.shape[1] // k0_BkTd.shape[1]
+        kern = kern or kernel_for(q_BnTd)
+        krep = 1 if kern.native_gqa else rep
+        o0_BnTd, lse0_BnT, state = kern.fwd(q_BnTd, _rep(k0_BkTd, krep), _rep(v0_BkTd, krep), mask_B1TT, causal, scale)
         acc = acc_dtype(q_BnTd.dtype)
-        q_acc = q_BnTd.to(acc)
-        sd = [(q_acc * _rep(k, rep).to(acc)).sum(-1) * scale for k in kd]   # each [B,n,T]
+        lse0_BnT = lse0_BnT.to(acc)
+        # Diagonal terms on the grouped view [B, kv, rep, T, d]: keys/values broadcast over the
+        # `rep` query heads that share them (no repeat_interleave copies, K(K-1)/2 of them a step).
+        q_BgrTd = _grouped(q_BnTd.to(acc), rep)
+        sd = [(q_BgrTd * k.to(acc)[:, :, None]).sum(-1).flatten(1, 2) * scale for k in kd]   # each [B,n,T]
         lse_BnT = torch.logsumexp(torch.stack([lse0_BnT, *sd]), dim=0) if sd else lse0_BnT
         o = o0_BnTd.to(acc) * torch.exp(lse0_BnT - lse_BnT)[..., None]
+        o_BgrTd = _grouped(o, rep)
         for s, v in zip(sd, vd):
-            o = o + torch.exp(s - lse_BnT)[..., None] * _rep(v, rep).to(acc)
+            o_BgrTd.addcmul_(_grouped(torch.exp(s - lse_BnT)[..., None], rep), v.to(acc)[:, :, None])
         o_BnTd = o.to(q_BnTd.dtype)
-        ctx.scale, ctx.causal, ctx.rep, ctx.nd = scale, causal, rep, nd
+        ctx.scale, ctx.causal, ctx.rep, ctx.nd, ctx.kern, ctx.krep, ctx.state = scale, causal, rep, nd, kern, krep, state
         ctx.save_for_backward(mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, *diag)
         return o_BnTd
 
@@ -76,41 +82,49 @@ class TTTAttention(torch.autograd.Function):
         mask_B1TT, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, *diag = ctx.saved_tensors
         kd, vd = diag[: ctx.nd], diag[ctx.nd :]
         do_BnTd = do_BnTd.contiguous().to(q_BnTd.dtype)
-        dq, dk0, dv0 = _flash_bwd(do_BnTd, q_BnTd, k0_BkTd, v0_BkTd, o_BnTd, lse_BnT, 0.0, ctx.causal,
-                                  attn_mask=mask_B1TT, scale=ctx.scale)
+        # Kernels take lse in their own dtype (fp32, or fp64 for fp64 inputs): the merged one is acc.
+        dq, dk0, dv0 = ctx.kern.bwd(do_BnTd, q_BnTd, _rep(k0_BkTd, ctx.krep), _rep(v0_BkTd, ctx.krep), o_BnTd,
+                                    lse_BnT, mask_B1TT, ctx.causal, ctx.scale, ctx.state)
+        dk0, dv0 = _unrep(dk0, ctx.krep), _unrep(dv0, ctx.krep)
         acc = acc_dtype(q_BnTd.dtype)
-        dq = dq.to(acc)
+        r = ctx.rep
+        dq = dq.to(acc)                     # the kernel's fresh output: updated in place below
         do32 = do_BnTd.to(acc)
-        D_BnT = (do32 * o_BnTd.to(acc)).sum(-1)
-        q32 = q_BnTd.to(acc)
+        D_BgrT = _grouped((do32 * o_BnTd.to(acc)).sum(-1), r)
+        q_BgrTd, do_BgrTd, dq_BgrTd = _grouped(q_BnTd.to(acc), r), _grouped(do32, r), _grouped(dq, r)
+        lse_BgrT = _grouped(lse_BnT, r)
         dkd, dvd = [], []
         for k, v in zip(kd, vd):
-            k32, v32 = _rep(k, ctx.rep).to(acc), _rep(v, ctx.rep).to(acc)
-            p_BnT = torch.exp((q32 * k32).sum(-1) * ctx.scale - lse_BnT)
-            ds_BnT = p_BnT * ((do32 * v32).sum(-1) - D_BnT)
-            dq = dq + ds_BnT[..., None] * k32 * ctx.scale
-            dkd.append(_unrep(ds_BnT[..., None] * q32 * ctx.scale, ctx.rep).to(k.dtype))
-            dvd.append(_unrep(p_BnT[..., None] * do32, ctx.rep).to(v.dtype))
-        return (None, None, dq.to(q_BnTd.dtype), dk0, dv0, *dkd, *dvd)
+            k32, v32 = k.to(acc)[:, :, None], v.to(acc)[:, :, None]          # [B, kv, 1, T, d]
+            p_BgrT = torch.exp((q_BgrTd * k32).sum(-1) * ctx.scale - lse_BgrT)
+            ds_BgrT = p_BgrT * ((do_BgrTd * v32).sum(-1) - D_BgrT)
+            dq_BgrTd.addcmul_(ds_BgrT[..., None], k32, value=ctx.scale)
+            dkd.append(((ds_BgrT[..., None] * q_BgrTd).sum(2) * ctx.scale).to(k.dtype))
+            dvd.append((p_BgrT[..., None] * do_BgrTd).sum(2).to(v.dtype))
+        return (None, None, None, dq.to(q_BnTd.dtype), dk0.to(k0_BkTd.dtype), dv0.to(v0_BkTd.dtype), *dkd, *dvd)
 
 
 def _rep(x_BkTd: torch.Tensor, rep: int) -> torch.Tensor:
     return x_BkTd if rep == 1 else x_BkTd.repeat_interleave(rep, dim=1)
 
 
+def _grouped(x_Bn_: torch.Tensor, rep: int) -> torch.Tensor:
+    """[B, n, ...] -> [B, n // rep, rep, ...] (a view): query heads grouped by the key head they share."""
+    return x_Bn_.unflatten(1, (-1, rep))
+
+
 def _unrep(x_BnTd: torch.Tensor, rep: int) -> torch.Tensor:
     if rep == 1:
         return x_BnTd
     B, n, T, d = x_BnTd.shape
-    return x_BnTd.view(B, n // rep, rep, T, d).sum(2)
+    return x_BnTd.reshape(B, n // rep, rep, T, d).sum(2)
 
 
 def ttt_forward_fused(model, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor, num_steps: int,
-                      attention_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
+                      attention_mask_BT: torch.Tensor | None = None, kernel=None) -> list[torch.Tensor]:
     """Same contract as `Eagle3Draft.ttt_forward` (`model` is the Eagle3Draft, which imports this
-    module): the hidden output of every TTT step."""
-    if aux_BT3H.device.type != "cpu":
-        return model.ttt_forward(aux_BT3H, input_ids_BT, num_steps, attention_mask_BT)
+    module): the hidden output of every TTT step. `kernel`: a flash kernel from
+    model/kernels/flash.py (default: the one for the inputs' device and dtype)."""
     B, T, _ = aux_BT3H.shape
     layer = model.midlayer
     attn = layer.self_attn
@@ -132,7 +146,7 @@ def ttt_forward_fused(model, aux_BT3H: torch.Tensor, input_ids_BT: torch.Tensor,
         else:
             diag_k.append(k_BkTd)
             diag_v.append(v_BkTd)
-        o_BnTd = TTTAttention.apply(attn.d ** -0.5, mask_B1TT, q_BnTd, k0, v0, *diag_k, *diag_v)
+        o_BnTd = TTTAttention.apply(kernel, attn.d ** -0.5, mask_B1TT, q_BnTd, k0, v0, *diag_k, *diag_v)
         out_BTh = layer.finish(g_BTh, o_BnTd.transpose(1, 2).reshape(B, T, -1))
         outs.append(out_BTh)
         g_BTh = model.feed(out_BTh)          # EAGLE-3.1 norm_output: the next step reads norm(g)
