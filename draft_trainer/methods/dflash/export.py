@@ -76,6 +76,35 @@ def write_sglang(output: Path, cfg: DFlashConfig, state: dict[str, torch.Tensor]
     (output / "config.json").write_text(json.dumps(sglang_config(cfg), indent=2) + "\n")
 
 
+def speculators_config(cfg: DFlashConfig, model_info: dict) -> dict:
+    """config.json in vllm-project/speculators' DFlash layout (src/speculators/models/dflash/config.py,
+    core.py): the draft layers' Qwen3 config nested as `transformer_layer_config`, the layers as
+    `aux_hidden_state_layer_ids`, a greedy proposal of block_size - 1 tokens (the anchor is the
+    bonus token, `sample_from_anchor` false). A full-vocabulary draft has no lm_head, embedding or
+    d2t/t2d in its weights (speculators reloads them from the verifier), so the safetensors are
+    the same tensors as the SGLang export."""
+    layer = {k: v for k, v in sglang_config(cfg).items()
+             if k not in ("architectures", "dflash_config", "specrelay", "block_size", "num_target_layers")}
+    return {
+        "architectures": ["DFlashSpeculator"], "speculators_model_type": "dflash",
+        "transformer_layer_config": layer, "draft_vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
+        "target_hidden_size": cfg.hidden_size, "aux_hidden_state_layer_ids": list(cfg.target_layer_ids),
+        "mask_token_id": cfg.mask_token_id, "sample_from_anchor": False, "projector_type": "dflash",
+        "speculators_config": {
+            "algorithm": "dflash", "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": cfg.block_size - 1}],
+            "verifier": {"name_or_path": model_info.get("model_name") or None,
+                         "architectures": [model_info["architecture"]] if model_info.get("architecture") else []},
+        },
+        "specrelay": {"method": "dflash", "draft_config": cfg.to_dict()},
+    }
+
+
+def write_speculators(output: Path, cfg: DFlashConfig, state: dict[str, torch.Tensor], model_info: dict) -> None:
+    write_sglang(output, cfg, state)  # same tensors and file; only config.json differs
+    (output / "config.json").write_text(json.dumps(speculators_config(cfg, model_info), indent=2) + "\n")
+
+
 def load_exported(export_dir: Path, dtype: torch.dtype = torch.float32) -> DFlashDraft:
     """Our model from an export (ours, or any z-lab/SGLang-layout DFlash checkpoint of this shape)."""
     from safetensors.torch import load_file
@@ -96,6 +125,11 @@ def config_from_export(config: dict) -> DFlashConfig:
     ours = (config.get("specrelay") or {}).get("draft_config")
     if ours:
         return DFlashConfig.from_dict(ours)
+    if "transformer_layer_config" in config:   # a speculators-layout checkpoint from elsewhere
+        flat = {**config["transformer_layer_config"], "block_size": config.get("block_size", 8),
+                "dflash_config": {"target_layer_ids": config.get("aux_hidden_state_layer_ids"),
+                                  "mask_token_id": config.get("mask_token_id")}}
+        return config_from_export(flat)
     dfc = config.get("dflash_config") or {}
     heads = int(config["num_attention_heads"])
     layer_ids = dfc.get("target_layer_ids") or config.get("target_layer_ids")

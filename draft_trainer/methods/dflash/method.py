@@ -26,7 +26,7 @@ from draft_trainer.model.precision import autocast, compute_dtype
 
 class DFlashMethod(DraftMethod):
     name = "dflash"
-    export_formats = ("sglang",)
+    export_formats = ("sglang", "speculators")
 
     # ------------------------------------------------------------------ features
     def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
@@ -89,9 +89,12 @@ class DFlashMethod(DraftMethod):
 
     # ------------------------------------------------------------------ serving
     def export(self, trained, output: Path, fmt: str) -> None:
-        from draft_trainer.methods.dflash.export import write_sglang
+        from draft_trainer.methods.dflash.export import write_speculators, write_sglang
 
-        write_sglang(output, trained.cfg, trained.state)
+        if fmt == "speculators":
+            write_speculators(output, trained.cfg, trained.state, trained.model_info or {})
+        else:
+            write_sglang(output, trained.cfg, trained.state)
 
     def drafter(self, export_dir: Path, target, *, dtype: torch.dtype):
         from draft_trainer.methods.dflash.drafter import DFlashDrafter
@@ -112,4 +115,4 @@ class DFlashMethod(DraftMethod):
 
     @classmethod
     def recognises(cls, export_config: dict) -> bool:
-        return export_config.get("architectures") == ["DFlashDraftModel"]
+        return export_config.get("architectures") in (["DFlashDraftModel"], ["DFlashSpeculator"])
