@@ -70,6 +70,12 @@ def test_dflash_trains_resumes_exports_and_evaluates_losslessly(server, deep_tin
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DFlashDraftModel"]
     assert config["dflash_config"]["target_layer_ids"] == [1, 2, 3, 4, 5]
+    spec_out = tmp_path / "export-speculators"
+    res = run_cli("draft_trainer", "export", "--checkpoint", str(ckpt), "--output", str(spec_out),
+                  "--format", "speculators")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((spec_out / "config.json").read_text())["aux_hidden_state_layer_ids"] == [1, 2, 3, 4, 5]
+    assert (spec_out / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello there", "tell me a story", "why"]))
