@@ -10,7 +10,7 @@ target (embedded HF server, same data, same steps and batch = same tokens), is e
 `draft-trainer eval` reports its lossless tau on the same prompts.
 
     python benchmarks/bench_methods.py --smoke            # tiny dims, seconds
-    python benchmarks/bench_methods.py --smoke --tau      # + tau on the tiny target (minutes)
+    python benchmarks/bench_methods.py --smoke --tau      # + tau on the tiny target (minutes; --tau-steps N)
     python benchmarks/bench_methods.py                    # SmolLM2-135M-sized dims (do not run on a busy box)
 
 Writes benchmarks/results/<name>.json and .md (benchmarks/harness.py).
@@ -118,6 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny dims, a few steps")
     ap.add_argument("--tau", action="store_true", help="also train on the tiny target and report eval tau")
+    ap.add_argument("--tau-steps", type=int, default=8, help="training steps per method for --tau")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     if a.tau:
         with tempfile.TemporaryDirectory() as tmp:
-            taus = tau_smoke(8, Path(tmp))
+            taus = tau_smoke(a.tau_steps, Path(tmp))
         for r in rows:
             r.update(taus[r["method"]])
     ref = rows[0]
@@ -146,7 +147,7 @@ def main() -> None:
         r["peak_rss_vs_eagle3"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
     cols = ["method", "layers", "teacher", "params_M", "tokens", "step_s", "tokens_per_s", "tokens_per_s_vs_eagle3",
             "peak_rss_mib", "peak_rss_vs_eagle3"] + (["tau", "lossless"] if a.tau else [])
-    name = "bench_methods" + ("_smoke" if a.smoke else "")
+    name = "bench_methods" + ("_smoke" if a.smoke else "") + (f"_tau{a.tau_steps}" if a.tau else "")
     write_results(name, {"settings": base, "rows": rows}, markdown_table(rows, cols))
 
 

@@ -157,3 +157,35 @@ def test_chain_metrics_stop_at_the_first_wrong_position():
     assert st.acc == [1.0, 0.5, 1.0]
     assert st.cond_acc == [1.0, 0.5, 1.0]
     assert st.sums["prev"] == [2.0, 2.0, 1.0]
+
+
+def test_the_drafter_proposes_what_training_scores_at_the_same_anchor():
+    """Training (a block at anchor a over context < a) and the eval drafter (context = the
+    committed prefix, anchor = the last committed token) must be the same computation, or the
+    draft learns one alignment and serves another."""
+    from draft_trainer.methods.dflash.drafter import DFlashDrafter
+
+    torch.manual_seed(3)
+    cfg = _cfg()
+    model = DFlashDraft(cfg).eval()
+    T, K, a = 14, cfg.block_size, 9
+    ids = torch.randint(0, 48, (1, T))
+    feats = torch.randn(1, T, 3 * cfg.hidden_size)
+    emb, head = torch.randn(cfg.vocab_size, cfg.hidden_size), torch.randn(cfg.vocab_size, cfg.hidden_size)
+    anchors, keep = torch.tensor([[a]]), torch.tensor([[True]])
+    tg = obj.block_targets(ids, torch.ones(1, T), anchors, keep, K, cfg.mask_token_id, 7.0)
+    with torch.no_grad():
+        h = model(feats, emb[tg.noise_ids_BQ], torch.arange(T)[None], tg.pos_q_BQ,
+                  obj.context_visibility(anchors, torch.ones(1, T), K))
+    trained = (h[0, 1:] @ head.t()).argmax(-1).tolist()
+    drafter = DFlashDrafter(model, emb, head)
+    drafter.start(feats[0, :a], ids[0, 1:a + 1].tolist())        # prompt = ids[:a], target's next = ids[a]
+    assert drafter.propose(K - 1) == trained
+    # After a round that commits two more tokens, the next block is the one anchored two later.
+    drafter.accept(feats[0, a:a + 2], ids[0, a + 1:a + 3].tolist())
+    anchors2 = torch.tensor([[a + 2]])
+    tg2 = obj.block_targets(ids, torch.ones(1, T), anchors2, keep, K, cfg.mask_token_id, 7.0)
+    with torch.no_grad():
+        h2 = model(feats, emb[tg2.noise_ids_BQ], torch.arange(T)[None], tg2.pos_q_BQ,
+                   obj.context_visibility(anchors2, torch.ones(1, T), K))
+    assert drafter.propose(K - 1) == (h2[0, 1:] @ head.t()).argmax(-1).tolist()
