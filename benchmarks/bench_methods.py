@@ -5,9 +5,10 @@ Per method, in a fresh subprocess (honest peak RSS): step time (prepare + loss +
 AdamW, median after warm-up), step tokens/s (batch tokens / step time), peak RSS. Each method gets
 the feature width it asks for (EAGLE-3: its 3 aux layers, DFlash: 5 layers from the target's
 depth): the features are random, so these runs measure cost, not quality.
-`--tau` (smoke size only) adds quality: each method trains through the CLI on the tiny 8-layer
-target (embedded HF server, same data, same steps and batch = same tokens), is exported, and
-`draft-trainer eval` reports its lossless tau on the same prompts.
+`--tau` (smoke size only) adds quality: the tiny chats are regenerated greedily by the tiny 8-layer
+target (on-policy data, as the issue asks of every method), each method trains through the CLI
+on them (same data, steps and batch = same tokens), is exported, and `draft-trainer eval`
+reports its lossless tau on the same prompts.
 
     python benchmarks/bench_methods.py --smoke            # tiny dims, seconds
     python benchmarks/bench_methods.py --smoke --tau      # + tau on the tiny target (minutes; --tau-steps N)
@@ -88,29 +89,41 @@ def run_method(s: dict) -> dict:
 
 
 def tau_smoke(steps: int, tmp: Path) -> dict[str, dict]:
-    """Train each method on the tiny 8-layer target for the same steps, export, eval tau."""
+    """Train each method on the tiny 8-layer target for the same steps on the same on-policy data
+    (the tiny chats' answers regenerated greedily by the target: DFlash, like its reference,
+    trains on the data's own tokens), export, eval tau."""
     sys.path.insert(0, str(REPO))
+    from benchmarks.harness import Server
     from draft_trainer.assets.tiny import build_tiny_dataset, build_tiny_model
 
     model = build_tiny_model(tmp / "tiny-8l", "llama", num_layers=8)
     data = build_tiny_dataset(model, tmp / "chat")
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello there", "tell me a story", "why"]))
+    cli = [sys.executable, "-m", "draft_trainer"]
+
+    def run(*args, timeout=1800):
+        return subprocess.run([*cli, *args], check=True, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
     out = {}
-    for m in METHODS:
-        run = tmp / m
-        cli = [sys.executable, "-m", "draft_trainer"]
-        subprocess.run([*cli, "train", f"model.method={m}", f"targets.embedded_model={model}", f"data.path={data}",
-                        f"output_dir={run}", f"max_steps={steps}", "batch_size=4", "optim.lr=3e-3", "progress=false",
-                        "optim.warmup_ratio=0", "data.draft_vocab_size=256", "model.precision=fp32"],
-                       check=True, cwd=REPO, capture_output=True, timeout=1800)
-        subprocess.run([*cli, "export", "--checkpoint", str(run), "--output", str(tmp / f"{m}-export")],
-                       check=True, cwd=REPO, capture_output=True, timeout=600)
-        res = subprocess.run([*cli, "eval", "--target-model", str(model), "--draft", str(tmp / f"{m}-export"),
-                              "--prompts", str(prompts), "--num-steps", "7", "--max-new-tokens", "32"],
-                             check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
-        r = json.loads(res.stdout)
-        out[m] = {"tau": r["tau"], "lossless": r["lossless"], "train_steps": steps}
+    srv = Server("--model", str(model), "--backend", "hf", "--dtype", "fp32")
+    try:
+        run("regenerate", "--targets", srv.endpoint, "--input", str(data), "--output", str(tmp / "regen.jsonl"),
+            "--max-new-tokens", "48")
+        run("prepare-data", "--model", str(model), "--input", str(tmp / "regen.jsonl"), "--output",
+            str(tmp / "onpolicy"), "--draft-vocab-size", "256", "--workers", "1")
+        for m in METHODS:
+            runs = tmp / m
+            run("train", f"model.method={m}", f"targets.endpoints={srv.endpoint}", f"data.path={tmp / 'onpolicy'}",
+                f"output_dir={runs}", f"max_steps={steps}", "batch_size=4", "optim.lr=3e-3", "progress=false",
+                "optim.warmup_ratio=0", "model.precision=fp32")
+            run("export", "--checkpoint", str(runs), "--output", str(tmp / f"{m}-export"), timeout=600)
+            res = run("eval", "--target-model", str(model), "--draft", str(tmp / f"{m}-export"), "--prompts",
+                      str(prompts), "--num-steps", "7", "--max-new-tokens", "32", timeout=600)
+            r = json.loads(res.stdout)
+            out[m] = {"tau": r["tau"], "lossless": r["lossless"], "train_steps": steps, "data": "on-policy (greedy)"}
+    finally:
+        srv.stop()
     return out
 
 
