@@ -89,3 +89,24 @@ def test_speculators_layout(tmp_path):
     for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "intermediate_size", "vocab_size", "target_layer_ids", "block_size", "mask_token_id", "rope_theta"):
         assert getattr(back, field) == getattr(m.cfg, field), field
+
+
+def test_init_from_target_copies_the_reading_layers():
+    from draft_trainer.methods.dflash.init import init_from_target, tensor_names
+
+    m = _model()
+    g = torch.Generator().manual_seed(0)
+    shapes = {"input_layernorm": (H,), "post_attention_layernorm": (H,), "self_attn.q_proj": (n * d, H),
+              "self_attn.k_proj": (g_ := 2 * d, H), "self_attn.v_proj": (g_, H), "self_attn.o_proj": (H, n * d),
+              "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+    target = {"final_norm": torch.randn(H, generator=g)}
+    for src in (2, 5, 8):      # target_layer_ids [1, 4, 7] -> the layers that read them
+        for s, shape in shapes.items():
+            target[f"layers.{src}.{s}"] = torch.randn(*shape, generator=g)
+    assert set(tensor_names(m, 12)) == set(target)
+    init_from_target(m, target, 12)
+    assert torch.equal(m.layers[1].self_attn.q_proj.weight, target["layers.5.self_attn.q_proj"])
+    assert torch.equal(m.layers[0].mlp.down_proj.weight, target["layers.2.mlp.down_proj"])
+    assert torch.equal(m.norm.weight, target["final_norm"])
+    with pytest.raises(Exception, match="did not send"):
+        init_from_target(m, {"final_norm": target["final_norm"]}, 12)

@@ -48,6 +48,19 @@ class DFlashMethod(DraftMethod):
     def model_from_config(self, draft_config: dict) -> DFlashDraft:
         return DFlashDraft(DFlashConfig.from_dict(draft_config))
 
+    def init_from_target(self, model, how: str, info: ModelInfo, vocab: VocabMapping,
+                         frozen: dict[str, torch.Tensor], fetch, seed: int) -> None:
+        from draft_trainer.methods.dflash import init
+
+        if how == "random":
+            return
+        if how != "target":
+            raise ConfigError(f"model.init={how!r}: DFlash supports random or target")
+        if fetch is None:
+            raise ConfigError("model.init=target needs target servers to send the target's layers; an offline "
+                              "feature cache has none (use model.init=random, or resume)")
+        init.init_from_target(model, dict(fetch(init.tensor_names(model, info.num_layers))), info.num_layers)
+
     # ------------------------------------------------------------------ objective
     def bind(self, model, frozen: dict[str, torch.Tensor], vocab: VocabMapping, device: torch.device) -> None:
         self.cdt = compute_dtype(self.cfg.precision, device)
