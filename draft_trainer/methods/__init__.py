@@ -13,6 +13,7 @@ from common.errors import ConfigError
 
 METHODS: dict[str, str] = {
     "eagle3": "draft_trainer.methods.eagle3.method:Eagle3Method",
+    "dflash": "draft_trainer.methods.dflash.method:DFlashMethod",
 }
 
 

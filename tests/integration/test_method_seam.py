@@ -73,7 +73,7 @@ def test_unknown_method_is_refused_listing_the_known_ones(tmp_path):
     res = run_cli("draft_trainer", "train", "model.method=eagle9", "data.path=x", "targets.embedded_model=y",
                   f"output_dir={tmp_path}")
     assert res.returncode == 2
-    assert "model.method='eagle9' is not a known draft method; known: eagle3" in res.stderr
+    assert "model.method='eagle9' is not a known draft method; known: dflash, eagle3" in res.stderr
 
 
 def test_every_shipped_config_selects_a_known_method():

@@ -1,0 +1,55 @@
+"""DFlash's drafter for the lossless evaluator: one draft forward proposes a whole block.
+
+Legend (shapes): S committed positions with target features, F = L*H features of one position,
+H hidden, K block length this round (<= block_size), V target vocabulary.
+
+State: the projected context (`hidden_norm(fc(features))`, per position, so caching it is exact)
+of every committed position whose target features are known, and the anchor: the last committed
+token (the target's own bonus token), at position S, whose features come with the next round.
+propose(k): the block [anchor, mask x (K-1)] at positions S..S+K-1, K = min(k + 1, block_size),
+sees the whole context; positions 1..K-1 through the target's lm_head give K-1 greedy drafts.
+The context keys/values are recomputed per round (SGLang keeps them in its KV cache: same values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from draft_trainer.methods.base import Drafter
+from draft_trainer.methods.dflash.model import DFlashDraft
+
+
+class DFlashDrafter(Drafter):
+    def __init__(self, draft: DFlashDraft, embed_VH: torch.Tensor, head_VH: torch.Tensor) -> None:
+        self.draft = draft
+        self.layer_ids = tuple(draft.cfg.target_layer_ids)
+        self.embed_VH, self.head_VH = embed_VH, head_VH
+        self.ctx_SH: torch.Tensor | None = None
+        self.anchor: int | None = None
+
+    @torch.no_grad()
+    def _extend(self, feats_nF: torch.Tensor, tokens: list[int]) -> None:
+        new_nH = self.draft.project_context(feats_nF[None])[0]
+        self.ctx_SH = new_nH if self.ctx_SH is None else torch.cat([self.ctx_SH, new_nH])
+        self.anchor = int(tokens[-1])
+
+    def start(self, feats_SLH: torch.Tensor, tokens: list[int]) -> None:
+        self._extend(feats_SLH, tokens)
+
+    @torch.no_grad()
+    def propose(self, k: int) -> list[int]:
+        d = self.draft
+        K = max(2, min(k + 1, d.cfg.block_size))
+        S = self.ctx_SH.shape[0]
+        ids_K = torch.full((K,), d.cfg.mask_token_id, dtype=torch.long)
+        ids_K[0] = self.anchor
+        noise_1KH = F.embedding(ids_K, self.embed_VH)[None]
+        pos_q_1K = torch.arange(S, S + K)[None]
+        visible_1KS = torch.ones(1, K, S, dtype=torch.bool)
+        h_1KH = d.forward_projected(self.ctx_SH[None], noise_1KH, torch.arange(S)[None], pos_q_1K, visible_1KS, K)
+        logits_KV = h_1KH[0, 1:] @ self.head_VH.t().to(h_1KH.dtype)
+        return logits_KV.argmax(-1).tolist()[:k]
+
+    def accept(self, feats_nLH: torch.Tensor, tokens: list[int]) -> None:
+        self._extend(feats_nLH, tokens)
