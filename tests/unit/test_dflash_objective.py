@@ -72,7 +72,6 @@ def _slow_forward(model: DFlashDraft, feats, noise, pos_ctx, pos_q, mask):
 
     ctx = model.project_context(feats)
     h = noise
-    S = ctx.shape[1]
     rq, rs = model.rope(pos_q, h.dtype), model.rope(pos_ctx, h.dtype)
     rope_all = tuple(torch.cat([a, b], 1) for a, b in zip(rs, rq))
     for layer in model.layers:
