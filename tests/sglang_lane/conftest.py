@@ -41,3 +41,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "sglang_lane" in str(item.fspath):
             item.add_marker(pytest.mark.sglang)
+
+
+@pytest.fixture(scope="session")
+def inprocess_sglang_target(tiny_llama):
+    """One in-process SGLang target runner on the tiny Llama, shared by every test module that
+    needs SGLang's parallel/runtime context in this process: SGLang builds that context once per
+    process, so a second backend in the same process fails ("init_parallel_runtime() ran twice")."""
+    from target_server.backends.sglang import SGLangBackend
+
+    backend = SGLangBackend(tiny_llama, dtype="fp32")
+    yield backend
+    backend.close()

@@ -30,13 +30,9 @@ S, K = 11, 16  # context positions, block size
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_llama):
-    """A real SGLang target runner: publishes the parallel/runtime context SGLang's layers read."""
-    from target_server.backends.sglang import SGLangBackend
-
-    backend = SGLangBackend(tiny_llama, dtype="fp32")
-    yield backend
-    backend.close()
+def runtime(inprocess_sglang_target):
+    """The lane's one in-process SGLang target runner (conftest.py: one per process)."""
+    return inprocess_sglang_target
 
 
 def _ours(seed=0) -> DFlashDraft:

@@ -23,12 +23,9 @@ VD = 200  # draft vocab < target vocab, so the d2t mapping is exercised
 
 
 @pytest.fixture(scope="module")
-def target(tiny_llama):
-    from target_server.backends.sglang import SGLangBackend
-
-    backend = SGLangBackend(tiny_llama, dtype="fp32")
-    yield backend
-    backend.close()
+def target(inprocess_sglang_target):
+    """The lane's one in-process SGLang target runner (conftest.py: one per process)."""
+    return inprocess_sglang_target
 
 
 def _sglang_draft(export_dir, embed_VH):
