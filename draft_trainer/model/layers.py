@@ -6,6 +6,7 @@ Legend (shapes): B batch, T sequence length, n heads, d head_dim.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from draft_trainer.model.tensors import acc_dtype
@@ -31,3 +32,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x_BnTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
     return x_BnTd * cos_BTd[:, None] + rotate_half(x_BnTd) * sin_BTd[:, None]
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)). Parameter names are the HF/SGLang checkpoint keys."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -16,11 +16,10 @@ class read (export.py writes them unchanged).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from draft_trainer.methods.dflash.config import DFlashConfig
-from draft_trainer.model.layers import RMSNorm, apply_rope
+from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope
 
 
 class DFlashAttention(nn.Module):
@@ -66,24 +65,13 @@ class DFlashAttention(nn.Module):
         return self.o_proj(out_BnQd.transpose(1, 2).reshape(B, Q, self.n * self.d))
 
 
-class DFlashMLP(nn.Module):
-    def __init__(self, cfg: DFlashConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DFlashLayer(nn.Module):
     def __init__(self, cfg: DFlashConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DFlashAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DFlashMLP(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h_BQH, ctx_BSH, rope_q, rope_s, ctx_visible_BQS, K: int) -> torch.Tensor:
         h_BQH = h_BQH + self.self_attn(self.input_layernorm(h_BQH), ctx_BSH, rope_q, rope_s, ctx_visible_BQS, K)

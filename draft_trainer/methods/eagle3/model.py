@@ -26,7 +26,7 @@ from torch import nn
 
 from draft_trainer.methods.eagle3.config import DraftConfig
 from draft_trainer.methods.eagle3.ttt_fused import ttt_forward_fused
-from draft_trainer.model.layers import RMSNorm, apply_rope
+from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope
 from draft_trainer.model.tensors import acc_dtype, shift_left
 
 
@@ -50,17 +50,6 @@ class Attention(nn.Module):
         return apply_rope(q_BnTd, cos_BTd, sin_BTd), apply_rope(k_BkTd, cos_BTd, sin_BTd), v_BkTd
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: DraftConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MidLayer(nn.Module):
     def __init__(self, cfg: DraftConfig) -> None:
         super().__init__()
@@ -69,7 +58,7 @@ class MidLayer(nn.Module):
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def attn_input(self, emb_BTh: torch.Tensor, g_BTh: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.input_layernorm(emb_BTh), self.hidden_norm(g_BTh)], dim=-1)
