@@ -178,10 +178,10 @@ def test_the_drafter_proposes_what_training_scores_at_the_same_anchor():
                   obj.context_visibility(anchors, torch.ones(1, T), K))
     trained = (h[0, 1:] @ head.t()).argmax(-1).tolist()
     drafter = DFlashDrafter(model, emb, head)
-    drafter.start(feats[0, :a], ids[0, 1:a + 1].tolist())        # prompt = ids[:a], target's next = ids[a]
+    drafter.start(ids[0, :a].tolist(), int(ids[0, a]), feats[0, :a])  # prompt = ids[:a], target's next = ids[a]
     assert drafter.propose(K - 1) == trained
     # After a round that commits two more tokens, the next block is the one anchored two later.
-    drafter.accept(feats[0, a:a + 2], ids[0, a + 1:a + 3].tolist())
+    drafter.extend(ids[0, a + 1:a + 3].tolist(), feats[0, a:a + 2])
     anchors2 = torch.tensor([[a + 2]])
     tg2 = obj.block_targets(ids, torch.ones(1, T), anchors2, keep, K, cfg.mask_token_id, 7.0)
     with torch.no_grad():

@@ -16,14 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from draft_trainer.methods.base import Drafter
 from draft_trainer.methods.dflash.model import DFlashDraft
 
 
-class DFlashDrafter(Drafter):
+class DFlashDrafter:
+    """A `Drafter` (draft_trainer/methods/base.py)."""
+
+    name = "dflash"
+
     def __init__(self, draft: DFlashDraft, embed_VH: torch.Tensor, head_VH: torch.Tensor) -> None:
         self.draft = draft
-        self.layer_ids = tuple(draft.cfg.target_layer_ids)
+        self.feature_layers = tuple(draft.cfg.target_layer_ids)
         self.embed_VH, self.head_VH = embed_VH, head_VH
         self.ctx_SH: torch.Tensor | None = None
         self.anchor: int | None = None
@@ -34,11 +37,13 @@ class DFlashDrafter(Drafter):
         self.ctx_SH = new_nH if self.ctx_SH is None else torch.cat([self.ctx_SH, new_nH])
         self.anchor = int(tokens[-1])
 
-    def start(self, feats_SLH: torch.Tensor, tokens: list[int]) -> None:
-        self._extend(feats_SLH, tokens)
+    def start(self, prompt, first_token: int, feats_SF: torch.Tensor) -> None:
+        self.ctx_SH = None  # a new sequence
+        self._extend(feats_SF, list(prompt[1:]) + [first_token])
 
     @torch.no_grad()
-    def propose(self, k: int) -> list[int]:
+    def propose(self, max_tokens: int) -> list[int]:
+        k = max_tokens
         d = self.draft
         K = max(2, min(k + 1, d.cfg.block_size))
         S = self.ctx_SH.shape[0]
@@ -51,5 +56,5 @@ class DFlashDrafter(Drafter):
         logits_KV = h_1KH[0, 1:] @ self.head_VH.t().to(h_1KH.dtype)
         return logits_KV.argmax(-1).tolist()[:k]
 
-    def accept(self, feats_nLH: torch.Tensor, tokens: list[int]) -> None:
-        self._extend(feats_nLH, tokens)
+    def extend(self, tokens, feats_SF: torch.Tensor) -> None:
+        self._extend(feats_SF, list(tokens))

@@ -109,7 +109,7 @@ class DFlashMethod(DraftMethod):
         else:
             write_sglang(output, trained.cfg, trained.state)
 
-    def drafter(self, export_dir: Path, target, *, dtype: torch.dtype):
+    def drafter(self, export_dir: Path, target, *, dtype: torch.dtype, untrained: bool = False, seed: int = 0):
         from draft_trainer.methods.dflash.drafter import DFlashDrafter
         from draft_trainer.methods.dflash.export import load_exported
 
@@ -124,6 +124,10 @@ class DFlashMethod(DraftMethod):
         if max(cfg.target_layer_ids) >= tcfg.num_hidden_layers:
             raise ContractError(f"DFlash draft reads target layers {cfg.target_layer_ids}; the target has "
                                 f"{tcfg.num_hidden_layers}")
+        if untrained:  # same geometry, fresh weights: what training added
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                draft = self.model_from_config(cfg.to_dict()).to(dtype).eval()
         return DFlashDrafter(draft, emb.to(dtype), head.to(dtype))
 
     @classmethod
