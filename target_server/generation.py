@@ -70,8 +70,22 @@ def sample_one(logits_V: torch.Tensor, p: SamplingParams, gen: torch.Generator) 
     return int(torch.multinomial(probs_V, 1, generator=gen))
 
 
+class RequestLifecycle:
+    """Deadline and terminal failure of a scheduler request (feature or generation): the request
+    has `deadline` (unix seconds, 0 = none), `cancelled` (an Event) and `results` (a Queue)."""
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline > 0 and (now or time.time()) > self.deadline
+
+    def fail(self, exc: BaseException) -> None:
+        """Deliver a terminal error once and stop any further work for this request."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self.results.put(exc)
+
+
 @dataclass(eq=False)
-class GenRequest:
+class GenRequest(RequestLifecycle):
     """One Generate call: prompts with shared settings; results arrive per prompt index."""
 
     request_id: str
@@ -91,13 +105,6 @@ class GenRequest:
         # What the request may cost: every prompt plus its whole answer (the queue bound's unit).
         self.tokens = sum(len(p) + self.max_new_tokens for p in self.prompts)
 
-    def expired(self, now: float | None = None) -> bool:
-        return self.deadline > 0 and (now or time.time()) > self.deadline
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            self.results.put(exc)
 
 
 @dataclass(eq=False)

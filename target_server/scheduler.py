@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from target_server.errors import DeadlineExceeded, Draining, ForwardFailed, Overloaded, SchedulerError
 from target_server.backends.base import Backend, Capture
 from target_server.gen_lane import GenLane
-from target_server.generation import GenRequest
+from target_server.generation import GenRequest, RequestLifecycle
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class Request:
+class Request(RequestLifecycle):
     request_id: str
     client_id: str
     sample_ids: list[int]
@@ -62,14 +62,6 @@ class Request:
         self.tokens = sum(len(s) for s in self.seqs)
         self.held = 0  # tokens computed for this request and not yet released by its stream
 
-    def expired(self, now: float | None = None) -> bool:
-        return self.deadline > 0 and (now or time.time()) > self.deadline
-
-    def fail(self, exc: BaseException) -> None:
-        """Deliver a terminal error once and stop any further work for this request."""
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            self.results.put(exc)
 
 
 @dataclass(eq=False)

@@ -1,5 +1,3 @@
-"""Serving layouts of a trained draft and conversions between them (see eagle3.py, store.py)."""
-
-from draft_trainer.formats.store import convert_dir, read_draft, to_sglang, to_speculators
-
-__all__ = ["convert_dir", "read_draft", "to_sglang", "to_speculators"]
+"""Serving layouts of a trained draft and conversions between them: `eagle3.py` (the layouts and
+the conversion, pure functions), `layer_ids.py` (each engine's layer-id convention), `store.py`
+(reading and writing draft directories, `to_sglang` / `to_speculators`)."""

@@ -28,7 +28,7 @@ import copy
 import torch
 
 from common.errors import ExportError
-from draft_trainer.formats import layer_ids
+import draft_trainer.formats.layer_ids as layer_ids
 
 SGLANG_ARCH = "LlamaForCausalLMEagle3"
 SPECULATORS_ARCH = "Eagle3Speculator"

@@ -23,7 +23,7 @@ import torch
 
 from common.errors import ExportError
 from common.files import OUTPUT_MARKER, replace_dir
-from draft_trainer.formats import eagle3
+import draft_trainer.formats.eagle3 as eagle3
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILE = "model.safetensors"
