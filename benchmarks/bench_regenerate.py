@@ -24,7 +24,9 @@ from benchmarks.harness import Server, markdown_table, write_results
 
 def first_turns(conversations: Path, n: int, out: Path) -> int:
     rows = []
-    for line in conversations.read_text().splitlines():
+    with conversations.open(encoding="utf-8") as f:  # not splitlines(): it also splits at U+2028 inside strings
+        lines = list(f)
+    for line in lines:
         msgs = json.loads(line)["messages"]
         if len(msgs) >= 2 and msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant":
             rows.append({"messages": msgs[:2]})

@@ -58,6 +58,9 @@ class ModelConfig:
                                      # kl = soft cross-entropy to the target; LK losses (arXiv 2602.23881) train the
                                      # acceptance rate a = sum min(p, q): lk_alpha = -log a, lk_lambda = l*KL + (1-l)*(1-a)
     lk_eta: float = 3.0              # lk_lambda: l = exp(-lk_eta * a) (a not differentiated); the paper's best is 3
+    feature_layers: list[int] = field(default_factory=list)  # target layers the draft reads (e.g. [1,14,29]; the
+                                     # last layer = the final norm's input); empty = the method's default (EAGLE-3:
+                                     # the servers' aux layers). Exported as the serving config's layer ids
 
     def validate(self) -> None:
         if self.eagle_variant not in EAGLE_VARIANTS:
@@ -67,6 +70,10 @@ class ModelConfig:
                               f"model.method is {self.method!r} (use model.method=eagle3 or drop the variant)")
         if not self.lk_eta > 0:
             raise ConfigError(f"model.lk_eta: must be > 0, got {self.lk_eta}")
+        if self.feature_layers and (sorted(set(self.feature_layers)) != list(self.feature_layers)
+                                    or min(self.feature_layers) < 0):
+            raise ConfigError(f"model.feature_layers: {self.feature_layers} must be distinct layer ids >= 0 in "
+                              "increasing order, e.g. [1,14,29]")
 
 
 EAGLE_VARIANTS = ("3", "3.1")

@@ -261,7 +261,7 @@ def regenerate(cfg: RegenerateConfig) -> dict[str, Any]:
     skipped_path = output.with_name(output.name + ".skipped.jsonl")
     skipped_before = Counter()
     if skipped_path.is_file():
-        for line in skipped_path.read_text().splitlines():
+        for line in skipped_path.read_text(encoding="utf-8").split("\n"):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:

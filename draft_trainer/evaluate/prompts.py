@@ -16,7 +16,7 @@ def load_prompts(path: str | Path, tokenizer) -> list[list[int]]:
     """
     p = Path(path)
     try:
-        lines = p.read_text().splitlines()
+        lines = p.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a string
     except OSError as e:
         raise DataError(f"cannot read prompts file {p}: {e}") from None
     out = []

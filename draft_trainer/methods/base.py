@@ -69,6 +69,10 @@ class DraftMethod(abc.ABC):
 
             raise ConfigError(f"model.init={how}: method {self.name!r} only supports model.init=random")
 
+    def chosen_layers(self, default) -> tuple[int, ...]:
+        """The target layers to read: `model.feature_layers` when set, else the method's `default`."""
+        return tuple(getattr(self.cfg, "feature_layers", None) or default)
+
     def frozen_tensor_names(self) -> list[str]:
         """FetchTensors names the method needs at every start (also kept in offline feature caches)."""
         return ["embed_tokens", "lm_head"]

@@ -50,6 +50,7 @@ class Run:
     spec: FeatureSpec | None = None
     pool: object | None = None                      # draft_trainer.client.pool.TargetPool (online)
     cache_reader: FeatureCacheReader | None = None  # offline
+    init_tensors: dict = field(default_factory=dict)  # target tensors fetched for model.init (kept in a feature cache)
     cache_writer: FeatureCacheWriter | None = None
     vocab: VocabMapping | None = None
     model: torch.nn.Module | None = None
@@ -107,7 +108,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
     if resume:
         run.restored = ckpt_io.load_checkpoint(resume, run.model, run.optimizer, dist)
     if cfg.feature_cache.dir and not cfg.feature_cache.offline:
-        run.cache_writer = open_cache(run, frozen)
+        run.cache_writer = open_cache(run, {**frozen, **run.init_tensors})
         stack.callback(run.cache_writer.close)
     return run
 
@@ -220,9 +221,21 @@ def build_model(run: Run, frozen: dict[str, torch.Tensor], init: bool) -> None:
     model = method.build_model(run.info, run.vocab, run.spec)
     fetch = None
     if run.pool is not None:
-        # rank 0 fetches target tensors once, every rank applies the same start.
-        fetch = lambda names: broadcast_tensors(  # noqa: E731
-            run.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors") if dist.is_main else None, dist)
+        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            # rank 0 fetches target tensors once, every rank applies the same start; a feature cache written
+            # by this run keeps them, so an offline run can start the same way.
+            got = broadcast_tensors(run.pool.call_any(lambda c: c.fetch_tensors(names), "FetchTensors")
+                                    if dist.is_main else None, dist)
+            run.init_tensors.update(got)
+            return got
+    elif run.cache_reader is not None:
+        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            missing = [n for n in names if n not in frozen]
+            if missing:
+                raise ConfigError(f"model.init={cfg.model.init}: feature cache {cfg.feature_cache.dir} does not hold "
+                                  f"the target tensors {missing} (it was written by a run with another init); use "
+                                  "model.init=random, or write the cache with a run that uses this init")
+            return {n: frozen[n] for n in names}
     method.init_from_target(model, cfg.model.init if init else "random", run.info, run.vocab, frozen, fetch, cfg.seed)
     model = model.to(dist.device)
     method.bind(model, frozen, run.vocab, dist.device)

@@ -61,8 +61,10 @@ def test_random_init_is_untouched_and_bad_inits_are_refused(tiny_llama):
     assert all(torch.equal(before[k], v) for k, v in draft.state_dict().items())
     with pytest.raises(ConfigError, match="model.init='warm'"):
         init_draft(draft, "warm", 4, used_Vd, target.lm_head.weight, fetch=lambda names: {})
-    with pytest.raises(ConfigError, match="after the last aux layer 3"):
-        init_layer([1, 2, 3], 4)
+    assert init_layer([1, 2], 4) == 3
+    assert init_layer([1, 2, 3], 4) == 3   # the final layer's output is the last aux layer: start from layer 3
+    with pytest.raises(ConfigError, match="aux layer 4 is past the target's 4 layers"):
+        init_layer([1, 2, 4], 4)
     weights = _weights(target, 3)
     del weights["layers.3.mlp.up_proj"]
     with pytest.raises(ContractError, match=r"did not send \['layers.3.mlp.up_proj'\]"):

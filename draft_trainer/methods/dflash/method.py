@@ -31,7 +31,7 @@ class DFlashMethod(DraftMethod):
     # ------------------------------------------------------------------ features
     def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
         _, layer_ids = target_layers_for(info.num_layers)
-        return FeatureSpec(layer_ids=tuple(layer_ids), teacher="none")
+        return FeatureSpec(layer_ids=self.chosen_layers(layer_ids), teacher="none")
 
     # ------------------------------------------------------------------ model
     def build_model(self, info: ModelInfo, vocab: VocabMapping, spec: FeatureSpec) -> DFlashDraft:

@@ -34,12 +34,12 @@ EMBED_HALF_STD = 0.02  # random init of the embedding half of q/k/v (the target 
 
 
 def init_layer(aux_layer_ids: list[int], num_layers: int) -> int:
-    """The target decoder layer the midlayer starts from: the one after the last aux layer."""
-    layer = max(aux_layer_ids) + 1
-    if layer >= num_layers:
-        raise ConfigError(f"model.init=target needs a decoder layer after the last aux layer {max(aux_layer_ids)}, "
-                          f"but the target has {num_layers} layers; use model.init=random")
-    return layer
+    """The target decoder layer the midlayer starts from: the one after the last aux layer, or the
+    last layer when the last aux layer is the final one (the final norm's input): its weights have
+    the right scale for that stream, though the target never applied them to it."""
+    if max(aux_layer_ids) >= num_layers:
+        raise ConfigError(f"model.init=target: aux layer {max(aux_layer_ids)} is past the target's {num_layers} layers")
+    return min(max(aux_layer_ids) + 1, num_layers - 1)
 
 
 def target_tensor_names(init: str, layer: int) -> list[str]:

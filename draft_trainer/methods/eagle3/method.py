@@ -29,8 +29,9 @@ class Eagle3Method(DraftMethod):
 
     # ------------------------------------------------------------------ features
     def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
-        # The server's advertised aux layers (its --aux-layers, EAGLE-3's default [1, L/2-1, L-4]).
-        return FeatureSpec(layer_ids=tuple(info.aux_layer_ids), teacher=teacher, topk=topk)
+        # model.feature_layers, else the server's advertised aux layers (its --aux-layers, EAGLE-3's default
+        # [1, L/2-1, L-4]).
+        return FeatureSpec(layer_ids=self.chosen_layers(info.aux_layer_ids), teacher=teacher, topk=topk)
 
     # ------------------------------------------------------------------ model
     def build_model(self, info: ModelInfo, vocab: VocabMapping, spec: FeatureSpec) -> Eagle3Draft:
