@@ -34,6 +34,13 @@ ARMS = {  # name -> model.* overrides
     "eagle3.1": ["model.eagle_variant=3.1"],
     "eagle3+lk_lambda": ["model.loss=lk_lambda", "model.lk_eta=3"],
     "eagle3+lk_alpha": ["model.loss=lk_alpha"],
+    # recipe arms (issue 20): one change each from the demo's recipe
+    "final_layer": ["model.feature_layers=[1,14,29]"],      # SmolLM2 (30 layers): the final norm's input as the high layer
+    "init_random": ["model.init=random"],
+    "ttt3": ["model.ttt_steps=3"],
+    "lr1e-3": ["optim.lr=1e-3"],
+    "lr5e-3": ["optim.lr=5e-3"],
+    "bs4": ["batch_size=4"],
 }
 DEFAULT_ARMS = "eagle3,eagle3.1,eagle3+lk_lambda"
 FULL = dict(samples=4000, holdout=64, eval_prompts=16, max_new_tokens=64, K=5, steps=1500, max_length=512,
@@ -60,7 +67,8 @@ def prepare(work: Path, d: dict, smoke: bool) -> tuple[Path, Path, Path]:
     return model, res.path, res.path / HELDOUT_PROMPTS_FILE
 
 
-def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: bool, minutes: float) -> dict:
+def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: bool, minutes: float,
+              cache: tuple[Path, bool] | None = None, extra: list[str] = ()) -> dict:
     from common.config import load_config
     from draft_trainer.config import TrainConfig
     from draft_trainer.train.loop import Trainer
@@ -69,7 +77,9 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
     overrides = [f"data.path={data}", f"targets.embedded_model={model}", f"output_dir={out}", "resume_from=",
                  "progress=false", f"max_steps={d['steps']}", f"model.ttt_steps={d['K']}", f"optim.lr={d['lr']}",
                  f"eval.holdout={d['holdout']}", "eval.every_steps=0", "seed=0", "optim.schedule=steps",
-                 f"time_budget_s={minutes * 60 if minutes else 0}", *ARMS[name]]
+                 f"time_budget_s={minutes * 60 if minutes else 0}", *extra, *ARMS[name]]
+    if cache:  # the first arm writes the features, later arms with the same features read them offline
+        overrides += [f"feature_cache.dir={cache[0]}", f"feature_cache.offline={str(cache[1]).lower()}"]
     if smoke:
         overrides += ["targets.embedded_dtype=fp32"]
     cfg = load_config(TrainConfig, recipe, overrides)
@@ -85,17 +95,19 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
             "eval_loss": ev["loss"], "overrides": ARMS[name]}
 
 
-def real_tau(arm_dir: Path, model: Path, prompts: Path, d: dict, greedy: dict) -> dict:
+def real_tau(arm_dir: Path, model: Path, prompts: Path, d: dict, greedy: dict, dtype: str = "fp32") -> dict:
     from draft_trainer.eval import evaluate
     from draft_trainer.export import export_sglang
     from draft_trainer.train import checkpoint as ckpt_io
 
     last = ckpt_io.list_checkpoints(arm_dir / "checkpoints")[-1]
     export = export_sglang(last, arm_dir / "export", overwrite=True)
-    r = evaluate(model, export, prompts, num_steps=d["K"], max_new_tokens=d["max_new_tokens"], greedy_cache=greedy)
+    r = evaluate(model, export, prompts, num_steps=d["K"], max_new_tokens=d["max_new_tokens"], greedy_cache=greedy,
+                 dtype=dtype)
     if not r["lossless"]:
         raise SystemExit(f"bench_quality: {export} is not lossless against greedy decoding: {r['mismatches'][:3]}")
-    return {"tau": r["tau"]}
+    return {"tau": r["tau"], "accept_per_position": r["accept_rate_per_position"],
+            "prompt_lookup_tau": r["prompt_lookup"]["tau"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +119,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="also stop each arm after this many minutes (then tokens may differ: the run says so)")
     p.add_argument("--no-real-tau", action="store_true", help="skip the speculative-decoding evaluation")
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a prepared dataset to train on (e.g. regenerated on-policy answers); default: ShareGPT")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="held-out prompts for the real tau (default: the prepared data's heldout_prompts.jsonl); "
+                        "never trained on: take them from the split the data's conversations were drawn from")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="feature cache: the first arm writes it, later arms reading the same features train "
+                        "offline from it (no target compute)")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every arm")
+    p.add_argument("--eval-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="target dtype of the real-tau evaluation (the training features' dtype is the recipe's bf16)")
+    p.add_argument("--name", default=None, help="results file name (default bench_quality)")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -119,11 +143,21 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="specrelay-bench-quality-"))
     rows, greedy = [], {}
     try:
-        model, data, prompts = prepare(work, d, args.smoke)
+        if args.data:
+            from draft_trainer import assets
+
+            model, data = assets.fetch_smollm2(install=False), args.data
+            prompts = args.prompts or data / "heldout_prompts.jsonl"
+        else:
+            model, data, prompts = prepare(work, d, args.smoke)
+        cached = False
         for name in arms:
-            row = train_arm(name, work / name, model, data, d, args.smoke, args.minutes)
+            same_features = not any(o.startswith(("model.feature_layers", "model.method")) for o in ARMS[name])
+            cache = (args.cache, cached) if args.cache and same_features else None
+            row = train_arm(name, work / name, model, data, d, args.smoke, args.minutes, cache, args.set)
+            cached = cached or cache is not None
             if not args.no_real_tau:
-                row.update(real_tau(work / name, model, prompts, d, greedy))
+                row.update(real_tau(work / name, model, prompts, d, greedy, args.eval_dtype))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -135,14 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         if "tau" in r:
             r["tau_vs_eagle3"] = r["tau"] / base["tau"]
     cols = ["arm", "steps", "train_tokens", "sim_tau", "sim_tau_vs_eagle3", "exp_acc", "acc0"]
-    cols += [] if args.no_real_tau else ["tau", "tau_vs_eagle3"]
+    cols += [] if args.no_real_tau else ["tau", "tau_vs_eagle3", "prompt_lookup_tau"]
     table = markdown_table(rows, cols + ["train_s"])
     table += (f"\n\n{'Smoke size (tiny random target): pipeline proof only, not a quality result. ' if args.smoke else ''}"
               f"Equal training tokens in every arm: {'yes' if equal_tokens else 'NO'}. "
               f"K={d['K']}, {d['steps']} steps, held-out samples {d['holdout']}, eval prompts {d['eval_prompts']} "
               f"x {d['max_new_tokens']} tokens. Load average at start {load_start:.1f}.")
-    name = "bench_quality_smoke" if args.smoke else "bench_quality"
-    write_results(name, {"config": d, "arms": rows, "equal_tokens": equal_tokens, "smoke": args.smoke,
+    name = args.name or ("bench_quality_smoke" if args.smoke else "bench_quality")
+    write_results(name, {"config": d, "data": str(data), "set": args.set, "eval_dtype": args.eval_dtype, "arms": rows, "equal_tokens": equal_tokens, "smoke": args.smoke,
                          "load_avg_start": load_start}, table, args.out)
     if not equal_tokens and not args.minutes:
         raise SystemExit("bench_quality: arms trained on different token counts; the comparison is void")

@@ -137,7 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
                       max_new_tokens=args.max_new_tokens, prompt_lookup=not args.no_prompt_lookup,
                       untrained=args.untrained, speed_rounds=args.speed_rounds, max_ngram=args.max_ngram,
-                      min_ngram=args.min_ngram, force=args.force)
+                      min_ngram=args.min_ngram, force=args.force, dtype=args.dtype)
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text)
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup (n-gram) baseline")
     v.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
     v.add_argument("--min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
+    v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="target and draft dtype: verify in the dtype the training features were computed in")
     v.add_argument("--output", help="also write the JSON result here")
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")

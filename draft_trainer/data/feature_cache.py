@@ -69,6 +69,7 @@ class FeatureCacheWriter:
         self._sink = None
         self._tmp: Path | None = None
         self._shard_written = 0
+        self._ids: set[int] = set()
         meta = json.loads(json.dumps({"model_info": asdict(info), "schema": asdict(schema)}))  # tuples as JSON lists
         meta_path = self.path / META
         if meta_path.is_file():
@@ -101,7 +102,11 @@ class FeatureCacheWriter:
         self._shard_index += 1
 
     def add(self, rows: list[SampleFeatures]) -> bool:
-        """Append complete samples; False (and counted) once the size limit is reached."""
+        """Append complete samples; False (and counted) once the size limit is reached, False (not
+        counted) for samples this writer already holds (a later epoch, a held-out sample evaluated again)."""
+        rows = [r for r in rows if r.sample_id not in self._ids]
+        if not rows:
+            return False
         batch = encode_batch(self.schema, rows)
         if self.limit_bytes and self.written_bytes + batch.nbytes > self.limit_bytes:
             if self.skipped_samples == 0:
@@ -114,6 +119,7 @@ class FeatureCacheWriter:
         self._writer.write_batch(batch)
         self.written_bytes += batch.nbytes
         self.written_samples += len(rows)
+        self._ids.update(r.sample_id for r in rows)
         self._shard_written += batch.nbytes
         if self._shard_written >= self.shard_bytes:
             self._close_shard()

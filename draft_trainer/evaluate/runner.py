@@ -33,6 +33,9 @@ from draft_trainer.evaluate.prompt_lookup import PromptLookupDrafter
 from draft_trainer.evaluate.prompts import load_prompts
 
 
+EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def acceptance(stats: list[SpecStats], num_steps: int) -> dict:
     """tau and per-position acceptance over all rounds of several decodes."""
     accepted = [a for st in stats for a in st.accepted]
@@ -78,17 +81,22 @@ def _tps(tokens: int, seconds: float) -> float:
 def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str | Path, num_steps: int = 7,
              max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False,
              prompt_lookup: bool = True, untrained: bool = False, speed_rounds: int = 1, max_ngram: int = 3,
-             min_ngram: int = 1, seed: int = 0, force: bool = False) -> dict:
+             min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32") -> dict:
     """Acceptance and speed of one exported draft and its baselines on a prompts file (module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
     the prompt-lookup decodes, so evaluating several drafts on the same target and prompts
     decodes those once (round 1; later rounds always re-time them beside the draft).
+    `dtype` ("fp32" or "bf16") is the target's and the draft's: verify in the dtype the training
+    features were computed in (the embedded server's `targets.embedded_dtype`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from draft_trainer.methods import method_for_export
 
+    if dtype not in EVAL_DTYPES:
+        raise DataError(f"eval dtype {dtype!r}: use one of {list(EVAL_DTYPES)}")
+    tdtype = EVAL_DTYPES[dtype]
     if num_steps < 1 or max_new_tokens < 1 or speed_rounds < 1:
         raise DataError("--num-steps, --max-new-tokens and --speed-rounds must be >= 1")
     if not 1 <= min_ngram <= max_ngram:
@@ -101,14 +109,14 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     tok = AutoTokenizer.from_pretrained(target_model)
     if not force:
         check_draft_target(Path(draft_dir), target_model, tok)
-    target = AutoModelForCausalLM.from_pretrained(target_model, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
-    drafters: dict[str, Drafter] = {"draft": method.drafter(Path(draft_dir), target, dtype=torch.float32)}
+    drafters: dict[str, Drafter] = {"draft": method.drafter(Path(draft_dir), target, dtype=tdtype)}
     if prompt_lookup:
         drafters["prompt_lookup"] = PromptLookupDrafter(max_ngram, min_ngram)
     if untrained:
-        drafters["untrained"] = method.drafter(Path(draft_dir), target, dtype=torch.float32, untrained=True, seed=seed)
+        drafters["untrained"] = method.drafter(Path(draft_dir), target, dtype=tdtype, untrained=True, seed=seed)
     cache = greedy_cache if greedy_cache is not None else {}
     load_before = os.getloadavg()[0]
 
@@ -124,7 +132,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                    dynamic_ncols=True)
     for r in range(speed_rounds):
         for i, prompt in enumerate(prompts):
-            key = (str(target_model), tuple(prompt), max_new_tokens)
+            key = (str(target_model), dtype, tuple(prompt), max_new_tokens)
             if r == 0 and key in cache:
                 ref, g_s = cache[key]
             else:
@@ -168,7 +176,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     spec_s = sum(st.seconds for st in main)
     greedy_s_per_token = sum(secs["greedy"][0]) / max(sum(toks["greedy"][0]), 1)
     result = {
-        "target_model": str(target_model), "draft": str(draft_dir), "prompts": len(prompts),
+        "target_model": str(target_model), "dtype": dtype, "draft": str(draft_dir), "prompts": len(prompts),
         "num_steps": num_steps, "max_new_tokens": max_new_tokens, "decoding": "greedy, chain (top-1)",
         **acceptance(main, num_steps),
         "spec_tokens_per_s": statistics.median(tps["draft"]),

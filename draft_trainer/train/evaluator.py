@@ -3,11 +3,17 @@ samples SampleStream holds out, fetched once (pool or cache) and kept in memory.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 
 from draft_trainer.data.batch import Batch, collate
 from draft_trainer.methods.base import DraftMethod
 from draft_trainer.model.stats import SUM_KEYS, StepStats
+
+
+log = logging.getLogger(__name__)
 
 
 def collate_deliveries(deliveries, device) -> Batch:
@@ -17,7 +23,7 @@ def collate_deliveries(deliveries, device) -> Batch:
 
 class Evaluator:
     def __init__(self, method: DraftMethod, open_stream, samples, micro_batch: int, device, all_reduce,
-                 keep_best: bool, best: float | None = None) -> None:
+                 keep_best: bool, best: float | None = None, keep=None) -> None:
         self.method = method
         self.open_stream = open_stream      # samples -> deliveries (the run's pool or cache)
         self.samples = samples              # () -> this rank's held-out samples
@@ -27,6 +33,8 @@ class Evaluator:
         self.keep_best = keep_best
         self.best = best
         self._batches: list[Batch] | None = None
+        self.keep = keep                    # features -> None: a feature cache being written keeps them too
+        self.dropped: Counter = Counter()   # held-out samples that could not be evaluated, by reason
 
     def batches(self) -> list[Batch]:
         if self._batches is not None:
@@ -36,7 +44,10 @@ class Evaluator:
         try:
             for d in stream:
                 if d.drop_reason:
+                    self.dropped[d.drop_reason] += 1
                     continue
+                if self.keep is not None:   # so that an offline run evaluates on the same held-out samples
+                    self.keep([d.features])
                 buf.append(d)
                 if len(buf) == self.micro_batch:
                     out.append(collate_deliveries(buf, self.device))
@@ -45,6 +56,9 @@ class Evaluator:
                 out.append(collate_deliveries(buf, self.device))
         finally:
             stream.close()
+        if self.dropped:
+            log.warning("held-out evaluation: %d sample(s) not evaluated: %s", sum(self.dropped.values()),
+                        dict(self.dropped))
         self._batches = out
         return out
 

@@ -82,7 +82,8 @@ class Trainer:
             log.info("resumed from %s: step %d, cursor %s", run.resume, self.step, self.cursor)
         self.schedule = LRSchedule(cfg.optim, cfg.max_steps, cfg.time_budget_s)
         self.evaluator = Evaluator(run.method, self._open_stream, run.stream.eval_samples, self.micro_batch,
-                                   self.dist.device, lambda x: all_reduce_sum(x, self.dist), cfg.eval.keep_best, best)
+                                   self.dist.device, lambda x: all_reduce_sum(x, self.dist), cfg.eval.keep_best, best,
+                                   keep=run.cache_writer.add if run.cache_writer is not None else None)
         self.reporter = Reporter(self.out, self.metrics, is_main=self.dist.is_main, log_every=cfg.log_every,
                                  progress=cfg.progress, tensorboard_dir=cfg.tensorboard_dir)
         self._stack.callback(self.reporter.close)

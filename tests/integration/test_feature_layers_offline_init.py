@@ -32,14 +32,18 @@ def _train(dataset, out, *extra, ok=True):
     return res
 
 
-def _losses(out) -> list[float]:
+def _records(out, split: str) -> list[dict]:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().split("\n") if x.strip()]
-    return [r["loss"] for r in recs if r["split"] == "train"]
+    return [r for r in recs if r["split"] == split]
+
+
+def _losses(out) -> list[float]:
+    return [r["loss"] for r in _records(out, "train")]
 
 
 def test_chosen_layers_and_target_init_train_offline_like_online(server, tiny_dataset, tmp_path):
     cache = tmp_path / "cache"
-    common = ["model.init=target", f"model.feature_layers=[{','.join(map(str, LAYERS))}]"]
+    common = ["model.init=target", f"model.feature_layers=[{','.join(map(str, LAYERS))}]", "eval.holdout=4"]
     _train(tiny_dataset, tmp_path / "online", *common, f"targets.endpoints={server.endpoint}",
            f"feature_cache.dir={cache}")
     step0 = tmp_path / "online" / "checkpoints" / "step_00000000"
@@ -48,6 +52,10 @@ def test_chosen_layers_and_target_init_train_offline_like_online(server, tiny_da
     _train(tiny_dataset, tmp_path / "offline", *common, f"feature_cache.dir={cache}", "feature_cache.offline=true")
     online, offline = _losses(tmp_path / "online"), _losses(tmp_path / "offline")
     assert len(online) == 4 and offline == online   # same start (init from the cached layer), same features
+    # The held-out samples' features were cached too: the offline run evaluates on the same samples.
+    ev_on, ev_off = _records(tmp_path / "online", "eval")[-1], _records(tmp_path / "offline", "eval")[-1]
+    assert ev_on["positions"][0] > 0 and ev_off["positions"] == ev_on["positions"]
+    assert ev_off["loss"] == ev_on["loss"]
 
     # The exported draft tells SGLang which layers to capture.
     res = run_cli("draft_trainer", "export", "--checkpoint", str(tmp_path / "offline" / "checkpoints" / "latest"),
