@@ -101,6 +101,18 @@ def _prepare_data(args: argparse.Namespace) -> int:
                         system_prompt=args.system_prompt, drop_reasoning=args.drop_reasoning, workers=args.workers,
                         skip_bad=args.skip_bad, draft_vocab_size=args.draft_vocab_size, holdout=args.holdout,
                         max_samples=args.max_samples)
+    if args.regenerate:
+        from draft_trainer.onpolicy import OnPolicyConfig, prepare_on_policy
+
+        op = prepare_on_policy(cfg, OnPolicyConfig(
+            conversations=args.regen_conversations, max_new_tokens=args.regen_max_new_tokens,
+            first_turn_only=not args.regen_all_turns, thinking=args.thinking, dtype=args.regen_dtype,
+            targets=tuple(t.strip() for t in args.regen_targets.split(",") if t.strip()),
+            servers=args.regen_servers, threads=args.regen_threads))
+        print(f"answers: {op.report['written']} regenerated" if op.report else "answers: all cached")
+        print(f"human split {op.human.path}; answers {op.answers}; on-policy dataset {op.path} "
+              f"(held-out prompts {op.heldout_prompts})")
+        return 0
     res = prepare_data(cfg)
     print(res.stats.format())
     print(f"{'reused' if res.reused else 'wrote'} {res.path} (cache key {res.cache_key[:16]})")
@@ -215,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out the first N usable conversations for evaluation (heldout_prompts.jsonl); "
                         "never trained on")
     d.add_argument("--max-samples", type=int, default=0, help="read at most N training records (0 = all)")
+    g = d.add_argument_group("on-policy data (draft_trainer/onpolicy.py)")
+    g.add_argument("--regenerate", action="store_true",
+                   help="answer the kept conversations again with the target (--model on local servers, or "
+                        "--regen-targets) and tokenize those answers: OUTPUT/onpolicy (train on it), OUTPUT/human "
+                        "(the human split; its held-out prompts are copied over). Answers are cached and resumable")
+    g.add_argument("--regen-conversations", type=int, default=0, help="conversations to answer again (0 = all)")
+    g.add_argument("--regen-max-new-tokens", type=int, default=256, help="tokens per regenerated answer at most")
+    g.add_argument("--regen-all-turns", action="store_true", help="answer every user turn, not only the first")
+    g.add_argument("--regen-targets", default="", help="host:port,... of running target servers (default: local)")
+    g.add_argument("--regen-servers", type=int, default=1, help="local servers to start")
+    g.add_argument("--regen-threads", type=int, default=0, help="torch threads per local server (0 = default)")
+    g.add_argument("--regen-dtype", default="bf16", choices=["bf16", "fp32"], help="local servers' dtype")
+    g.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
+                   help="enable_thinking for chat templates that have it")
     d.set_defaults(func=_prepare_data)
 
     r = sub.add_parser("regenerate", help="answer every user turn again with the target model (Generate RPC)",

@@ -1,0 +1,156 @@
+"""On-policy training data in one call: human chats -> the target's own answers -> a tokenized dataset.
+
+    res = prepare_on_policy(PrepareConfig(model=DIR, inputs=[...], output=OUT, holdout=16, ...),
+                            OnPolicyConfig(conversations=600, max_new_tokens=192))
+    res.path                 # the dataset of regenerated conversations (train on it)
+    res.heldout_prompts      # the held-out prompts of the human split (evaluate on them; never trained on)
+
+`draft-trainer prepare-data --regenerate` and the demo call this. Steps:
+1. `prepare-data` of the human chats (the held-out conversations are chosen here, before any
+   regeneration, so evaluation prompts are never answered for training);
+2. the first user turn of the first `conversations` kept conversations (or all turns with
+   `first_turn_only=False`) answered again by the target through `draft-trainer regenerate`
+   (batched generation on the servers; failover, accounting and resume are regenerate's);
+3. `prepare-data` of the regenerated conversations, with the held-out prompts file copied in.
+
+The answers are cached under the human split's cache key and the generation settings
+(`<cache>/onpolicy/<key>/regenerated.jsonl`): a later run with the same data and settings pays
+nothing, and an interrupted one resumes where it stopped (regenerate's own resume). Without
+`targets`, local HF servers on this machine generate (`servers` x `threads` cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from common.errors import ConfigError
+from draft_trainer.data.prepare import CONVERSATIONS_FILE, HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnPolicyConfig:
+    conversations: int = 0          # how many kept conversations to answer again (0 = all)
+    max_new_tokens: int = 256       # per answer; a longer answer is cut there (still a valid sample)
+    first_turn_only: bool = True    # answer only the first user turn (later turns would need later answers)
+    thinking: str = "auto"          # enable_thinking for templates that have it
+    targets: tuple[str, ...] = ()   # host:port of running servers; empty = local HF servers
+    dtype: str = "bf16"             # local servers' dtype (the training features' dtype)
+    servers: int = 1                # local servers
+    threads: int = 0                # torch threads per local server (0 = torch's default)
+    batch_size: int = 32            # prompts per Generate request
+    concurrency: int = 2            # requests in flight per server
+    cache_dir: str = ""             # default: draft_trainer.assets.cache_dir()
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.conversations < 0 or self.max_new_tokens < 1 or self.servers < 1 or self.threads < 0:
+            raise ConfigError("on-policy data: conversations >= 0, max_new_tokens >= 1, servers >= 1, threads >= 0")
+        if self.thinking not in ("auto", "on", "off"):
+            raise ConfigError(f"on-policy data: thinking={self.thinking!r}, use auto, on or off")
+
+
+@dataclass
+class OnPolicyResult:
+    path: Path                  # the regenerated dataset
+    heldout_prompts: Path       # from the human split
+    human: object               # PrepareResult of the human split
+    answers: Path               # the regenerated conversations (JSONL, the cache)
+    report: dict                # regenerate's report ({} when everything was cached)
+
+
+def _first_turns(conversations: Path, n: int, out: Path, first_turn_only: bool) -> int:
+    rows = []
+    with conversations.open(encoding="utf-8") as f:  # by "\n": U+2028 may sit inside a message
+        for line in f:
+            if not line.strip():
+                continue
+            msgs = json.loads(line)["messages"]
+            if first_turn_only:
+                start = 1 if msgs and msgs[0]["role"] == "system" else 0
+                if len(msgs) < start + 2 or msgs[start]["role"] != "user" or msgs[start + 1]["role"] != "assistant":
+                    continue
+                msgs = msgs[: start + 2]
+            rows.append({"messages": msgs})
+            if len(rows) == n:
+                break
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
+def answers_key(human_key: str, cfg: OnPolicyConfig) -> str:
+    """The cache key of the answers: the human split and every setting that changes an answer."""
+    pinned = {k: v for k, v in asdict(cfg).items() if k in ("conversations", "max_new_tokens", "first_turn_only",
+                                                            "thinking", "dtype")}
+    return hashlib.sha256(json.dumps([human_key, pinned], sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_on_policy(prep: PrepareConfig, cfg: OnPolicyConfig) -> OnPolicyResult:
+    from draft_trainer import assets
+
+    cfg.validate()
+    out = Path(prep.output)
+    human = prepare_data(replace(prep, output=str(out / "human")))
+    if not (human.path / HELDOUT_PROMPTS_FILE).is_file() and prep.holdout:
+        raise ConfigError(f"{human.path} has no {HELDOUT_PROMPTS_FILE}")
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else assets.cache_dir() / "onpolicy"
+    work = cache / answers_key(human.cache_key, cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    answers = work / "regenerated.jsonl"
+    first = work / "prompts.jsonl"
+    if not (work / "prompts_ds" / CONVERSATIONS_FILE).is_file():
+        n = _first_turns(human.path / CONVERSATIONS_FILE, cfg.conversations, first, cfg.first_turn_only)
+        if n == 0:
+            raise ConfigError(f"{human.path}: no conversation starts with a user turn answered by the assistant")
+        prepare_data(PrepareConfig(model=prep.model, inputs=[str(first)], output=str(work / "prompts_ds"),
+                                   max_length=max(prep.max_length, 2048), min_supervised_tokens=1, skip_bad=True,
+                                   system_prompt=prep.system_prompt), progress=False)
+    report = _regenerate(prep.model, work, answers, cfg)
+    res = prepare_data(replace(prep, inputs=[str(answers)], output=str(out / "onpolicy"), holdout=0, max_samples=0))
+    held = human.path / HELDOUT_PROMPTS_FILE
+    if held.is_file():
+        shutil.copyfile(held, res.path / HELDOUT_PROMPTS_FILE)
+    return OnPolicyResult(path=res.path, heldout_prompts=res.path / HELDOUT_PROMPTS_FILE, human=human,
+                          answers=answers, report=report)
+
+
+def _regenerate(model: str, work: Path, answers: Path, cfg: OnPolicyConfig) -> dict:
+    from draft_trainer.client.local_server import LocalServer
+    from draft_trainer.regenerate import RegenerateConfig, regenerate
+
+    todo = len((work / "prompts_ds" / CONVERSATIONS_FILE).read_text(encoding="utf-8").split("\n")) - 1
+    done = _count_done(answers)
+    if done >= todo:
+        log.info("on-policy answers: all %d cached in %s", done, answers)
+        return {}
+    servers = []
+    try:
+        targets = list(cfg.targets)
+        if not targets:
+            for _ in range(cfg.servers):
+                servers.append(LocalServer(["--model", model, "--backend", "hf", "--dtype", cfg.dtype,
+                                            "--max-batch-tokens", "65536", "--max-length", "4096"],
+                                           threads=cfg.threads))
+                servers[-1].start()
+            targets = [s.endpoint for s in servers]
+        return regenerate(RegenerateConfig(
+            targets=targets, input=str(work / "prompts_ds"), output=str(answers), model=model,
+            max_new_tokens=cfg.max_new_tokens, thinking=cfg.thinking, batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency, progress=cfg.progress))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _count_done(answers: Path) -> int:
+    n = 0
+    for p in (answers, answers.with_name(answers.name + ".skipped.jsonl")):
+        if p.is_file():
+            n += sum(1 for line in p.read_text(encoding="utf-8").split("\n") if line.strip())
+    return n

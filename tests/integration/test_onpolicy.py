@@ -1,0 +1,57 @@
+"""`prepare-data --regenerate`: one command from human chats to a training set of the target's own
+answers (tiny Llama on a real local HF server): the answers are the target's greedy output, the
+held-out prompts come from the human split and are never answered for training, and a second run
+reuses the cached answers without starting a server."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from draft_trainer.assets.tiny import tiny_conversations
+from tests.support.procs import run_cli
+
+NEW = 5
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+
+
+def test_prepare_data_regenerate_is_on_policy_cached_and_keeps_heldout_apart(tiny_llama, tmp_path, monkeypatch):
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in tiny_conversations(14, seed=3)))
+    cache = tmp_path / "cache"
+    args = ["draft_trainer", "prepare-data", "--model", str(tiny_llama), "--input", str(src), "--output",
+            str(tmp_path / "out"), "--max-length", "256", "--draft-vocab-size", "64", "--holdout", "3", "--workers", "1",
+            "--regenerate", "--regen-conversations", "6", "--regen-max-new-tokens", str(NEW), "--regen-dtype", "fp32"]
+    monkeypatch.setenv("SPECRELAY_CACHE", str(cache))   # run_cli passes the environment on
+    res = run_cli(*args, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "answers: 6 regenerated" in res.stdout
+    onpolicy = tmp_path / "out" / "onpolicy"
+    held = _lines(onpolicy / "heldout_prompts.jsonl")
+    assert len(held) == 3
+    [answers] = list(cache.glob("onpolicy/*/regenerated.jsonl"))
+    convs = _lines(answers)
+    assert len(convs) == 6 and len(_lines(onpolicy / "conversations.jsonl")) == 6
+    held_users = {json.dumps(h["messages"][-1]["content"]) for h in held}
+    assert not held_users & {json.dumps(c["messages"][0]["content"]) for c in convs}  # never answered for training
+
+    # Each answer is the target's greedy continuation of the first user turn (at most NEW tokens).
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    for c in convs[:3]:
+        user, answer = c["messages"][0], c["messages"][1]
+        assert len(c["messages"]) == 2 and user["role"] == "user" and answer["role"] == "assistant"
+        ids = tok.apply_chat_template([user], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=NEW, do_sample=False)
+        assert answer["content"] == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    # Again: the answers are cached (not regenerated: the file is untouched, no server started).
+    before = answers.stat().st_mtime_ns
+    res = run_cli(*args, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert answers.stat().st_mtime_ns == before and "answers: all cached" in res.stdout
