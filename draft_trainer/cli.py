@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
     v.add_argument("--min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
     v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="target and draft dtype: verify in the dtype the training features were computed in")
+                   help="target and draft dtype (fp32: bit-exact against greedy; bf16: the training features' dtype, "
+                        "where rounding can flip near-ties and show as mismatches)")
     v.add_argument("--output", help="also write the JSON result here")
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")

@@ -87,8 +87,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
     the prompt-lookup decodes, so evaluating several drafts on the same target and prompts
     decodes those once (round 1; later rounds always re-time them beside the draft).
-    `dtype` ("fp32" or "bf16") is the target's and the draft's: verify in the dtype the training
-    features were computed in (the embedded server's `targets.embedded_dtype`).
+    `dtype` ("fp32" or "bf16") is the target's and the draft's. fp32 is bit-exact against greedy;
+    bf16 (the dtype bf16 training features were computed in) is not: a K+1-token verification rounds
+    differently from a 1-token greedy step, so near-ties can flip and show up as `mismatches`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

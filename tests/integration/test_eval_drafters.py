@@ -14,6 +14,7 @@ from draft_trainer.assets import TINY_CHATS
 from draft_trainer.evaluate.decode import TargetVerifier, eos_set, greedy_decode, speculative_decode
 from draft_trainer.methods.base import Drafter
 from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
+from common.errors import DataError
 from draft_trainer.evaluate.runner import evaluate
 from draft_trainer.export import export_sglang
 from tests.support.drafts import one_thread, save_checkpoint, train_tiny_draft
@@ -177,3 +178,22 @@ def test_eval_command_flags(trained, tiny_llama, tmp_path):
     bad = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
                   "--prompts", str(prompts), "--speed-rounds", "0", timeout=600)
     assert bad.returncode == 2 and "--speed-rounds" in bad.stderr
+
+
+def test_evaluate_in_bf16_verifies_against_bf16_greedy(trained, tiny_llama):
+    """--dtype bf16: the target (and draft) in the training features' dtype; the reference is bf16
+    greedy decoding of the same target, kept apart from the fp32 reference in the shared cache.
+    bf16 verification is not bit-exact (a K+1-token forward rounds differently from a 1-token one,
+    and this tiny random target is full of near-ties): a divergence is reported, not hidden."""
+    _, export_dir, prompts = trained
+    cache: dict = {}
+    with one_thread():
+        r32 = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache)
+        r16 = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                       dtype="bf16")
+    assert r32["dtype"] == "fp32" and r16["dtype"] == "bf16"
+    assert r32["lossless"] and r16["tau"] >= 1.0 and isinstance(r16["lossless"], bool)
+    assert r16["lossless"] == (not r16["mismatches"])
+    assert len({k[1] for k in cache if k[0] != "prompt_lookup"}) == 2   # one greedy reference per dtype
+    with pytest.raises(DataError, match="eval dtype 'fp16'"):
+        evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, dtype="fp16")
