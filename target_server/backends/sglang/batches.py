@@ -43,7 +43,8 @@ class Passes:
         """(free KV token slots, free request rows)."""
         return (self.mr.token_to_kv_pool_allocator.available_size(), self.mr.req_to_token_pool.available_size())
 
-    def _reqs(self, seqs: list[list[int]]):
+    def reqs(self, seqs: list[list[int]]):
+        """One SGLang `Req` per sequence, whole (no prefix, no chunking), with a fresh request id."""
         from sglang.srt.managers.schedule_batch import Req
         from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -66,7 +67,7 @@ class Passes:
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
         batch = ScheduleBatch.init_new(
-            reqs=self._reqs(seqs), req_to_token_pool=self.mr.req_to_token_pool,
+            reqs=self.reqs(seqs), req_to_token_pool=self.mr.req_to_token_pool,
             token_to_kv_pool_allocator=self.mr.token_to_kv_pool_allocator, tree_cache=self.tree_cache,
             model_config=self.mr.model_config, enable_overlap=False, spec_algorithm=SpeculativeAlgorithm.NONE)
         try:
