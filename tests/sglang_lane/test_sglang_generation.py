@@ -30,7 +30,7 @@ def backend(inprocess_sglang_target):
 
 
 def all_free(backend) -> tuple[int, int]:
-    return backend.spec["kv_tokens"], MAX_SEQS_PER_FORWARD + MAX_RUNNING_SEQS
+    return backend.kv_pool_tokens, MAX_SEQS_PER_FORWARD + MAX_RUNNING_SEQS
 
 
 def alone(backend, prompt: list[int], n: int) -> list[int]:
@@ -91,6 +91,33 @@ def test_batched_greedy_equals_one_at_a_time_with_rows_joining_and_leaving(backe
     assert sizes["specrelay_target_generate_batch_size_sum"] > sizes["specrelay_target_generate_batch_size_count"]
     assert max(len(c.token_ids) for c in a.values()) == 24 and len(b[0].token_ids) == 6
     assert backend.free_kv() == all_free(backend)  # every row and KV slot given back
+
+
+def test_sampling_top_k_and_stop_strings_through_the_scheduler(backend):
+    """Sampling and stop rules are the scheduler's (per sequence), so they hold on sglang too."""
+    from target_server.generation import SamplingParams
+
+    s = Scheduler(backend, max_batch_tokens=4096, max_queue_tokens=1 << 20)
+    s.start()
+    try:
+        ref = alone(backend, PROMPTS[0], 12)
+        text = backend.detokenize(ref[5:7])
+        r = GenRequest("t", "c", [PROMPTS[0]], 12, stop_strings=(text,))
+        s.submit_generate(r)
+        (c,) = collect(r).values()
+        assert c.finish_reason == "stop" and text in backend.detokenize(c.token_ids) and len(c.token_ids) <= 7
+        hot = SamplingParams(temperature=1.5, top_p=0.95, top_k=50, seed=7)
+        reqs = [GenRequest("x", "c", [PROMPTS[1]], 10, params=hot),
+                GenRequest("y", "c", [PROMPTS[1], PROMPTS[2], PROMPTS[3]], 10, params=hot),
+                GenRequest("z", "c", [PROMPTS[1]], 10, params=SamplingParams(temperature=1.5, seed=8))]
+        for r in reqs:
+            s.submit_generate(r)
+        a, b, o = (collect(r)[0].token_ids for r in reqs)
+        assert a == b  # the same seed gives the same sample whatever it is batched with
+        assert a != o and a != alone(backend, PROMPTS[1], 10)
+    finally:
+        s.stop()
+    assert backend.free_kv() == all_free(backend)
 
 
 def test_feature_pass_between_decode_steps_leaves_both_unchanged(backend):

@@ -109,6 +109,14 @@ class SGLangBackend(Backend):
         if failure is not None:
             self.close()
             raise RuntimeError(f"SGLang tensor-parallel worker failed to start: {failure}")
+        # SGLang caps the pool at what its memory profile allows (on CPU: a share of free RAM).
+        self.kv_pool_tokens = int(self._runner.mr.token_to_kv_pool_allocator.size)
+        self._feature_room = max(max_batch_tokens, self.max_length)
+        if self.kv_pool_tokens < self.spec["kv_tokens"]:
+            log.warning("SGLang's KV pool holds %d tokens (its memory profile), fewer than the %d wanted for a feature "
+                        "pass of max(--max-batch-tokens, --max-length) = %d beside running generations: generations "
+                        "get at most %d; give SGLang more memory or lower --max-batch-tokens / --max-length",
+                        self.kv_pool_tokens, self.spec["kv_tokens"], self._feature_room, self.generation_kv_budget())
         log.info("sglang backend %s: %s, %d layers, H=%d, aux=%s, %s on %s, tp=%d", self.sglang_version, path.name,
                  self.num_layers, self.hidden_size, self.aux_layer_ids, self.dtype, device, tp)
 
@@ -163,6 +171,10 @@ class SGLangBackend(Backend):
         if self._decoder is None:
             self._decoder = SGLangDecoder(self._run)
         return self._decoder
+
+    def generation_kv_budget(self) -> int:
+        # What a feature pass may need stays free; if the pool is smaller than both, half each.
+        return max(self.kv_pool_tokens - self._feature_room, self.kv_pool_tokens // 2)
 
     def free_kv(self) -> tuple[int, int]:
         """(free KV token slots, free request rows) on rank 0 (every rank runs the same programs)."""
