@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-length", type=int, default=d.max_length, help="longest sample (0 = the model's)")
     m.add_argument("--max-topk", type=int, default=d.max_topk, help="largest k for teacher=topk requests")
     m.add_argument("--batch-invariant", action="store_true", default=d.batch_invariant,
-                   help="a sample's features do not depend on what it is batched with (hf backend: one sample "
-                        "per forward pass, unpadded; makes a resumed training run bit-exact; on a GPU it gives up "
-                        "batching)")
+                   help="a sample's features do not depend on what it is batched with (hf and sglang backends: "
+                        "one sample per forward pass, unpadded; makes a resumed training run bit-exact; on a GPU it "
+                        "gives up batching)")
     n = s.add_argument_group("network")
     n.add_argument("--host", default=d.host, help="bind address (all interfaces, 0.0.0.0, must be explicit)")
     n.add_argument("--grpc-port", type=int, default=d.grpc_port, help="control plane port (0 = any free)")

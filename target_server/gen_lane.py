@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 class GenLane:
     def __init__(self, backend, lock: threading.Condition, *, max_batch_tokens: int, metrics=None) -> None:
         self.backend, self._lock, self.metrics = backend, lock, metrics
-        self.max_batch_tokens = max_batch_tokens
+        # The KV tokens the running sequences may reserve: the batch budget, or less where the
+        # backend's KV pool holds fewer beside its feature passes (sglang: SGLang's memory profile).
+        cap = backend.generation_kv_budget()
+        self.max_batch_tokens = min(max_batch_tokens, cap) if cap else max_batch_tokens
         self.queues: dict[str, collections.deque[GenSeq]] = {}
         self.served: dict[str, int] = {}  # tokens (prompt + generated) per client with work
         self.loop = DecodeLoop(backend, metrics)

@@ -63,7 +63,7 @@ class ServerConfig:
     max_request_tokens: int = 65536
     max_length: int = 0  # 0 = the model's max_position_embeddings
     max_topk: int = 64  # largest k a client may ask for in teacher=topk mode
-    batch_invariant: bool = False  # features independent of batch-mates (hf: one sample per forward)
+    batch_invariant: bool = False  # features independent of batch-mates (hf, sglang: one sample per forward)
     drain_timeout_s: float = 30.0
     auth_token_file: str = ""  # bearer token required on both planes when set
     tls_cert: str = ""  # PEM certificate chain; with tls_key, both planes speak TLS

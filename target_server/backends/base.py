@@ -63,6 +63,11 @@ class Backend(abc.ABC):
         one prompt at a time)."""
         return None
 
+    def generation_kv_budget(self) -> int | None:
+        """KV tokens the decoder's running sequences may hold at once, if the backend's cache is
+        bounded below `--max-batch-tokens` (None: no bound of its own)."""
+        return None
+
     def eos_token_ids(self) -> list[int]:
         """Where generation stops when a request names no stop tokens."""
         return []

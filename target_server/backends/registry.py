@@ -1,7 +1,7 @@
 """The backends a server can run: one table from `--backend NAME` to its class and config section.
 
-A backend's *section* is the ServerConfig fields only it reads (`--tp` for sglang, the
-`--synthetic-*` shape for synthetic); the shared fields (model, device, dtype, aux layers, max
+A backend's *section* is the ServerConfig fields only it (or a few backends) reads (`--tp` for
+sglang, `--batch-invariant` for hf and sglang, the `--synthetic-*` shape for synthetic); the shared fields (model, device, dtype, aux layers, max
 length, max top-k, batch budget) go to every backend through its `from_config(cfg)`. A section
 field set away from its default for a backend that does not read it is refused, so no option is
 silently ignored. Backend modules are imported only when chosen (sglang pulls in SGLang).
@@ -20,7 +20,7 @@ class BackendEntry:
     name: str
     target: str  # "module:Class"; the class has `from_config(ServerConfig)`
     needs_model: bool  # reads --model (a local HF model directory)
-    section: tuple[str, ...] = ()  # ServerConfig fields only this backend reads
+    section: tuple[str, ...] = ()  # ServerConfig fields only this backend (and those listing them too) reads
 
 
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
@@ -28,7 +28,8 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("synthetic", "target_server.backends.synthetic:SyntheticBackend", needs_model=False,
                  section=("synthetic_hidden_size", "synthetic_num_layers", "synthetic_vocab_size",
                           "synthetic_cost_per_token_us")),
-    BackendEntry("sglang", "target_server.backends.sglang:SGLangBackend", needs_model=True, section=("tp",)),
+    BackendEntry("sglang", "target_server.backends.sglang:SGLangBackend", needs_model=True,
+                 section=("tp", "batch_invariant")),
 )}
 
 
@@ -55,7 +56,8 @@ def check_sections(cfg) -> None:
         for f in other.section:
             value = getattr(cfg, f)
             if f not in e.section and value != defaults[f]:
-                raise ConfigError(f"{_flag(f)} {value} needs --backend {other.name} "
+                readers = " or ".join(n for n, x in BACKENDS.items() if f in x.section)
+                raise ConfigError(f"{_flag(f)} {value} needs --backend {readers} "
                                   f"(the {e.name} backend does not use it)")
 
 

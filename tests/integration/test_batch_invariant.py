@@ -31,6 +31,6 @@ def test_features_do_not_depend_on_batch_mates(tiny_llama):
     assert not torch.equal(padded.aux_T3H, alone.aux_T3H)
 
 
-def test_the_flag_belongs_to_the_hf_backend():
-    with pytest.raises(ConfigError, match="--batch-invariant True needs --backend hf"):
+def test_the_flag_belongs_to_the_hf_and_sglang_backends():
+    with pytest.raises(ConfigError, match="--batch-invariant True needs --backend hf or sglang"):
         ServerConfig(backend="synthetic", batch_invariant=True).validate()

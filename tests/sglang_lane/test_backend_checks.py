@@ -80,7 +80,8 @@ def test_tensor_parallel_2_matches_hf(tiny_llama, tmp_path, monkeypatch):
         (ta,), (tb,) = list(a.features([0], seqs[:1], teacher="topk", topk=8)), list(b.features([0], seqs[:1], teacher="topk", topk=8))
         assert torch.equal(ta.topk_ids_TK, tb.topk_ids_TK)
         torch.testing.assert_close(tb.topk_logprobs_TK, ta.topk_logprobs_TK, rtol=0, atol=1e-4)
-        prompts = [("p", [5, 17, 42])]
+        # Ragged prompts decode together: every rank runs the same joins and steps on its own batch.
+        prompts = [("p", [5, 17, 42]), ("q", list(range(3, 30)))]
         assert a.generate(prompts, max_new_tokens=8) == b.generate(prompts, max_new_tokens=8)
         assert json.loads(b.model_info().hf_config_json)["num_hidden_layers"] == 4
         from tests.support.procs import listening_addresses

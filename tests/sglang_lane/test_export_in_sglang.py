@@ -53,8 +53,8 @@ def _run_sglang_draft(runner, model, ids, aux_N3H, out_aux=None):
 
     mr = runner.mr
     batch = ScheduleBatch.init_new(
-        reqs=runner._reqs([ids]), req_to_token_pool=mr.req_to_token_pool,
-        token_to_kv_pool_allocator=mr.token_to_kv_pool_allocator, tree_cache=runner._tree_cache,
+        reqs=runner.passes.reqs([ids]), req_to_token_pool=mr.req_to_token_pool,
+        token_to_kv_pool_allocator=mr.token_to_kv_pool_allocator, tree_cache=runner.passes.tree_cache,
         model_config=mr.model_config, enable_overlap=False, spec_algorithm=SpeculativeAlgorithm.NONE)
     batch.prepare_for_extend()
     if batch.input_ids is None:
@@ -79,7 +79,7 @@ def _run_sglang_draft(runner, model, ids, aux_N3H, out_aux=None):
     finally:
         hook.remove()
         aux_hook.remove()
-        runner._clear_kv()
+        runner.passes.release(batch.reqs)  # this pass's own KV slots
     return seen["h"], out.next_token_logits
 
 

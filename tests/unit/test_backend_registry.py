@@ -29,6 +29,8 @@ def test_cli_offers_exactly_the_registered_backends():
     (dict(backend="hf", model="m", synthetic_hidden_size=32), r"--synthetic-hidden-size 32 needs --backend synthetic"),
     (dict(backend="sglang", model="m", synthetic_cost_per_token_us=5.0), r"--synthetic-cost-per-token-us 5.0 needs"),
     (dict(backend="synthetic", tp=2), r"--tp 2 needs --backend sglang"),
+    (dict(backend="synthetic", batch_invariant=True), r"--batch-invariant True needs --backend hf or sglang \(the "
+                                                      r"synthetic backend does not use it\)"),
     (dict(backend="hf"), r"--model: required for the hf, sglang backends"),
     (dict(backend="vllm", model="m"), r"'vllm' is not one of hf, synthetic, sglang"),
 ])
@@ -40,4 +42,6 @@ def test_options_of_another_backend_are_refused(kw, match):
 def test_own_section_and_shared_options_are_accepted():
     ServerConfig(backend="synthetic", synthetic_hidden_size=32, max_topk=8).validate()
     ServerConfig(backend="sglang", model="m", tp=2, max_topk=8).validate()
+    ServerConfig(backend="sglang", model="m", batch_invariant=True).validate()  # read by hf and sglang
+    ServerConfig(backend="hf", model="m", batch_invariant=True).validate()
     ServerConfig(backend="hf", model="m", tp=1, max_topk=8).validate()  # defaults of other sections are fine

@@ -322,3 +322,24 @@ def test_cancelled_generation_leaves_the_batch_and_the_queue():
         assert s.queued_tokens == 0 and not s._loop.running
     finally:
         s.stop()
+
+
+def test_generation_reservations_stay_within_the_backends_kv_budget():
+    """A backend whose KV cache holds fewer tokens than --max-batch-tokens beside its feature
+    passes (sglang: SGLang's memory profile) bounds the running generations, not the flag."""
+
+    class SmallCache(RecordingBackend):
+        def generation_kv_budget(self):
+            return 50  # two sequences of 3 + 20 tokens
+
+    be = SmallCache()
+    s = Scheduler(be, max_batch_tokens=4096, max_queue_tokens=1 << 20)
+    r = GenRequest("a", "A", [[1, 2, 3]] * 6, max_new_tokens=20)
+    s.submit_generate(r)
+    s.start()
+    try:
+        assert s.drain(timeout=30)
+        assert len(gen_results(r)) == 6
+        assert max(len(p) for p in be.prefills) == 2 and sum(len(p) for p in be.prefills) == 6
+    finally:
+        s.stop()

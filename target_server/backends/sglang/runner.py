@@ -9,7 +9,6 @@ Runs in every rank's process: rank 0 in the server, ranks 1..tp-1 in workers (wo
 from __future__ import annotations
 
 import os
-from array import array
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,11 @@ import torch
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK
 from target_server.backends.base import Capture, Completion, topk_logprobs
 from target_server.backends.hf_helpers import sample_next
+from target_server.backends.sglang.batches import Passes, RunningBatch
+from target_server.generation import MAX_RUNNING_SEQS
 
-# Sequences per forward pass: sizes SGLang's request-to-token table (rows x context length).
+# Sequences per feature pass. SGLang's request-to-token table (rows x context length) holds one
+# feature pass and the running generations (generation.MAX_RUNNING_SEQS) at once.
 MAX_SEQS_PER_FORWARD = 256
 
 
@@ -26,8 +28,9 @@ MAX_SEQS_PER_FORWARD = 256
 class _Program:
     """One unit of SPMD work every TP rank runs identically."""
 
-    op: str  # "capture" | "generate" | "stop"
+    op: str  # "capture" | "generate" | "gen_join" | "gen_step" | "gen_keep" | "stop"
     seqs: list[list[int]] | None = None
+    ints: list[int] | None = None  # gen_step: one token per row; gen_keep: the rows kept
     teacher: str = TEACHER_HIDDEN
     topk: int = 0
     layer_ids: tuple[int, ...] = ()   # the feature spec's layers (empty: the backend's aux layers)
@@ -40,12 +43,12 @@ class _Runner:
     def __init__(self, spec: dict, tp_rank: int) -> None:
         if spec["device"] == "cpu":
             os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-        from sglang.benchmark.one_batch import TreeCacheNamespace, _init_process_global_configs
+        from sglang.benchmark.one_batch import _init_process_global_configs
         from sglang.srt.arg_groups.overrides import resolving_view
         from sglang.srt.configs.model_config import ModelConfig
         from sglang.srt.distributed import bootstrap
         from sglang.srt.model_executor.model_runner import ModelRunner
-        from sglang.srt.runtime_context import SpawnRanks, get_device, get_schedule, publish, spawn_world_rank
+        from sglang.srt.runtime_context import SpawnRanks, get_device, publish, spawn_world_rank
 
         self.spec = spec
         self.tp_rank = tp_rank
@@ -70,62 +73,28 @@ class _Runner:
         self.model.set_eagle3_layers_to_capture(list(self._capturing))
         self._seen: dict = {}
         self._want_last = False
+        self._features = False  # the hooks keep states only during feature passes, not decode steps
         self.model.logits_processor.register_forward_pre_hook(self._pre_logits)
         # SGLang captures layer i as the input of layer i + 1, so the last layer's output never
         # exists as an aux state: it is the final norm's input (hidden + residual, fused there).
         self.num_layers = int(spec["num_layers"])
         self.model.model.norm.register_forward_pre_hook(self._pre_norm, with_kwargs=True)
-        self._tree_cache = TreeCacheNamespace(page_size=get_schedule().page_size, device=self.mr.device,
-                                              token_to_kv_pool_allocator=self.mr.token_to_kv_pool_allocator)
         self.vocab_size = int(spec["vocab_size"])
+        self.passes = Passes(self.mr, self.vocab_size)
+        self.running = RunningBatch(self.passes)  # the scheduler's generations (the backend's decoder)
 
     def _pre_norm(self, _module, args, kwargs) -> None:
-        if self._want_last:
+        if self._features and self._want_last:
             h = args[0] if args else kwargs["x"]
             r = args[1] if len(args) > 1 else kwargs.get("residual")
             self._seen["last_NH"] = h if r is None else h + r
 
     def _pre_logits(self, _module, args) -> None:
         # LlamaForCausalLM & co call logits_processor(input_ids, hidden_states, lm_head, forward_batch, aux).
+        if not self._features:
+            return
         self._seen["final_NH"] = args[1]
         self._seen["aux"] = args[4] if len(args) > 4 else None
-
-    # ------------------------------------------------------------------ batches
-    def _reqs(self, seqs: list[list[int]], max_new_tokens: int = 1):
-        from sglang.srt.managers.schedule_batch import Req
-        from sglang.srt.sampling.sampling_params import SamplingParams
-
-        reqs = []
-        for i, s in enumerate(seqs):
-            r = Req(rid=f"specrelay-{i}", origin_input_text="", origin_input_ids=array("q", s),
-                    sampling_params=SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
-            r.full_untruncated_fill_ids = r.origin_input_ids
-            r.logprob_start_len = -1
-            r.extend_end = len(s)
-            reqs.append(r)
-        return reqs
-
-    def _extend(self, seqs: list[list[int]]):
-        from sglang.srt.managers.schedule_batch import ScheduleBatch
-        from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-
-        batch = ScheduleBatch.init_new(
-            reqs=self._reqs(seqs), req_to_token_pool=self.mr.req_to_token_pool,
-            token_to_kv_pool_allocator=self.mr.token_to_kv_pool_allocator, tree_cache=self._tree_cache,
-            model_config=self.mr.model_config, enable_overlap=False, spec_algorithm=SpeculativeAlgorithm.NONE)
-        batch.prepare_for_extend()
-        if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
-            batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
-            batch.prefill_input_ids_cpu = None
-        fb = ForwardBatch.init_new(batch, self.mr, return_hidden_states_before_norm=False)
-        self._seen.clear()
-        out = self.mr.forward(fb).logits_output
-        return batch, fb, out
-
-    def _clear_kv(self) -> None:
-        self.mr.req_to_token_pool.clear()
-        self.mr.token_to_kv_pool_allocator.clear()
 
     def full_logits(self, h_NH: torch.Tensor) -> torch.Tensor:
         """[N, V] logits with SGLang's lm_head weights (vocab-sharded under TP: gathered)."""
@@ -147,8 +116,11 @@ class _Runner:
             # states back in layer order, reordered to the request's order below.
             self._capturing = mid
             self.model.set_eagle3_layers_to_capture(list(self._capturing))
+        self._seen.clear()
+        self._features = True
+        batch = None
         try:
-            _, fb, _ = self._extend(seqs)
+            batch, fb, _ = self.passes.extend(seqs)
             if "final_NH" not in self._seen or (self._capturing and not self._seen.get("aux")) or \
                     (self._want_last and "last_NH" not in self._seen):
                 raise RuntimeError(
@@ -189,49 +161,49 @@ class _Runner:
                 start += T
             return out
         finally:
+            self._features = False
             self._seen.clear()
-            self._clear_kv()
+            if batch is not None:  # this pass's own rows and slots; running generations keep theirs
+                self.passes.release(batch.reqs)
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids) -> list[Completion]:
-        """Prefill + decode steps through the same ModelRunner, one prompt at a time."""
+        """Prefill + decode steps, one prompt at a time, each in its own batch beside the running ones."""
         stops = set(stop_token_ids)
         gen = torch.Generator().manual_seed(seed)
         out = []
         for prompt in prompts:
             new: list[int] = []
             reason = "length"
+            one = RunningBatch(self.passes)
             try:
-                batch, fb, lo = self._extend([prompt])
+                logits_V = one.join([prompt])[0]
                 for step in range(max_new_tokens):
-                    tok = sample_next(lo.next_token_logits[0, : self.vocab_size], temperature, top_p, gen)
+                    tok = sample_next(logits_V, temperature, top_p, gen)
                     new.append(tok)
                     if tok in stops:
                         reason = "stop"
                         break
                     if step + 1 == max_new_tokens:
                         break
-                    lo = self._decode(batch, tok)
+                    logits_V = one.step([tok])[0]
             finally:
-                self._seen.clear()
-                self._clear_kv()
+                one.keep([])
             out.append(Completion(token_ids=new, finish_reason=reason))
         return out
-
-    def _decode(self, batch, tok: int):
-        from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-
-        batch.output_ids = torch.tensor([tok], dtype=torch.int64, device=batch.device)
-        batch.input_ids = batch.output_ids
-        batch.prepare_for_decode()
-        fb = ForwardBatch.init_new(batch, self.mr, return_hidden_states_before_norm=False)
-        return self.mr.forward(fb).logits_output
 
     def run(self, prog: _Program):
         if prog.op == "capture":
             return self.capture(prog.seqs, prog.teacher, prog.topk, prog.layer_ids)
         if prog.op == "generate":
             return self.generate(**prog.gen)
+        with torch.inference_mode():
+            if prog.op == "gen_join":
+                return self.running.join(prog.seqs)
+            if prog.op == "gen_step":
+                return self.running.step(prog.ints)
+            if prog.op == "gen_keep":
+                return self.running.keep(prog.ints)
         raise ValueError(prog.op)
 
 
@@ -245,8 +217,8 @@ def _server_args(spec: dict):
         # A capture is one extend of whole sequences: no prefix sharing, no chunking, no graphs
         # (the capture hook must run eagerly).
         disable_radix_cache=True, chunked_prefill_size=-1, disable_cuda_graph=True,
-        # The KV pool only ever holds one forward batch (cleared after it).
-        max_total_tokens=spec["kv_tokens"], max_running_requests=MAX_SEQS_PER_FORWARD,
+        # The KV pool holds one feature pass beside the running generations (backend.py sizes it).
+        max_total_tokens=spec["kv_tokens"], max_running_requests=MAX_SEQS_PER_FORWARD + MAX_RUNNING_SEQS,
         context_length=spec["context_length"], log_level=spec.get("log_level", "warning"),
     )
     if on_cpu:
