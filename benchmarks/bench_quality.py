@@ -41,6 +41,7 @@ ARMS = {  # name -> model.* overrides
     "lr1e-3": ["optim.lr=1e-3"],
     "lr5e-3": ["optim.lr=5e-3"],
     "bs4": ["batch_size=4"],
+    "dflash": ["model.method=dflash", "model.init=random"],
 }
 DEFAULT_ARMS = "eagle3,eagle3.1,eagle3+lk_lambda"
 FULL = dict(samples=4000, holdout=64, eval_prompts=16, max_new_tokens=64, K=5, steps=1500, max_length=512,
