@@ -209,6 +209,7 @@ class HFDecoder(Decoder):
         len_B += 1
         return out.logits[:, -1][slot_B].float().cpu()
 
+    @torch.inference_mode()  # the storage is made of inference tensors: in-place moves need the mode
     def keep(self, rows: list[int]) -> None:
         if len(rows) == self.rows:
             return
