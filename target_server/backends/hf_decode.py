@@ -65,7 +65,10 @@ def _cache_class():
         in place and returns views of the running rows (nothing is concatenated)."""
 
         def __init__(self, decoder: "HFDecoder") -> None:
-            super().__init__(layers=[])
+            try:
+                super().__init__(layers=[])
+            except TypeError:  # an older Cache signature: the model only calls update() on it anyway
+                self.layers = []
             self.decoder = decoder
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
