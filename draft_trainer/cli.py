@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer generated")
     r.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
                    help="enable_thinking for chat templates that have it (Qwen3 & co); auto = the template's default")
-    r.add_argument("--concurrency", type=int, default=2, help="full requests in flight per server")
+    r.add_argument("--concurrency", type=int, default=6,
+                   help="full requests in flight per server (x --batch-size = rows each server decodes at once)")
     r.add_argument("--batch-size", type=int, default=8, help="prompts per Generate request (at most)")
     r.add_argument("--seed", type=int, default=0, help="sampling seed (per conversation and turn)")
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per Generate request")

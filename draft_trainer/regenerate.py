@@ -66,7 +66,10 @@ class RegenerateConfig:
     top_k: int = 0
     max_new_tokens: int = 1024
     thinking: Literal["auto", "on", "off"] = "auto"  # enable_thinking for templates that have it; auto = theirs
-    concurrency: int = 2           # full requests in flight per server (sizes the per-server window)
+    # 8 x 6 = 48 rows in flight per server: batched decoding is most efficient at 32-64 rows (SmolLM2,
+    # 1 thread: 270-316 tok/s vs 102 at 8 rows), and 48 x (1024 + 256) tokens stays within a server's
+    # default --max-queue-tokens 65536 (no RESOURCE_EXHAUSTED churn). docs/notes/issue-17.md, session 3.
+    concurrency: int = 6           # full requests in flight per server (sizes the per-server window)
     batch_size: int = 8            # prompts per Generate request (at most)
     seed: int = 0
     request_timeout_s: float = 600.0

@@ -163,13 +163,10 @@ class HFBackend(Backend):
         return out
 
     def decoder(self):
-        # Sliding-window / hybrid attention layers keep a different cache layout: one at a time there.
-        kinds = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            return None
-        from target_server.backends.hf_decode import HFDecoder
+        from target_server.backends.hf_decode import HFDecoder, supports
 
-        return HFDecoder(self.model, self.device, self._lock)
+        # Sliding-window / hybrid attention layers keep a different cache layout: one at a time there.
+        return HFDecoder(self.model, self.device, self._lock) if supports(self.model) else None
 
     def chat_prompt(self, messages: list[dict], template_kwargs: dict) -> list[int]:
         return render_chat(self.tokenizer, messages, template_kwargs)

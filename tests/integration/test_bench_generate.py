@@ -22,3 +22,12 @@ def test_bench_regenerate_smoke_with_a_kill(tmp_path):
     assert bench_regenerate.main(["--smoke", "--kill", "--out", str(tmp_path)]) == 0  # 0: every chat written once
     r = json.loads((tmp_path / "regenerate_smoke.json").read_text())
     assert r["lines"] == r["distinct_ids"] == r["n"]
+
+
+def test_bench_regenerate_sizing_sweep_smoke(tmp_path):
+    from benchmarks import bench_regenerate
+
+    assert bench_regenerate.main(["--smoke", "--sizes", "2x1,4x2", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "regenerate_smoke_sizing.json").read_text())
+    assert [s["written"] for s in r["sizes"]] == [r["n"], r["n"]]  # each sizing wrote every chat (own file)
+    assert all(max(map(float, s["mean_decode_batch"].split("/"))) >= 1 for s in r["sizes"])  # metrics scraped

@@ -1,0 +1,105 @@
+"""HFDecoder's slot KV cache on real tiny models: rows joining (prefilled in length groups) and
+leaving (a later slot moving into the hole) at random between decode steps, with the cache starting
+too small in both rows and columns so that it grows mid-run, give every sequence exactly the
+tokens of transformers' own `generate` on that prompt alone, and logits that match a full forward
+pass of the sequence."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from target_server.backends.hf_decode import HFDecoder, prefill_groups, supports
+
+
+def reference(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=[("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa")],
+                ids=lambda p: "-".join(p))
+def model(request, tiny_llama, tiny_qwen3):
+    family, attn = request.param
+    path = tiny_llama if family == "llama" else tiny_qwen3
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def test_rows_join_and_leave_at_random_and_match_generate(model):
+    rng = random.Random(7)
+    vocab = model.config.vocab_size
+    todo = [([rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))], rng.randint(1, 12)) for _ in range(14)]
+    dec = HFDecoder(model, torch.device("cpu"), threading.Lock(), rows=2, cols=8)
+    running: list[dict] = []  # row b of the decoder = running[b]
+    done: list[dict] = []
+    moved_into_a_hole = False
+    with torch.no_grad():
+        while todo or running:
+            if todo and (not running or rng.random() < 0.4):
+                joining = [{"prompt": p, "n": n, "out": []} for p, n in todo[: rng.randint(1, 3)]]
+                del todo[: len(joining)]
+                logits_nV = dec.prefill([s["prompt"] for s in joining])
+                for s, row in zip(joining, logits_nV):
+                    s["out"].append(int(row.argmax()))
+                running += joining
+            else:
+                logits_BV = dec.step([s["out"][-1] for s in running])
+                for s, row in zip(running, logits_BV):
+                    s["out"].append(int(row.argmax()))
+                    s["last_logits"] = row
+            keep = [b for b, s in enumerate(running) if len(s["out"]) < s["n"]]
+            if len(keep) < len(running):
+                moved_into_a_hole |= any(dec.slots[b] >= len(keep) for b in keep)  # a slot past the new end stays
+                done += [s for b, s in enumerate(running) if b not in keep]
+                running = [running[b] for b in keep]
+                dec.keep(keep)
+            assert dec.rows == len(running)
+    assert dec.rows == 0 and dec.capacity == (0, 0)  # the batch emptied: storage released
+    assert moved_into_a_hole and dec.grown >= 2  # the scenario exercised moves and growth (rows and columns)
+    for s in done:
+        assert s["out"] == reference(model, s["prompt"], s["n"]), s["prompt"]
+        if "last_logits" in s:  # the last decode step's logits vs the whole sequence in one forward pass
+            full = model(torch.tensor([s["prompt"] + s["out"][:-1]])).logits[0, -1]
+            torch.testing.assert_close(s["last_logits"], full, atol=2e-4, rtol=1e-4)
+
+
+def test_storage_is_reused_after_the_batch_empties(model):
+    dec = HFDecoder(model, torch.device("cpu"), threading.Lock())
+    with torch.no_grad():
+        for prompt in ([5, 6, 7], [9] * 20):
+            first = int(dec.prefill([prompt])[0].argmax())
+            second = int(dec.step([first])[0].argmax())
+            dec.keep([])
+            assert [first, second] == reference(model, prompt, 2)
+
+
+def test_step_refuses_a_token_count_that_is_not_the_row_count(model):
+    dec = HFDecoder(model, torch.device("cpu"), threading.Lock())
+    dec.prefill([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="3 tokens for 2 rows"):
+        dec.step([1, 2, 3])
+
+
+def test_prefill_groups_bound_padding_and_cover_every_prompt_once():
+    lengths = [400, 12, 380, 13, 700, 390, 11, 1, 695]
+    groups = prefill_groups(lengths, max_pad=1.25, max_tokens=2048)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        padded, real = max(lengths[i] for i in g) * len(g), sum(lengths[i] for i in g)
+        assert len(g) == 1 or (padded <= 1.25 * real and padded <= 2048)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[1], [11, 12, 13], [380, 390, 400], [695, 700]]
+    assert prefill_groups([5000], max_tokens=2048) == [[0]]  # a single prompt is always a group
+
+
+def test_supports_names_what_it_can_batch(tiny_llama):
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+    assert supports(m)
+    m.config.layer_types = ["sliding_attention"] * m.config.num_hidden_layers
+    assert not supports(m)
+    with pytest.raises(ValueError, match="full attention in every layer"):
+        HFDecoder(m, torch.device("cpu"), threading.Lock())
