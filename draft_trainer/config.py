@@ -35,6 +35,7 @@ class TargetsConfig:
     request_tokens: int = 4096             # target size of one Flight request (at least one sample)
     max_inflight_tokens: int = 65536       # requested, not yet received (all servers)
     max_endpoint_inflight_tokens: int = 16384  # requested, not yet received (one server)
+    slow_start: bool = True                # a (re)joined server's window starts at one sample and doubles per round trip
     max_buffered_tokens: int = 131072      # dispatched, not yet consumed by the trainer (memory bound)
     max_attempts: int = 5                  # failures of one sample before it is dropped (reason target_error)
     hedge_after_s: float = 2.0             # a request blocking the trainer longer than max(this, 4x typical)

@@ -103,6 +103,7 @@ class RegenerateConfig:
             endpoints=",".join(self.targets), request_timeout_s=self.request_timeout_s,
             startup_timeout_s=self.startup_timeout_s, unavailable_timeout_s=self.unavailable_timeout_s,
             request_tokens=per_request, max_endpoint_inflight_tokens=self.concurrency * per_request,
+            slow_start=False,  # a round trip is a whole answer: start with the full batch on every server
             max_inflight_tokens=1 << 40, max_buffered_tokens=1 << 40,  # bounded per server, and by the dataset
             max_attempts=self.max_attempts, hedge_after_s=self.hedge_after_s, auth_token_file=self.auth_token_file,
             tls_root_cert=self.tls_root_cert, tls_server_name=self.tls_server_name)

@@ -26,6 +26,9 @@ class PoolConfig:
     request_tokens: int = 4096             # target size of one request (at least one item)
     max_inflight_tokens: int = 65536       # requested, not yet received (all servers)
     max_endpoint_inflight_tokens: int = 16384  # requested, not yet received (one server)
+    slow_start: bool = True                # a (re)joined server's window starts at one item and doubles per round
+                                           # trip; False: it starts full (generation, where a round trip is a
+                                           # whole answer: doubling would take minutes to reach a useful batch)
     max_buffered_tokens: int = 131072      # dispatched, not yet consumed (memory bound)
     max_attempts: int = 5                  # failures of one item before it is dropped (reason target_error)
     hedge_after_s: float = 2.0             # a request blocking the consumer longer than max(this, 4x typical)

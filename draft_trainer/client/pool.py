@@ -274,7 +274,8 @@ class TargetPool:
         was = ep.state
         ep.client, ep.info, ep.state = client, info, UP
         ep.not_before = 0.0
-        ep.window_tokens = 1  # slow start again: it may be a fresh process
+        # slow start again (it may be a fresh process), or a full window where round trips are long
+        ep.window_tokens = 1 if self.cfg.slow_start else self.cfg.max_endpoint_inflight_tokens
         ep.warm = False
         log.info("target %s %s (%s, flight port %d)", ep.address, "joined" if was == JOINING else "is back up",
                  info.model_name, info.flight_port)

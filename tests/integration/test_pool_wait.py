@@ -64,3 +64,29 @@ def test_tls_server_dialled_in_plaintext_is_named(tmp_path):
             pool.start()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("slow_start", [True, False])
+def test_a_joined_servers_window_starts_small_or_full(tiny_llama, tmp_path, slow_start):
+    """Slow start (features: spread the first batches over all servers) or a full window at once
+    (generation, where one round trip is a whole answer: regenerate turns slow start off)."""
+    srv = start_server(tmp_path, "--model", str(tiny_llama), "--backend", "hf", "--dtype", "fp32")
+    try:
+        pool = TargetPool(EndpointSource(srv.endpoint), PoolConfig(endpoints=srv.endpoint, slow_start=slow_start,
+                                                                   max_endpoint_inflight_tokens=5000))
+        pool.start()
+        try:
+            [ep] = list(pool.endpoints.values())
+            assert ep.window_tokens == (1 if slow_start else 5000)
+        finally:
+            pool.close()
+    finally:
+        srv.stop()
+
+
+def test_regenerate_turns_slow_start_off():
+    from draft_trainer.regenerate import RegenerateConfig
+
+    cfg = RegenerateConfig(targets=["127.0.0.1:1"], input="x", output="y", batch_size=8, concurrency=6,
+                           max_new_tokens=100).pool_config()
+    assert cfg.slow_start is False and cfg.max_endpoint_inflight_tokens == 6 * cfg.request_tokens
