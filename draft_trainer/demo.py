@@ -49,7 +49,7 @@ from draft_trainer.train.loop import Trainer
 log = logging.getLogger("draft_trainer.demo")
 RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
 REGEN_CONVERSATIONS = 500      # on-policy answers: about 6-10 min of regeneration on 2 cores (docs/demo.md)
-REGEN_MAX_NEW_TOKENS = 128    # the evaluation decodes 64 tokens per prompt; longer answers cost time, not accuracy there
+REGEN_MAX_NEW_TOKENS = 128    # the evaluation decodes 64 tokens per prompt; answers are cut at twice that to keep regeneration short
 
 
 def _stage(n: int, name: str, what: str) -> float:
