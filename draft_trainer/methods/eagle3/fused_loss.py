@@ -106,7 +106,7 @@ def row_teacher_from_topk(topk_ids_BTK: torch.Tensor, topk_logprobs_BTK: torch.T
 # ----------------------------------------------------------------------------- per-row soft CE
 
 def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, ids_cK: torch.Tensor | None = None,
-                       pk_cK: torch.Tensor | None = None):
+                       pk_cK: torch.Tensor | None = None, pz_c: torch.Tensor | None = None):
     """Soft cross-entropy of logits z against a teacher p, per row, in place and in z's dtype.
 
     Returns (ce_c, argmax_c, exp_acc_c) (reductions in >= fp32) and leaves
@@ -114,11 +114,16 @@ def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, i
     (sum 1: then sum_v min(p, q) = 1 - |q - p|_1 / 2 needs no extra [c,Vd] temporary);
     sparse (top-k): ids_cK + pk_cK. Every step is one pass over z: on CPU this part is
     memory-bound, so bf16 z halves its cost next to the bf16 matmuls.
+    `pz_c` (dense teacher only): p . z over the unshifted logits when the caller already has it
+    (`LinearSoftCE` gets it from one small matmul per teacher row), which saves a pass over z.
     """
     red = acc_dtype(z_cVd.dtype)
     m_c, amax_c = z_cVd.max(-1)
     z_cVd.sub_(m_c[:, None])
-    if p_cVd is not None:
+    if p_cVd is not None and pz_c is not None:
+        pz_c = pz_c.to(red) - m_c.to(red)                   # rows of p sum to 1 (assumed below too)
+        sp_c = torch.ones_like(pz_c)
+    elif p_cVd is not None:
         # (bmm / vector_norm on bf16 are several times slower on CPU than a temp + fp32-accumulated sum)
         pz_c = rowsum(p_cVd * z_cVd)
         sp_c = torch.ones_like(pz_c)
@@ -138,25 +143,43 @@ def soft_ce_rows_torch(z_cVd: torch.Tensor, p_cVd: torch.Tensor | None = None, i
     return ce_c, amax_c, ea_c
 
 
-def _soft_ce_rows(z, p=None, ids=None, pk=None, obj: Objective = KL, negH=None):
+def _soft_ce_rows(z, p=None, ids=None, pk=None, obj: Objective = KL, negH=None, pz=None):
     if not obj.is_kl:  # LK losses (model/objective.py): the same one-pass form, torch on every device
         return objective_rows_inplace(z, obj, p, ids, pk, negH)
     if p is not None and soft_ce_backend(z.device) == "triton":
         from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton  # lazy: triton only on GPU
 
         return soft_ce_rows_triton(z, p)
-    return soft_ce_rows_torch(z, p, ids, pk)
+    return soft_ce_rows_torch(z, p, ids, pk, pz)
+
+
+def _teacher_dots(teacher: RowTeacher, W_Vdh: torch.Tensor, x_Nh: torch.Tensor, r_N: torch.Tensor,
+                  chunk: int) -> torch.Tensor:
+    """p_{r_n} . (x_n W^T) for every row n, as (p_r W) . x_n: one [R,Vd] x [Vd,h] matmul per
+    teacher row (each row is read by up to K TTT steps) instead of a pass over every [c,Vd] chunk."""
+    red = acc_dtype(x_Nh.dtype)
+    p_RVd = teacher.p_RVd
+    pW_Rh = torch.cat([(p_RVd[s : s + chunk].to(W_Vdh.dtype) @ W_Vdh).to(red) for s in range(0, p_RVd.shape[0], chunk)]) \
+        if p_RVd.shape[0] else torch.zeros(0, W_Vdh.shape[1], dtype=red, device=x_Nh.device)
+    return (pW_Rh[r_N] * x_Nh.to(W_Vdh.dtype).to(red)).sum(-1)
+
+
+GROUP_ROWS = 1024
 
 
 class LinearSoftCE(torch.autograd.Function):
     """sum_n w_n * CE(p_{r_n}, softmax(x_n W^T)), chunked over rows; grads computed in forward.
 
     The row weights w are applied on the [c,h] side (dx rows, x rows for dW), never as an extra
-    pass over the [c,Vd] logits.
+    pass over the [c,Vd] logits. The matmuls run on groups of `group_rows` rows (the per-row
+    softmax/CE on `chunk`-row slices of them): each group adds its [Vd,h] dW product to the fp32
+    dW once, and on CPU that add (plus the copy out of the bf16 matmul) costs as much as the
+    matmul itself, so fewer, larger groups are faster; the price is one [group_rows, Vd] buffer.
     """
 
     @staticmethod
-    def forward(ctx, x_Nh, W_Vdh, teacher: RowTeacher, r_N, w_N, compute_dtype, chunk: int, obj: Objective = KL):
+    def forward(ctx, x_Nh, W_Vdh, teacher: RowTeacher, r_N, w_N, compute_dtype, chunk: int, obj: Objective = KL,
+                group_rows: int = GROUP_ROWS):
         with torch.autocast(x_Nh.device.type, enabled=False):
             N, h = x_Nh.shape
             Vd = W_Vdh.shape[0]
@@ -171,29 +194,39 @@ class LinearSoftCE(torch.autograd.Function):
             amax = torch.empty(N, dtype=torch.long, device=x.device)
             ea = torch.empty(N, dtype=acc, device=x.device)
             c = min(chunk, max(N, 1))
+            G = min(max(N, 1), max(c, group_rows // c * c))      # rows per matmul group, a multiple of c
+            zbuf = torch.empty(G, Vd, dtype=cdt, device=x.device)
             pbuf = torch.empty(c, Vd, dtype=cdt, device=x.device) if dense else None
+            p_R = teacher.p_RVd.to(cdt) if dense else None
             dW_c = torch.empty(Vd, h, dtype=cdt, device=x.device) if cdt != acc else None
             w_acc = w_N.to(acc)
             negH_R = None   # lk_lambda's KL needs each teacher row's entropy: once per row, not per step
             if dense and obj.kind == "lk_lambda" and teacher.p_RVd.shape[0]:
                 negH_R = torch.cat([neg_entropy_rows(teacher.p_RVd[s : s + c].to(cdt))
                                     for s in range(0, teacher.p_RVd.shape[0], c)])
-            for s in range(0, N, c):
-                e = min(N, s + c)
-                z = x[s:e].to(cdt) @ W.T
-                r = r_N[s:e]
-                if dense:
-                    p = torch.index_select(teacher.p_RVd.to(cdt), 0, r, out=pbuf[: e - s])
-                    out = _soft_ce_rows(z, p=p, obj=obj, negH=None if negH_R is None else negH_R[r])
-                else:
-                    out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r], obj=obj)
-                ce[s:e], amax[s:e], ea[s:e] = out
-                w_c = w_acc[s:e, None]
-                dx[s:e] = (z @ W).to(acc) * w_c
+            pz_N = None
+            if dense and obj.is_kl and soft_ce_backend(x.device) == "torch" and N:
+                pz_N = _teacher_dots(teacher, W, x, r_N, c)
+            for gs in range(0, N, G):
+                ge = min(N, gs + G)
+                zg = torch.mm(x[gs:ge].to(cdt), W.T, out=zbuf[: ge - gs])
+                for s in range(gs, ge, c):
+                    e = min(ge, s + c)
+                    z = zg[s - gs : e - gs]
+                    r = r_N[s:e]
+                    if dense:
+                        p = torch.index_select(p_R, 0, r, out=pbuf[: e - s])
+                        out = _soft_ce_rows(z, p=p, obj=obj, negH=None if negH_R is None else negH_R[r],
+                                            pz=None if pz_N is None else pz_N[s:e])
+                    else:
+                        out = _soft_ce_rows(z, ids=teacher.topk_ids_RK[r], pk=teacher.topk_p_RK[r], obj=obj)
+                    ce[s:e], amax[s:e], ea[s:e] = out
+                w_g = w_acc[gs:ge, None]
+                dx[gs:ge] = (zg @ W).to(acc) * w_g
                 if dW_c is None:
-                    dW.addmm_(z.T, (x[s:e] * w_c).to(cdt))
+                    dW.addmm_(zg.T, (x[gs:ge] * w_g).to(cdt))
                 else:
-                    dW += torch.mm(z.T, (x[s:e] * w_c).to(cdt), out=dW_c)
+                    dW += torch.mm(zg.T, (x[gs:ge] * w_g).to(cdt), out=dW_c)
             loss = (ce * w_acc).sum()
         # Kept as plain attributes (they are results, not inputs): in backward they are then the
         # only references, so autograd adopts dW as lm_head.grad instead of copying [Vd,h].
@@ -208,12 +241,13 @@ class LinearSoftCE(torch.autograd.Function):
         ctx.grads = None
         # In place: backward runs once per graph, and a second [Vd,h] copy would be the peak.
         return (dx.mul_(grad_loss).to(ctx.dtypes[0]), dW.mul_(grad_loss).to(ctx.dtypes[1]),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
                    compute_dtype: torch.dtype | None = None, chunk: int = 256,
-                   normalizers: list[float] | None = None, objective: Objective = KL) -> tuple[torch.Tensor, StepStats]:
+                   normalizers: list[float] | None = None, objective: Objective = KL,
+                   group_rows: int = GROUP_ROWS) -> tuple[torch.Tensor, StepStats]:
     """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`).
 
     `objective` is the per-position loss (model/objective.py): soft cross-entropy, or an LK loss.
@@ -236,7 +270,7 @@ def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
     x_Nh = model.norm(torch.cat([g.reshape(B * T, h)[pos] for g, pos in zip(g_steps, flat_pos)]))
     r_N, w_N = torch.cat(rows), torch.cat(weights)
     loss, ce_N, amax_N, ea_N = LinearSoftCE.apply(x_Nh, model.lm_head.weight, teacher, r_N, w_N, compute_dtype, chunk,
-                                                  objective)
+                                                  objective, group_rows)
     stats = _step_stats(model, teacher, rows, flat_pos, counts, ce_N, amax_N, ea_N, B * T)
     return loss, stats
 
