@@ -1,0 +1,116 @@
+"""One full fused EAGLE-3 training step, this checkout against an earlier commit, side by side in one
+process: the earlier `fused_loss.py` and `ttt_fused.py` are loaded from git; same model, batch,
+threads; rounds alternate; medians and their ratio.
+
+    python -m benchmarks.bench_train_step_ab --before d132219     # SmolLM2-sized draft, B=2 T=512 K=7, bf16
+
+A step is what the Trainer runs: the row teacher (frozen target lm_head), the K-step TTT forward
+under bf16 autocast, the loss (draft lm_head + soft CE), backward, grad clipping and fused AdamW
+(lr 0, so every round sees the same weights and the gradients of both sides can be compared).
+One thread by default: on this shared 2-core box a second OpenMP thread waits for a core at every
+op (an elementwise op on 300k floats took ~10 ms with 2 threads under load 6, 0.06 ms with 1),
+which measures the other jobs, not the code. Writes benchmarks/results/bench_train_step_ab.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+FILES = {"fused_loss": "draft_trainer/methods/eagle3/fused_loss.py",
+         "ttt_fused": "draft_trainer/methods/eagle3/ttt_fused.py"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", required=True, help="git revision of the earlier fused_loss.py / ttt_fused.py")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--ttt-steps", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from benchmarks.harness import load_module_at, markdown_table, write_results
+    from benchmarks.profile_train_step import SMOLLM2, matmul_peak, step_flops
+    from draft_trainer.data.vocab import build_vocab_mapping
+    from draft_trainer.methods.eagle3 import fused_loss, ttt_fused
+    from draft_trainer.methods.eagle3.model import Eagle3Draft
+    from draft_trainer.model.precision import autocast, cast_frozen, compute_dtype
+    from draft_trainer.model.tensors import shift_left
+    from draft_trainer.selftest import _cfg
+
+    mods = {"before": {k: load_module_at(a.before, p, f"{k}_before") for k, p in FILES.items()},
+            "after": {"fused_loss": fused_loss, "ttt_fused": ttt_fused}}
+    s, B, T, K = SMOLLM2, a.batch, a.seq_len, a.ttt_steps
+    torch.manual_seed(0)
+    model = Eagle3Draft(_cfg({**s, "T": T}))
+    vocab = build_vocab_mapping(torch.randint(0, 1000, (s["V"],)), s["Vd"])
+    model.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    cdt = compute_dtype("auto", "cpu")
+    head = cast_frozen(model, torch.randn(s["V"], s["h"]) * 0.02, cdt)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, s["V"], (B, T), generator=g)
+    aux = torch.randn(B, T, 3 * s["h"], generator=g)
+    teacher_BTH = torch.randn(B, T, s["h"], generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), fused=True)
+
+    def step(m) -> tuple[float, dict, int]:
+        opt.zero_grad(set_to_none=True)
+        teacher = m["fused_loss"].row_teacher_from_hidden(teacher_BTH, head, vocab.used, vocab.t2d, mask,
+                                                          compute_dtype=cdt)
+        with autocast("cpu", cdt):
+            g_steps = m["ttt_fused"].ttt_forward_fused(model, aux, shift_left(ids, 1), K, mask)
+        loss, _ = m["fused_loss"].fused_ttt_loss(model, g_steps, teacher, compute_dtype=cdt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        grads = {"lm_head": model.lm_head.weight.grad.clone(), "fc": model.fc.weight.grad.clone()}
+        opt.step()
+        return float(loss.detach()), grads, int(teacher.b_R.numel())
+
+    load0 = os.getloadavg()
+    times: dict[str, list[float]] = {k: [] for k in mods}
+    out = {}
+    for r in range(a.rounds + 1):                 # round 0 warms both up
+        for name in (list(mods) if r % 2 == 0 else list(mods)[::-1]):
+            t0 = time.perf_counter()
+            out[name] = step(mods[name])
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    load1 = os.getloadavg()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    (lb, gb, R), (la, ga, _) = out["before"], out["after"]
+    diffs = {k: float((ga[k] - gb[k]).norm() / gb[k].norm()) for k in gb}
+    flops = step_flops(s, T, K, R)
+    flops = {k: v * B if k != "teacher" else v for k, v in flops.items()}   # step_flops counts one sequence
+    flops["total"] = sum(v for k, v in flops.items() if k != "total")
+    peak = matmul_peak(cdt)
+    rows = [{"step": f"{k} ({a.before if k == 'before' else 'this checkout'})", "median s": v,
+             "tokens/s": f"{B * T / v:.0f}", "vs before": f"{med['before'] / v:.2f}x",
+             "bf16 matmul peak reached": f"{flops['total'] / v / 1e9 / peak:.0%}"} for k, v in med.items()]
+    note = (f"SmolLM2-sized draft (h=576, 9/3 heads, FFN 1536, V=49152, Vd=32000), B={B} T={T} K={K}, "
+            f"{str(cdt).replace('torch.', '')} autocast, {a.threads} thread(s), {a.rounds} alternating rounds after a "
+            f"warm-up; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end (shared machine: use the ratio). "
+            f"Loss before/after {lb:.5f} / {la:.5f}; gradient relative difference after vs before: lm_head "
+            f"{diffs['lm_head']:.1e}, fc {diffs['fc']:.1e}. Matmul FLOPs per step {flops['total'] / 1e9:.0f} G; "
+            f"this process's square {cdt} matmul ({a.threads} thread(s)) {peak:.0f} GFLOP/s.")
+    write_results("bench_train_step_ab", {"before": a.before, "B": B, "T": T, "K": K, "threads": a.threads,
+                                          "times": times, "median_s": med, "loss": [lb, la], "grad_rel_diff": diffs,
+                                          "flops": flops, "matmul_gflops": peak, "load_avg": [load0, load1]},
+                  markdown_table(rows, list(rows[0])) + "\n\n" + note, Path(a.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
