@@ -74,11 +74,15 @@ def row_teacher_from_hidden(teacher_BTH: torch.Tensor, target_head_VH: torch.Ten
     # Stored in the compute dtype when that is bf16/fp16 (half the memory traffic per step).
     p_dtype = cdt if cdt in (torch.bfloat16, torch.float16) else acc
     p = torch.empty(R, used_Vd.numel(), dtype=p_dtype, device=teacher_BTH.device)
+    sl = CPU_SLICE_ROWS // 2 if teacher_BTH.device.type == "cpu" else chunk   # [sl, V] logits stay in L2
     for s in range(0, R, chunk):
         z_cV = rows_RH[s : s + chunk].to(cdt) @ W_VH.T
-        top[s : s + chunk] = z_cV.max(-1).indices     # (argmax on bf16 is ~4x slower on CPU)
-        z_cVd = z_cV.index_select(1, used_Vd)
-        p[s : s + chunk] = torch.softmax(z_cVd.to(acc) if p_dtype == acc else z_cVd, dim=-1)
+        for a in range(0, z_cV.shape[0], sl):
+            z_sV = z_cV[a : a + sl]
+            o, e = s + a, s + a + z_sV.shape[0]
+            top[o:e] = z_sV.max(-1).indices     # (argmax on bf16 is ~4x slower on CPU)
+            z_sVd = z_sV.index_select(1, used_Vd)
+            p[o:e] = torch.softmax(z_sVd.to(acc) if p_dtype == acc else z_sVd, dim=-1)
     keep = t2d_V[top]
     return RowTeacher(b_R=b[keep], j_R=j[keep], top_R=top[keep], T=T, p_RVd=p[keep])
 
@@ -165,16 +169,19 @@ def _teacher_dots(teacher: RowTeacher, W_Vdh: torch.Tensor, x_Nh: torch.Tensor, 
 
 
 GROUP_ROWS = 1024
+# Rows per softmax/CE slice on CPU: one [16, Vd] bf16 slice (1 MB at Vd=32k) stays in L2 through the
+# ~8 passes of `soft_ce_rows_torch`; 256-row slices streamed every pass from L3 and were 1.6x slower.
+CPU_SLICE_ROWS = 16
 
 
 class LinearSoftCE(torch.autograd.Function):
     """sum_n w_n * CE(p_{r_n}, softmax(x_n W^T)), chunked over rows; grads computed in forward.
 
     The row weights w are applied on the [c,h] side (dx rows, x rows for dW), never as an extra
-    pass over the [c,Vd] logits. The matmuls run on groups of `group_rows` rows (the per-row
-    softmax/CE on `chunk`-row slices of them): each group adds its [Vd,h] dW product to the fp32
-    dW once, and on CPU that add (plus the copy out of the bf16 matmul) costs as much as the
-    matmul itself, so fewer, larger groups are faster; the price is one [group_rows, Vd] buffer.
+    pass over the [c,Vd] logits. The matmuls run on groups of `group_rows` rows, the per-row
+    softmax/CE on `chunk`-row slices of a group (small enough to stay in cache on CPU). Each group
+    adds one [Vd,h] product to dW, and on CPU that add costs about as much as the matmul itself,
+    so fewer, larger groups are faster; the price is one [group_rows, Vd] buffer.
     In bf16, dW is summed in bf16 by the matmul (fp32 inside each product, one rounding per group).
     """
 
@@ -208,7 +215,7 @@ class LinearSoftCE(torch.autograd.Function):
                                     for s in range(0, teacher.p_RVd.shape[0], c)])
             pz_N = None
             if dense and obj.is_kl and soft_ce_backend(x.device) == "torch" and N:
-                pz_N = _teacher_dots(teacher, W, x, r_N, c)
+                pz_N = _teacher_dots(teacher, W, x, r_N, G)
             for gs in range(0, N, G):
                 ge = min(N, gs + G)
                 zg = torch.mm(x[gs:ge].to(cdt), W.T, out=zbuf[: ge - gs])
@@ -245,7 +252,7 @@ class LinearSoftCE(torch.autograd.Function):
 
 
 def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
-                   compute_dtype: torch.dtype | None = None, chunk: int = 256,
+                   compute_dtype: torch.dtype | None = None, chunk: int | None = None,
                    normalizers: list[float] | None = None, objective: Objective = KL,
                    group_rows: int = GROUP_ROWS) -> tuple[torch.Tensor, StepStats]:
     """Weighted TTT loss `sum_k 0.8^k L_k` and per-step metrics (same definitions as `ttt_loss`).
@@ -257,6 +264,8 @@ def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
     global batch does not depend on how it is split (FSDP averages gradients over ranks).
     """
     B, T, h = g_steps[0].shape
+    if chunk is None:       # softmax/CE slice: cache-sized on CPU; one per matmul group elsewhere (kernel launches)
+        chunk = CPU_SLICE_ROWS if g_steps[0].device.type == "cpu" else group_rows
     rows, flat_pos, weights, counts = [], [], [], []
     for k, g_BTh in enumerate(g_steps):
         r, pos = teacher.rows_for_step(k)
