@@ -32,6 +32,12 @@ from draft_trainer.model.objective import KL, Objective, neg_entropy_rows, objec
 from draft_trainer.model.stats import StepStats, sim_accept_len
 from draft_trainer.model.tensors import acc_dtype, rowsum, shift_left
 
+# Rows per matmul (teacher and draft head): one [group, Vd] logits buffer; see LinearSoftCE.
+GROUP_ROWS = 1024
+# Rows per softmax/CE slice on CPU: one [16, Vd] bf16 slice (1 MB at Vd=32k) stays in L2 through the
+# ~8 passes of `soft_ce_rows_torch`; 256-row slices streamed every pass from L3 and were 1.6x slower.
+CPU_SLICE_ROWS = 16
+
 
 @dataclass
 class RowTeacher:
@@ -166,12 +172,6 @@ def _teacher_dots(teacher: RowTeacher, W_Vdh: torch.Tensor, x_Nh: torch.Tensor, 
     pW_Rh = torch.cat([(p_RVd[s : s + chunk].to(W_Vdh.dtype) @ W_Vdh).to(red) for s in range(0, p_RVd.shape[0], chunk)]) \
         if p_RVd.shape[0] else torch.zeros(0, W_Vdh.shape[1], dtype=red, device=x_Nh.device)
     return (pW_Rh[r_N] * x_Nh.to(W_Vdh.dtype).to(red)).sum(-1)
-
-
-GROUP_ROWS = 1024
-# Rows per softmax/CE slice on CPU: one [16, Vd] bf16 slice (1 MB at Vd=32k) stays in L2 through the
-# ~8 passes of `soft_ce_rows_torch`; 256-row slices streamed every pass from L3 and were 1.6x slower.
-CPU_SLICE_ROWS = 16
 
 
 class LinearSoftCE(torch.autograd.Function):
