@@ -1,5 +1,6 @@
 """One full fused EAGLE-3 training step, this checkout against an earlier commit, side by side in one
-process: the earlier `fused_loss.py` and `ttt_fused.py` are loaded from git; same model, batch,
+process: the earlier `fused_loss.py`, `ttt_fused.py` and `model.py` are loaded from git (the earlier
+draft class gets this side's weights); same model, batch,
 threads; rounds alternate; medians and their ratio.
 
     python -m benchmarks.bench_train_step_ab --before d132219     # SmolLM2-sized draft, B=2 T=512 K=7, bf16
@@ -26,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FILES = {"fused_loss": "draft_trainer/methods/eagle3/fused_loss.py",
-         "ttt_fused": "draft_trainer/methods/eagle3/ttt_fused.py"}
+         "ttt_fused": "draft_trainer/methods/eagle3/ttt_fused.py",
+         "model": "draft_trainer/methods/eagle3/model.py"}    # its layer methods; weights copied over
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,40 +45,47 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.harness import load_module_at, markdown_table, write_results
     from benchmarks.profile_train_step import SMOLLM2, matmul_peak, step_flops
     from draft_trainer.data.vocab import build_vocab_mapping
-    from draft_trainer.methods.eagle3 import fused_loss, ttt_fused
-    from draft_trainer.methods.eagle3.model import Eagle3Draft
+    from draft_trainer.methods.eagle3 import fused_loss, model as model_mod, ttt_fused
     from draft_trainer.model.precision import autocast, cast_frozen, compute_dtype
     from draft_trainer.model.tensors import shift_left
     from draft_trainer.selftest import _cfg
 
     mods = {"before": {k: load_module_at(a.before, p, f"{k}_before") for k, p in FILES.items()},
-            "after": {"fused_loss": fused_loss, "ttt_fused": ttt_fused}}
+            "after": {"fused_loss": fused_loss, "ttt_fused": ttt_fused, "model": model_mod}}
     s, B, T, K = SMOLLM2, a.batch, a.seq_len, a.ttt_steps
     torch.manual_seed(0)
-    model = Eagle3Draft(_cfg({**s, "T": T}))
+    cfg = _cfg({**s, "T": T})
     vocab = build_vocab_mapping(torch.randint(0, 1000, (s["V"],)), s["Vd"])
-    model.set_vocab_mapping(vocab.d2t, vocab.t2d)
     cdt = compute_dtype("auto", "cpu")
-    head = cast_frozen(model, torch.randn(s["V"], s["h"]) * 0.02, cdt)
+    head = torch.randn(s["V"], s["h"]) * 0.02
+    state = None
+    for m in mods.values():
+        net = m["model"].Eagle3Draft(cfg)
+        if state is None:
+            state = net.state_dict()
+        net.load_state_dict(state)
+        net.set_vocab_mapping(vocab.d2t, vocab.t2d)
+        m["head"] = cast_frozen(net, head, cdt)
+        m["net"], m["params"] = net, [p for p in net.parameters() if p.requires_grad]
+        m["opt"] = torch.optim.AdamW(m["params"], lr=0.0, betas=(0.9, 0.95), fused=True)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, s["V"], (B, T), generator=g)
     aux = torch.randn(B, T, 3 * s["h"], generator=g)
     teacher_BTH = torch.randn(B, T, s["h"], generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), fused=True)
 
     def step(m) -> tuple[float, dict, int]:
-        opt.zero_grad(set_to_none=True)
-        teacher = m["fused_loss"].row_teacher_from_hidden(teacher_BTH, head, vocab.used, vocab.t2d, mask,
+        net = m["net"]
+        m["opt"].zero_grad(set_to_none=True)
+        teacher = m["fused_loss"].row_teacher_from_hidden(teacher_BTH, m["head"], vocab.used, vocab.t2d, mask,
                                                           compute_dtype=cdt)
         with autocast("cpu", cdt):
-            g_steps = m["ttt_fused"].ttt_forward_fused(model, aux, shift_left(ids, 1), K, mask)
-        loss, _ = m["fused_loss"].fused_ttt_loss(model, g_steps, teacher, compute_dtype=cdt)
+            g_steps = m["ttt_fused"].ttt_forward_fused(net, aux, shift_left(ids, 1), K, mask)
+        loss, _ = m["fused_loss"].fused_ttt_loss(net, g_steps, teacher, compute_dtype=cdt)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.5)
-        grads = {"lm_head": model.lm_head.weight.grad.clone(), "fc": model.fc.weight.grad.clone()}
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(m["params"], 0.5)
+        grads = {"lm_head": net.lm_head.weight.grad.clone(), "fc": net.fc.weight.grad.clone()}
+        m["opt"].step()
         return float(loss.detach()), grads, int(teacher.b_R.numel())
 
     load0 = os.getloadavg()
