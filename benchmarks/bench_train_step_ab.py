@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(m["params"], 0.5)
         grads = {"lm_head": net.lm_head.weight.grad.clone(), "fc": net.fc.weight.grad.clone()}
         m["opt"].step()
-        return float(loss.detach()), grads, int(teacher.b_R.numel())
+        rows = sum(int(teacher.rows_for_step(k)[0].numel()) for k in range(K))   # draft-head rows computed
+        return float(loss.detach()), grads, int(teacher.b_R.numel()), rows
 
     load0 = os.getloadavg()
     times: dict[str, list[float]] = {k: [] for k in mods}
@@ -102,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    (lb, gb, R), (la, ga, _) = out["before"], out["after"]
+    (lb, gb, R, N), (la, ga, _, _) = out["before"], out["after"]
     diffs = {k: float((ga[k] - gb[k]).norm() / gb[k].norm()) for k in gb}
     flops = step_flops(s, T, K, R)
     flops = {k: v * B if k != "teacher" else v for k, v in flops.items()}   # step_flops counts one sequence
+    flops["draft_head"] = 2 * N * s["h"] * s["Vd"] * 3     # the rows the loss computes (supervised, in vocab)
     flops["total"] = sum(v for k, v in flops.items() if k != "total")
-    peak = matmul_peak(cdt)
+    peak = max(matmul_peak(cdt, n=2048, reps=10) for _ in range(2))   # best of 20: the box is shared
     rows = [{"step": f"{k} ({a.before if k == 'before' else 'this checkout'})", "wall s": v,
              "tokens/s (wall)": f"{B * T / v:.0f}", "vs before (wall)": f"{med['before'] / v:.2f}x",
              "CPU s": med_cpu[k], "tokens/CPU-s": f"{B * T / med_cpu[k]:.0f}",
@@ -120,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             f"ratios; with one thread the process CPU time leaves out the time spent waiting for a core). "
             f"Loss before/after {lb:.5f} / {la:.5f}; gradient relative difference after vs before: lm_head "
             f"{diffs['lm_head']:.1e}, fc {diffs['fc']:.1e}. Matmul FLOPs per step {flops['total'] / 1e9:.0f} G; "
-            f"this process's square {cdt} matmul ({a.threads} thread(s), best of 5) {peak:.0f} GFLOP/s (the head's FLOPs "
-            f"count all K*T rows; the loss computes only supervised rows, so the peak fraction is an upper bound).")
-    write_results("bench_train_step_ab", {"before": a.before, "B": B, "T": T, "K": K, "threads": a.threads,
+            f"(draft head {flops['draft_head'] / 1e9:.0f} G over the {N} rows with a teacher, layer "
+            f"{flops['layer'] / 1e9:.0f} G, teacher {flops['teacher'] / 1e9:.0f} G); this process's square {cdt} matmul "
+            f"({a.threads} thread(s), 2048^3, best of 20) {peak:.0f} GFLOP/s.")
+    name = "bench_train_step_ab" + ("" if (B, T, a.threads) == (2, 512, 1) else f"_B{B}_T{T}_threads{a.threads}")
+    write_results(name, {"before": a.before, "B": B, "T": T, "K": K, "threads": a.threads,
                                           "times": times, "cpu_times": cpu, "median_s": med,
                                           "median_cpu_s": med_cpu, "loss": [lb, la], "grad_rel_diff": diffs,
                                           "flops": flops, "matmul_gflops": peak, "load_avg": [load0, load1]},

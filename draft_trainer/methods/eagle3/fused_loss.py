@@ -34,9 +34,16 @@ from draft_trainer.model.tensors import acc_dtype, rowsum, shift_left
 
 # Rows per matmul (teacher and draft head): one [group, Vd] logits buffer; see LinearSoftCE.
 GROUP_ROWS = 1024
-# Rows per softmax/CE slice on CPU: one [16, Vd] bf16 slice (1 MB at Vd=32k) stays in L2 through the
-# ~8 passes of `soft_ce_rows_torch`; 256-row slices streamed every pass from L3 and were 1.6x slower.
+# Rows per softmax/CE slice on a single-threaded CPU: one [16, Vd] bf16 slice (1 MB at Vd=32k) stays
+# in L2 through the ~8 passes of `soft_ce_rows_torch`; 256-row slices streamed every pass from L3 and
+# were 1.6x slower. With more threads every op is also a fork/join, and on a busy box each one can
+# wait a scheduler slice for a core: there the 16x op count lost (0.63x measured), so 256 rows.
 CPU_SLICE_ROWS = 16
+MULTI_THREAD_SLICE_ROWS = 256
+
+
+def cpu_slice_rows() -> int:
+    return CPU_SLICE_ROWS if torch.get_num_threads() == 1 else MULTI_THREAD_SLICE_ROWS
 
 
 @dataclass
@@ -80,7 +87,7 @@ def row_teacher_from_hidden(teacher_BTH: torch.Tensor, target_head_VH: torch.Ten
     # Stored in the compute dtype when that is bf16/fp16 (half the memory traffic per step).
     p_dtype = cdt if cdt in (torch.bfloat16, torch.float16) else acc
     p = torch.empty(R, used_Vd.numel(), dtype=p_dtype, device=teacher_BTH.device)
-    sl = CPU_SLICE_ROWS // 2 if teacher_BTH.device.type == "cpu" else chunk   # [sl, V] logits stay in L2
+    sl = cpu_slice_rows() // 2 if teacher_BTH.device.type == "cpu" else chunk   # [sl, V] logits stay in L2
     for s in range(0, R, chunk):
         z_cV = rows_RH[s : s + chunk].to(cdt) @ W_VH.T
         for a in range(0, z_cV.shape[0], sl):
@@ -265,7 +272,7 @@ def fused_ttt_loss(model, g_steps: list[torch.Tensor], teacher: RowTeacher,
     """
     B, T, h = g_steps[0].shape
     if chunk is None:       # softmax/CE slice: cache-sized on CPU; one per matmul group elsewhere (kernel launches)
-        chunk = CPU_SLICE_ROWS if g_steps[0].device.type == "cpu" else group_rows
+        chunk = cpu_slice_rows() if g_steps[0].device.type == "cpu" else group_rows
     rows, flat_pos, weights, counts = [], [], [], []
     for k, g_BTh in enumerate(g_steps):
         r, pos = teacher.rows_for_step(k)
