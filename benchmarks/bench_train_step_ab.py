@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(draft head {flops['draft_head'] / 1e9:.0f} G over the {N} rows with a teacher, layer "
             f"{flops['layer'] / 1e9:.0f} G, teacher {flops['teacher'] / 1e9:.0f} G); this process's square {cdt} matmul "
             f"({a.threads} thread(s), 2048^3, best of 20) {peak:.0f} GFLOP/s.")
-    name = "bench_train_step_ab" + ("" if (B, T, a.threads) == (2, 512, 1) else f"_B{B}_T{T}_threads{a.threads}")
+    name = "bench_train_step_ab" + ("" if (B, T, K, a.threads) == (2, 512, 7, 1) else f"_B{B}_T{T}_K{K}_threads{a.threads}")
     write_results(name, {"before": a.before, "B": B, "T": T, "K": K, "threads": a.threads,
                                           "times": times, "cpu_times": cpu, "median_s": med,
                                           "median_cpu_s": med_cpu, "loss": [lb, la], "grad_rel_diff": diffs,
