@@ -1,16 +1,17 @@
 """One full fused EAGLE-3 training step, this checkout against an earlier commit, side by side in one
 process: the earlier `fused_loss.py`, `ttt_fused.py` and `model.py` are loaded from git (the earlier
-draft class gets this side's weights); same model, batch,
-threads; rounds alternate; medians and their ratio.
+draft class gets this side's weights); same batch and threads; rounds alternate; medians, ratios.
 
     python -m benchmarks.bench_train_step_ab --before d132219     # SmolLM2-sized draft, B=2 T=512 K=7, bf16
+    python -m benchmarks.bench_train_step_ab --before d132219 --ttt-steps 3     # the demo's K
 
 A step is what the Trainer runs: the row teacher (frozen target lm_head), the K-step TTT forward
 under bf16 autocast, the loss (draft lm_head + soft CE), backward, grad clipping and fused AdamW
 (lr 0, so every round sees the same weights and the gradients of both sides can be compared).
-Wall and process CPU time are both reported. One thread by default: on this shared 2-core box a second OpenMP thread waits for a core at every
-op (an elementwise op on 300k floats took ~10 ms with 2 threads under load 6, 0.06 ms with 1),
-which measures the other jobs, not the code. Writes benchmarks/results/bench_train_step_ab.{json,md}.
+Wall and process CPU time are both reported. One thread by default: on this shared 2-core box a
+second OpenMP thread waits for a core at every op (an elementwise op on 300k floats took ~10 ms
+with 2 threads under load 6, 0.06 ms with 1), which measures the other jobs, not the code.
+Writes benchmarks/results/bench_train_step_ab[_B.._T.._K.._threads..].{json,md}.
 """
 
 from __future__ import annotations
@@ -121,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             f"warm-up, medians; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end (shared machine: use the "
             f"ratios; with one thread the process CPU time leaves out the time spent waiting for a core). "
             f"Loss before/after {lb:.5f} / {la:.5f}; gradient relative difference after vs before: lm_head "
-            f"{diffs['lm_head']:.1e}, fc {diffs['fc']:.1e}. Matmul FLOPs per step {flops['total'] / 1e9:.0f} G; "
+            f"{diffs['lm_head']:.1e}, fc {diffs['fc']:.1e}. Matmul FLOPs per step {flops['total'] / 1e9:.0f} G "
             f"(draft head {flops['draft_head'] / 1e9:.0f} G over the {N} rows with a teacher, layer "
-            f"{flops['layer'] / 1e9:.0f} G, teacher {flops['teacher'] / 1e9:.0f} G); this process's square {cdt} matmul "
+            f"{flops['layer'] / 1e9:.0f} G, teacher {flops['teacher'] / 1e9:.0f} G); this process's square "
+            f"{cdt} matmul "
             f"({a.threads} thread(s), 2048^3, best of 20) {peak:.0f} GFLOP/s.")
-    name = "bench_train_step_ab" + ("" if (B, T, K, a.threads) == (2, 512, 7, 1) else f"_B{B}_T{T}_K{K}_threads{a.threads}")
+    default = (B, T, K, a.threads) == (2, 512, 7, 1)
+    name = "bench_train_step_ab" + ("" if default else f"_B{B}_T{T}_K{K}_threads{a.threads}")
     write_results(name, {"before": a.before, "B": B, "T": T, "K": K, "threads": a.threads,
                                           "times": times, "cpu_times": cpu, "median_s": med,
                                           "median_cpu_s": med_cpu, "loss": [lb, la], "grad_rel_diff": diffs,

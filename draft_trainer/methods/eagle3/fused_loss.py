@@ -176,8 +176,9 @@ def _teacher_dots(teacher: RowTeacher, W_Vdh: torch.Tensor, x_Nh: torch.Tensor, 
     teacher row (each row is read by up to K TTT steps) instead of a pass over every [c,Vd] chunk."""
     red = acc_dtype(x_Nh.dtype)
     p_RVd = teacher.p_RVd
-    pW_Rh = torch.cat([(p_RVd[s : s + chunk].to(W_Vdh.dtype) @ W_Vdh).to(red) for s in range(0, p_RVd.shape[0], chunk)]) \
-        if p_RVd.shape[0] else torch.zeros(0, W_Vdh.shape[1], dtype=red, device=x_Nh.device)
+    pW_Rh = torch.zeros(p_RVd.shape[0], W_Vdh.shape[1], dtype=red, device=x_Nh.device)
+    for s in range(0, p_RVd.shape[0], chunk):
+        pW_Rh[s : s + chunk] = p_RVd[s : s + chunk].to(W_Vdh.dtype) @ W_Vdh
     return (pW_Rh[r_N] * x_Nh.to(W_Vdh.dtype).to(red)).sum(-1)
 
 
