@@ -10,12 +10,9 @@ Writes benchmarks/results/bench_ttt_diag.{json,md}.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,16 +21,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PATH = "draft_trainer/methods/eagle3/ttt_fused.py"
-
-
-def load_at(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:{PATH}"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    tmp = Path(tempfile.mkdtemp()) / "ttt_fused_before.py"
-    tmp.write_text(src)
-    spec = importlib.util.spec_from_file_location("ttt_fused_before", tmp)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from benchmarks.harness import markdown_table, write_results
+    from benchmarks.harness import load_module_at, markdown_table, write_results
     from benchmarks.profile_train_step import SMOLLM2
     from draft_trainer.methods.eagle3 import ttt_fused
     from draft_trainer.methods.eagle3.model import Eagle3Draft
     from draft_trainer.model.precision import autocast
     from draft_trainer.selftest import _cfg
 
-    before = load_at(a.before)
+    before = load_module_at(a.before, PATH, "ttt_fused_before")
     T, K = a.seq_len, a.ttt_steps
     torch.manual_seed(0)
     model = Eagle3Draft(_cfg({**SMOLLM2, "T": T}))

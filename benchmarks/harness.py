@@ -69,6 +69,24 @@ def write_results(name: str, data: dict, table: str, out_dir: Path | None = None
     return out_dir / f"{name}.json"
 
 
+def load_module_at(rev: str, path: str, name: str):
+    """The module at `path` as it was at git revision `rev`, imported under `name` (for side-by-side
+    before/after benchmarks in one process; its own imports resolve to this checkout)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    tmp = Path(tempfile.mkdtemp()) / f"{name}.py"
+    tmp.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, tmp)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod          # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
