@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from common.files import OUTPUT_MARKER, atomic_write_json, check_output_dir
 from common.config import load_config
 from draft_trainer import assets
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.method:
         overrides.append(f"model.method={args.method}")
     cfg = load_config(TrainConfig, RECIPE, overrides)
+    threads = torch.get_num_threads()
     summary = Trainer(cfg).run()
+    torch.set_num_threads(threads)  # the trainer ran on one core beside the server; evaluation gets them all
     timings["train_s"] = time.perf_counter() - t
 
     # 4. export ------------------------------------------------------------------------------
