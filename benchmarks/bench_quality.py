@@ -1,7 +1,9 @@
 """Draft quality side by side: EAGLE-3, EAGLE-3.1 and EAGLE-3 + LK losses trained on the same
 data for the same tokens, acceptance length (tau) compared in one run.
 
-    python -m benchmarks.bench_quality            # SmolLM2-135M-Instruct + ShareGPT (not run yet: duration unmeasured)
+    python -m benchmarks.bench_quality            # SmolLM2-135M-Instruct + ShareGPT (1500 steps per arm: hours)
+    python -m benchmarks.bench_quality --data DIR --cache C --steps 150   # a prepared (e.g. on-policy) dataset;
+                                                  # the first arm writes the feature cache, later arms train offline
     python -m benchmarks.bench_quality --smoke    # tiny offline Llama + built-in chats (seconds per arm)
     python -m benchmarks.bench_quality --arms eagle3,eagle3.1 --minutes 30
 
