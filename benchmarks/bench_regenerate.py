@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     n = first_turns(work / "all" / "conversations.jsonl", args.n, work / "first.jsonl")
     prepare_data(PrepareConfig(model=str(model), inputs=[str(work / "first.jsonl")], output=str(work / "ds"),
                                max_length=1024, min_supervised_tokens=1, skip_bad=True), progress=False)
-    n = len((work / "ds" / "conversations.jsonl").read_text().splitlines())
+    n = (work / "ds" / "conversations.jsonl").read_text(encoding="utf-8").count("\n")
     metrics = ["--metrics-port", "0"] if sizes else []
     servers = [Server("--model", str(model), "--dtype", dtype, "--max-batch-tokens", "65536", "--max-length", "2048",
                       *metrics, threads=1) for _ in range(2)]
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         t.start()
         while t.is_alive():
             if args.kill and killed_at is None and out.exists() and \
-                    len(out.read_text().splitlines()) >= max(1, n // 3):
+                    out.read_text(encoding="utf-8").count("\n") >= max(1, n // 3):
                 servers[1].proc.send_signal(signal.SIGKILL)
                 killed_at = time.perf_counter() - t0
             time.sleep(0.05)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             s.proc.send_signal(signal.SIGKILL)
             s.stop()
     rep = result["report"]
-    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    ids = [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").split("\n") if line.strip()]
     accounted = rep["written"] + sum(rep["skipped"].values())
     rows = [{"server": f"s{k}" + (" (killed)" if k == 1 and killed_at else ""), **{
         key: rep["per_server"][s.endpoint][key] for key in ("requests", "prompts", "tokens", "idle_share")}}
