@@ -116,7 +116,7 @@ def test_smollm2_greedy_and_features(served, evaluated, target, prompts):
     from transformers import AutoModelForCausalLM
 
     res, cache = evaluated
-    ref = [cache[(str(target), tuple(p), MAX_NEW)][0] for p in prompts]   # plain greedy (HF, fp32)
+    ref = [cache[(str(target), "fp32", tuple(p), MAX_NEW)][0] for p in prompts]   # plain greedy (HF, fp32)
     assert res["lossless"] and served["tokens"] == ref
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     with torch.no_grad():
