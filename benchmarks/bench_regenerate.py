@@ -29,19 +29,6 @@ from pathlib import Path
 from benchmarks.harness import Server, markdown_table, write_results
 
 
-def first_turns(conversations: Path, n: int, out: Path) -> int:
-    rows = []
-    with conversations.open(encoding="utf-8") as f:  # not splitlines(): it also splits at U+2028 inside strings
-        lines = list(f)
-    for line in lines:
-        msgs = json.loads(line)["messages"]
-        if len(msgs) >= 2 and msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant":
-            rows.append({"messages": msgs[:2]})
-        if len(rows) == n:
-            break
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return len(rows)
-
 
 def batch_rows(server) -> tuple[float, float]:
     """(sum, count) of the server's decode-batch-size histogram (rows per decode step)."""
@@ -90,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--sizes and --kill: pick one")
     from draft_trainer import assets
     from draft_trainer.data.prepare import PrepareConfig, prepare_data
+    from draft_trainer.onpolicy import first_turns
     from draft_trainer.regenerate import RegenerateConfig, regenerate
 
     work = Path(tempfile.mkdtemp(prefix="bench-regen-"))

@@ -65,7 +65,8 @@ class OnPolicyResult:
     report: dict                # regenerate's report ({} when everything was cached)
 
 
-def _first_turns(conversations: Path, n: int, out: Path, first_turn_only: bool) -> int:
+def first_turns(conversations: Path, n: int, out: Path, first_turn_only: bool = True) -> int:
+    """Write the first `n` conversations (0 = all) cut after their first answered user turn (or whole)."""
     rows = []
     with conversations.open(encoding="utf-8") as f:  # by "\n": U+2028 may sit inside a message
         for line in f:
@@ -105,7 +106,7 @@ def prepare_on_policy(prep: PrepareConfig, cfg: OnPolicyConfig) -> OnPolicyResul
     answers = work / "regenerated.jsonl"
     first = work / "prompts.jsonl"
     if not (work / "prompts_ds" / CONVERSATIONS_FILE).is_file():
-        n = _first_turns(human.path / CONVERSATIONS_FILE, cfg.conversations, first, cfg.first_turn_only)
+        n = first_turns(human.path / CONVERSATIONS_FILE, cfg.conversations, first, cfg.first_turn_only)
         if n == 0:
             raise ConfigError(f"{human.path}: no conversation starts with a user turn answered by the assistant")
         prepare_data(PrepareConfig(model=prep.model, inputs=[str(first)], output=str(work / "prompts_ds"),

@@ -17,6 +17,7 @@ from target_server.generation import GenRequest, SamplingParams
 from target_server.metrics import ServerMetrics
 from target_server.scheduler import Overloaded, Scheduler
 from target_server.server import ServerConfig, TargetServer
+from tests.support.gen import collect
 
 PROMPTS = [[5, 17, 42, 99, 3], [1, 2, 3], list(range(3, 40)), [7] * 11, [300, 2, 9, 81, 64, 5, 5, 1]]
 
@@ -31,16 +32,6 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
-
-
-def collect(req: GenRequest, timeout: float = 120.0) -> dict:
-    outs = {}
-    while len(outs) < len(req.prompts):
-        item = req.results.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        outs[item[0]] = item[1]
-    return outs
 
 
 def test_greedy_equals_transformers_generate_with_ragged_prompts_joining_mid_decode(backend):

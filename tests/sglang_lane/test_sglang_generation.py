@@ -18,6 +18,7 @@ from target_server.generation import MAX_RUNNING_SEQS, GenRequest
 from target_server.metrics import ServerMetrics
 from target_server.scheduler import Scheduler
 from tests.support.procs import start_servers
+from tests.support.gen import collect
 
 PROMPTS = [[5, 17, 42, 99, 3], [1, 2, 3], list(range(3, 40)), [7] * 11, [300, 2, 9, 81, 64, 5, 5, 1]]
 FEATURE_SEQS = [[5, 17, 42, 99, 3, 250, 7, 8, 300, 11], list(range(3, 60)), [1, 2, 3]]
@@ -52,16 +53,6 @@ def greedy(decoder, prompts: list[list[int]], n: int, between=None) -> list[list
     finally:
         decoder.keep([])
     return out
-
-
-def collect(req: GenRequest, timeout: float = 300.0) -> dict:
-    outs = {}
-    while len(outs) < len(req.prompts):
-        item = req.results.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        outs[item[0]] = item[1]
-    return outs
 
 
 def test_batched_greedy_equals_one_at_a_time_with_rows_joining_and_leaving(backend):

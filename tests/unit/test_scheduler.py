@@ -253,16 +253,7 @@ def test_computed_but_unsent_features_count_against_the_bound():
 
 # ---------------------------------------------------------------- generation as a request kind
 from target_server.generation import GenRequest  # noqa: E402
-
-
-def gen_results(r: GenRequest, timeout: float = 30.0) -> dict:
-    out = {}
-    while len(out) < len(r.prompts):
-        item = r.results.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        out[item[0]] = item[1]
-    return out
+from tests.support.gen import collect as gen_results  # noqa: E402
 
 
 def test_feature_requests_are_served_while_a_long_generation_runs():
