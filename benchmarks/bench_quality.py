@@ -6,6 +6,8 @@ data for the same tokens, acceptance length (tau) compared in one run.
                                                   # the first arm writes the feature cache, later arms train offline
     python -m benchmarks.bench_quality --smoke    # tiny offline Llama + built-in chats (seconds per arm)
     python -m benchmarks.bench_quality --arms eagle3,eagle3.1 --minutes 30
+    python -m benchmarks.bench_quality --data DIR --cache C --arms eagle3,ttt3,lr5e-3 --jobs 2
+                                                  # after the first arm, arms run 2 at a time (1 thread each)
 
 Every arm runs the same recipe (draft_trainer/configs/smollm2_cpu.yaml at full size), the same
 seed, data order, batch size and number of optimizer steps, so each trains on exactly the same
@@ -27,6 +29,8 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from benchmarks.harness import markdown_table, write_results
@@ -43,6 +47,7 @@ ARMS = {  # name -> model.* overrides
     "lr1e-3": ["optim.lr=1e-3"],
     "lr5e-3": ["optim.lr=5e-3"],
     "bs4": ["batch_size=4"],
+    "all_positions": ["data.supervise=all"],                 # prompt positions train too (the teacher labels them)
     "dflash": ["model.method=dflash", "model.init=random"],
 }
 DEFAULT_ARMS = "eagle3,eagle3.1,eagle3+lk_lambda"
@@ -113,6 +118,15 @@ def real_tau(arm_dir: Path, model: Path, prompts: Path, d: dict, greedy: dict, d
             "prompt_lookup_tau": r["prompt_lookup"]["tau"]}
 
 
+def run_arm(name: str, work: Path, model: Path, data: Path, prompts: Path, d: dict, args: argparse.Namespace,
+            cache: tuple[Path, bool] | None, greedy: dict) -> dict:
+    row = train_arm(name, work / name, model, data, d, args.smoke, args.minutes, cache, args.set)
+    if not args.no_real_tau:
+        row.update(real_tau(work / name, model, prompts, d, greedy, args.eval_dtype))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny offline target and chats: proves the pipeline only")
@@ -134,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="target dtype of the real-tau evaluation (the training features' dtype is the recipe's bf16)")
     p.add_argument("--name", default=None, help="results file name (default bench_quality)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="arms after the first run this many at a time, each in its own process (the recipe's "
+                        "1 thread): quality figures are unaffected, train_s is then not comparable")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -153,16 +170,28 @@ def main(argv: list[str] | None = None) -> None:
             prompts = args.prompts or data / "heldout_prompts.jsonl"
         else:
             model, data, prompts = prepare(work, d, args.smoke)
-        cached = False
-        for name in arms:
+
+        def cache_for(name: str, cached: bool):
             same_features = not any(o.startswith(("model.feature_layers", "model.method")) for o in ARMS[name])
-            cache = (args.cache, cached) if args.cache and same_features else None
-            row = train_arm(name, work / name, model, data, d, args.smoke, args.minutes, cache, args.set)
-            cached = cached or cache is not None
-            if not args.no_real_tau:
-                row.update(real_tau(work / name, model, prompts, d, greedy, args.eval_dtype))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            return (args.cache, cached) if args.cache and same_features else None
+
+        # The first arm runs here: it writes the feature cache (if it reads the common features) and
+        # fills the greedy cache; later arms with the same features train offline from the cache.
+        first = cache_for(arms[0], False)
+        rows.append(run_arm(arms[0], work, model, data, prompts, d, args, first, greedy))
+        cached = first is not None
+        if args.jobs > 1 and len(arms) > 2:
+            if args.cache and not cached:
+                raise SystemExit("--jobs: the first arm must write the feature cache (put eagle3 first)")
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as ex:
+                futs = [ex.submit(run_arm, a, work, model, data, prompts, d, args, cache_for(a, True), greedy)
+                        for a in arms[1:]]
+                rows += [f.result() for f in futs]
+        else:
+            for a in arms[1:]:
+                c = cache_for(a, cached)
+                cached = cached or c is not None
+                rows.append(run_arm(a, work, model, data, prompts, d, args, c, greedy))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = next(r for r in rows if r["arm"] == "eagle3")

@@ -15,6 +15,10 @@ class DataConfig:
     max_length: int = 2048           # longer samples are truncated (counted in the summary)
     draft_vocab_size: int = 32000    # capped at the target vocabulary
     vocab_path: str = ""             # a pinned draft vocabulary (default: <path>/vocab.json, else computed)
+    # Which positions train: "assistant" = the dataset's loss mask (assistant content); "all" = every
+    # position (prompts and template too). The labels are the target's own distribution at each position
+    # (the teacher), so prompt positions are valid examples; held-out evaluation keeps the assistant mask.
+    supervise: Literal["assistant", "all"] = "assistant"
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The sample stream: which samples a rank trains on, in which order, and where it stands.
 
-    stream = SampleStream(dataset, seed, rank, world, holdout, max_length, epochs)
+    stream = SampleStream(dataset, seed, rank, world, holdout, max_length, epochs, supervise)
     for s in stream.samples(cursor, budget): ...      # deterministic order from a cursor
     deliveries = stream.open(samples, pool or cache)  # features for them, in that order
 
@@ -10,6 +10,8 @@ r takes every world-th sample of it, so a global step sees the same samples what
 size. A rank's position in its order, (epoch, index), is the cursor saved with checkpoints: a
 restart asks for exactly what was not trained yet. Samples that cannot train (too short, no
 supervised token in the first max_length tokens) are delivered as drops with a reason, in order.
+With supervise="all" training samples are supervised at every position; held-out samples keep the
+dataset's (assistant) mask, so evaluations compare across settings.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ EVAL_SEED = 0x5EED  # held-out samples do not depend on the run's seed
 
 class SampleStream:
     def __init__(self, dataset: TokenizedDataset, *, seed: int, rank: int, world: int, holdout: int,
-                 max_length: int, epochs: int) -> None:
+                 max_length: int, epochs: int, supervise: str = "assistant") -> None:
+        if supervise not in ("assistant", "all"):
+            raise ValueError(f"supervise: {supervise!r} is not 'assistant' or 'all'")
         self.dataset = dataset
+        self.supervise = supervise
         self.seed, self.rank, self.world = seed, rank, world
         self.max_length, self.epochs = max_length, epochs
         n = len(dataset)
@@ -44,6 +49,8 @@ class SampleStream:
         sid, ids, mask = self.dataset[int(index)]
         if len(ids) < 2:
             return Sample(cursor, sid, ids, drop_reason="too_short")
+        if self.supervise == "all" and cursor[0] >= 0:  # training only: held-out samples (epoch -1) keep the mask
+            mask = np.ones_like(mask)
         if not mask[1 : self.max_length].any():
             return Sample(cursor, sid, ids, drop_reason="no_supervised_tokens")
         return Sample(cursor, sid, ids[: self.max_length], loss_mask=mask[: self.max_length],

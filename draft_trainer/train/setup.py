@@ -87,7 +87,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
         log.warning("eval.holdout=%d is not smaller than the dataset (%d samples): only one sample is left to "
                     "train on", cfg.eval.holdout, len(dataset))
     run.stream = SampleStream(dataset, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
-                              holdout=cfg.eval.holdout, max_length=max_length, epochs=cfg.epochs)
+                              holdout=cfg.eval.holdout, max_length=max_length, epochs=cfg.epochs,
+                              supervise=cfg.data.supervise)
     if state:
         check_resume_state(cfg, dist, resume, state, len(dataset), len(run.stream.eval_indices))
     check_dataset_contract(cfg, dataset, run.info)
