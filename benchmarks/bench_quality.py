@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -91,14 +92,15 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
     if smoke:
         overrides += ["targets.embedded_dtype=fp32"]
     cfg = load_config(TrainConfig, recipe, overrides)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = Trainer(cfg).run()
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("split", "train") == "train"]
     ev = [r for r in recs if r.get("split") == "eval"][-1]
     return {"arm": name, "steps": summary["steps"], "train_tokens": sum(int(r["tokens"]) for r in train),
-            "train_s": round(train_s, 1), "sim_tau": ev["sim_accept_len"],
+            "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "sim_tau": ev["sim_accept_len"],
             "exp_acc": sum(ev["exp_acc"]) / len(ev["exp_acc"]), "acc0": ev["acc"][0],
             "eval_loss": ev["loss"], "overrides": ARMS[name]}
 
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.jobs > 1 and len(arms) > 2:
             if args.cache and not cached:
                 raise SystemExit("--jobs: the first arm must write the feature cache (put eagle3 first)")
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as ex:
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as ex:
                 futs = [ex.submit(run_arm, a, work, model, data, prompts, d, args, cache_for(a, True), greedy)
                         for a in arms[1:]]
                 rows += [f.result() for f in futs]
@@ -202,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
             r["tau_vs_eagle3"] = r["tau"] / base["tau"]
     cols = ["arm", "steps", "train_tokens", "sim_tau", "sim_tau_vs_eagle3", "exp_acc", "acc0"]
     cols += [] if args.no_real_tau else ["tau", "tau_vs_eagle3", "prompt_lookup_tau"]
-    table = markdown_table(rows, cols + ["train_s"])
+    table = markdown_table(rows, cols + ["train_s", "train_cpu_s", "peak_rss_mb"])
     table += (f"\n\n{'Smoke size (tiny random target): pipeline proof only, not a quality result. ' if args.smoke else ''}"
               f"Equal training tokens in every arm: {'yes' if equal_tokens else 'NO'}. "
               f"K={d['K']}, {d['steps']} steps, held-out samples {d['holdout']}, eval prompts {d['eval_prompts']} "
-              f"x {d['max_new_tokens']} tokens. Load average at start {load_start:.1f}.")
+              f"x {d['max_new_tokens']} tokens. Load average at start {load_start:.1f}. train_cpu_s: the trainer process's "
+              f"CPU time (an embedded server's is not in it); peak_rss_mb: the trainer process's peak RSS (each arm "
+              f"after the first runs in a fresh process).")
     name = args.name or ("bench_quality_smoke" if args.smoke else "bench_quality")
     write_results(name, {"config": d, "data": str(data), "set": args.set, "eval_dtype": args.eval_dtype, "arms": rows, "equal_tokens": equal_tokens, "smoke": args.smoke,
                          "load_avg_start": load_start}, table, args.out)
