@@ -15,11 +15,13 @@ median over rounds; `speedup` is the median of the per-round ratios draft/greedy
 `time_split` divides the draft's speculative time into drafter, target and loop overhead, and
 `break_even_tau` is the acceptance length at which this draft, at this K on this machine, would
 match plain greedy decoding (the cost of one round over that of one greedy token).
+`also_k` adds the same draft at other chain lengths (`by_k`): the K to serve with on this machine.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 import os
 import statistics
 from pathlib import Path
@@ -81,7 +83,8 @@ def _tps(tokens: int, seconds: float) -> float:
 def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str | Path, num_steps: int = 7,
              max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False,
              prompt_lookup: bool = True, untrained: bool = False, speed_rounds: int = 1, max_ngram: int = 3,
-             min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32") -> dict:
+             min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32",
+             also_k: Sequence[int] = ()) -> dict:
     """Acceptance and speed of one exported draft and its baselines on a prompts file (module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
@@ -90,6 +93,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `dtype` ("fp32" or "bf16") is the target's and the draft's. fp32 is bit-exact against greedy;
     bf16 (the dtype bf16 training features were computed in) is not: a K+1-token verification rounds
     differently from a 1-token greedy step, so near-ties can flip and show up as `mismatches`.
+    `also_k` runs the same draft at other chain lengths beside it (`by_k`: tau and speed per K): a
+    round costs a K+1-token verification, so the K that is fastest on a machine can be shorter than
+    the K the draft was trained and is scored at.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,6 +106,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     tdtype = EVAL_DTYPES[dtype]
     if num_steps < 1 or max_new_tokens < 1 or speed_rounds < 1:
         raise DataError("--num-steps, --max-new-tokens and --speed-rounds must be >= 1")
+    also_k = sorted({int(k) for k in also_k} - {num_steps})
+    if any(k < 1 for k in also_k):
+        raise DataError(f"--also-k: chain lengths must be >= 1, got {also_k}")
     if not 1 <= min_ngram <= max_ngram:
         raise DataError(f"prompt lookup needs 1 <= min n-gram <= max n-gram, got {min_ngram}, {max_ngram}")
     config_path = Path(draft_dir) / "config.json"
@@ -118,6 +127,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         drafters["prompt_lookup"] = PromptLookupDrafter(max_ngram, min_ngram)
     if untrained:
         drafters["untrained"] = method.drafter(Path(draft_dir), target, dtype=tdtype, untrained=True, seed=seed)
+    steps = dict.fromkeys(drafters, num_steps)
+    for k in also_k:  # the same drafter object: start() resets its state for every prompt
+        drafters[f"draft_k{k}"], steps[f"draft_k{k}"] = drafters["draft"], k
     cache = greedy_cache if greedy_cache is not None else {}
     load_before = os.getloadavg()[0]
 
@@ -148,7 +160,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                 if r == 0 and name == "prompt_lookup" and pl_key in cache:
                     got, st = cache[pl_key]
                 else:
-                    got, st = speculative_decode(target, drafter, prompt, num_steps, max_new_tokens, eos)
+                    got, st = speculative_decode(target, drafter, prompt, steps[name], max_new_tokens, eos)
                     if name == "prompt_lookup":
                         cache.setdefault(pl_key, (got, st))
                 secs[name][r].append(st.seconds)
@@ -198,8 +210,14 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
             "break_even_tau": (spec_s / max(rounds, 1)) / max(greedy_s_per_token, 1e-12),
         },
     }
+    if also_k:
+        result["by_k"] = {str(k): {"tau": acceptance(stats[name], k)["tau"],
+                                   "spec_tokens_per_s": statistics.median(tps[name]),
+                                   "speedup": statistics.median(ratio[name]),
+                                   "lossless": not any(m["drafter"] == name for m in mismatches)}
+                          for k, name in sorted([(num_steps, "draft")] + [(k, f"draft_k{k}") for k in also_k])}
     for name in drafters:
-        if name == "draft":
+        if name == "draft" or name.startswith("draft_k"):
             continue
         result[name] = {**acceptance(stats[name], num_steps),
                         "spec_tokens_per_s": statistics.median(tps[name]),

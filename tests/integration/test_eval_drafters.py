@@ -166,15 +166,36 @@ def test_evaluate_reports_baselines_and_speed_rounds(trained, tiny_llama):
     assert again["per_prompt"] == r["per_prompt"]
 
 
+def test_evaluate_also_k_runs_the_same_draft_at_other_chain_lengths(trained, tiny_llama):
+    """by_k[K] is what a separate evaluation at --num-steps K reports (same acceptance, lossless)."""
+    _, export_dir, prompts = trained
+    cache: dict = {}
+    with one_thread():
+        r = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                     prompt_lookup=False, also_k=[2, 1, 4])
+        alone = {k: evaluate(tiny_llama, export_dir, prompts, num_steps=k, max_new_tokens=MAX_NEW,
+                             greedy_cache=cache, prompt_lookup=False) for k in (1, 2)}
+        with pytest.raises(DataError, match="--also-k"):
+            evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, also_k=[0])
+    assert list(r["by_k"]) == ["1", "2", "4"] and r["lossless"]
+    assert r["by_k"]["4"]["tau"] == r["tau"] and r["by_k"]["4"]["speedup"] == r["speedup"]
+    for k in (1, 2):
+        assert r["by_k"][str(k)]["tau"] == alone[k]["tau"] and r["by_k"][str(k)]["lossless"]
+        assert r["by_k"][str(k)]["spec_tokens_per_s"] > 0
+    assert 1.0 < r["by_k"]["1"]["tau"] <= 2.0 and r["by_k"]["1"]["tau"] != r["tau"]
+    assert r["num_steps"] == 4 and len(r["accept_rate_per_position"]) == 4
+
+
 def test_eval_command_flags(trained, tiny_llama, tmp_path):
     _, export_dir, prompts = trained
     out = tmp_path / "r.json"
     res = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
                   "--prompts", str(prompts), "--num-steps", "3", "--max-new-tokens", "16", "--speed-rounds", "2",
-                  "--untrained", "--no-prompt-lookup", "--output", str(out), timeout=600)
+                  "--untrained", "--no-prompt-lookup", "--also-k", "1", "--output", str(out), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "prompt_lookup" not in r and r["untrained"]["lossless"] and r["speed"]["rounds"] == 2
+    assert list(r["by_k"]) == ["1", "3"] and "draft_k1" not in r
     bad = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
                   "--prompts", str(prompts), "--speed-rounds", "0", timeout=600)
     assert bad.returncode == 2 and "--speed-rounds" in bad.stderr
