@@ -73,12 +73,22 @@ def quantize_e4m3(x_NW: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
         return q.view(torch.uint8).reshape(N, W).cpu(), torch.exp2(k_NG.float()).cpu()
     b_NGg = x.contiguous().view(torch.int16).numpy().reshape(N, G, group)
     mag = b_NGg & np.int16(0x7FFF)                              # |x| bits; ordered like |x| itself
-    k_NG = _scale_exponents(torch.from_numpy((mag.max(-1).astype(np.int32) << 16).view(np.float32)))
-    mag -= (k_NG.numpy().astype(np.int16) << 7)[..., None]      # |x| / 2^k: exponent field minus k
-    np.maximum(mag, 0, out=mag)                                 # below bf16's normal range -> 0 (e4m3 has it as 0)
-    mag |= b_NGg & np.int16(-0x8000)                            # the sign back
-    q = _encode_lut()[mag.view(np.uint16)]
-    return torch.from_numpy(q.reshape(N, W)), torch.exp2(k_NG.float())
+    top = mag.max(-1)                                           # amax bits [N, G]
+    # k = ceil(log2(amax / 448)) from the bits (exact, = _scale_exponents): amax = 2^(E-127) * 1.M and
+    # 448 = 2^8 * 1.75, so k = E - 135, plus 1 where the mantissa exceeds 1.75 (M > 96)
+    k_NG = (top >> 7).astype(np.int16) - np.int16(135) + ((top & np.int16(0x7F)) > 96)
+    k_NG = np.where(top == 0, np.int16(0), k_NG).clip(*_K_RANGE).astype(np.int16)
+    shift = (k_NG << 7)[..., None]
+    q_NGg = np.empty((N, G, group), np.uint8)
+    lut, zero = _encode_lut(), np.int16(0)
+    rows = max(1, _BLOCK_ELEMS // W)                            # row blocks: the passes below stay in L2
+    for a in range(0, N, rows):
+        m = mag[a : a + rows]
+        m -= shift[a : a + rows]                                # |x| / 2^k: exponent field minus k
+        np.maximum(m, zero, out=m)                              # below bf16's normal range -> 0 (e4m3 has it as 0)
+        m |= b_NGg[a : a + rows] & np.int16(-0x8000)            # the sign back
+        np.take(lut, m.view(np.uint16), out=q_NGg[a : a + rows], mode="clip")  # clip: `out` is not copied
+    return torch.from_numpy(q_NGg.reshape(N, W)), torch.exp2(torch.from_numpy(k_NG).float())
 
 
 @functools.lru_cache(maxsize=None)
