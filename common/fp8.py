@@ -59,6 +59,14 @@ def _scale_exponents(amax_NG: torch.Tensor) -> torch.Tensor:
     return torch.where(amax_NG > 0, k, torch.zeros_like(k)).clamp_(*_K_RANGE).to(torch.int32)
 
 
+def _quantize_torch(x_NW: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N, W = x_NW.shape
+    x_NGg = x_NW.reshape(N, W // group, group)
+    k_NG = _scale_exponents(x_NGg.abs().amax(-1))
+    q = (x_NGg.float() * torch.exp2(-k_NG.float())[..., None]).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).reshape(N, W).cpu(), torch.exp2(k_NG.float()).cpu()
+
+
 def quantize_e4m3(x_NW: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, W] -> (q_NW: e4m3 bytes as uint8 on CPU, scale_NG: float32 powers of two on CPU)."""
     N, W = x_NW.shape
@@ -67,10 +75,7 @@ def quantize_e4m3(x_NW: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
     x = x_NW.detach()
     G = W // group
     if x.device.type != "cpu" or x.dtype != torch.bfloat16:
-        x_NGg = x.reshape(N, G, group)
-        k_NG = _scale_exponents(x_NGg.abs().amax(-1))
-        q = (x_NGg.float() * torch.exp2(-k_NG.float())[..., None]).to(torch.float8_e4m3fn)
-        return q.view(torch.uint8).reshape(N, W).cpu(), torch.exp2(k_NG.float()).cpu()
+        return _quantize_torch(x, group)
     b_NGg = x.contiguous().view(torch.int16).numpy().reshape(N, G, group)
     mag = b_NGg & np.int16(0x7FFF)                              # |x| bits; ordered like |x| itself
     top = mag.max(-1)                                           # amax bits [N, G]
@@ -78,6 +83,8 @@ def quantize_e4m3(x_NW: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
     # 448 = 2^8 * 1.75, so k = E - 135, plus 1 where the mantissa exceeds 1.75 (M > 96)
     k_NG = (top >> 7).astype(np.int16) - np.int16(135) + ((top & np.int16(0x7F)) > 96)
     k_NG = np.where(top == 0, np.int16(0), k_NG).clip(*_K_RANGE).astype(np.int16)
+    if N and int(k_NG.min()) < _K_EXACT_MIN:
+        return _quantize_torch(x, group)                        # amax < ~2^-108: bf16 subnormals would matter
     shift = (k_NG << 7)[..., None]
     q_NGg = np.empty((N, G, group), np.uint8)
     lut, zero = _encode_lut(), np.int16(0)
