@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--inflight", type=int, default=1, help="requests open at once on each path")
     p.add_argument("--batch-tokens", type=int, default=0, help="server --max-batch-tokens (0 = one request per pass)")
     p.add_argument("--fp8", action="store_true", help="also run ours with aux+teacher as float8_e4m3, side by side")
+    p.add_argument("--client-threads", type=int, default=1,
+                   help="torch threads in the client process (1: batch copies are memory-bound, and on a shared "
+                        "box more threads than free cores slow torch's copies down, which would favour fp8's numpy upcast)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--serve-baselines", nargs=3, metavar=("SOURCE", "TICKET_HEX", "READY"), help=argparse.SUPPRESS)
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     if a.serve_baselines:
         serve_baselines(*a.serve_baselines)
         return {}
+    import torch
+
+    torch.set_num_threads(a.client_threads)
     if a.smoke:
         a.hidden, a.seq_len, a.samples, a.requests, a.rounds = 256, 64, 2, 2, 1
     vocab = 512
