@@ -81,7 +81,7 @@ class PaddedRows:
 
     def build(self, device: torch.device) -> torch.Tensor:
         if not self.fp8:
-            return self.x_BTW.to(device, non_blocking=True)
+            return self.x_BTW if device.type == "cpu" else self.x_BTW.to(device, non_blocking=True)
         rows = Fp8Rows(self.q_MW, self.scale_MG, self.served).to(device, non_blocking=True)
         out = torch.empty(self.B * self.T, self.W, dtype=self.dtype, device=device)
         return rows.upcast(out=out).view(self.B, self.T, self.W)
@@ -125,5 +125,6 @@ def collate(samples: list[tuple[int, np.ndarray, np.ndarray]], feats: list[Sampl
         if K:
             tk_ids[b, :n] = f.topk_ids_TK
             tk_lp[b, :n] = f.topk_logprobs_TK
-    return Batch([s[0] for s in samples], ids, mask, attn, aux.build(device),
-                 None if teacher is None else teacher.build(device), tk_ids, tk_lp).to(device)
+    batch = Batch([s[0] for s in samples], ids, mask, attn, aux.build(device),
+                  None if teacher is None else teacher.build(device), tk_ids, tk_lp)
+    return batch if device.type == "cpu" else batch.to(device)
