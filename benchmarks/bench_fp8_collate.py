@@ -12,6 +12,7 @@ which a shared box disturbs less than wall time):
   fp8 after               decode keeps Fp8Rows (views), collate upcasts straight into the batch
   fp8 after, staged       what collate builds for an accelerator: padded e4m3 bytes + scales (the
                           host-to-device copy and the device upcast are not run here: no GPU)
+  fp8 encode before/after the server's side on CPU: encode_batch of the same rows as fp8 (the cast)
 The "before" modules (common/fp8.py, common/features.py, draft_trainer/data/batch.py) are loaded
 from git at --before. Network and server are out of this (bench_dataplane measures them).
 Writes benchmarks/results/bench_fp8_collate.{json,md}.
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     old_fp8 = load_module_at(a.before, "common/fp8.py", "before_fp8")
     old_features = load_module_at(a.before, "common/features.py", "before_features")
-    old_features.dequantize_e4m3 = old_fp8.dequantize_e4m3   # its decode with its own upcast
+    old_features.dequantize_e4m3 = old_fp8.dequantize_e4m3   # its codec with its own cast and upcast
+    old_features.quantize_e4m3 = old_fp8.quantize_e4m3
     old_batch = load_module_at(a.before, "draft_trainer/data/batch.py", "before_batch")
 
     H, S, T = a.hidden, a.samples, a.seq_len
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
                            torch.randn(n, H, generator=g).to(torch.bfloat16)) for i, n in enumerate(lengths)]
     spec8 = FeatureSpec((0, 1, 2), tensor_dtypes={"aux": "float8_e4m3", "teacher": "float8_e4m3"})
     b16 = [encode_batch(FeatureSchema.for_spec(FeatureSpec((0, 1, 2)), H, "bfloat16"), rows)] * a.batches
-    b8 = [encode_batch(FeatureSchema.for_spec(spec8, H, "bfloat16"), rows)] * a.batches
+    schema8 = FeatureSchema.for_spec(spec8, H, "bfloat16")
+    b8 = [encode_batch(schema8, rows)] * a.batches
     samples = [(i, np.zeros(n, np.int64), np.ones(n, np.float32)) for i, n in enumerate(lengths)]
 
     def staged(feats):
@@ -72,8 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_before": lambda rb: old_batch.collate(samples, old_features.decode_batch(rb)),
         "fp8_after": lambda rb: collate(samples, decode_batch(rb, keep_fp8=True)),
         "fp8_after_staged": lambda rb: staged(decode_batch(rb, keep_fp8=True)),
+        "fp8_encode_before": lambda _: old_features.encode_batch(schema8, rows),
+        "fp8_encode_after": lambda _: encode_batch(schema8, rows),
     }
     inputs = {k: (b8 if k.startswith("fp8") else b16) for k in paths}
+    assert old_features.encode_batch(schema8, rows).equals(b8[0])   # the same bytes and scales
     # the batches agree before timing anything
     ref = collate(samples, decode_batch(b8[0]))
     assert torch.equal(paths["fp8_after"](b8[0]).aux_BT3H, ref.aux_BT3H)
@@ -94,10 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     wire = {"bf16": b16[0].nbytes / sum(lengths), "fp8": b8[0].nbytes / sum(lengths)}
     rows_md = []
     for k in names:
-        base = "bf16_before" if k.startswith("bf16") else "fp8_before"
+        base = "bf16_before" if k.startswith("bf16") else "fp8_encode_before" if "encode" in k else "fp8_before"
         rows_md.append({"path": k.replace("_", " "), "tokens/s (CPU time)": f"{tps[k]:.0f}",
                         "Arrow bytes/token": f"{wire['bf16' if k.startswith('bf16') else 'fp8']:.0f}",
-                        "vs before": f"{tps[k] / tps[base]:.2f}x", "vs bf16 after": f"{tps[k] / tps['bf16_after']:.2f}x"})
+                        "vs before": f"{tps[k] / tps[base]:.2f}x", "vs bf16 after": "" if "encode" in k else f"{tps[k] / tps['bf16_after']:.2f}x"})
     desc = (f"H={H}, aux 3H + teacher H, served bf16, {S} samples per batch ({lengths} tokens, padded to {T}), "
             f"{a.batches} batches per round and path, {a.rounds} rounds alternating, {a.threads} thread(s), "
             f"median process CPU time; before = {a.before}. Load average at start {load_start:.1f}.")
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ratios": {"bf16_after_vs_before": tps["bf16_after"] / tps["bf16_before"],
                        "fp8_after_vs_before": tps["fp8_after"] / tps["fp8_before"],
                        "fp8_after_vs_bf16_after": tps["fp8_after"] / tps["bf16_after"],
-                       "fp8_staged_vs_bf16_after": tps["fp8_after_staged"] / tps["bf16_after"]},
+                       "fp8_staged_vs_bf16_after": tps["fp8_after_staged"] / tps["bf16_after"],
+                       "fp8_encode_after_vs_before": tps["fp8_encode_after"] / tps["fp8_encode_before"]},
             "load_avg_start": load_start}
     write_results("bench_fp8_collate", data, table, a.out)
     return data
