@@ -5,9 +5,11 @@ layer's hidden state, so each layer of each token gets its own scale).
 
 Encoding: scale_NG = 2^k, the smallest power of two with amax(|x| over the group) / scale <= 448
 (e4m3's largest finite value), q = x / scale rounded to nearest e4m3. A power of two makes the
-scaling exact in any float format, so on CPU both directions are integer arithmetic on the bit
-patterns plus a table lookup (torch's scalar fp8 casts on CPU run ~50 M elements/s, too slow
-for the data plane); on CUDA the torch casts run where the features are.
+scaling exact in any float format, so on CPU encoding is integer arithmetic on the bf16 bit
+patterns plus a table lookup, and decoding a lookup of two bytes at a time times the scale
+(torch's scalar fp8 casts on CPU are too slow for the data plane); on CUDA the torch casts run
+where the features are. Groups too small for the bit paths to be exact (scale < 2^-117) take
+torch's casts on CPU too.
 Error bound per element (tests/unit/test_fp8_features.py): |x' - x| <= 2^-4 |x| (3 mantissa bits,
 round to nearest) + 2^-10 scale (e4m3's subnormal step is 2^-9), plus the rounding of the dtype
 decoded into. Features must be finite (NaN/inf are not features).
@@ -34,9 +36,8 @@ _K_RANGE = (-126, 120)                  # scale exponents kept inside bf16/fp32'
 # Scale exponents from which every decoded value (>= 2^-9 * 2^k) is normal in bf16 and fp32: the
 # CPU fast paths are exact there, and decoding into bf16 then casting to fp32 changes nothing.
 _K_EXACT_MIN = -117
-_BLOCK_ELEMS = 1 << 17                  # CPU upcast block: its fp32 values stay in L2 between the two passes
-# bit layouts (int view, mantissa bits, sign mask) of the formats with a fast path
-_BITS = {torch.bfloat16: (torch.int16, np.int16, 7, -0x8000), torch.float32: (torch.int32, np.int32, 23, -0x80000000)}
+_BLOCK_ELEMS = 1 << 17                  # CPU encode/upcast row blocks: each block stays in L2 across its passes
+_FAST_DTYPES = (torch.bfloat16, torch.float32)  # served / out dtypes of the CPU fast upcast
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,14 +45,6 @@ def _encode_lut() -> np.ndarray:
     """bf16 bit pattern (as uint16) -> e4m3 byte, round to nearest even (torch's cast, once)."""
     bf = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     return bf.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy().copy()
-
-
-@functools.lru_cache(maxsize=None)
-def _decode_lut(dtype: torch.dtype) -> np.ndarray:
-    """e4m3 byte -> bit pattern of its value in `dtype` (exact: e4m3 fits bf16 and fp32)."""
-    tdt, ndt, _, _ = _BITS[dtype]
-    vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
-    return vals.view(tdt).numpy().astype(ndt)
 
 
 def _scale_exponents(amax_NG: torch.Tensor) -> torch.Tensor:
@@ -112,7 +105,7 @@ def _fast_ok(q_NW: torch.Tensor, scale_NG: torch.Tensor, served: torch.dtype, ou
     normal in bf16/fp32 (so the served dtype's rounding is exact), row pairs, plain layouts."""
     N, W = q_NW.shape
     if (N == 0 or W % 2 or sys.byteorder != "little" or q_NW.device.type != "cpu" or out_NW.device.type != "cpu"
-            or served not in _BITS or out_NW.dtype not in _BITS or not out_NW.is_contiguous()
+            or served not in _FAST_DTYPES or out_NW.dtype not in _FAST_DTYPES or not out_NW.is_contiguous()
             or not q_NW.is_contiguous()):
         return False
     k_NG = torch.log2(scale_NG.float())
@@ -147,7 +140,7 @@ def _upcast_cpu_fast(q_NW: torch.Tensor, scale_NG: torch.Tensor, out_NW: torch.T
     for a in range(0, N, rows):
         b = min(a + rows, N)
         blk = out_NW[a:b].numpy() if direct else tmp[: b - a]
-        np.take(lut, codes[a:b], out=blk.view(np.int64), mode="clip")   # clip: no index copy, and a uint16 is in range
+        np.take(lut, codes[a:b], out=blk.view(np.int64), mode="clip")   # clip: `out` is not buffered
         blk3 = blk.reshape(b - a, G, W // G)
         np.multiply(blk3, s_NG1[a:b], out=blk3)
         if not direct:
