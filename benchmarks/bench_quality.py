@@ -8,6 +8,7 @@ data for the same tokens, acceptance length (tau) compared in one run.
     python -m benchmarks.bench_quality --arms eagle3,eagle3.1 --minutes 30
     python -m benchmarks.bench_quality --data DIR --cache C --arms eagle3,ttt3,lr5e-3 --jobs 2
                                                   # after the first arm, arms run 2 at a time (1 thread each)
+    python -m benchmarks.bench_quality --arms eagle3,fp8     # tau with FP8 vs bf16 features at equal tokens (issue 19)
 
 Every arm runs the same recipe (draft_trainer/configs/smollm2_cpu.yaml at full size), the same
 seed, data order, batch size and number of optimizer steps, so each trains on exactly the same
@@ -50,7 +51,12 @@ ARMS = {  # name -> model.* overrides
     "bs4": ["batch_size=4"],
     "all_positions": ["data.supervise=all"],                 # prompt positions train too (the teacher labels them)
     "dflash": ["model.method=dflash", "model.init=random"],
+    # issue 19: aux and teacher sent as e4m3 + per-token scales (the trainer upcasts them); always
+    # from the live target, never from a cache another arm wrote (those hold full-precision features)
+    "fp8": ["targets.wire_dtypes=aux=float8_e4m3,teacher=float8_e4m3"],
 }
+# overrides that change the features an arm trains on: such an arm neither reads nor writes --cache
+OWN_FEATURES = ("model.feature_layers", "model.method", "targets.wire_dtypes")
 DEFAULT_ARMS = "eagle3,eagle3.1,eagle3+lk_lambda"
 FULL = dict(samples=4000, holdout=64, eval_prompts=16, max_new_tokens=64, K=5, steps=1500, max_length=512,
             vocab=8192, lr=2e-3)
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             model, data, prompts = prepare(work, d, args.smoke)
 
         def cache_for(name: str, cached: bool):
-            same_features = not any(o.startswith(("model.feature_layers", "model.method")) for o in ARMS[name])
+            same_features = not any(o.startswith(OWN_FEATURES) for o in ARMS[name])
             return (args.cache, cached) if args.cache and same_features else None
 
         # The first arm runs here: it writes the feature cache (if it reads the common features) and

@@ -22,8 +22,9 @@ order, so record batches stay bounded (the server's batch size) even at H=8192):
 E is the storage type of the wire dtype: uint16 for bfloat16/float16 (Arrow has no bfloat16),
 float32 for float32. A tensor the spec asks as float8_e4m3 (`tensor_dtypes`, aux or teacher) is
 sent as e4m3 bytes (E = uint8) plus a column `<name>_scale` of float32 [t, G] (one scale per token
-and captured layer; common/fp8.py) and decoded back to the wire dtype: the server casts, the client
-upcasts in one pass into one new tensor (the only copy; the e4m3 bytes are read in place). Schema metadata carries `specrelay.schema_version`, `specrelay.dtype`,
+and captured layer; common/fp8.py): the server casts; `decode_batch` upcasts back to the wire dtype
+in one pass into one new tensor, or, with keep_fp8 (the trainer's client), hands out `Fp8Rows`:
+the bytes and scales as views of the Arrow buffers, upcast once where the batch is built. Schema metadata carries `specrelay.schema_version`, `specrelay.dtype`,
 `specrelay.hidden_size`, `specrelay.teacher`, `specrelay.layer_ids`, `specrelay.tensor_dtypes` (absent in streams and caches
 written before feature specs: those carry three layers).
 
@@ -41,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from common.errors import SchemaError
-from common.fp8 import FP8_E4M3, TENSOR_WIRE_DTYPES, dequantize_e4m3, quantize_e4m3
+from common.fp8 import FP8_E4M3, TENSOR_WIRE_DTYPES, Fp8Rows, dequantize_e4m3, quantize_e4m3
 
 FEATURE_SCHEMA_VERSION = 1
 
@@ -222,13 +223,14 @@ class FeatureSchema:
 
 @dataclass
 class SampleFeatures:
-    """Features for one sample (or one chunk of it). Tensors may be views of Arrow buffers."""
+    """Features for one sample (or one chunk of it). Tensors may be views of Arrow buffers; aux and
+    teacher may be `Fp8Rows` (fp8 on the wire, kept as it arrived: `upcast()` for tensors)."""
 
     sample_id: int
     start: int
     num_tokens: int
-    aux_T3H: torch.Tensor
-    teacher_TH: torch.Tensor | None = None
+    aux_T3H: torch.Tensor | Fp8Rows
+    teacher_TH: torch.Tensor | Fp8Rows | None = None
     topk_ids_TK: torch.Tensor | None = None
     topk_logprobs_TK: torch.Tensor | None = None
 
@@ -236,9 +238,17 @@ class SampleFeatures:
     def length(self) -> int:
         return self.aux_T3H.shape[0]
 
+    def upcast(self) -> "SampleFeatures":
+        """The same features with any Fp8Rows decoded into the served dtype (self if there are none)."""
+        if not isinstance(self.aux_T3H, Fp8Rows) and not isinstance(self.teacher_TH, Fp8Rows):
+            return self
+        up = lambda x: x.upcast() if isinstance(x, Fp8Rows) else x  # noqa: E731
+        return SampleFeatures(self.sample_id, self.start, self.num_tokens, up(self.aux_T3H), up(self.teacher_TH),
+                              self.topk_ids_TK, self.topk_logprobs_TK)
+
 
 def concat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
-    """Join [t_i, W] blocks along dim 0; a single block is returned as-is (no copy).
+    """Join [t_i, W] blocks (or Fp8Rows) along dim 0; a single block is returned as-is (no copy).
 
     The copy goes through numpy, single-threaded, on purpose: it is memory-bound, so torch's
     intra-op threads gain nothing, and when it runs on a data-plane thread next to a busy model
@@ -247,6 +257,8 @@ def concat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
     """
     if len(ts) == 1:
         return ts[0]
+    if isinstance(ts[0], Fp8Rows):
+        return Fp8Rows.cat(ts)
     dtype = ts[0].dtype
     store = torch.int16 if dtype in (torch.bfloat16, torch.float16) else dtype  # numpy has no bfloat16
     joined = np.concatenate([t.detach().to("cpu").contiguous().view(store).numpy() for t in ts])
@@ -268,11 +280,17 @@ def _nested_list(flat: np.ndarray, width: int, lengths: list[int], storage: pa.D
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
-def _float_columns(schema: FeatureSchema, name: str, x_NW: torch.Tensor, lengths: list[int]) -> list[pa.Array]:
-    """The Arrow column(s) of one float tensor: in the wire dtype, or e4m3 bytes + per-token scales."""
+def _float_columns(schema: FeatureSchema, name: str, x_NW: torch.Tensor | Fp8Rows, lengths: list[int]) -> list[pa.Array]:
+    """The Arrow column(s) of one float tensor: in the wire dtype, or e4m3 bytes + per-token scales.
+    Fp8Rows (features a client kept as they arrived) go out as they are, or upcast once."""
     W = x_NW.shape[1]
+    if isinstance(x_NW, Fp8Rows) and not schema.is_fp8(name):
+        x_NW = x_NW.upcast()
     if schema.is_fp8(name):
-        q_NW, scale_NG = quantize_e4m3(x_NW, schema.hidden_size)
+        if isinstance(x_NW, Fp8Rows):
+            q_NW, scale_NG = x_NW.q_NW.contiguous(), x_NW.scale_NG.contiguous()
+        else:
+            q_NW, scale_NG = quantize_e4m3(x_NW, schema.hidden_size)
         return [_nested_list(q_NW.numpy().reshape(-1), W, lengths, pa.uint8()),
                 _nested_list(scale_NG.numpy().reshape(-1), scale_NG.shape[1], lengths, pa.float32())]
     storage = WIRE_DTYPES[schema.dtype][1]
@@ -333,20 +351,25 @@ def _column_tensor(col: pa.Array, width: int, torch_dtype: torch.dtype) -> tuple
 
 
 def _float_column(batch: pa.RecordBatch, schema: FeatureSchema, name: str, width: int,
-                  torch_dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+                  torch_dtype: torch.dtype, keep_fp8: bool) -> tuple[torch.Tensor | Fp8Rows, np.ndarray]:
     """A float tensor column as [N, width] in the wire dtype: a view of the Arrow buffer, or (fp8)
-    one upcast of the e4m3 bytes (read in place) times their scales."""
+    one upcast of the e4m3 bytes (read in place) times their scales, or (keep_fp8) both as views."""
     if not schema.is_fp8(name):
         return _column_tensor(batch.column(name), width, torch_dtype)
     q_NW, offs = _column_tensor(batch.column(name), width, torch.uint8)
     scale_NG, _ = _column_tensor(batch.column(f"{name}_scale"), width // schema.hidden_size, torch.float32)
+    if keep_fp8:
+        return Fp8Rows(q_NW, scale_NG, torch_dtype), offs
     return dequantize_e4m3(q_NW, scale_NG, torch_dtype), offs
 
 
-def decode_batch(batch: pa.RecordBatch) -> list[SampleFeatures]:
+def decode_batch(batch: pa.RecordBatch, keep_fp8: bool = False) -> list[SampleFeatures]:
     """Record batch -> per-row SampleFeatures whose tensors are views of the Arrow buffers.
 
     The tensors share memory with `batch` (keep the batch alive, or copy, before mutating).
+    fp8 columns are upcast to the wire dtype (one new tensor per column), or with `keep_fp8`
+    kept as `Fp8Rows` views of the bytes and scales (nothing copied: the trainer upcasts them
+    into its batch, see draft_trainer/data/batch.py).
     """
     schema = FeatureSchema.from_arrow(batch.schema)
     torch_dtype = WIRE_DTYPES[schema.dtype][0]
@@ -356,10 +379,10 @@ def decode_batch(batch: pa.RecordBatch) -> list[SampleFeatures]:
     with warnings.catch_warnings():
         # from_numpy warns that Arrow buffers are read-only; we never write through these views.
         warnings.simplefilter("ignore", UserWarning)
-        aux, offs = _float_column(batch, schema, "aux", schema.aux_width, torch_dtype)
+        aux, offs = _float_column(batch, schema, "aux", schema.aux_width, torch_dtype, keep_fp8)
         cols = {}
         if schema.teacher == "hidden":
-            cols["teacher_TH"], _ = _float_column(batch, schema, "teacher", H, torch_dtype)
+            cols["teacher_TH"], _ = _float_column(batch, schema, "teacher", H, torch_dtype, keep_fp8)
         elif schema.teacher == "topk":
             cols["topk_ids_TK"], _ = _column_tensor(batch.column("topk_ids"), schema.topk, torch.int32)
             cols["topk_logprobs_TK"], _ = _column_tensor(batch.column("topk_logprobs"), schema.topk, torch.float32)

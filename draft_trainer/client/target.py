@@ -180,7 +180,11 @@ class TargetClient:
     def features(self, sample_ids: list[int], seqs: list[list[int]], *, teacher: str = TEACHER_HIDDEN,
                  topk: int = 0, layer_ids=(), deadline_s: float | None = None,
                  expect_dtype: str = "", tensor_dtypes=()) -> Iterator[SampleFeatures]:
-        """Stream features for the given samples; yields each sample once it is complete."""
+        """Stream features for the given samples; yields each sample once it is complete.
+
+        Tensors asked as fp8 (`tensor_dtypes`) come as `Fp8Rows`: the e4m3 bytes and scales as they
+        arrived (views of the Arrow buffers); the trainer upcasts them into its batch
+        (`SampleFeatures.upcast()` gives tensors in the served dtype)."""
         req = pb.FeatureRequest(
             request_id=uuid.uuid4().hex, sample_ids=sample_ids,
             token_ids=[t for s in seqs for t in s], lengths=[len(s) for s in seqs],
@@ -192,7 +196,7 @@ class TargetClient:
         reader = self._flight_client().do_get(flight.Ticket(req.SerializeToString()), options=options)
         assembler = SampleAssembler()
         for chunk in reader:
-            for row in decode_batch(chunk.data):
+            for row in decode_batch(chunk.data, keep_fp8=True):
                 done = assembler.add(row)
                 if done is not None:
                     yield done

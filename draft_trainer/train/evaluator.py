@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def collate_deliveries(deliveries, device) -> Batch:
     return collate([(d.sample.sample_id, d.sample.token_ids, d.sample.loss_mask) for d in deliveries],
-                   [d.features for d in deliveries]).to(device)
+                   [d.features for d in deliveries], device=device)
 
 
 class Evaluator:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from common.contract import check_feature_spec
 from common.errors import ContractError
 from common.features import FeatureSpec
+from common.fp8 import Fp8Rows
 from draft_trainer.client.target import TargetClient
 from tests.support.procs import start_server
 
@@ -97,17 +98,19 @@ def test_spec_against_a_server_from_before_feature_specs_is_refused():
 
 
 def test_server_streams_fp8_features_the_client_upcasts(llama_server):
-    """aux and teacher asked as float8_e4m3: a real server casts, the client gets the served dtype
-    back within e4m3's bound of the same features sent in full precision; a wire dtype the server
-    does not know is refused naming it."""
+    """aux and teacher asked as float8_e4m3: a real server casts, the client keeps the e4m3 bytes and
+    scales as they arrived (Fp8Rows) and upcasts them to the served dtype within e4m3's bound of the
+    same features sent in full precision; a wire dtype the server does not know is refused naming it."""
     client = TargetClient(llama_server.endpoint)
     try:
         info = client.model_info()
         seqs = [torch.randint(0, info.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                 for n in (13, 4)]
         full = {f.sample_id: f for f in client.features([1, 2], seqs)}
-        fp8 = {f.sample_id: f for f in client.features([1, 2], seqs, tensor_dtypes={"aux": "float8_e4m3",
-                                                                                   "teacher": "float8_e4m3"})}
+        kept = {f.sample_id: f for f in client.features([1, 2], seqs, tensor_dtypes={"aux": "float8_e4m3",
+                                                                                    "teacher": "float8_e4m3"})}
+        assert all(isinstance(f.aux_T3H, Fp8Rows) and isinstance(f.teacher_TH, Fp8Rows) for f in kept.values())
+        fp8 = {sid: f.upcast() for sid, f in kept.items()}
         H = info.hidden_size
         for sid, n in ((1, 13), (2, 4)):
             a, b = full[sid], fp8[sid]

@@ -140,3 +140,22 @@ def test_trainer_config_checks_wire_dtypes():
     assert FeatureSpec((0,), tensor_dtypes=cfg.targets.wire_dtypes).tensor_dtypes == (("aux", "float8_e4m3"),)
     with pytest.raises(ConfigError, match="targets.wire_dtypes.*aux=fp4"):
         load_config(TrainConfig, None, base + ["targets.wire_dtypes=aux=fp4"])
+
+
+def test_scale_exponent_from_the_bits_matches_the_float_formula():
+    """The bf16 encode derives each group's scale from the amax bits; it must pick the same power of
+    two as ceil(log2(amax / 448)) (the generic path, fp32 input) for every bf16 mantissa, at exact
+    448 * 2^j, on either sign, next to zeros and down to the clamped exponents."""
+    mant = torch.arange(128, dtype=torch.int32)
+    rows = []
+    for E in (1, 9, 100, 127, 135, 136, 200, 254):
+        top = ((E << 7) | mant).to(torch.int16).view(torch.bfloat16).float()   # amax candidates 2^(E-127) * 1.M
+        g = torch.randn(128, 16, generator=torch.Generator().manual_seed(E)).clamp(-1, 1) * top[:, None]
+        g[:, 0] = top * torch.where(mant % 2 == 0, 1.0, -1.0)                     # the maximum, either sign
+        rows.append(g)
+    x = torch.cat(rows)
+    x[5] = 0.0
+    xb = x.to(torch.bfloat16)
+    q, s = quantize_e4m3(xb, 16)
+    q_ref, s_ref = quantize_e4m3(xb.float(), 16)                                 # fp32 input: the torch path
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
