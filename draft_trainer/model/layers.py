@@ -1,6 +1,6 @@
 """Llama building blocks shared by draft methods: RMSNorm and rotary embeddings.
 
-Legend (shapes): B batch, T sequence length, n heads, d head_dim.
+Legend (shapes): B batch, T sequence length, n heads, d head_dim, f = d / 2 rotary frequencies.
 """
 
 from __future__ import annotations
@@ -23,6 +23,45 @@ class RMSNorm(nn.Module):
         x32 = x.to(acc_dtype(dtype))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+def _rope_cos_sin(rot: "RotaryEmbedding", x: torch.Tensor, position_ids_BT: torch.Tensor):
+    freqs_BTf = position_ids_BT[..., None].float() * rot.inv_freq.to(device=x.device, dtype=torch.float)
+    emb_BTd = torch.cat((freqs_BTf, freqs_BTf), dim=-1)
+    return (emb_BTd.cos() * rot.attention_scaling).to(x.dtype), (emb_BTd.sin() * rot.attention_scaling).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Llama's rotary embedding: (cos, sin) of position x inv_freq, as transformers' LlamaRotaryEmbedding.
+
+    The default RoPE is computed here. Other types (llama3, linear, yarn, dynamic, longrope...) take
+    their frequencies and dynamic updates from transformers' `modeling_rope_utils`, on the HF config
+    `hf_config()` returns, built only then: importing transformers' Llama modeling code and config for
+    a default RoPE cost the trainer process ~190 MB of resident memory (generation, masking, hub code).
+    """
+
+    def __init__(self, head_dim: int, rope_parameters: dict, hf_config=None) -> None:
+        super().__init__()
+        self.rope_type = rope_parameters.get("rope_type", "default")
+        self._forward = _rope_cos_sin
+        if self.rope_type == "default":
+            inv_freq = 1.0 / (rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            self.attention_scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+            if hf_config is None:
+                raise ValueError(f"rope_type {self.rope_type!r} needs hf_config (a callable returning the HF config)")
+            self.config = hf_config()     # attributes below are what transformers' dynamic updates read
+            self.max_seq_len_cached = self.original_max_seq_len = self.config.max_position_embeddings
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config)
+            self._forward = dynamic_rope_update(_rope_cos_sin)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, d] in x's dtype (x only gives dtype and device)."""
+        return self._forward(self, x, position_ids_BT)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from draft_trainer.methods.eagle3.config import DraftConfig
 from draft_trainer.methods.eagle3.ttt_fused import ttt_forward_fused
-from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope
+from draft_trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 from draft_trainer.model.tensors import acc_dtype, shift_left
 
 
@@ -85,9 +85,7 @@ class Eagle3Draft(nn.Module):
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        self.rotary = LlamaRotaryEmbedding(cfg.llama_config())
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters, cfg.llama_config)
 
     # ------------------------------------------------------------------ pieces
     def rope(self, pos_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
