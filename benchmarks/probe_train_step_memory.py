@@ -114,7 +114,11 @@ def worker(s: dict) -> dict:
                   torch.ones(B, T, dtype=torch.long), torch.randn(B, T, 3 * d["H"], generator=g),
                   teacher_BTH=torch.randn(B, T, d["H"], generator=g))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    try:        # the Trainer's optimizer (train/setup.py); earlier commits (--before) used torch's
+        from draft_trainer.train.optim import AdamW
+    except ImportError:
+        AdamW = torch.optim.AdamW
+    opt = AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=True)
     mark("batch + optimizer")
 
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
