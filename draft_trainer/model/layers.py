@@ -25,6 +25,35 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class _CastOnce(torch.autograd.Function):
+    """x cast to `dtype` once for n consumers (n outputs viewing one tensor); their gradients are cast
+    back and summed in x's dtype, as n separate autocast casts would, but one copy is kept, not n."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype, n: int):
+        ctx.src = x.dtype
+        xc = x.to(dtype)
+        return tuple(xc.view_as(xc) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                total = g.to(ctx.src) if total is None else total + g.to(ctx.src)
+        return total, None, None
+
+
+def autocast_once(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """x for n linears under autocast: cast to the autocast dtype once (autocast would cast it per linear,
+    and each linear would keep its own copy for backward: 2 extra [T,2h] copies per q/k/v). Outside
+    autocast, or when x already has that dtype, x itself n times."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) or not x.is_floating_point() or x.dtype == torch.get_autocast_dtype(dev):
+        return (x,) * n
+    return _CastOnce.apply(x, torch.get_autocast_dtype(dev), n)
+
+
 def _rope_cos_sin(rot: "RotaryEmbedding", x: torch.Tensor, position_ids_BT: torch.Tensor):
     freqs_BTf = position_ids_BT[..., None].float() * rot.inv_freq.to(device=x.device, dtype=torch.float)
     emb_BTd = torch.cat((freqs_BTf, freqs_BTf), dim=-1)
@@ -83,4 +112,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        xg, xu = autocast_once(x, 2)
+        return self.down_proj(F.silu(self.gate_proj(xg)) * self.up_proj(xu))

@@ -1,0 +1,57 @@
+"""autocast_once (model/layers.py): one bf16 copy of a linear input shared by n linears under autocast, with
+the same outputs and the input gradient summed in fp32 as n separate autocast casts give."""
+
+import torch
+
+from draft_trainer.model.layers import autocast_once
+
+
+def _three_linears(x, ws, shared: bool):
+    x = x * 1.0     # not a leaf, as in the model (autocast caches casts of leaves that require grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xs = autocast_once(x, 3) if shared else (x, x, x)
+        return [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, ws)]
+
+
+def _saved_storages(fn) -> set[int]:
+    ptrs = set()
+
+    def pack(t):
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return ptrs, out
+
+
+def test_shared_cast_equals_separate_casts_and_keeps_one_copy():
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, 48, generator=g, requires_grad=True) for n in (32, 16, 16)]
+    gy = [torch.randn(40, n, generator=g) for n in (32, 16, 16)]
+    x0 = torch.randn(40, 48, generator=g)
+    grads, saved = {}, {}
+    for shared in (False, True):
+        x = x0.clone().requires_grad_()
+        ptrs, ys = _saved_storages(lambda: _three_linears(x, ws, shared))
+        saved[shared] = ptrs - {w.untyped_storage().data_ptr() for w in ws}
+        assert all(y.dtype == torch.bfloat16 for y in ys)
+        torch.autograd.backward(ys, gy)
+        grads[shared] = (ys, x.grad, [w.grad.clone() for w in ws])
+        for w in ws:
+            w.grad = None
+    (ys0, gx0, gw0), (ys1, gx1, gw1) = grads[False], grads[True]
+    assert all(torch.equal(a, b) for a, b in zip(ys0, ys1))          # same bf16 outputs
+    assert gx1.dtype == torch.float32
+    torch.testing.assert_close(gx1, gx0, rtol=1e-6, atol=1e-6)       # fp32 sum of the three (order aside)
+    assert all(torch.equal(a, b) for a, b in zip(gw0, gw1))
+    # Saved for backward besides the weights: 3 input copies + 3 bf16 weight casts -> 1 input copy + 3.
+    assert len(saved[False]) - len(saved[True]) == 2
+
+
+def test_no_autocast_or_same_dtype_is_the_input_itself():
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert all(t is x for t in autocast_once(x, 3))
+    xb = torch.randn(4, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t is xb for t in autocast_once(xb, 2))
