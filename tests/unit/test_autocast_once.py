@@ -55,3 +55,30 @@ def test_no_autocast_or_same_dtype_is_the_input_itself():
     xb = torch.randn(4, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert all(t is xb for t in autocast_once(xb, 2))
+
+
+def test_swiglu_under_autocast_equals_autograd_of_the_plain_form_and_keeps_less():
+    from draft_trainer.model.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(48, 96)
+    x0, gy = torch.randn(2, 30, 48), torch.randn(2, 30, 48)
+    out = {}
+    for fused in (False, True):
+        x = x0.clone().requires_grad_()
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = x * 1.0
+                if fused:
+                    return mlp(h)
+                return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+        ptrs, y = _saved_storages(run)
+        y.backward(gy)
+        out[fused] = (y, x.grad, [p.grad.clone() for p in mlp.parameters()], len(ptrs))
+        mlp.zero_grad(set_to_none=True)
+    (y0, gx0, gw0, n0), (y1, gx1, gw1, n1) = out[False], out[True]
+    assert y1.dtype == torch.bfloat16 and torch.equal(y0, y1)
+    assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(gw0, gw1))   # same ops, same dtypes
+    assert n1 < n0      # silu(a), the product and down's bf16 weight are not kept
