@@ -12,6 +12,33 @@ from torch import nn
 from draft_trainer.model.tensors import acc_dtype
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), keeping only x and the [.., 1] rsqrt for
+    backward (autograd's graph keeps x32 and the normed copy too: in bf16, 3x x's bytes per call). The
+    backward is autograd's, op for op: the same roundings (the normed grad through x's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(acc_dtype(x.dtype))
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (x32 * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        x32 = x.to(acc_dtype(x.dtype))
+        n = (x32 * r).to(x.dtype)
+        dw = (dout * n).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, dw, None
+        dy32 = (dout * weight).to(x.dtype).to(x32.dtype)
+        dr = (dy32 * x32).sum(-1, keepdim=True)
+        ds = -0.5 * dr * r.pow(3)
+        dx32 = dy32 * r + (ds.expand(x32.shape) / x32.shape[-1]) * (2 * x32)
+        return dx32.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -19,10 +46,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(acc_dtype(dtype))
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 class _CastOnce(torch.autograd.Function):

@@ -1,5 +1,6 @@
-"""autocast_once (model/layers.py): one bf16 copy of a linear input shared by n linears under autocast, with
-the same outputs and the input gradient summed in fp32 as n separate autocast casts give."""
+"""The layers keep less for backward (model/layers.py) with the results of autograd's plain form:
+autocast_once (one bf16 copy of a linear input shared by n linears, input gradient summed in fp32 as n
+separate autocast casts give), SwiGLU (gate/up outputs only) and RMSNorm (input + rsqrt only)."""
 
 import torch
 
@@ -82,3 +83,33 @@ def test_swiglu_under_autocast_equals_autograd_of_the_plain_form_and_keeps_less(
     assert y1.dtype == torch.bfloat16 and torch.equal(y0, y1)
     assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(gw0, gw1))   # same ops, same dtypes
     assert n1 < n0      # silu(a), the product and down's bf16 weight are not kept
+
+
+def test_rmsnorm_equals_autograd_of_the_formula_bit_for_bit_and_keeps_less():
+    from draft_trainer.model.layers import RMSNorm
+
+    def formula(m, x):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return m.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + m.eps)).to(x.dtype)
+
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
+        torch.manual_seed(0)
+        m = RMSNorm(64, 1e-5).to(torch.float64 if dt == torch.float64 else torch.float32)
+        with torch.no_grad():
+            m.weight.mul_(torch.randn(64, dtype=m.weight.dtype))
+        x0, gy = torch.randn(3, 50, 64).to(dt) * 3, torch.randn(3, 50, 64, dtype=m.weight.dtype)
+        res = []
+        for f in (formula, lambda m, x: m(x)):
+            x = x0.clone().requires_grad_()
+            ptrs, y = _saved_storages(lambda: f(m, x * 1.0))
+            y.backward(gy)
+            res.append((y.detach(), x.grad, m.weight.grad.clone(), len(ptrs)))
+            m.weight.grad = None
+        (y0, gx0, gw0, n0), (y1, gx1, gw1, n1) = res
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1), dt
+        if dt == torch.bfloat16:
+            assert n1 < n0          # no fp32 copy of x, no normed copy
+    # A frozen input (the embeddings): no input gradient, the weight's is still right.
+    m, e = RMSNorm(8, 1e-6), torch.randn(5, 8)
+    m(e).sum().backward()
+    torch.testing.assert_close(m.weight.grad, (e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)).sum(0))
