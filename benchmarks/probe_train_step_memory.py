@@ -12,8 +12,9 @@ free bytes the heap still holds).
     python -m benchmarks.probe_train_step_memory --seq-lens 512,1024
     python -m benchmarks.probe_train_step_memory --seq-lens 512 --env MALLOC_TRIM_THRESHOLD_=0
     python -m benchmarks.probe_train_step_memory --before 1082ed4   # that commit's code, then this checkout's
+    python -m benchmarks.probe_train_step_memory --before 1082ed4,650cea9   # each commit in turn, then this one
 
-With --before, each T runs twice, on a `git archive` copy of the earlier commit and on this checkout
+With --before, each T runs on a `git archive` copy of each earlier commit and then on this checkout
 (fresh processes, one after the other, same probe code), and the table puts the peaks side by side.
 
 Writes benchmarks/results/probe_train_step_memory[_<name>].{json,md}.
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the worker (e.g. glibc malloc tunables)")
-    ap.add_argument("--before", help="git revision to measure first, from a `git archive` copy")
+    ap.add_argument("--before", help="git revision(s), comma-separated, each measured first from a `git archive` copy")
     ap.add_argument("--name", default="")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
@@ -230,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         env[k] = v
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        repos = {"this checkout": str(REPO)}
-        if a.before:
-            archive = subprocess.run(["git", "archive", a.before], cwd=REPO, capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-            repos = {f"before ({a.before})": tmp, **repos}
+        repos = {}
+        for rev in filter(None, (a.before or "").split(",")):
+            archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+            Path(tmp, rev).mkdir()
+            subprocess.run(["tar", "-x", "-C", str(Path(tmp, rev))], input=archive, check=True)
+            repos[rev] = str(Path(tmp, rev))
+        repos["this checkout"] = str(REPO)
         results = []
         for T in (int(x) for x in a.seq_lens.split(",")):
             for label, repo in repos.items():
