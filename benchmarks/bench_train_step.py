@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impls.split(",")
     if not args.smoke and Path(args.specforge_python).is_file():
         impls += [f"specforge-{dt}" for dt in args.specforge_dtypes.split(",") if dt]
+    mach = machine()        # before the runs: its load average is the one at the start
     results = []
     for T in seq_lens:
         for impl in impls:
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = None if args.smoke or args.no_peak else bf16_matmul_gflops()
     if args.anchor not in {r["impl"] for r in results if "error" not in r}:
         args.anchor = "specforge-float32"
-    out = {"benchmark": "train_step", "dims": dims, "K": 3 if args.smoke else 7, "machine": machine(),
+    out = {"benchmark": "train_step", "dims": dims, "K": 3 if args.smoke else 7, "machine": mach,
            "load_avg_at_end": os.getloadavg(), "bf16_matmul_gflops_1thread": peak, "anchor": args.anchor,
            "note": "Median step time after warm-up, each config in a fresh process. tokens/CPU-s divides by the "
                    "process's CPU time (all threads): it is the robust figure when other jobs share the cores; "
