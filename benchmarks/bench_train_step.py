@@ -31,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,15 +118,16 @@ def bf16_matmul_gflops(reps: int = 10) -> float:
     return float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else float("nan")
 
 
-def spawn(spec: dict, python: str | None, timeout: float) -> dict:
+def spawn(spec: dict, python: str | None, timeout: float, repo: Path = REPO) -> dict:
+    """One measurement in a fresh process; `repo`: a checkout whose own worker (and code) runs ours."""
     if spec["impl"].startswith("specforge"):
         cmd = [python, str(HERE / "specforge_worker.py"), "--spec", json.dumps(spec)]
     else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        cmd = [sys.executable, str(repo / "benchmarks" / "bench_train_step.py"), "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     load0 = os.getloadavg()
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=repo)
     except subprocess.TimeoutExpired:
         return {"impl": spec["impl"], "T": spec["T"], "B": spec["B"], "error": f"timed out after {timeout:.0f}s"}
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -171,6 +173,27 @@ def table(results: list[dict], anchor: str = "specforge-bfloat16", peak_gflops: 
     return "\n".join(rows)
 
 
+def before_after(results: list[dict], tag: str) -> str:
+    """Medians over rounds of this checkout vs the --before copy, per impl and T."""
+    ok = [r for r in results if "error" not in r]
+    rows = [f"| impl | T | tokens/CPU-s before -> after | ratio | tokens/s (wall) ratio | peak RSS MB before -> after | "
+            "ratio | rounds |", "|---|---|---|---|---|---|---|---|"]
+    for impl in dict.fromkeys(r["impl"] for r in ok if r["impl"].endswith(tag)):
+        base = impl[: -len(tag)]
+        for T in dict.fromkeys(r["T"] for r in ok if r["impl"] == impl):
+            b = [r for r in ok if r["impl"] == impl and r["T"] == T]
+            a = [r for r in ok if r["impl"] == base and r["T"] == T]
+            if not a:
+                continue
+            med = lambda rs, k: statistics.median(r[k] for r in rs)   # noqa: E731
+            rows.append(f"| {base} | {T} | {med(b, 'tokens_per_cpu_s'):.1f} -> {med(a, 'tokens_per_cpu_s'):.1f} | "
+                        f"{med(a, 'tokens_per_cpu_s') / med(b, 'tokens_per_cpu_s'):.2f}x | "
+                        f"{med(a, 'tokens_per_s') / med(b, 'tokens_per_s'):.2f}x | {med(b, 'peak_rss_mb'):.0f} -> "
+                        f"{med(a, 'peak_rss_mb'):.0f} | {med(a, 'peak_rss_mb') / med(b, 'peak_rss_mb'):.2f}x | "
+                        f"{len(a)} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -188,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anchor", default="specforge-bfloat16", help="impl the 'vs' columns divide by")
     ap.add_argument("--no-peak", action="store_true", help="skip timing the bf16 matmul peak")
     ap.add_argument("--specforge-dtypes", default="float32,bfloat16")
+    ap.add_argument("--before", help="also run our impls from a `git archive` copy of this revision (labelled "
+                    "impl@REV), each next to this checkout's in fresh processes")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating the order of --before")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=float, default=1800)
@@ -206,15 +232,27 @@ def main(argv: list[str] | None = None) -> int:
         impls += [f"specforge-{dt}" for dt in args.specforge_dtypes.split(",") if dt]
     mach = machine()        # before the runs: its load average is the one at the start
     results = []
-    for T in seq_lens:
-        for impl in impls:
-            spec = {"impl": impl, "dims": dims, "B": args.batch, "T": T, "K": 3 if args.smoke else 7,
-                    "steps": steps, "warmup": warmup, "threads": threads}
-            if impl.startswith("specforge"):
-                spec["dtype"] = impl.split("-", 1)[1]
-            r = spawn(spec, args.specforge_python, args.timeout)
-            print(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}), flush=True)
-            results.append(r)
+    tmp = tempfile.TemporaryDirectory()
+    repos = {"": REPO}
+    if args.before:         # our impls also from an earlier commit's copy, alternating with this checkout
+        archive = subprocess.run(["git", "archive", args.before], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp.name], input=archive, check=True)
+        repos = {f"@{args.before}": Path(tmp.name), "": REPO}
+    for rnd in range(args.rounds):
+        for T in seq_lens:
+            for impl in impls:
+                for tag, repo in (repos.items() if rnd % 2 == 0 else reversed(repos.items())):
+                    if tag and impl.startswith("specforge"):
+                        continue
+                    spec = {"impl": impl, "dims": dims, "B": args.batch, "T": T, "K": 3 if args.smoke else 7,
+                            "steps": steps, "warmup": warmup, "threads": threads}
+                    if impl.startswith("specforge"):
+                        spec["dtype"] = impl.split("-", 1)[1]
+                    r = {**spawn(spec, args.specforge_python, args.timeout, repo), "round": rnd}
+                    r["impl"] = spec["impl"] + tag
+                    print(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}), flush=True)
+                    results.append(r)
+    tmp.cleanup()
     peak = None if args.smoke or args.no_peak else bf16_matmul_gflops()
     if args.anchor not in {r["impl"] for r in results if "error" not in r}:
         args.anchor = "specforge-float32"
@@ -233,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, res_dir / f"{name}.json")
     tab = table(results, args.anchor, peak)
+    if args.before:
+        tab += "\n\n" + before_after(results, f"@{args.before}")
     md = f"# {name}\n\nMachine: {out['machine']}\n\n{tab}\n\n{out['note']}\n"
     tmp = res_dir / f".{name}.md.tmp"
     tmp.write_text(md)
