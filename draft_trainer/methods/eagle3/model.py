@@ -26,7 +26,7 @@ from torch import nn
 
 from draft_trainer.methods.eagle3.config import DraftConfig
 from draft_trainer.methods.eagle3.ttt_fused import ttt_forward_fused
-from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope
+from draft_trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, autocast_once
 from draft_trainer.model.tensors import acc_dtype, shift_left
 
 
@@ -44,9 +44,10 @@ class Attention(nn.Module):
 
     def qkv(self, x_BT2h: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor):
         B, T, _ = x_BT2h.shape
-        q_BnTd = self.q_proj(x_BT2h).view(B, T, self.nh, self.d).transpose(1, 2)
-        k_BkTd = self.k_proj(x_BT2h).view(B, T, self.nkv, self.d).transpose(1, 2)
-        v_BkTd = self.v_proj(x_BT2h).view(B, T, self.nkv, self.d).transpose(1, 2)
+        xq, xk, xv = autocast_once(x_BT2h, 3)
+        q_BnTd = self.q_proj(xq).view(B, T, self.nh, self.d).transpose(1, 2)
+        k_BkTd = self.k_proj(xk).view(B, T, self.nkv, self.d).transpose(1, 2)
+        v_BkTd = self.v_proj(xv).view(B, T, self.nkv, self.d).transpose(1, 2)
         return apply_rope(q_BnTd, cos_BTd, sin_BTd), apply_rope(k_BkTd, cos_BTd, sin_BTd), v_BkTd
 
 
@@ -85,9 +86,7 @@ class Eagle3Draft(nn.Module):
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        self.rotary = LlamaRotaryEmbedding(cfg.llama_config())
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters, cfg.llama_config)
 
     # ------------------------------------------------------------------ pieces
     def rope(self, pos_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

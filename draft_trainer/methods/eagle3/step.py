@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from draft_trainer.methods.eagle3.fused_loss import fused_ttt_loss, row_teacher_from_hidden, row_teacher_from_topk
 from draft_trainer.methods.eagle3.losses import teacher_from_hidden, teacher_from_topk, ttt_loss
 from draft_trainer.methods.eagle3.model import Eagle3Draft
+from draft_trainer.model.memory import release_free_heap
 from draft_trainer.model.objective import KL, Objective
 from draft_trainer.model.precision import autocast, compute_dtype
 from draft_trainer.model.stats import StepStats
@@ -70,4 +71,7 @@ def train_step(model: Eagle3Draft, batch: Batch, target_head_VH: torch.Tensor | 
     cdt = compute_dtype(precision, batch.aux_BT3H.device)
     with autocast(batch.aux_BT3H.device, cdt):
         g_steps = model(batch.aux_BT3H, draft_ids_BT, ttt_steps, batch.attention_mask_BT)
+    # The loss allocates the step's largest buffers: free heap pages left by the teacher, the forward
+    # and the last backward would otherwise stay resident under them (the step's peak RSS).
+    release_free_heap(batch.aux_BT3H.device)
     return fused_ttt_loss(model, g_steps, teacher, compute_dtype=cdt, normalizers=normalizers, objective=objective)
