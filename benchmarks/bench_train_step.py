@@ -9,6 +9,7 @@ median step time after warm-up. SpecForge 0.2.0 runs in its own venv (recipe in
     python benchmarks/bench_train_step.py                    # full run (~15-25 min on 2 cores)
     python benchmarks/bench_train_step.py --smoke            # seconds: tiny dims, ours only
     python benchmarks/bench_train_step.py --specforge-python "$(benchmarks/specforge_setup.sh)"
+    SPECFORGE_VENV=/path/to/venv python benchmarks/bench_train_step.py     # or --specforge-venv
 
 Writes benchmarks/results/<name>.json and a markdown table next to it.
 """
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impls", default="reference-fp32,fused-fp32,fused-auto")
-    ap.add_argument("--specforge-python", default=str(REPO / ".venv-specforge" / "bin" / "python"),
-                    help="python of a venv with specforge==0.2.0 (benchmarks/specforge_setup.sh makes "
-                         ".venv-specforge; skipped if missing)")
+    ap.add_argument("--specforge-venv", help="venv with specforge==0.2.0 (default: $SPECFORGE_VENV, else "
+                    "<repo>/.venv-specforge; benchmarks/specforge_setup.sh makes it; skipped if missing)")
+    ap.add_argument("--specforge-python", help="that venv's python (overrides --specforge-venv)")
     ap.add_argument("--specforge-dtypes", default="float32,bfloat16")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", default=str(HERE / "results"))
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     threads = 1 if args.smoke else args.threads   # smoke: no OpenMP oversubscription on a busy box
     impls = args.impls.split(",")
+    args.specforge_python = args.specforge_python or str(
+        Path(args.specforge_venv or os.environ.get("SPECFORGE_VENV") or REPO / ".venv-specforge") / "bin" / "python")
     if not args.smoke and Path(args.specforge_python).is_file():
         impls += [f"specforge-{dt}" for dt in args.specforge_dtypes.split(",") if dt]
     results = []
