@@ -210,6 +210,42 @@ def check_lrs(results: dict, expected: list[float]) -> str | None:
     return None
 
 
+MODEL_CHECK_TOLERANCE = 1e-3  # of the largest |logit|: fp32, the same weights, two implementations
+
+
+def check_specforge_model(r: dict, handoff: dict, cfg) -> dict:
+    """SpecForge's initial draft (its weights, fp32) run by SpecRelay's reference TTT forward on
+    batch 0 must give the logits SpecForge's own TTT forward recorded, at every step and every
+    position whose step-k input is a real token: then SpecRelay's evaluator, which loads the
+    trained weights into the same Eagle3Draft, serves SpecForge's model and not a lookalike."""
+    from benchmarks.parity_handoff import batch_at
+    from draft_trainer.methods.eagle3.model import Eagle3Draft
+    from draft_trainer.model.tensors import shift_left
+
+    saved = torch.load(r["init_state"], weights_only=True)
+    theirs = torch.load(r["check_logits"], weights_only=True)["logits_KBTV"]
+    model = Eagle3Draft(cfg)
+    missing, unexpected = model.load_state_dict(
+        {**saved["state"], "embed_tokens.weight": handoff["frozen"]["embed_tokens"].float()}, strict=False)
+    if unexpected or any(not k.startswith("rotary.") for k in missing):
+        return {"ok": False, "error": f"SpecForge's state does not fit Eagle3Draft: missing {missing}, "
+                                      f"unexpected {unexpected}"}
+    b = batch_at(handoff, 0)
+    K = theirs.shape[0]
+    with torch.no_grad():
+        ours = torch.stack([model.logits(g) for g in model.eval().ttt_forward(
+            b["aux_BT3H"].float(), shift_left(b["input_ids_BT"], 1), K, b["attention_mask_BT"])])
+    lengths = b["attention_mask_BT"].sum(1)
+    pos_T = torch.arange(ours.shape[2])
+    diffs = []
+    for k in range(K):
+        valid_BT = pos_T[None] + k + 1 < lengths[:, None]   # step k reads token t+k+1: real
+        diffs.append(float((ours[k] - theirs[k]).abs()[valid_BT].max()))
+    scale = float(theirs.abs().max())
+    return {"ok": max(diffs) <= MODEL_CHECK_TOLERANCE * scale, "max_abs_diff_per_step": diffs,
+            "max_abs_logit": scale, "tolerance_of_max_logit": MODEL_CHECK_TOLERANCE}
+
+
 # ----------------------------------------------------------------------------- stage 4: export + eval
 
 def export_state(state_path: Path, cfg, out: Path) -> Path:
@@ -350,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--sides: unknown side {side!r} (specrelay, specforge)")
     results.update(run_sides(cmds, args.parallel, args.timeout, args.threads))
     mismatch = check_lrs(results, expected)
+    model_check = None
+    if "check_logits" in results.get("specforge", {}):
+        from benchmarks.parity_handoff import load_handoff
+
+        model_check = check_specforge_model(results["specforge"], load_handoff(handoff), cfg)
+        print(f"parity: model check {model_check}", flush=True)
+        if not model_check["ok"]:
+            results["specforge"]["error"] = f"model check failed: {model_check}"
     cache: dict = {}
     for name, r in results.items():
         if "error" in r or "skipped" in r or mismatch:
@@ -394,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                    "prompts": str(prompts), "rows_s": rows_s, "total_s": time.perf_counter() - t_start,
                    "load_avg_end": os.getloadavg()},
         "results": results, "ratios_specrelay_over_specforge": ratios, "targets": targets,
+        "specforge_model_check": model_check,
         "schedule_mismatch": mismatch}, md, out if args.smoke else None)
     failed = mismatch or any("error" in r for r in results.values())
     return 1 if failed else 0

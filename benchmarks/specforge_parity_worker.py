@@ -28,8 +28,9 @@ Two CPU stand-ins, no SpecForge file modified: its Triton loss kernel has no CPU
 pure-torch reference `_compute_loss` (same math) replaces `LogSoftmaxLoss` in the model module;
 flex attention has no CPU backward, so the "sdpa" backend runs.
 
-Saves the initial and final draft tensors (SGLang key names, fp32) and prints one JSON line with
-the lr of every step (read from its optimizer before each step).
+Saves the initial and final draft tensors (SGLang key names, fp32), the initial fp32 draft's logits
+of every TTT step on batch 0 (the parent's model check), and prints one JSON line with the lr of
+every step (read from its optimizer before each step).
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ def main() -> None:
         draft.d2t.copy_(used - torch.arange(used.numel()))
         draft.embed_tokens.weight.copy_(h["frozen"]["embed_tokens"].float())
     draft.freeze_embedding()
-    draft = draft.to(dtype)
     out = Path(s["out"])
     torch.save({"state": serving_state(draft), "used": used}, out / "specforge-init.pt")
     model = OnlineEagle3Model(draft, length=sch["ttt_steps"], attention_backend="sdpa")
@@ -139,6 +139,28 @@ def main() -> None:
     head.freeze_weights()
     head = head.eval().to(torch.bfloat16)
     strategy = Eagle3TrainStrategy(model, target_head=head)
+
+    def make_batch(step: int, aux_dtype) -> TrainBatch:
+        feats = []
+        for j in h["order"][step]:
+            r = h["rows"][j]
+            feats.append(normalize_offline_sample({"aux_hidden_state": r["aux_T3H"][None].to(aux_dtype),
+                                                   "hidden_state": r["teacher_TH"][None].to(torch.bfloat16),
+                                                   "input_ids": r["input_ids_T"], "loss_mask": r["loss_mask_T"].long()},
+                                                  max_len=r["input_ids_T"].numel()))
+        return TrainBatch(sample_ids=[str(j) for j in h["order"][step]], strategy="eagle3", tensors=collate(feats),
+                          metadata={"target_repr": "hidden_state"})
+
+    # The model check: SpecForge's per-TTT-step logits of the initial fp32 draft on batch 0, for the
+    # parent to recompute with SpecRelay's Eagle3Draft loaded from specforge-init.pt (same weights).
+    recorded = []
+    compute_logits = draft.compute_logits
+    draft.compute_logits = lambda hidden: recorded.append(compute_logits(hidden)) or recorded[-1]
+    with torch.no_grad():
+        strategy.forward_loss(make_batch(0, torch.float32))
+    del draft.compute_logits
+    torch.save({"logits_KBTV": torch.stack([x.float() for x in recorded])}, out / "specforge-check.pt")
+    draft.to(dtype)  # in place: the TTT wrapper holds this module
     total, warm = sch["total_steps"], sch["warmup_steps"]
     opt = BF16Optimizer(draft, lr=sch["lr"], weight_decay=sch["weight_decay"], max_grad_norm=sch["grad_clip"],
                         total_steps=total, warmup_ratio=(warm + 0.5) / total, lr_scheduler="cosine")
@@ -147,17 +169,7 @@ def main() -> None:
     lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None
     t0, c0 = time.perf_counter(), time.process_time()
     for step in range(total):
-        feats = []
-        for j in h["order"][step]:
-            r = h["rows"][j]
-            feats.append(normalize_offline_sample({"aux_hidden_state": r["aux_T3H"][None].to(dtype),
-                                                   "hidden_state": r["teacher_TH"][None].to(torch.bfloat16),
-                                                   "input_ids": r["input_ids_T"], "loss_mask": r["loss_mask_T"].long()},
-                                                  max_len=r["input_ids_T"].numel()))
-        t = collate(feats)
-        batch = TrainBatch(sample_ids=[str(j) for j in h["order"][step]], strategy="eagle3",
-                           tensors=t,
-                           metadata={"target_repr": "hidden_state"})
+        batch = make_batch(step, dtype)
         lrs.append(opt.get_learning_rate())
         result = strategy.forward_loss(batch)
         result.loss.backward()
@@ -180,7 +192,8 @@ def main() -> None:
         "betas": list(opt.optimizer.param_groups[0]["betas"]),
         "init": f"LlamaForCausalLMEagle3.post_init (normal, std {cfg.initializer_range}), seed {sch['seed']}",
         "specforge": version("specforge"), "torch": torch.__version__,
-        "init_state": str(out / "specforge-init.pt"), "final_state": str(out / "specforge-final.pt")}))
+        "init_state": str(out / "specforge-init.pt"), "final_state": str(out / "specforge-final.pt"),
+        "check_logits": str(out / "specforge-check.pt")}))
 
 
 if __name__ == "__main__":
