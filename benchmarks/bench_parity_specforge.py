@@ -80,8 +80,8 @@ def rows_from_cache(cache_dir: Path, data: Path, max_samples: int):
         if f.length != len(ids):
             raise DataError(f"feature cache {cache_dir}: sample {sid} has {f.length} positions, the dataset "
                             f"{len(ids)} tokens: the cache is of another dataset")
-        rows.append({"input_ids_T": torch.as_tensor(ids, dtype=torch.long),
-                     "loss_mask_T": torch.as_tensor(mask, dtype=torch.float32),
+        rows.append({"input_ids_T": torch.tensor(ids, dtype=torch.long),
+                     "loss_mask_T": torch.tensor(mask, dtype=torch.float32),
                      "aux_T3H": f.aux_T3H.clone(), "teacher_TH": f.teacher_TH.clone()})
     if not rows:
         raise DataError(f"feature cache {cache_dir} holds none of the samples of dataset {data}")
@@ -115,9 +115,9 @@ def rows_from_target(model_dir: str, data: Path, max_samples: int, out: Path):
     rows = []
     with torch.inference_mode():
         for _, ids, mask in samples:
-            hs = target(torch.as_tensor(ids, dtype=torch.long)[None], output_hidden_states=True).hidden_states
-            rows.append({"input_ids_T": torch.as_tensor(ids, dtype=torch.long),
-                         "loss_mask_T": torch.as_tensor(mask, dtype=torch.float32),
+            hs = target(torch.tensor(ids, dtype=torch.long)[None], output_hidden_states=True).hidden_states
+            rows.append({"input_ids_T": torch.tensor(ids, dtype=torch.long),
+                         "loss_mask_T": torch.tensor(mask, dtype=torch.float32),
                          "aux_T3H": torch.cat([hs[i + 1][0] for i in aux], -1).to(torch.bfloat16),
                          "teacher_TH": hs[-1][0].to(torch.bfloat16)})
     frozen = {"embed_tokens": target.get_input_embeddings().weight.detach().clone(),
