@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                "gain_per_cpu_min_ratio_ge_2": None if ratios["tau_gain_per_cpu_min"] is None
                else ratios["tau_gain_per_cpu_min"] >= 2.0}
     cols = ["side", "tau", "untrained tau", "tau gain", "tokens", "tokens/s", "tokens/CPU-s", "CPU min",
-            "tau gain / CPU-min", "peak RSS MB", "loss first -> last10"]
+            "tau gain / CPU-min", "peak RSS MB", "RSS after loading data MB", "loss first -> last10"]
     table_rows = []
     for name, r in results.items():
         if "error" in r or "skipped" in r:
@@ -420,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                            "tau gain": r.get("tau_gain"), "tokens": r["tokens"], "tokens/s": r["tokens_per_s"],
                            "tokens/CPU-s": r["tokens_per_cpu_s"], "CPU min": r["cpu_s"] / 60,
                            "tau gain / CPU-min": r.get("tau_gain_per_cpu_min"), "peak RSS MB": r["peak_rss_mb"],
+                           "RSS after loading data MB": r["rss_after_load_mb"],
                            "loss first -> last10": f"{r['loss_first']:.3f} -> {r['loss_last10']:.3f}"})
     fmt = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in ratios.items()}
     md = markdown_table(table_rows, cols) + (

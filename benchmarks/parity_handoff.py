@@ -76,7 +76,7 @@ def load_handoff(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise HandoffError(f"{path}: no handoff file; bench_parity_specforge.py writes it before starting the workers")
-    data = torch.load(path, weights_only=True, mmap=True)
+    data = torch.load(path, weights_only=True)  # read whole: the workers' RSS after loading is then the data's
     check(data, str(path))
     return data
 
@@ -139,6 +139,15 @@ def batch_at(data: dict, step: int) -> dict[str, torch.Tensor]:
         out["aux_BT3H"][b, :n] = r["aux_T3H"]
         out["teacher_BTH"][b, :n] = r["teacher_TH"]
     return out
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (VmRSS), MB: taken after loading the handoff, so a worker
+    can report its peak RSS beside what the shared data alone occupies."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def step_tokens(data: dict, step: int) -> tuple[int, int]:

@@ -99,7 +99,7 @@ def main() -> None:
     import torch
 
     import specforge.algorithms.eagle3.model as eagle_model_mod
-    from parity_handoff import load_handoff, step_tokens
+    from parity_handoff import load_handoff, rss_mb, step_tokens
     from specforge.algorithms.eagle3.data import normalize_offline_sample
     from specforge.algorithms.eagle3.model import OnlineEagle3Model
     from specforge.core.loss import _compute_loss
@@ -115,6 +115,7 @@ def main() -> None:
     eagle_model_mod.LogSoftmaxLoss = _TorchLoss
     torch.set_num_threads(s["threads"])
     h = load_handoff(s["handoff"])
+    loaded_rss_mb = rss_mb()
     sch, d = h["schedule"], h["draft_config"]
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[s.get("dtype", "bfloat16")]
     cfg = llama_config(d)
@@ -186,7 +187,8 @@ def main() -> None:
     print(json.dumps({
         "side": "specforge", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "lrs": lrs,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,
+        "lrs": lrs,
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]), "threads": s["threads"],
         "precision": f"draft {str(dtype).replace('torch.', '')}, fp32 masters (BF16Optimizer)",
         "betas": list(opt.optimizer.param_groups[0]["betas"]),

@@ -37,7 +37,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from benchmarks.parity_handoff import batch_at, load_handoff, step_tokens
+    from benchmarks.parity_handoff import batch_at, load_handoff, rss_mb, step_tokens
     from common.contract import ModelInfo
     from common.features import FeatureSpec
     from draft_trainer.config import ModelConfig, OptimConfig
@@ -49,6 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(s["threads"])
     h = load_handoff(s["handoff"])
+    loaded_rss_mb = rss_mb()
     sch = h["schedule"]
     info = ModelInfo(**h["model_info"])
     vocab = VocabMapping(used=h["used_Vd"], vocab_size=info.vocab_size)
@@ -91,7 +92,8 @@ def main() -> None:
     print(json.dumps({
         "side": "specrelay", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "lrs": lrs,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,
+        "lrs": lrs,
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]), "threads": s["threads"],
         "precision": f"auto: compute {compute_dtype('auto', 'cpu')}, fp32 master weights", "betas": list(o.betas),
         "init": "model.init=random (PyTorch default init), seed " + str(sch["seed"]),
