@@ -150,8 +150,13 @@ def specforge_python(flag: str | None) -> Path:
     return Path(venv) / "bin" / "python"
 
 
-def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threads: int, out: Path) -> dict:
+    # torch.compile (SpecForge compiles its norms and teacher): compiled in the worker process, so its
+    # CPU time counts, and into a fresh cache, so every run pays what a first run pays.
+    import tempfile
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS="1",
+               TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=out))
     procs, results = {}, {}
 
     def finish(name, p, t0):
@@ -384,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             cmds[side] = [sys.executable, str(WORKERS[side]), "--spec", json.dumps(spec)]
         else:
             p.error(f"--sides: unknown side {side!r} (specrelay, specforge)")
-    results.update(run_sides(cmds, args.parallel, args.timeout, args.threads))
+    results.update(run_sides(cmds, args.parallel, args.timeout, args.threads, out))
     mismatch = check_lrs(results, expected)
     model_check = None
     if "check_logits" in results.get("specforge", {}):

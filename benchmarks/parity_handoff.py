@@ -141,6 +141,15 @@ def batch_at(data: dict, step: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the C compiler torch.compile runs)."""
+    import resource
+    import time
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def rss_mb() -> float:
     """This process's resident memory now (VmRSS), MB: taken after loading the handoff, so a worker
     can report its peak RSS beside what the shared data alone occupies."""

@@ -99,7 +99,7 @@ def main() -> None:
     import torch
 
     import specforge.algorithms.eagle3.model as eagle_model_mod
-    from parity_handoff import load_handoff, rss_mb, step_tokens
+    from parity_handoff import cpu_seconds, load_handoff, rss_mb, step_tokens
     from specforge.algorithms.eagle3.data import normalize_offline_sample
     from specforge.algorithms.eagle3.model import OnlineEagle3Model
     from specforge.core.loss import _compute_loss
@@ -168,7 +168,7 @@ def main() -> None:
     if opt.scheduler.warmup_epochs != warm:
         raise SystemExit(f"BF16Optimizer warm-up {opt.scheduler.warmup_epochs} steps != planned {warm}")
     lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for step in range(total):
         batch = make_batch(step, dtype)
         lrs.append(opt.get_learning_rate())
@@ -180,7 +180,7 @@ def main() -> None:
         tokens, supervised = tokens + n, supervised + m
         if first_step_s is None:
             first_step_s = time.perf_counter() - t0
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     torch.save({"state": serving_state(draft), "used": used}, out / "specforge-final.pt")
     from importlib.metadata import version
 

@@ -37,7 +37,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from benchmarks.parity_handoff import batch_at, load_handoff, rss_mb, step_tokens
+    from benchmarks.parity_handoff import batch_at, cpu_seconds, load_handoff, rss_mb, step_tokens
     from common.contract import ModelInfo
     from common.features import FeatureSpec
     from draft_trainer.config import ModelConfig, OptimConfig
@@ -67,7 +67,7 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
     schedule = LRSchedule(o, sch["total_steps"], 0.0)
     lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for step in range(sch["total_steps"]):
         b = batch_at(h, step)
         batch = Batch(list(h["order"][step]), b["input_ids_BT"], b["loss_mask_BT"], b["attention_mask_BT"],
@@ -87,7 +87,7 @@ def main() -> None:
         tokens, supervised = tokens + n, supervised + m
         if first_step_s is None:
             first_step_s = time.perf_counter() - t0
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     torch.save({"state": serving_state(model), "used": vocab.used}, out / "specrelay-final.pt")
     print(json.dumps({
         "side": "specrelay", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
