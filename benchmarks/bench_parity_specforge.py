@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import asdict
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_clip": args.grad_clip, "weight_decay": args.weight_decay, "ttt_steps": args.ttt_steps,
                 "batch_size": args.batch_size, "seed": args.seed, "min_lr_ratio": 0.0}
     handoff = save_handoff(out / "handoff.pt", rows=rows, order=order, frozen=frozen, used_Vd=vocab.used,
-                           schedule=schedule, draft_config=cfg.to_dict(), model_info=json.loads(json.dumps(asdict(info))))
+                           schedule=schedule, draft_config=cfg.to_dict(),
+                           model_info=json.loads(json.dumps(asdict(info))))
     expected = [args.lr * cosine_lr(i, len(order), schedule["warmup_steps"], 0.0) for i in range(len(order))]
     print(f"parity: {len(rows)} samples, {len(order)} steps of {args.batch_size}, handoff {handoff} "
           f"({handoff.stat().st_size / 1e6:.0f} MB)", flush=True)
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: {name} tau {r.get('tau')} (untrained {r.get('untrained_tau')})", flush=True)
     ours, theirs = results.get("specrelay", {}), results.get("specforge", {})
     ratios = {"tau": ratio(ours, theirs, "tau"), "tau_gain_per_cpu_min": ratio(ours, theirs, "tau_gain_per_cpu_min"),
-              "tokens_per_cpu_s": ratio(ours, theirs, "tokens_per_cpu_s"), "peak_rss": ratio(ours, theirs, "peak_rss_mb")}
+              "tokens_per_cpu_s": ratio(ours, theirs, "tokens_per_cpu_s"),
+              "peak_rss": ratio(ours, theirs, "peak_rss_mb")}
     targets = {"tau_ratio_ge_1": None if ratios["tau"] is None else ratios["tau"] >= 1.0,
                "gain_per_cpu_min_ratio_ge_2": None if ratios["tau_gain_per_cpu_min"] is None
                else ratios["tau_gain_per_cpu_min"] >= 2.0}

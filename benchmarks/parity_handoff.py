@@ -95,7 +95,8 @@ def check(data: dict, where: str = "handoff") -> None:
     if missing:
         raise HandoffError(f"{where}: schedule lacks {missing}")
     if sched["total_steps"] != len(data["order"]):
-        raise HandoffError(f"{where}: schedule total_steps {sched['total_steps']} != {len(data['order'])} planned steps")
+        raise HandoffError(f"{where}: schedule total_steps {sched['total_steps']} != "
+                           f"{len(data['order'])} planned steps")
     if not 1 <= sched["warmup_steps"] < sched["total_steps"]:
         raise HandoffError(f"{where}: warmup_steps {sched['warmup_steps']} must be in [1, total_steps="
                            f"{sched['total_steps']}): raise --tokens or --warmup-ratio")

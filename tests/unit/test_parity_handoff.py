@@ -31,8 +31,8 @@ def _handoff(lengths=(5, 9, 3, 7, 4), tokens=60, batch_size=2, warmup=1):
     return dict(rows=rows, order=order, frozen={"embed_tokens": torch.randn(V, H), "lm_head": torch.randn(V, H)},
                 used_Vd=torch.tensor([0, 3, 4, 10, 20, 31]), draft_config={"draft_vocab_size": VD},
                 model_info={}, schedule={"lr": 1e-3, "warmup_steps": warmup, "total_steps": len(order),
-                                         "grad_clip": 0.5, "weight_decay": 0.0, "ttt_steps": 3, "batch_size": batch_size,
-                                         "seed": 0})
+                                         "grad_clip": 0.5, "weight_decay": 0.0, "ttt_steps": 3,
+                                         "batch_size": batch_size, "seed": 0})
 
 
 def test_plan_covers_the_tokens_with_whole_epochs_of_distinct_rows():
