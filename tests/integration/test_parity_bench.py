@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.support.procs import REPO, env_with_repo
@@ -78,3 +79,54 @@ def test_model_check_passes_for_the_same_model_and_fails_for_a_different_one(tmp
     state["midlayer.extra.weight"] = torch.zeros(1)
     torch.save({"state": state, "used": vocab.used}, tmp_path / "init.pt")
     assert "does not fit Eagle3Draft" in check_specforge_model(side, h, cfg)["error"]
+
+
+def test_unseen_acceptance_follows_its_definition(tmp_path, tiny_llama, tiny_dataset):
+    """Teacher-forced acceptance on rows the plan skips, against a position-by-position count with
+    the reference TTT forward."""
+    from benchmarks.bench_parity_specforge import draft_vocab, rows_from_target, unseen_acceptance, unseen_rows
+    from draft_trainer.methods.eagle3.config import DraftConfig
+    from draft_trainer.methods.eagle3.model import Eagle3Draft
+    from draft_trainer.model.tensors import shift_left
+
+    rows, frozen, info = rows_from_target(str(tiny_llama), tiny_dataset, 8, tmp_path)
+    vocab = draft_vocab(tiny_dataset, rows, info.vocab_size, 128)
+    cfg = DraftConfig.from_model_info(info, vocab.draft_vocab_size)
+    torch.manual_seed(1)
+    model = Eagle3Draft(cfg).eval()
+    model.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(frozen["embed_tokens"])
+        model.lm_head.weight.mul_(20)                              # confident, position-dependent argmaxes
+    torch.save({"state": {k: v for k, v in model.state_dict().items() if not k.startswith(("embed_tokens.", "rotary."))},
+                "used": vocab.used}, tmp_path / "s.pt")
+    K = 3
+    # Teachers whose argmax is the draft's own step-0 guess (a random head, each teacher a scaled row of it):
+    # step 0 is then always accepted and later steps sometimes, so the chains have something to count.
+    head_VH = torch.randn(info.vocab_size, info.hidden_size)
+    with torch.no_grad():
+        for r in rows:
+            g0 = model.ttt_forward(r["aux_T3H"][None].float(), shift_left(r["input_ids_T"][None], 1), 1)[0]
+            r["teacher_TH"] = head_VH[model.draft_to_target(model.logits(g0)[0].argmax(-1))] * 100
+    frozen = {"embed_tokens": frozen["embed_tokens"], "lm_head": head_VH}
+    held = unseen_rows({"rows": rows, "order": [[0, 2]], "frozen": frozen}, K)
+    assert len(held) == len(rows) - 2
+    got = unseen_acceptance(held, frozen["embed_tokens"], str(tmp_path / "s.pt"), cfg, K)
+    accepted, positions = [0] * K, 0
+    with torch.no_grad():
+        for r, _ in held:
+            ids, T = r["input_ids_T"], r["input_ids_T"].numel()
+            logits = [model.logits(g)[0] for g in model.ttt_forward(r["aux_T3H"][None].float(),
+                                                                    shift_left(ids[None], 1), K)]
+            teacher = (r["teacher_TH"].float() @ frozen["lm_head"].float().T).argmax(-1)
+            for t in range(T - K):
+                if r["loss_mask_T"][t + 1] <= 0:
+                    continue
+                positions += 1
+                for k in range(K):
+                    if int(model.draft_to_target(logits[k][t].argmax())) != int(teacher[t + k]):
+                        break
+                    accepted[k] += 1
+    assert got["positions"] == positions > 0 and accepted[0] > accepted[1] > 0   # partial chains to count
+    assert got["accept_rate_per_position"] == pytest.approx([a / positions for a in accepted])
+    assert got["tau"] == pytest.approx(1 + sum(accepted) / positions)
