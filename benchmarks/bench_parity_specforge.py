@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import REPO, markdown_table, write_results
+from benchmarks.parity_checks import check_specforge_model, unseen_acceptance, unseen_rows
 from benchmarks.parity_handoff import plan_order, save_handoff, warmup_steps
 
 WORKERS = {"specrelay": REPO / "benchmarks" / "specrelay_parity_worker.py",
@@ -215,88 +216,6 @@ def check_lrs(results: dict, expected: list[float]) -> str | None:
     return None
 
 
-MODEL_CHECK_TOLERANCE = 1e-3  # of the largest |logit|: fp32, the same weights, two implementations
-
-
-def check_specforge_model(r: dict, handoff: dict, cfg) -> dict:
-    """SpecForge's initial draft (its weights, fp32) run by SpecRelay's reference TTT forward on
-    batch 0 must give the logits SpecForge's own TTT forward recorded, at every step and every
-    position whose step-k input is a real token: then SpecRelay's evaluator, which loads the
-    trained weights into the same Eagle3Draft, serves SpecForge's model and not a lookalike."""
-    from benchmarks.parity_handoff import batch_at
-    from draft_trainer.methods.eagle3.model import Eagle3Draft
-    from draft_trainer.model.tensors import shift_left
-
-    saved = torch.load(r["init_state"], weights_only=True)
-    theirs = torch.load(r["check_logits"], weights_only=True)["logits_KBTV"]
-    model = Eagle3Draft(cfg)
-    missing, unexpected = model.load_state_dict(
-        {**saved["state"], "embed_tokens.weight": handoff["frozen"]["embed_tokens"].float()}, strict=False)
-    if unexpected or any(not k.startswith("rotary.") for k in missing):
-        return {"ok": False, "error": f"SpecForge's state does not fit Eagle3Draft: missing {missing}, "
-                                      f"unexpected {unexpected}"}
-    b = batch_at(handoff, 0)
-    K = theirs.shape[0]
-    with torch.no_grad():
-        ours = torch.stack([model.logits(g) for g in model.eval().ttt_forward(
-            b["aux_BT3H"].float(), shift_left(b["input_ids_BT"], 1), K, b["attention_mask_BT"])])
-    lengths = b["attention_mask_BT"].sum(1)
-    pos_T = torch.arange(ours.shape[2])
-    diffs = []
-    for k in range(K):
-        valid_BT = pos_T[None] + k + 1 < lengths[:, None]   # step k reads token t+k+1: real
-        diffs.append(float((ours[k] - theirs[k]).abs()[valid_BT].max()))
-    scale = float(theirs.abs().max())
-    return {"ok": max(diffs) <= MODEL_CHECK_TOLERANCE * scale, "max_abs_diff_per_step": diffs,
-            "max_abs_logit": scale, "tolerance_of_max_logit": MODEL_CHECK_TOLERANCE}
-
-
-def unseen_rows(handoff: dict, num_steps: int, max_rows: int = 100) -> list[tuple[dict, torch.Tensor]]:
-    """Up to `max_rows` cached rows the plan never trains on, each with the teacher's argmax [T]
-    (computed once, shared by every draft scored on them)."""
-    seen = {j for b in handoff["order"] for j in b}
-    head_VH = handoff["frozen"]["lm_head"].float()
-    out = []
-    with torch.no_grad():
-        for j, r in enumerate(handoff["rows"]):
-            if len(out) >= max_rows:
-                break
-            if j not in seen and r["input_ids_T"].numel() > num_steps:
-                out.append((r, (r["teacher_TH"].float() @ head_VH.T).argmax(-1)))
-    return out
-
-
-def unseen_acceptance(rows: list[tuple[dict, torch.Tensor]], embed_VH: torch.Tensor, state_path: str, cfg,
-                      num_steps: int) -> dict | None:
-    """Teacher-forced acceptance on `unseen_rows`: at each answer position t, draft step k is
-    accepted when its argmax (mapped to the target vocabulary) equals the teacher's argmax at t+k
-    and steps 0..k-1 were accepted. On greedy on-policy data the draft's inputs are then what it
-    would see when decoding, so `tau` estimates the held-out acceptance length from thousands of
-    positions instead of a few hundred decoding rounds."""
-    from draft_trainer.methods.eagle3.model import Eagle3Draft
-    from draft_trainer.model.tensors import shift_left
-
-    if not rows:
-        return None
-    saved = torch.load(state_path, weights_only=True)
-    model = Eagle3Draft(cfg).eval()
-    model.load_state_dict({**saved["state"], "embed_tokens.weight": embed_VH.float()}, strict=False)
-    accepted_K = torch.zeros(num_steps)
-    positions = 0
-    with torch.no_grad():
-        for r, teacher_T in rows:
-            ids_T = r["input_ids_T"]
-            n = ids_T.numel() - num_steps        # positions whose K teacher targets all exist
-            gs = model(r["aux_T3H"][None].float(), shift_left(ids_T[None], 1), num_steps)
-            match_KT = torch.stack([model.draft_to_target(model.logits(g)[0].argmax(-1))[:n] == teacher_T[k:k + n]
-                                    for k, g in enumerate(gs)])
-            answer_T = r["loss_mask_T"][1:n + 1] > 0    # the next token is an answer token
-            accepted_K += (match_KT.long().cumprod(0).bool() & answer_T).sum(1).float()
-            positions += int(answer_T.sum())
-    rate_K = (accepted_K / max(positions, 1)).tolist()
-    return {"tau": 1 + sum(rate_K), "accept_rate_per_position": rate_K, "positions": positions, "rows": len(rows)}
-
-
 # ----------------------------------------------------------------------------- stage 4: export + eval
 
 def export_state(state_path: Path, cfg, out: Path) -> Path:
@@ -350,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-clip", type=float, default=0.5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ttt-steps", type=int, default=5, help="TTT steps in training (both sides)")
+    p.add_argument("--holdout-rows", type=int, default=0, help="keep the last N samples out of training: the "
+                   "teacher-forced acceptance is scored on unplanned rows (up to 100)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-steps", type=int, default=5, help="K in the evaluation")
@@ -382,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         data = build_tiny_dataset(Path(model_dir), out / "tiny-data", num_samples=24) \
             if not (out / "tiny-data" / "meta.json").is_file() else out / "tiny-data"
         args.tokens, args.max_new_tokens, args.draft_vocab_size, args.batch_size = 4000, 12, 256, 2
-        args.warmup_ratio = 0.1
+        args.warmup_ratio, args.holdout_rows = 0.1, 4
         args.ttt_steps, args.num_steps, args.lr = 3, 3, 3e-3
         prompts = out / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in TINY_CHATS[:3]))
@@ -406,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     rows_s = time.perf_counter() - t_start
     vocab = draft_vocab(data, rows, info.vocab_size, args.draft_vocab_size)
     cfg = DraftConfig.from_model_info(info, vocab.draft_vocab_size)
-    order = plan_order([r["input_ids_T"].numel() for r in rows], args.batch_size, args.tokens, args.seed)
+    order = plan_order([r["input_ids_T"].numel() for r in rows], args.batch_size, args.tokens, args.seed,
+                       holdout=args.holdout_rows)
     schedule = {"lr": args.lr, "warmup_steps": warmup_steps(len(order), args.warmup_ratio), "total_steps": len(order),
                 "grad_clip": args.grad_clip, "weight_decay": args.weight_decay, "ttt_steps": args.ttt_steps,
                 "batch_size": args.batch_size, "seed": args.seed, "min_lr_ratio": 0.0}
@@ -461,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: {name} tau {r.get('tau')} (untrained {r.get('untrained_tau')})", flush=True)
     ours, theirs = results.get("specrelay", {}), results.get("specforge", {})
     for r in results.values():
-        tf = (r.get("unseen_tf") or {}).get("final")
-        if tf:
-            r["tf_tau_unseen"] = tf["tau"]
+        tf = r.get("unseen_tf") or {}
+        if tf.get("final") and tf.get("init"):
+            r["tf_tau_unseen"] = tf["final"]["tau"]
+            r["tf_gain_per_cpu_min"] = (tf["final"]["tau"] - tf["init"]["tau"]) / r["cpu_min"]
     ratios = {"tau": ratio(ours, theirs, "tau"), "tf_tau_unseen": ratio(ours, theirs, "tf_tau_unseen"), "tau_gain_per_cpu_min": ratio(ours, theirs, "tau_gain_per_cpu_min"),
+              "tf_gain_per_cpu_min": ratio(ours, theirs, "tf_gain_per_cpu_min"),
               "tokens_per_cpu_s": ratio(ours, theirs, "tokens_per_cpu_s"),
               "peak_rss": ratio(ours, theirs, "peak_rss_mb")}
     targets = {"tau_ratio_ge_1": None if ratios["tau"] is None else ratios["tau"] >= 1.0,
@@ -488,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown_table(table_rows, cols) + (
         f"\n\nSpecRelay / SpecForge: tau {fmt['tau']} (target >= 1.0; teacher-forced on unseen cached rows "
         f"{fmt['tf_tau_unseen']}), tau gain per CPU-minute "
-        f"{fmt['tau_gain_per_cpu_min']} (target >= 2.0), tokens per CPU-second {fmt['tokens_per_cpu_s']}, "
+        f"{fmt['tau_gain_per_cpu_min']} (target >= 2.0; teacher-forced {fmt['tf_gain_per_cpu_min']}), "
+        f"tokens per CPU-second {fmt['tokens_per_cpu_s']}, "
         f"peak RSS {fmt['peak_rss']}.\n\n{len(order)} steps x {args.batch_size} samples, lr {args.lr} (warm-up "
         f"{schedule['warmup_steps']} steps, cosine to 0), clip {args.grad_clip}, TTT {args.ttt_steps}; eval K="
         f"{args.num_steps}, {args.max_new_tokens} new tokens, prompts {prompts}; {args.threads} thread(s) per "

@@ -35,17 +35,19 @@ class HandoffError(ValueError):
     """A handoff file that is not what both trainers expect."""
 
 
-def plan_order(lengths: list[int], batch_size: int, tokens: int, seed: int) -> list[list[int]]:
+def plan_order(lengths: list[int], batch_size: int, tokens: int, seed: int, holdout: int = 0) -> list[list[int]]:
     """Batches of `batch_size` row indices until `tokens` real tokens are covered: each epoch a
-    fresh seeded permutation of all rows (the trainer's sampling: shuffled, no replacement within
-    an epoch); the last batch of an epoch may be short."""
-    if not lengths:
-        raise HandoffError("no training samples: the plan needs at least one row")
+    fresh seeded permutation of the rows (the trainer's sampling: shuffled, no replacement within
+    an epoch); the last batch of an epoch may be short. The last `holdout` rows are never planned
+    (scored teacher-forced after training)."""
+    trained = len(lengths) - holdout
+    if trained < 1:
+        raise HandoffError(f"no training samples: {len(lengths)} rows, {holdout} held out")
     if batch_size < 1 or tokens < 1:
         raise HandoffError(f"batch_size and tokens must be >= 1, got {batch_size}, {tokens}")
     order, total, epoch = [], 0, 0
     while total < tokens:
-        perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        perm = torch.randperm(trained, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for i in range(0, len(perm), batch_size):
             batch = perm[i:i + batch_size]
             order.append(batch)

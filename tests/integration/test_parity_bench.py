@@ -34,6 +34,8 @@ def test_smoke_trains_exports_and_evaluates_the_specrelay_side(tmp_path):
     for k in ("tau", "untrained_tau", "tau_gain", "tau_gain_per_cpu_min", "tokens_per_cpu_s", "peak_rss_mb"):
         assert isinstance(ours[k], float), k
     assert ours["tau"] >= 1.0 and ours["final_lossless"] and ours["init_lossless"]
+    tf = ours["unseen_tf"]["final"]                                  # scored on the 4 held-out rows
+    assert tf["rows"] == 4 and tf["positions"] > 0 and ours["tf_tau_unseen"] == tf["tau"] >= 1.0
     assert (tmp_path / "specrelay-final-export" / "model.safetensors").is_file()
     assert out["ratios_specrelay_over_specforge"]["tau"] is None    # no SpecForge figures, no ratio
     assert "| specrelay |" in (tmp_path / "parity_specforge_smoke.md").read_text()
@@ -43,7 +45,8 @@ def test_model_check_passes_for_the_same_model_and_fails_for_a_different_one(tmp
     """The check recomputes recorded per-step logits with Eagle3Draft's reference TTT; here the
     recording comes from SpecRelay's fused TTT path (an independent implementation) instead of
     SpecForge's, then one weight of the stored state is changed."""
-    from benchmarks.bench_parity_specforge import check_specforge_model, draft_vocab, rows_from_target
+    from benchmarks.bench_parity_specforge import draft_vocab, rows_from_target
+    from benchmarks.parity_checks import check_specforge_model
     from benchmarks.parity_handoff import batch_at, plan_order, save_handoff, load_handoff
     from draft_trainer.methods.eagle3.config import DraftConfig
     from draft_trainer.methods.eagle3.model import Eagle3Draft
@@ -84,7 +87,8 @@ def test_model_check_passes_for_the_same_model_and_fails_for_a_different_one(tmp
 def test_unseen_acceptance_follows_its_definition(tmp_path, tiny_llama, tiny_dataset):
     """Teacher-forced acceptance on rows the plan skips, against a position-by-position count with
     the reference TTT forward."""
-    from benchmarks.bench_parity_specforge import draft_vocab, rows_from_target, unseen_acceptance, unseen_rows
+    from benchmarks.bench_parity_specforge import draft_vocab, rows_from_target
+    from benchmarks.parity_checks import unseen_acceptance, unseen_rows
     from draft_trainer.methods.eagle3.config import DraftConfig
     from draft_trainer.methods.eagle3.model import Eagle3Draft
     from draft_trainer.model.tensors import shift_left

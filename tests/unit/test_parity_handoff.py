@@ -50,6 +50,15 @@ def test_plan_covers_the_tokens_with_whole_epochs_of_distinct_rows():
     assert all(len(b) == 3 for b in order[:2])
     with pytest.raises(HandoffError, match="no training samples"):
         plan_order([], 2, 10, seed=0)
+    with pytest.raises(HandoffError, match="3 held out"):
+        plan_order([4, 5, 6], 2, 10, seed=0, holdout=3)
+
+
+def test_held_out_rows_are_never_planned():
+    lengths = [5, 9, 3, 7, 4, 6, 8]
+    order = plan_order(lengths, 2, 200, seed=0, holdout=2)
+    flat = [j for b in order for j in b]
+    assert set(flat) == set(range(5))                              # every other row, several epochs
 
 
 def test_handoff_round_trip_and_step_tokens(tmp_path):
