@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-clip", type=float, default=0.5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ttt-steps", type=int, default=5, help="TTT steps in training (both sides)")
+    p.add_argument("--betas", help="AdamW betas for both sides, e.g. 0.9,0.95 (default: each trainer's own: "
+                   "SpecRelay 0.9,0.95, SpecForge 0.9,0.999)")
     p.add_argument("--holdout-rows", type=int, default=0, help="keep the last N samples out of training: the "
                    "teacher-forced acceptance is scored on unplanned rows (up to 100)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
@@ -343,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     cmds = {}
     sf_python = specforge_python(args.specforge_venv)
     for side in args.sides.split(","):
-        spec = {"handoff": str(handoff), "out": str(out), "threads": args.threads}
+        spec = {"handoff": str(handoff), "out": str(out), "threads": args.threads,
+                "betas": [float(x) for x in args.betas.split(",")] if args.betas else None}
         if side == "specforge":
             if args.setup_specforge:
                 subprocess.run(["bash", str(SETUP)], check=True, cwd=REPO,

@@ -165,6 +165,9 @@ def main() -> None:
     total, warm = sch["total_steps"], sch["warmup_steps"]
     opt = BF16Optimizer(draft, lr=sch["lr"], weight_decay=sch["weight_decay"], max_grad_norm=sch["grad_clip"],
                         total_steps=total, warmup_ratio=(warm + 0.5) / total, lr_scheduler="cosine")
+    if s.get("betas"):   # --betas sets both sides; default: BF16Optimizer's AdamW defaults
+        for g in opt.optimizer.param_groups:
+            g["betas"] = tuple(s["betas"])
     if opt.scheduler.warmup_epochs != warm:
         raise SystemExit(f"BF16Optimizer warm-up {opt.scheduler.warmup_epochs} steps != planned {warm}")
     lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None

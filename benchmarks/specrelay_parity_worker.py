@@ -64,7 +64,8 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     o = OptimConfig(lr=sch["lr"], warmup_ratio=(sch["warmup_steps"] + 0.5) / sch["total_steps"], schedule="steps",
                     weight_decay=sch["weight_decay"], grad_clip=sch["grad_clip"])
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
+    betas = tuple(s.get("betas") or o.betas)   # --betas sets both sides; default: the trainer's own
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay, fused=True)
     schedule = LRSchedule(o, sch["total_steps"], 0.0)
     lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -95,7 +96,7 @@ def main() -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,
         "lrs": lrs,
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]), "threads": s["threads"],
-        "precision": f"auto: compute {compute_dtype('auto', 'cpu')}, fp32 master weights", "betas": list(o.betas),
+        "precision": f"auto: compute {compute_dtype('auto', 'cpu')}, fp32 master weights", "betas": list(betas),
         "init": "model.init=random (PyTorch default init), seed " + str(sch["seed"]),
         "init_state": str(out / "specrelay-init.pt"), "final_state": str(out / "specrelay-final.pt")}))
 
