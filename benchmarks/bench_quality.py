@@ -82,6 +82,18 @@ def prepare(work: Path, d: dict, smoke: bool) -> tuple[Path, Path, Path]:
     return model, res.path, res.path / HELDOUT_PROMPTS_FILE
 
 
+def peak_rss_mb() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a
+    spawned arm would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: bool, minutes: float,
               cache: tuple[Path, bool] | None = None, extra: list[str] = ()) -> dict:
     from common.config import load_config
@@ -106,7 +118,7 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
     ev = [r for r in recs if r.get("split") == "eval"][-1]
     return {"arm": name, "steps": summary["steps"], "train_tokens": sum(int(r["tokens"]) for r in train),
             "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "sim_tau": ev["sim_accept_len"],
+            "peak_rss_mb": peak_rss_mb(), "sim_tau": ev["sim_accept_len"],
             "exp_acc": sum(ev["exp_acc"]) / len(ev["exp_acc"]), "acc0": ev["acc"][0],
             "eval_loss": ev["loss"], "overrides": ARMS[name]}
 
