@@ -1,9 +1,6 @@
 """release_free_heap (model/memory.py) gives the free pages inside glibc's heap back to the OS."""
 
-import subprocess
-import sys
-
-from tests.support.procs import REPO, env_with_repo
+from tests.support.procs import run_code
 
 
 def test_release_free_heap_returns_interior_free_pages():
@@ -19,8 +16,7 @@ def test_release_free_heap_returns_interior_free_pages():
             "before = rss()\n"
             "release_free_heap('cpu')\n"
             "print(before - rss(), sum(float(t.sum()) for t in keep))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_with_repo(), cwd=REPO,
-                         timeout=120)
+    res = run_code(code)
     assert res.returncode == 0, res.stderr[-2000:]
     freed_mb, total = map(float, res.stdout.split())
     assert total == 200 * 16 * 1024                       # the kept tensors are intact

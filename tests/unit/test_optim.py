@@ -2,13 +2,11 @@
 and on a single device never imports torch._dynamo (~160 MB of resident memory)."""
 
 import copy
-import subprocess
-import sys
 
 import torch
 
 from draft_trainer.train.optim import AdamW
-from tests.support.procs import REPO, env_with_repo
+from tests.support.procs import run_code
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -60,6 +58,5 @@ def test_single_device_training_does_not_import_dynamo():
             "assert 'torch._dynamo' not in sys.modules\n"
             "torch.optim.AdamW(p, fused=True).step()\n"
             "assert 'torch._dynamo' in sys.modules   # torch's own does import it (the check can fail)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_with_repo(), cwd=REPO,
-                         timeout=120)
+    res = run_code(code)
     assert res.returncode == 0, res.stderr[-2000:]

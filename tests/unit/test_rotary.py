@@ -2,15 +2,13 @@
 here, the other types through transformers' rope utils), and building a default-RoPE draft does not import
 transformers' Llama modeling code (~190 MB of resident memory in the trainer process)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from draft_trainer.model.layers import RotaryEmbedding
 from tests.support.eagle3 import tiny_cfg
-from tests.support.procs import REPO, env_with_repo
+from tests.support.procs import run_code
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 100000.0},
@@ -52,6 +50,5 @@ def test_default_rope_draft_does_not_import_transformers_modeling():
             "Eagle3Draft(tiny_cfg())\n"
             "bad = [m for m in sys.modules if m.startswith(('transformers.models', 'transformers.generation'))]\n"
             "assert not bad, bad[:5]\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_with_repo(), cwd=REPO,
-                         timeout=120)
+    res = run_code(code)
     assert res.returncode == 0, res.stderr[-2000:]
