@@ -21,9 +21,9 @@ match plain greedy decoding (the cost of one round over that of one greedy token
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
