@@ -15,8 +15,10 @@
 
 The answers are cached under the human split's cache key and the generation settings
 (`<cache>/onpolicy/<key>/regenerated.jsonl`): a later run with the same data and settings pays
-nothing, and an interrupted one resumes where it stopped (regenerate's own resume). Without
-`targets`, local HF servers on this machine generate (`servers` x `threads` cores).
+nothing, and an interrupted one resumes where it stopped (regenerate's own resume). Asking for
+more conversations than a cached run answered starts from that run's answers: its prompts are the
+first ones of the larger set, so only the new ones are generated. Without `targets`, local HF
+servers on this machine generate (`servers` x `threads` cores).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.files import atomic_write_json, atomic_write_text
+from draft_trainer.data.dataset import META_FILE
 from draft_trainer.data.prepare import CONVERSATIONS_FILE, HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,7 @@ def prepare_on_policy(prep: PrepareConfig, cfg: OnPolicyConfig) -> OnPolicyResul
         prepare_data(PrepareConfig(model=prep.model, inputs=[str(first)], output=str(work / "prompts_ds"),
                                    max_length=max(prep.max_length, 2048), min_supervised_tokens=1, skip_bad=True,
                                    system_prompt=prep.system_prompt), progress=False)
+    _seed_from_smaller(cache, work, human.cache_key, cfg, answers)
     report = _regenerate(prep.model, work, answers, cfg)
     res = prepare_data(replace(prep, inputs=[str(answers)], output=str(out / "onpolicy"), holdout=0, max_samples=0))
     held = human.path / HELDOUT_PROMPTS_FILE
@@ -119,6 +124,56 @@ def prepare_on_policy(prep: PrepareConfig, cfg: OnPolicyConfig) -> OnPolicyResul
         shutil.copyfile(held, res.path / HELDOUT_PROMPTS_FILE)
     return OnPolicyResult(path=res.path, heldout_prompts=res.path / HELDOUT_PROMPTS_FILE, human=human,
                           answers=answers, report=report)
+
+
+def _seed_from_smaller(cache: Path, work: Path, human_key: str, cfg: OnPolicyConfig, answers: Path) -> int:
+    """Start a new answers file from the largest cached run that differs only in `conversations`.
+
+    Its prompts are the first ones of ours (`first_turns` keeps the split's order); a record is
+    copied only when its prompt conversation is identical here, so nothing stale can slip in.
+    Regenerate then answers the rest (its resume pins the prompt set: the meta names ours)."""
+    meta_path = answers.with_name(answers.name + ".meta.json")
+    if answers.exists() or meta_path.exists() or not cfg.conversations:
+        return 0
+    mine = _conversations_by_id(work / "prompts_ds" / CONVERSATIONS_FILE)
+    for n in range(cfg.conversations - 1, 0, -1):
+        old = cache / answers_key(human_key, replace(cfg, conversations=n))
+        old_meta = old / (answers.name + ".meta.json")
+        if not (old / answers.name).is_file() or not old_meta.is_file():
+            continue
+        theirs = _conversations_by_id(old / "prompts_ds" / CONVERSATIONS_FILE)
+        same = {i for i, msgs in theirs.items() if mine.get(i) == msgs}
+        kept = {}
+        for name in (answers.name, answers.name + ".skipped.jsonl"):
+            src = old / name
+            lines = src.read_text(encoding="utf-8").split("\n") if src.is_file() else []
+            kept[name] = [x for x in lines if x.strip() and _record_id(x) in same]
+        settings = json.loads(old_meta.read_text(encoding="utf-8"))["settings"]
+        settings["dataset_cache_key"] = json.loads((work / "prompts_ds" / META_FILE).read_text())["cache_key"]
+        # The meta first: a crash before the answers land leaves a valid, empty resume point.
+        atomic_write_json(meta_path, {"settings": settings, "dataset": str((work / "prompts_ds").resolve()),
+                                      "targets": [], "seeded_from": str(old)})
+        for name, rows in kept.items():
+            atomic_write_text(work / name, "".join(x + "\n" for x in rows))
+        log.info("on-policy answers: %d answered and %d skipped reused from %s (%d conversations); %d to generate",
+                 len(kept[answers.name]), len(kept[answers.name + ".skipped.jsonl"]), old, n,
+                 len(mine) - sum(map(len, kept.values())))
+        return len(kept[answers.name])
+    return 0
+
+
+def _conversations_by_id(path: Path) -> dict[int, list]:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as f:  # by "\n": U+2028 may sit inside a message
+        return {int(r["id"]): r["messages"] for r in map(json.loads, filter(str.strip, f))}
+
+
+def _record_id(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None  # a torn line from an interrupted run: that sample is generated again
 
 
 def _regenerate(model: str, work: Path, answers: Path, cfg: OnPolicyConfig) -> dict:

@@ -1,7 +1,8 @@
 """`prepare-data --regenerate`: one command from human chats to a training set of the target's own
 answers (tiny Llama on a real local HF server): the answers are the target's greedy output, the
-held-out prompts come from the human split and are never answered for training, and a second run
-reuses the cached answers without starting a server."""
+held-out prompts come from the human split and are never answered for training, a second run
+reuses the cached answers without starting a server, and asking for more conversations generates
+only the new ones (a cached answer is reused only when its prompt is identical)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,24 @@ def test_prepare_data_regenerate_is_on_policy_cached_and_keeps_heldout_apart(tin
     res = run_cli(*args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert answers.stat().st_mtime_ns == before and "answers: all cached" in res.stdout
+
+    # More conversations: the 6 cached answers seed the new set, only the rest is generated. One
+    # cached prompt is altered first: its answer must not be reused (answered again instead).
+    old_ds = answers.parent / "prompts_ds" / "conversations.jsonl"
+    rows = _lines(old_ds)
+    rows[0]["messages"][0]["content"] += " (changed)"
+    old_ds.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    res = run_cli(*[("9" if a == "6" else a) for a in args], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [bigger] = [p for p in cache.glob("onpolicy/*/regenerated.jsonl") if p != answers]
+    n = len(_lines(bigger.parent / "prompts.jsonl"))  # the split has fewer than 9 answerable chats
+    assert n > 6 and f"answers: {n - 6 + 1} regenerated" in res.stdout, res.stdout[-2000:]
+    new = {c["id"]: c for c in _lines(bigger)}
+    assert sorted(new) == list(range(n)) and len(_lines(onpolicy / "conversations.jsonl")) == n
+    assert all(new[c["id"]] == c for c in convs[1:])          # reused as they were
+    assert new[0]["messages"][0] == convs[0]["messages"][0]  # the real prompt, answered again
+    for c in (new[0], new[n - 1]):
+        user, answer = c["messages"]
+        ids = tok.apply_chat_template([user], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=NEW, do_sample=False)
+        assert answer["content"] == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
