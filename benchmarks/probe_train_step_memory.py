@@ -91,7 +91,7 @@ def worker(s: dict) -> dict:
     from draft_trainer.data.batch import Batch
     from draft_trainer.data.vocab import build_vocab_mapping
     from draft_trainer.methods.eagle3.config import DraftConfig
-    from draft_trainer.methods.eagle3.fused_loss import LinearSoftCE
+    from draft_trainer.model.linear_ce import LinearSoftCE
     from draft_trainer.methods.eagle3.model import Eagle3Draft
     from draft_trainer.methods.eagle3 import step as step_mod
     from draft_trainer.methods.eagle3.step import make_teacher

@@ -83,7 +83,7 @@ def check_ttt(device: torch.device, size: dict, tol: float = 1e-4, K: int = 3) -
 
 def check_soft_ce(device: torch.device, size: dict, tol: float = 1e-4) -> list[Row]:
     """The soft-CE backend this device uses, vs the torch path and vs autograd of the definition."""
-    from draft_trainer.methods.eagle3.fused_loss import soft_ce_rows_torch
+    from draft_trainer.model.linear_ce import soft_ce_rows_torch
     from draft_trainer.model.kernels.select import soft_ce_backend, triton_import_error
 
     g = torch.Generator().manual_seed(2)

@@ -148,6 +148,45 @@ def test_labels_weights_and_loss_against_a_direct_loop():
     assert obj.decay_weights(4, gamma)[:2] == [0.0, 1.0]
 
 
+@pytest.mark.parametrize("kind", ["kl", "lk_lambda"])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_block_loss_gradients_equal_autograd_over_the_direct_formula(kind, train_head):
+    """The chunked head (LinearSoftCE, gradients formed in forward) against autograd over dense
+    log-softmax logits: the loss and d/d(hidden) in fp64; d/d(head) only when the head trains
+    (the target's frozen head gets none, and its [V,H] product is skipped)."""
+    from draft_trainer.model.objective import Objective, objective_rows
+
+    torch.manual_seed(4)
+    B, T, K, V, H, gamma = 2, 12, 4, 37, 8, 3.0
+    ids = torch.randint(0, V, (B, T))
+    lm = (torch.rand(B, T) > 0.25).float()
+    anchors, keep = obj.sample_anchors(lm, K, 6, obj.batch_generator([2, 5]))
+    tg = obj.block_targets(ids, lm, anchors, keep, K, V - 1, gamma)
+    hidden = torch.randn(B, anchors.shape[1] * K, H, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(V, H, dtype=torch.float64).requires_grad_(train_head)
+    o = Objective(kind)
+    loss, stats = obj.block_loss(hidden, head, tg, 7.5, compute_dtype=None, objective=o)
+    loss.backward()
+
+    h2 = hidden.detach().clone().requires_grad_()
+    w2 = head.detach().clone().requires_grad_(train_head)
+    sel = tg.valid_BNK > 0
+    logits = h2.view(B, -1, K, H)[sel] @ w2.t()
+    labels = tg.labels_BNK[sel]
+    per_row, _, _ = objective_rows(logits, o, ids_cK=labels[:, None], pk_cK=torch.ones(labels.numel(), 1,
+                                                                                         dtype=torch.float64))
+    want = (per_row * tg.weight_BNK[sel].double()).sum() / 7.5
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-9, atol=1e-12)
+    if train_head:
+        torch.testing.assert_close(head.grad, w2.grad, rtol=1e-9, atol=1e-12)
+    else:
+        assert head.grad is None
+    right = (logits.argmax(-1) == labels).double()
+    assert sum(stats.sums["right"]) == pytest.approx(float(right.sum()))
+
+
 def test_chain_metrics_stop_at_the_first_wrong_position():
     valid = torch.ones(1, 2, 4)
     right = torch.tensor([[[0, 1, 0, 1], [0, 1, 1, 1]]], dtype=torch.float)

@@ -5,8 +5,8 @@ one (p W) . x per teacher row, and the teacher argmax taken by max()."""
 import pytest
 import torch
 
-from draft_trainer.methods.eagle3.fused_loss import (LinearSoftCE, RowTeacher, _teacher_dots, fused_ttt_loss,
-                                                     row_teacher_from_hidden, soft_ce_rows_torch)
+from draft_trainer.methods.eagle3.fused_loss import RowTeacher, fused_ttt_loss, row_teacher_from_hidden
+from draft_trainer.model.linear_ce import LinearSoftCE, soft_ce_rows_torch, teacher_dots
 from draft_trainer.methods.eagle3.losses import teacher_from_hidden, ttt_loss
 from draft_trainer.model.tensors import shift_left
 from tests.unit.test_fused_loss import K, grads_of, setup_case
@@ -71,11 +71,11 @@ def test_teacher_dots_are_p_dot_logits_per_row():
     t = RowTeacher(b_R=torch.zeros(R, dtype=torch.long), j_R=torch.arange(R), top_R=torch.zeros(R, dtype=torch.long),
                    T=R, p_RVd=p)
     want = (p[r] * (x @ W.T)).sum(-1)
-    torch.testing.assert_close(_teacher_dots(t, W, x, r, chunk=3), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(teacher_dots(t, W, x, r, chunk=3), want, rtol=1e-12, atol=1e-12)
     # no teacher rows: an empty result, not an error
     t0 = RowTeacher(b_R=torch.zeros(0, dtype=torch.long), j_R=torch.zeros(0, dtype=torch.long),
                     top_R=torch.zeros(0, dtype=torch.long), T=R, p_RVd=p[:0])
-    assert _teacher_dots(t0, W, x[:0], r[:0], chunk=3).shape == (0,)
+    assert teacher_dots(t0, W, x[:0], r[:0], chunk=3).shape == (0,)
 
 
 def test_teacher_argmax_is_the_first_maximum():

@@ -7,7 +7,7 @@ from tests.support.procs import REPO, env_with_repo
 
 CHECK = r"""
 import torch
-from draft_trainer.methods.eagle3.fused_loss import soft_ce_rows_torch
+from draft_trainer.model.linear_ce import soft_ce_rows_torch
 from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton
 g = torch.Generator().manual_seed(0)
 N, V = 6, 300
@@ -45,7 +45,7 @@ def test_triton_soft_ce_matches_torch_under_interpreter():
 
 RAGGED = r"""
 import torch
-from draft_trainer.methods.eagle3.fused_loss import soft_ce_rows_torch
+from draft_trainer.model.linear_ce import soft_ce_rows_torch
 from draft_trainer.model.kernels.soft_ce import soft_ce_rows_triton
 g = torch.Generator().manual_seed(1)
 # (rows, vocabulary, block): ragged row counts, vocabularies not a multiple of the block, a

@@ -21,6 +21,7 @@ from draft_trainer.methods.base import DraftMethod
 from draft_trainer.methods.dflash import objective as obj
 from draft_trainer.methods.dflash.config import DFlashConfig, target_layers_for
 from draft_trainer.methods.dflash.model import DFlashDraft
+from draft_trainer.model.objective import Objective
 from draft_trainer.model.precision import autocast, compute_dtype
 
 
@@ -69,6 +70,7 @@ class DFlashMethod(DraftMethod):
         dcfg = (model.module if hasattr(model, "module") else model).cfg
         self.K, self.mask_id = dcfg.block_size, dcfg.mask_token_id
         self.num_anchors, self.gamma = dcfg.num_anchors, dcfg.loss_decay_gamma
+        self.objective = Objective(getattr(self.cfg, "loss", "kl"), getattr(self.cfg, "lk_eta", 3.0))
 
     def prepare(self, batch) -> obj.BlockTargets:
         gen = obj.batch_generator(batch.sample_ids)
@@ -87,7 +89,8 @@ class DFlashMethod(DraftMethod):
         pos_ctx_BS = torch.arange(T, device=dev)[None].expand(B, T)
         with autocast(dev, self.cdt):
             hidden_BQH = model(batch.aux_BT3H, noise_BQH, pos_ctx_BS, targets.pos_q_BQ, visible_BQS)
-            return obj.block_loss(hidden_BQH, self.head_VH, targets, normalizers[0] if normalizers else None)
+        return obj.block_loss(hidden_BQH, self.head_VH, targets, normalizers[0] if normalizers else None,
+                              compute_dtype=self.cdt, objective=self.objective)
 
     def num_positions(self) -> int:
         return self.cfg_block_size() - 1

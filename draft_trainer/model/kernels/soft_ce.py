@@ -1,6 +1,6 @@
 """Triton kernel: fused log-softmax + soft cross-entropy, forward and backward, one row per program.
 
-Same contract as `fused_loss.soft_ce_rows_torch` (the reference it is tested against under
+Same contract as `linear_ce.soft_ce_rows_torch` (the reference it is tested against under
 TRITON_INTERPRET=1): for logits z [N,Vd] (overwritten) and a teacher p [N,Vd], returns
 (ce [N], argmax [N], exp_acc [N]) and leaves softmax(z) * sum(p) - p in z. Math in fp32 registers
 whatever the storage dtype (bf16 logits lose nothing extra).
