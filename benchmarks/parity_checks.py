@@ -66,9 +66,11 @@ def unseen_rows(handoff: dict, num_steps: int, max_rows: int = 100) -> list[tupl
 
 def unseen_acceptance(rows: list[tuple[dict, torch.Tensor]], embed_VH: torch.Tensor, state_path: str, cfg,
                       num_steps: int) -> dict | None:
-    """Teacher-forced acceptance on `unseen_rows`: at each answer position t, draft step k is
-    accepted when its argmax (mapped to the target vocabulary) equals the teacher's argmax at t+k
-    and steps 0..k-1 were accepted. On greedy on-policy data the draft's inputs are then what it
+    """Teacher-forced acceptance on `unseen_rows`. The EAGLE-3 alignment (as the trainer's loss):
+    at position t the draft reads the target's features at t and token t+1, so its step k predicts
+    token t+2+k, which the target's argmax at t+1+k predicts. Step k is accepted when its argmax
+    (mapped to the target vocabulary) equals that teacher argmax and steps 0..k-1 were accepted;
+    position t counts when token t+2 (step 0's) is an answer token. On greedy on-policy data the draft's inputs are then what it
     would see when decoding, so `tau` estimates the held-out acceptance length from thousands of
     positions instead of a few hundred decoding rounds."""
     from draft_trainer.methods.eagle3.model import Eagle3Draft
@@ -84,11 +86,11 @@ def unseen_acceptance(rows: list[tuple[dict, torch.Tensor]], embed_VH: torch.Ten
     with torch.no_grad():
         for r, teacher_T in rows:
             ids_T = r["input_ids_T"]
-            n = ids_T.numel() - num_steps        # positions whose K teacher targets all exist
+            n = ids_T.numel() - num_steps - 1    # positions whose K teacher targets all exist
             gs = model(r["aux_T3H"][None].float(), shift_left(ids_T[None], 1), num_steps)
-            match_KT = torch.stack([model.draft_to_target(model.logits(g)[0].argmax(-1))[:n] == teacher_T[k:k + n]
-                                    for k, g in enumerate(gs)])
-            answer_T = r["loss_mask_T"][1:n + 1] > 0    # the next token is an answer token
+            match_KT = torch.stack([model.draft_to_target(model.logits(g)[0].argmax(-1))[:n]
+                                    == teacher_T[k + 1:k + 1 + n] for k, g in enumerate(gs)])
+            answer_T = r["loss_mask_T"][2:n + 2] > 0    # step 0's token is an answer token
             accepted_K += (match_KT.long().cumprod(0).bool() & answer_T).sum(1).float()
             positions += int(answer_T.sum())
     rate_K = (accepted_K / max(positions, 1)).tolist()
