@@ -197,6 +197,17 @@ def sglang(r: Result) -> list[Headline]:
                      "report (parity fine on CPU)", None)]
 
 
+def parity(r: Result) -> list[Headline]:
+    rat, res = r.need("ratios_specrelay_over_specforge"), r.need("results")
+    ours, theirs = res["specrelay"], res["specforge"]
+    return [Headline(f"held-out tau **{rat['tau']:.3f}x** SpecForge's ({ours['tau']:.2f} vs {theirs['tau']:.2f}; "
+                     f"teacher-forced on held-out rows {rat['tf_tau_unseen']:.3f}x) after {ours['tokens']:,} tokens each",
+                     ">= 1.0x at equal tokens", rat["tau"] >= 1.0),
+            Headline(f"tau gain per CPU-minute **{rat['tau_gain_per_cpu_min']:.2f}x** (tokens per CPU-s "
+                     f"{rat['tokens_per_cpu_s']:.2f}x, peak RSS {rat['peak_rss']:.2f}x)", ">= 2x",
+                     rat["tau_gain_per_cpu_min"] >= 2.0)]
+
+
 # ---------------------------------------------------------------------------------- the suite
 
 BENCHMARKS: tuple[Bench, ...] = (
@@ -241,6 +252,12 @@ BENCHMARKS: tuple[Bench, ...] = (
           reproduce=f"{SGLANG_CMD} --dtype bf16"),
     Bench("sglang_fp32", "SGLang backend vs HF backend (fp32)", "bench_sglang_backend", "bench_sglang_backend_fp32",
           "as above in fp32", sglang, in_make_bench=False, reproduce=f"{SGLANG_CMD} --dtype fp32"),
+    Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge", "parity_specforge_300k",
+          "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "
+          "and lr schedule (300k tokens each, 1 thread each), both drafts exported and decoded by one evaluator on "
+          "the same held-out prompts (needs SpecForge's venv: `--setup-specforge`; ~40 min)", parity,
+          in_make_bench=False, reproduce="python -m benchmarks.bench_parity_specforge --data DATASET --tokens 300000 "
+                                         "--threads 1 --holdout-rows 64 --parallel --setup-specforge"),
 )
 
 
