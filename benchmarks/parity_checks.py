@@ -70,9 +70,9 @@ def unseen_acceptance(rows: list[tuple[dict, torch.Tensor]], embed_VH: torch.Ten
     at position t the draft reads the target's features at t and token t+1, so its step k predicts
     token t+2+k, which the target's argmax at t+1+k predicts. Step k is accepted when its argmax
     (mapped to the target vocabulary) equals that teacher argmax and steps 0..k-1 were accepted;
-    position t counts when token t+2 (step 0's) is an answer token. On greedy on-policy data the draft's inputs are then what it
-    would see when decoding, so `tau` estimates the held-out acceptance length from thousands of
-    positions instead of a few hundred decoding rounds."""
+    position t counts when token t+2 (step 0's) is an answer token. On greedy on-policy data the
+    draft's inputs are then what it would see when decoding, so `tau` estimates the held-out
+    acceptance length from thousands of positions instead of a few hundred decoding rounds."""
     from draft_trainer.methods.eagle3.model import Eagle3Draft
     from draft_trainer.model.tensors import shift_left
 
