@@ -101,6 +101,9 @@ class FeatureCacheConfig:
     dir: str = ""                    # write received features here (Arrow IPC shards) while training
     limit_gb: float = 50.0           # stop caching (warn, count) past this size; 0 = no limit
     offline: bool = False            # train from `dir` alone, with no target server
+    replay: bool = False             # online, but later epochs read back what `dir` holds: the targets compute
+                                     # each sample once per run instead of once per epoch
+    replay_threads: int = 0          # torch threads while an epoch needs no target (its cores are free); 0 = `threads`
 
 
 @dataclass
@@ -155,6 +158,11 @@ class TrainConfig:
         if self.feature_cache.offline:
             if not self.feature_cache.dir:
                 raise ConfigError("feature_cache.offline=true needs feature_cache.dir (a cache written by an online run)")
+            if self.feature_cache.replay:
+                raise ConfigError("feature_cache.replay reads back what an online run caches; an offline run reads "
+                                  "the cache anyway: drop one of feature_cache.replay / feature_cache.offline")
+        elif self.feature_cache.replay and not self.feature_cache.dir:
+            raise ConfigError("feature_cache.replay=true needs feature_cache.dir (where the run caches its features)")
         elif not self.targets.endpoints and not self.targets.embedded_model:
             raise ConfigError("give targets.endpoints (running target servers) or targets.embedded_model "
                               "(a model directory to serve from a local embedded server)")

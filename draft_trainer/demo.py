@@ -11,7 +11,9 @@ Stages, each printed as it starts (the trainer and the evaluation show progress 
               and tokenized: the draft learns what the target writes, which is what it must predict
               (--regen-conversations 0 trains on ShareGPT's own answers instead)
   3. train    an embedded target server on 127.0.0.1 streams features to the trainer for
-              --budget-min minutes; the learning-rate schedule runs over that budget
+              --budget-min minutes; the learning-rate schedule runs over that budget. The features
+              are cached as they arrive (train/features) and later epochs read them back, with the
+              trainer on both cores while the server idles
   4. export   the SGLang-format draft (config.json + model.safetensors)
   5. eval     real greedy chain speculative decoding (K=--num-steps) on the held-out prompts,
               trained draft vs the untrained one (step 0), checked token-for-token against
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(stale, ignore_errors=True)
     # The recipe lives in draft_trainer/configs/smollm2_cpu.yaml; the demo adds paths and the budget.
     overrides = [f"data.path={data_path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
-                 f"time_budget_s={budget_s}", "resume_from="]
+                 f"time_budget_s={budget_s}", "resume_from=", f"feature_cache.dir={train_dir / 'features'}"]
     if args.tiny:
         overrides += ["optim.lr=3e-3", "targets.embedded_dtype=fp32"]
     if args.curve_points:

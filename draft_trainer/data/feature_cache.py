@@ -6,7 +6,8 @@ receives to Arrow IPC shards (the same record-batch schema as the wire, common/f
 32 KiB/token at H=4096), so the expected size is estimated and logged before anything is
 written, and writing stops (with a warning, counted) at `limit_bytes`.
 
-Layout: `<dir>/meta.json` (the ModelInfo contract + wire schema), `<dir>/frozen.safetensors`
+Layout: `<dir>/meta.json` (the ModelInfo contract + wire schema, and the tokenized dataset's cache
+key: sample ids are the dataset's, so a cache holds one dataset's features), `<dir>/frozen.safetensors`
 (the target's embedding and lm_head, so offline training needs no server at all) and
 `<dir>/shard-r<rank>-<n>.arrow` (IPC files, renamed into place when complete; a crash loses at
 most the shard being written, never corrupts the cache). Reads are memory-mapped, so cached
@@ -52,7 +53,7 @@ def estimate_bytes(num_tokens: int, info: ModelInfo, spec: FeatureSpec | None = 
 class FeatureCacheWriter:
     def __init__(self, path: str | Path, info: ModelInfo, schema: FeatureSchema, *, rank: int = 0,
                  limit_bytes: int = 0, shard_bytes: int = 256 << 20,
-                 frozen: dict[str, torch.Tensor] | None = None) -> None:
+                 frozen: dict[str, torch.Tensor] | None = None, dataset_key: str = "") -> None:
         # Rank 0 checks (it writes meta.json, which the others' check would race with).
         self.path = check_output_dir(path, "feature cache", recognize=(META,), what="a feature cache",
                                      hint="give feature_cache.dir a new directory") if rank == 0 else Path(path)
@@ -69,11 +70,18 @@ class FeatureCacheWriter:
         self._sink = None
         self._tmp: Path | None = None
         self._shard_written = 0
-        self._ids: set[int] = set()
+        # Samples already cached (a resumed run, a run reading its cache back) are not written twice.
+        self._ids: set[int] = {sid for _, ids in _scan(self.path) for sid in ids.tolist()}
         meta = json.loads(json.dumps({"model_info": asdict(info), "schema": asdict(schema)}))  # tuples as JSON lists
+        if dataset_key:
+            meta["dataset_key"] = dataset_key
         meta_path = self.path / META
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
+            if old.get("dataset_key", "") != meta.get("dataset_key", ""):
+                raise ContractError(f"feature cache {self.path} holds features of another dataset (cache key "
+                                    f"{old.get('dataset_key') or 'unknown'}, this run's is {dataset_key or 'unknown'}); "
+                                    "sample ids would collide: give feature_cache.dir a new directory")
             if old != meta:
                 raise ContractError(f"feature cache {self.path} holds features of a different model or schema; "
                                     "use a new directory")
@@ -125,8 +133,21 @@ class FeatureCacheWriter:
             self._close_shard()
         return True
 
+    def flush(self) -> None:
+        """Close the shard being written, so that a reader opened now sees every sample added so far."""
+        self._close_shard()
+
     def close(self) -> None:
         self._close_shard()
+
+
+def _scan(path: Path):
+    """(record batch, its sample ids) of every complete shard (an unfinished one is a hidden .tmp file)."""
+    for shard in sorted(path.glob("shard-*.arrow")):
+        reader = pa.ipc.open_file(pa.memory_map(str(shard), "r"))
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            yield batch, batch.column("sample_id").to_numpy()
 
 
 class FeatureCacheReader:
@@ -141,16 +162,13 @@ class FeatureCacheReader:
         self.info = ModelInfo(**meta["model_info"])
         sch = meta["schema"]
         self.schema = FeatureSchema(**{**sch, "layer_ids": tuple(sch.get("layer_ids") or ())})
+        self.dataset_key: str = meta.get("dataset_key", "")  # "" in caches written before it was recorded
         self._batches: list[pa.RecordBatch] = []
         self._index: dict[int, tuple[int, int]] = {}
-        for shard in sorted(self.path.glob("shard-*.arrow")):
-            reader = pa.ipc.open_file(pa.memory_map(str(shard), "r"))
-            for b in range(reader.num_record_batches):
-                batch = reader.get_batch(b)
-                ids = batch.column("sample_id").to_numpy()
-                for row, sid in enumerate(ids):
-                    self._index[int(sid)] = (len(self._batches), row)
-                self._batches.append(batch)
+        for batch, ids in _scan(self.path):
+            for row, sid in enumerate(ids.tolist()):
+                self._index[sid] = (len(self._batches), row)
+            self._batches.append(batch)
 
     def __len__(self) -> int:
         return len(self._index)

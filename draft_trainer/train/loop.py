@@ -40,7 +40,7 @@ from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.evaluator import Evaluator, collate_deliveries
 from draft_trainer.train.parallel import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
 from draft_trainer.train.reporter import Reporter, RunCounters, StepRecord, counters_record
-from draft_trainer.train.samples import OfflineStream
+from draft_trainer.train.samples import OfflineStream, ReplayStream
 from draft_trainer.train.schedule import LRSchedule
 from draft_trainer.train.setup import Run, build_run
 
@@ -66,6 +66,7 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        self._threads = torch.get_num_threads()
         self._stack.callback(destroy_distributed)
         port = cfg.metrics_port + self.dist.local_rank if cfg.metrics_port > 0 else cfg.metrics_port
         self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_host, port)
@@ -105,6 +106,14 @@ class Trainer:
             return OfflineStream(run.cache_reader, samples)
         return Dispatcher(run.pool, samples, self.cfg.targets, self.metrics, spec=run.spec).start()
 
+    def _use_cores(self, targets_busy: bool) -> None:
+        """Replay: while an epoch needs no target, the trainer may use the cores an embedded server shared."""
+        n = self.cfg.feature_cache.replay_threads if not targets_busy else 0
+        n = n or self._threads
+        if n != torch.get_num_threads():
+            log.info("%s: %d torch thread(s)", "targets in use" if targets_busy else "epoch read from the feature cache", n)
+            torch.set_num_threads(n)
+
     # ================================================================== run
     def run(self) -> dict:
         restore = self._install_signal_handlers()
@@ -143,7 +152,11 @@ class Trainer:
         # One spare batch covers samples a server rejects (dropped) without changing which samples
         # the last step gets, so a resumed run ends exactly where an uninterrupted one does.
         budget = (cfg.max_steps - self.step + 1) * self.micro_batch * cfg.grad_accum
-        stream = self._open_stream(self.run_.stream.samples(self.cursor, budget))
+        samples = self.run_.stream.samples(self.cursor, budget)
+        if cfg.feature_cache.replay:
+            stream = ReplayStream(samples, self.run_.cache_writer, self._open_stream, self._use_cores)
+        else:
+            stream = self._open_stream(samples)
         self.reporter.open(self.step, cfg.max_steps, cfg.time_budget_s)
         stopped, last = "", None
         try:

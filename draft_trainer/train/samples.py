@@ -3,6 +3,7 @@
     stream = SampleStream(dataset, seed, rank, world, holdout, max_length, epochs, supervise)
     for s in stream.samples(cursor, budget): ...      # deterministic order from a cursor
     deliveries = stream.open(samples, pool or cache)  # features for them, in that order
+    ReplayStream(samples, writer, open_targets)       # online, reading back what the run cached
 
 The epoch order is a seeded permutation of the dataset minus the held-out samples (a fixed,
 seed-independent choice, so runs with different seeds compare on the same held-out set); rank
@@ -16,11 +17,17 @@ dataset's (assistant) mask, so evaluations compare across settings.
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+
 import numpy as np
 
 from draft_trainer.client.dispatcher import Delivery, Sample
 from draft_trainer.data.dataset import TokenizedDataset
-from draft_trainer.data.feature_cache import FeatureCacheReader
+from draft_trainer.data.feature_cache import FeatureCacheReader, FeatureCacheWriter
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 0x5EED  # held-out samples do not depend on the run's seed
 
@@ -109,3 +116,73 @@ class OfflineStream:
 
     def close(self) -> None:
         pass
+
+
+class ReplayStream:
+    """Online training that reads back its own feature cache (`feature_cache.replay`).
+
+    Each epoch's samples come from the cache when it holds them (trained in an earlier epoch of this
+    run, or by an earlier run on the same dataset) and from the targets otherwise, in the rank's
+    order: the targets compute a sample's features once per run instead of once per epoch. At each
+    epoch's start the writer's open shard is closed and the cache re-read, and `on_source(online)`
+    says whether the epoch needs the targets at all (the trainer takes the cores back while they
+    idle). Features are bit-identical either way: the cache keeps what the targets sent.
+    """
+
+    def __init__(self, samples: Iterable[Sample], writer: FeatureCacheWriter,
+                 open_targets: Callable[[list[Sample]], Iterable[Delivery]],
+                 on_source: Callable[[bool], None] = lambda online: None) -> None:
+        self.samples = samples
+        self.writer = writer
+        self.open_targets = open_targets
+        self.on_source = on_source
+        self.replayed = 0            # samples delivered from the cache
+        self.requested = 0           # samples sent to the targets
+        self._targets: list = []     # the targets streams opened so far (one per epoch that needed them)
+        self._said: bool | None = None  # whether the last epoch logged needed the targets
+        self._it = self._deliveries()
+
+    def __iter__(self) -> "ReplayStream":
+        return self                  # one iterator: the trainer takes a batch at a time
+
+    def __next__(self) -> Delivery:
+        return next(self._it)
+
+    def _deliveries(self):
+        for epoch, group in itertools.groupby(self.samples, key=lambda s: s.cursor[0]):
+            todo = list(group)       # one epoch of this rank's order: ids and token views, no features
+            self.writer.flush()
+            reader = FeatureCacheReader(self.writer.path)
+            need = [s for s in todo if not s.drop_reason and s.sample_id not in reader]
+            # Said when the source changes (or the targets are needed): a 10-second epoch must not flood the log.
+            log.log(logging.INFO if need or self._said != bool(need) else logging.DEBUG,
+                    "epoch %d: %d sample(s) from the feature cache, %d from the targets",
+                    epoch, len(todo) - len(need), len(need))
+            self._said = bool(need)
+            self.on_source(bool(need))
+            targets = iter(())
+            if need:
+                self._targets.append(self.open_targets(need))
+                self.requested += len(need)
+                targets = iter(self._targets[-1])
+            for s in todo:
+                if s.drop_reason:
+                    yield Delivery(s, drop_reason=s.drop_reason)
+                elif s.sample_id not in reader:
+                    yield next(targets)  # the targets stream delivers `need` in its order, drops included
+                else:
+                    f = reader.get(s.sample_id)
+                    if f.length != len(s.token_ids):
+                        yield Delivery(s, drop_reason="cache_length_mismatch")
+                    else:
+                        self.replayed += 1
+                        yield Delivery(s, features=f)
+            self.close()
+
+    def summary(self) -> dict:
+        return {"source": f"targets + feature cache replay {self.writer.path}", "replayed": self.replayed,
+                "requested": self.requested, "targets": [t.summary() for t in self._targets]}
+
+    def close(self) -> None:
+        for t in self._targets:
+            t.close()

@@ -97,6 +97,11 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
     check_feature_spec(run.info, run.spec, where="the target" if run.pool else f"feature cache {cfg.feature_cache.dir}")
     if run.cache_reader is not None:
         run.cache_reader.check_spec(run.spec)
+        key = dataset.meta.get("cache_key", "")
+        if run.cache_reader.dataset_key and key and run.cache_reader.dataset_key != key:
+            raise ContractError(f"feature cache {cfg.feature_cache.dir} holds the features of another dataset (cache key "
+                                f"{run.cache_reader.dataset_key}) than data.path={cfg.data.path} ({key}): sample ids "
+                                "would pair features with the wrong tokens; point data.path at the dataset it was built from")
     if run.pool is not None:
         if cfg.targets.wire_dtypes:   # how the servers send it (e.g. aux as fp8); decoded to the served dtype
             run.spec = replace(run.spec, tensor_dtypes=cfg.targets.wire_dtypes)
@@ -265,5 +270,6 @@ def open_cache(run: Run, frozen: dict[str, torch.Tensor]) -> FeatureCacheWriter:
     log.info("feature cache %s: about %.2f GB for this rank's samples (one epoch); limit %s", fc.dir, est / 1e9,
              f"{fc.limit_gb:g} GB" if limit else "none")
     return FeatureCacheWriter(fc.dir, run.info, schema, rank=run.dist.rank, limit_bytes=limit,
-                              frozen=frozen if run.dist.is_main else None)
+                              frozen=frozen if run.dist.is_main else None,
+                              dataset_key=run.dataset.meta.get("cache_key", ""))
 

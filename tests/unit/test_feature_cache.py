@@ -66,3 +66,34 @@ def test_other_model_cannot_share_a_cache(tmp_path):
     with pytest.raises(DataError, match="not a feature cache"):
         FeatureCacheReader(tmp_path / "nope")
     assert json.loads((tmp_path / "meta.json").read_text())["model_info"]["tokenizer_fingerprint"] == "fp"
+
+
+def test_flush_makes_written_samples_readable_and_a_reopened_writer_skips_them(tmp_path):
+    w = FeatureCacheWriter(tmp_path, info(), FeatureSchema(H, "bfloat16"), dataset_key="k1")
+    assert w.add([sample(1, 4), sample(2, 5)])
+    assert len(FeatureCacheReader(tmp_path)) == 0     # still in the open shard
+    w.flush()
+    assert len(FeatureCacheReader(tmp_path)) == 2     # what replay reads at an epoch's start
+    assert w.add([sample(3, 4)])
+    w.close()
+    # A resumed run re-opens the cache: samples already on disk are not written a second time.
+    w2 = FeatureCacheWriter(tmp_path, info(), FeatureSchema(H, "bfloat16"), dataset_key="k1")
+    assert not w2.add([sample(2, 5)]) and w2.written_samples == 0
+    assert w2.add([sample(4, 3)])
+    w2.close()
+    rows = sum(pa_rows(p) for p in tmp_path.glob("shard-*.arrow"))
+    assert rows == 4 and len(FeatureCacheReader(tmp_path)) == 4
+    assert FeatureCacheReader(tmp_path).dataset_key == "k1"
+
+
+def test_another_dataset_cannot_share_a_cache(tmp_path):
+    # Sample ids are the dataset's: a second dataset's sample 1 would read the first one's features.
+    FeatureCacheWriter(tmp_path, info(), FeatureSchema(H, "bfloat16"), dataset_key="k1").close()
+    with pytest.raises(ContractError, match="another dataset .cache key k1, this run's is k2.*new directory"):
+        FeatureCacheWriter(tmp_path, info(), FeatureSchema(H, "bfloat16"), dataset_key="k2")
+
+
+def pa_rows(path) -> int:
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().num_rows
