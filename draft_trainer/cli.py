@@ -149,7 +149,8 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(args.target_model, args.draft, args.prompts, num_steps=args.num_steps,
                       max_new_tokens=args.max_new_tokens, prompt_lookup=not args.no_prompt_lookup,
                       untrained=args.untrained, speed_rounds=args.speed_rounds, max_ngram=args.max_ngram,
-                      min_ngram=args.min_ngram, force=args.force, dtype=args.dtype, also_k=args.also_k)
+                      min_ngram=args.min_ngram, force=args.force, dtype=args.dtype, also_k=args.also_k,
+                      also_confidence=args.also_min_confidence)
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text)
@@ -293,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--also-k", type=lambda x: [int(k) for k in x.split(",") if k], default=[],
                    help="comma-separated chain lengths to run the same draft at beside --num-steps ('by_k': tau "
                         "and speed per K; the fastest K on a machine can be shorter than the trained one)")
+    v.add_argument("--also-min-confidence", type=lambda x: [float(c) for c in x.split(",") if c], default=[],
+                   help="comma-separated thresholds in (0, 1): the same draft with dynamic chains that stop once the "
+                        "product of its top-1 probabilities falls below the threshold ('by_confidence': tau, draft "
+                        "tokens verified per round and speed per threshold)")
     v.add_argument("--output", help="also write the JSON result here")
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")

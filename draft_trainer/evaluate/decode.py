@@ -151,8 +151,10 @@ class TargetVerifier:
 
 @torch.inference_mode()
 def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: int, max_new_tokens: int,
-                       eos: set[int], *, verifier: TargetVerifier | None = None) -> tuple[list[int], SpecStats]:
-    """Greedy chain speculative decoding of one prompt (module doc); returns (tokens, stats)."""
+                       eos: set[int], *, verifier: TargetVerifier | None = None,
+                       min_confidence: float = 0.0) -> tuple[list[int], SpecStats]:
+    """Greedy chain speculative decoding of one prompt (module doc); returns (tokens, stats).
+    `min_confidence` > 0 lets the drafter end a chain early (dynamic length, Drafter.propose)."""
     verifier = verifier or TargetVerifier(target, drafter.feature_layers)
     st = SpecStats()
     clock = time.perf_counter
@@ -167,7 +169,8 @@ def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: i
     done = len(toks) >= max_new_tokens or x_n in eos
     while not done:
         t1 = clock()
-        drafts = drafter.propose(num_steps)
+        # (drafters written before dynamic chains take one argument: pass it only when asked)
+        drafts = drafter.propose(num_steps, min_confidence) if min_confidence > 0 else drafter.propose(num_steps)
         t2 = clock()
         if len(drafts) > num_steps:
             raise ValueError(f"drafter {drafter.name} proposed {len(drafts)} tokens, more than {num_steps}")

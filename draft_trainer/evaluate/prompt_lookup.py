@@ -44,7 +44,7 @@ class PromptLookupDrafter:
                     table[tuple(ctx[end - n : end])] = end
             ctx.append(t)
 
-    def propose(self, max_tokens: int) -> list[int]:
+    def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:  # n-grams have no confidence
         ctx, L = self.ctx, len(self.ctx)
         for n in range(min(self.max_ngram, L), self.min_ngram - 1, -1):
             end = self._latest[n].get(tuple(ctx[L - n :]))

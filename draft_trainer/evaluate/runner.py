@@ -16,6 +16,9 @@ median over rounds; `speedup` is the median of the per-round ratios draft/greedy
 `break_even_tau` is the acceptance length at which this draft, at this K on this machine, would
 match plain greedy decoding (the cost of one round over that of one greedy token).
 `also_k` adds the same draft at other chain lengths (`by_k`): the K to serve with on this machine.
+`also_confidence` adds it with dynamic chains (`by_confidence`): up to K tokens, stopping once the
+draft's own confidence in the chain (product of its top-1 probabilities) falls below the value, so
+a round verifies only what the draft believes in (on a CPU each verified token costs).
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ def check_draft_target(draft_dir: Path, target_model: str | Path, tokenizer) -> 
                             + ". Pass --force to evaluate anyway")
 
 
+def _proposed(stats: list[SpecStats]) -> float:
+    """Draft tokens verified per round (a round verifies these + 1)."""
+    return sum(sum(st.proposed) for st in stats) / max(sum(st.rounds for st in stats), 1)
+
+
 def _tps(tokens: int, seconds: float) -> float:
     return tokens / max(seconds, 1e-9)
 
@@ -84,7 +92,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
              max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False,
              prompt_lookup: bool = True, untrained: bool = False, speed_rounds: int = 1, max_ngram: int = 3,
              min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32",
-             also_k: Sequence[int] = ()) -> dict:
+             also_k: Sequence[int] = (), also_confidence: Sequence[float] = ()) -> dict:
     """Acceptance and speed of one exported draft and its baselines on a prompts file (module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
@@ -109,6 +117,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     also_k = sorted({int(k) for k in also_k} - {num_steps})
     if any(k < 1 for k in also_k):
         raise DataError(f"--also-k: chain lengths must be >= 1, got {also_k}")
+    also_confidence = sorted({float(c) for c in also_confidence})
+    if any(not 0 < c < 1 for c in also_confidence):
+        raise DataError(f"--also-min-confidence: values must lie in (0, 1), got {also_confidence}")
     if not 1 <= min_ngram <= max_ngram:
         raise DataError(f"prompt lookup needs 1 <= min n-gram <= max n-gram, got {min_ngram}, {max_ngram}")
     config_path = Path(draft_dir) / "config.json"
@@ -128,8 +139,12 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     if untrained:
         drafters["untrained"] = method.drafter(Path(draft_dir), target, dtype=tdtype, untrained=True, seed=seed)
     steps = dict.fromkeys(drafters, num_steps)
+    confidence = dict.fromkeys(drafters, 0.0)
     for k in also_k:  # the same drafter object: start() resets its state for every prompt
         drafters[f"draft_k{k}"], steps[f"draft_k{k}"] = drafters["draft"], k
+    for c in also_confidence:
+        name = f"draft_c{c:g}"
+        drafters[name], steps[name], confidence[name] = drafters["draft"], num_steps, c
     cache = greedy_cache if greedy_cache is not None else {}
     load_before = os.getloadavg()[0]
 
@@ -160,7 +175,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                 if r == 0 and name == "prompt_lookup" and pl_key in cache:
                     got, st = cache[pl_key]
                 else:
-                    got, st = speculative_decode(target, drafter, prompt, steps[name], max_new_tokens, eos)
+                    got, st = speculative_decode(target, drafter, prompt, steps[name], max_new_tokens, eos,
+                                                 min_confidence=confidence.get(name, 0.0))
                     if name == "prompt_lookup":
                         cache.setdefault(pl_key, (got, st))
                 secs[name][r].append(st.seconds)
@@ -216,15 +232,21 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                                    "speedup": statistics.median(ratio[name]),
                                    "lossless": not any(m["drafter"] == name for m in mismatches)}
                           for k, name in sorted([(num_steps, "draft")] + [(k, f"draft_k{k}") for k in also_k])}
+    if also_confidence:
+        result["by_confidence"] = {f"{c:g}": {"tau": acceptance(stats[f"draft_c{c:g}"], num_steps)["tau"],
+                                              "proposed_per_round": _proposed(stats[f"draft_c{c:g}"]),
+                                              "spec_tokens_per_s": statistics.median(tps[f"draft_c{c:g}"]),
+                                              "speedup": statistics.median(ratio[f"draft_c{c:g}"]),
+                                              "lossless": not any(m["drafter"] == f"draft_c{c:g}" for m in mismatches)}
+                                   for c in also_confidence}
     for name in drafters:
-        if name == "draft" or name.startswith("draft_k"):
+        if name == "draft" or name.startswith(("draft_k", "draft_c")):
             continue
         result[name] = {**acceptance(stats[name], num_steps),
                         "spec_tokens_per_s": statistics.median(tps[name]),
                         "speedup": statistics.median(ratio[name]),
                         "lossless": not any(m["drafter"] == name for m in mismatches),
-                        "proposed_per_round": sum(sum(st.proposed) for st in stats[name]) /
-                                              max(sum(st.rounds for st in stats[name]), 1)}
+                        "proposed_per_round": _proposed(stats[name])}
     if prompt_lookup:
         result["prompt_lookup"].update(max_ngram=max_ngram, min_ngram=min_ngram)
     if untrained:

@@ -148,8 +148,11 @@ class DraftMethod(abc.ABC):
 #   extend(tokens, feats_SF):        commits tokens (the a accepted drafts + the bonus token);
 #                                    feats_SF[i] = features of the position before tokens[i]
 #                                    (those of x_n, d_1..d_a: what the target just verified);
-#   propose(k):                      up to k tokens continuing the committed sequence (fewer, or
-#                                    none, is allowed: the round then verifies fewer tokens).
+#   propose(k, min_confidence):      up to k tokens continuing the committed sequence (fewer, or
+#                                    none, is allowed: the round then verifies fewer tokens). A
+#                                    drafter that scores its tokens stops once the chain's
+#                                    confidence (product of its top-1 probabilities) would fall
+#                                    below min_confidence; one that does not (prompt lookup) ignores it.
 #
 # `feature_layers` names the decoder layers whose outputs make the features (in that order;
 # `()` = the drafter needs none, and the target runs without capturing hidden states).
@@ -164,8 +167,9 @@ class Drafter(Protocol):
         """A new sequence: forget the previous one, commit prompt + [first_token]."""
         ...
 
-    def propose(self, max_tokens: int) -> list[int]:
-        """Up to max_tokens draft tokens (target vocabulary ids) continuing the committed sequence."""
+    def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:
+        """Up to max_tokens draft tokens (target vocabulary ids) continuing the committed sequence,
+        stopping before the chain's confidence falls below min_confidence (0: always max_tokens)."""
         ...
 
     def extend(self, tokens: Sequence[int], feats_SF: torch.Tensor | None) -> None:

@@ -218,3 +218,59 @@ def test_evaluate_in_bf16_verifies_against_bf16_greedy(trained, tiny_llama):
     assert len({k[1] for k in cache if k[0] != "prompt_lookup"}) == 2   # one greedy reference per dtype
     with pytest.raises(DataError, match="eval dtype 'fp16'"):
         evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, dtype="fp16")
+
+
+class _Recording:
+    """Wraps a drafter: for every round, also the chain it would propose with no threshold."""
+
+    def __init__(self, inner: Eagle3Drafter, k: int):
+        self.inner, self.k = inner, k
+        self.name, self.feature_layers = inner.name, inner.feature_layers
+        self.rounds: list[tuple[list[int], list[int], float]] = []   # (proposed, full chain, p(first))
+
+    def start(self, *a):
+        self.inner.start(*a)
+
+    def extend(self, *a):
+        self.inner.extend(*a)
+
+    def propose(self, k, min_confidence=0.0):
+        d = self.inner.draft
+        p_first = float(d.logits(self.inner.g_last).float().softmax(-1).max())
+        full = self.inner.propose(k)
+        self.inner.cache.truncate(self.inner.real_len)   # drop the look-ahead's speculative entries
+        got = self.inner.propose(k, min_confidence)
+        self.rounds.append((got, full, p_first))
+        return got
+
+
+def test_dynamic_chains_stop_where_the_drafts_confidence_falls(trained, tiny_llama):
+    """A confidence-stopped chain is a prefix of the fixed-K chain, decided by the draft's top-1
+    probabilities (below p(first) nothing is drafted); decoding stays lossless."""
+    draft, export_dir, prompts = trained
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    eos = eos_set(target, AutoTokenizer.from_pretrained(tiny_llama))
+    lengths = {}
+    with one_thread():
+        for c in (1e-9, 0.3, 0.6, 0.999999):
+            rec, n = _Recording(Eagle3Drafter(draft), 4), []
+            for prompt in _prompts(tiny_llama):
+                got, _ = speculative_decode(target, rec, prompt, 4, MAX_NEW, eos, min_confidence=c)
+                assert got == greedy_decode(target, prompt, MAX_NEW, eos)[0]
+            for proposed, full, p_first in rec.rounds:
+                assert proposed == full[: len(proposed)]
+                assert (len(proposed) == 0) == (p_first < c)
+                n.append(len(proposed))
+            lengths[c] = n
+    assert set(lengths[1e-9]) == {4}                         # a threshold nothing falls below: always K
+    assert set(lengths[0.999999]) == {0}                     # nothing is that sure: plain greedy steps
+    assert len(set(lengths[0.3]) | set(lengths[0.6])) > 2    # in between, the length varies with the context
+    mean = {c: sum(n) / len(n) for c, n in lengths.items()}
+    assert mean[1e-9] > mean[0.3] >= mean[0.6] > mean[0.999999]
+    with one_thread():
+        r = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, prompt_lookup=False,
+                     also_confidence=[0.5])
+        with pytest.raises(DataError, match="--also-min-confidence"):
+            evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, also_confidence=[1.0])
+    b = r["by_confidence"]["0.5"]
+    assert b["lossless"] and 0 < b["proposed_per_round"] < 4 and 1.0 <= b["tau"] <= r["tau"]

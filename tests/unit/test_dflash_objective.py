@@ -227,3 +227,10 @@ def test_the_drafter_proposes_what_training_scores_at_the_same_anchor():
         h2 = model(feats, emb[tg2.noise_ids_BQ], torch.arange(T)[None], tg2.pos_q_BQ,
                    obj.context_visibility(anchors2, torch.ones(1, T), K))
     assert drafter.propose(K - 1) == (h2[0, 1:] @ head.t()).argmax(-1).tolist()
+    # A confidence-stopped block keeps the prefix whose product of top-1 probabilities stays above
+    # the threshold: every cut point between 0 and the whole block is reachable.
+    logits_KV = h2[0, 1:] @ head.t()
+    conf = [1.0] + logits_KV.softmax(-1).amax(-1).cumprod(0).tolist() + [0.0]
+    for n in range(K):
+        c = (conf[n] + conf[n + 1]) / 2
+        assert drafter.propose(K - 1, c) == logits_KV.argmax(-1).tolist()[:n], (n, c)

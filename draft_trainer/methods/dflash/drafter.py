@@ -42,7 +42,7 @@ class DFlashDrafter:
         self._extend(feats_SF, list(prompt[1:]) + [first_token])
 
     @torch.no_grad()
-    def propose(self, max_tokens: int) -> list[int]:
+    def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:
         k = max_tokens
         d = self.draft
         K = max(2, min(k + 1, d.cfg.block_size))
@@ -54,7 +54,11 @@ class DFlashDrafter:
         visible_1KS = torch.ones(1, K, S, dtype=torch.bool)
         h_1KH = d.forward_projected(self.ctx_SH[None], noise_1KH, torch.arange(S)[None], pos_q_1K, visible_1KS, K)
         logits_KV = h_1KH[0, 1:] @ self.head_VH.t().to(h_1KH.dtype)
-        return logits_KV.argmax(-1).tolist()[:k]
+        drafts = logits_KV.argmax(-1).tolist()[:k]
+        if min_confidence > 0:  # the block's prefix whose product of top-1 probabilities stays above it
+            conf_K = logits_KV[:k].float().softmax(-1).amax(-1).cumprod(0)
+            drafts = drafts[: int((conf_K >= min_confidence).sum())]
+        return drafts
 
     def extend(self, tokens, feats_SF: torch.Tensor) -> None:
         self._extend(feats_SF, list(tokens))

@@ -53,15 +53,21 @@ class Eagle3Drafter:
         self.real_len += S
         self.last_token = tokens[-1]
 
-    def propose(self, max_tokens: int) -> list[int]:
+    def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:
         d = self.draft
         drafts: list[int] = []
         prev_tok, g_11h = self.last_token, self.g_last
+        confidence = 1.0   # the draft's estimate that every token so far is accepted
         for j in range(max_tokens):
             if j > 0:
                 emb_11h = d.embed_tokens(torch.tensor([[prev_tok]]))
                 # EAGLE-3.1 feeds the normed output to the next step (feed is the identity for 3)
                 g_11h = d.step(emb_11h, d.feed(g_11h), torch.tensor([[self.real_len - 1 + j]]), self.cache)
-            prev_tok = int(d.draft_to_target(d.logits(g_11h).argmax(-1))[0, 0])
+            logits_11v = d.logits(g_11h)
+            if min_confidence > 0:
+                confidence *= float(logits_11v.float().softmax(-1).max())
+                if confidence < min_confidence:
+                    break
+            prev_tok = int(d.draft_to_target(logits_11v.argmax(-1))[0, 0])
             drafts.append(prev_tok)
         return drafts
