@@ -208,6 +208,14 @@ def parity(r: Result) -> list[Headline]:
                      rat["tau_gain_per_cpu_min"] >= 2.0)]
 
 
+def replay(r: Result) -> list[Headline]:
+    base, rep = r.need("rows")
+    return [Headline(f"feature-cache replay: **{rep['tokens'] / base['tokens']:.2f}x** the training tokens in "
+                     f"{r.need('minutes'):g} min ({rep['epochs']} vs {base['epochs']} epochs; the target computed "
+                     f"{rep['target_samples']} vs {base['target_samples']} samples)", "report (the demo's recipe)",
+                     None)]
+
+
 # ---------------------------------------------------------------------------------- the suite
 
 BENCHMARKS: tuple[Bench, ...] = (
@@ -252,6 +260,11 @@ BENCHMARKS: tuple[Bench, ...] = (
           reproduce=f"{SGLANG_CMD} --dtype bf16"),
     Bench("sglang_fp32", "SGLang backend vs HF backend (fp32)", "bench_sglang_backend", "bench_sglang_backend_fp32",
           "as above in fp32", sglang, in_make_bench=False, reproduce=f"{SGLANG_CMD} --dtype fp32"),
+    Bench("replay", "Feature-cache replay in the demo's recipe", "bench_replay", "replay",
+          "the demo's recipe (trainer 1 thread beside a 1-thread embedded bf16 SmolLM2 server) for the same wall "
+          "time, later epochs recomputed by the target vs read back from the run's feature cache (trainer on 2 "
+          "threads while the target idles)", replay, in_make_bench=False,
+          reproduce="python -m benchmarks.bench_replay --data runs/demo/data/onpolicy --minutes 8"),
     Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge", "parity_specforge_300k",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "
           "and lr schedule (300k tokens each, 1 thread each), both drafts exported and decoded by one evaluator on "
