@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             model, data, budget = args.model or assets.fetch_smollm2(), args.data, args.minutes * 60
         common = [f"data.path={data}", f"targets.embedded_model={model}", f"time_budget_s={budget}", *extra]
         rows = []
-        for name, arm in (("every epoch from the target", ["feature_cache.replay=false"]),
+        for name, arm in (("every epoch from the target", ["feature_cache.dir=", "feature_cache.replay=false"]),
                           ("replay (feature_cache.replay)", [f"feature_cache.dir={work / 'cache'}",
                                                              "feature_cache.replay=true",
                                                              f"feature_cache.replay_threads={args.replay_threads}"])):
