@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(rows, ["arm", "tokens", "vs target every epoch", "tokens_per_s", "epochs", "target_samples",
                                   "steps", "peak_rss_mb", "wall_s"])
     table += (f"\n\nLosses over epoch 0 ({n} steps, run the same way in both arms): largest relative difference "
-              f"{agree:.2e} (the embedded server's features vary in their last bits with request batching).\n")
+              f"{agree:.2e} (the embedded server is not batch-invariant: features differ in their last bits with "
+              "request batching, and training steps amplify that).\n")
     write_results("replay_smoke" if args.smoke else "replay",
                   {"smoke": args.smoke, "minutes": budget / 60, "replay_threads": args.replay_threads,
                    "load_avg_start": load_start, "epoch0_steps_compared": n, "max_rel_loss_diff": agree, "rows": rows}, table, out_dir=args.out)

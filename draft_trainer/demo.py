@@ -54,6 +54,7 @@ log = logging.getLogger("draft_trainer.demo")
 RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
 REGEN_CONVERSATIONS = 500      # on-policy answers: about 6-10 min of regeneration on 2 cores (docs/demo.md)
 ALSO_K = (2, 3)               # the trained draft is also timed at these chain lengths (report: the K to serve with here)
+ALSO_CONFIDENCE = (0.2,)      # and with dynamic chains (up to K, stopping below this confidence; eval --also-min-confidence)
 REGEN_MAX_NEW_TOKENS = 128    # the evaluation decodes 64 tokens per prompt; answers are cut at twice that to keep regeneration short
 
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         step = int(c.name.split("_")[-1])
         also_k = [k for k in ALSO_K if k < args.num_steps] if c == last else []  # shorter chains: the trained draft only
         r = evaluate(model, d, prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
-                     greedy_cache=greedy, progress=True, also_k=also_k)
+                     greedy_cache=greedy, progress=True, also_k=also_k,
+                     also_confidence=ALSO_CONFIDENCE if c == last else ())
         if not r["lossless"]:
             raise SystemExit(f"demo: speculative output of {d} differs from greedy decoding: {r['mismatches'][:3]}")
         results[c.name] = r
@@ -245,6 +247,11 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
     if trained.get("by_k"):  # a round verifies K+1 tokens: on a CPU a shorter chain can be faster
         lines += ["", "The trained draft at other chain lengths (same prompts, lossless): " + "; ".join(
             f"K={k}: tau {b['tau']:.2f}, {b['speedup']:.2f}x plain greedy" for k, b in trained["by_k"].items()) + "."]
+    if trained.get("by_confidence"):  # dynamic chains: verify only what the draft believes in
+        lines += ["", "Dynamic chains (up to K, stopping once the draft's confidence in the chain falls below the "
+                      "threshold): " + "; ".join(
+            f"{c}: tau {b['tau']:.2f}, {b['proposed_per_round']:.2f} draft tokens verified per round, "
+            f"{b['speedup']:.2f}x plain greedy" for c, b in trained["by_confidence"].items()) + "."]
     lines += ["", "tau vs training tokens: " + ", ".join(f"{c['train_tokens']:,} -> {c['tau']:.2f}" for c in curve),
               "", "stage times: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()) +
               f"; total {total_s / 60:.1f} min", ""]

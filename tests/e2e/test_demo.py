@@ -35,5 +35,11 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
         assert (out / "drafts" / f"step_{c['step']:08d}" / "config.json").is_file()
     report = (out / "report.md").read_text()
     assert "| acceptance length tau (K=5, greedy chain) |" in report
+    # The target computed each training sample once: later epochs were read back from the feature cache.
+    src = json.loads((out / "train" / "summary.json").read_text())["pool"]
+    assert src["requested"] == 24 and src["replayed"] > 0
+    last = json.loads((out / "eval" / f"step_{curve[-1]['step']:08d}.json").read_text())
+    assert list(last["by_k"]) == ["2", "3", "5"] and last["by_confidence"]["0.2"]["lossless"]
+    assert "Dynamic chains" in report and "K=2: tau" in report
     for png in ("acceptance.png", "train/loss.png", "train/accuracy.png"):
         assert (out / png).stat().st_size > 1000, png
