@@ -39,3 +39,15 @@ def smollm2_tokenizer_dir():
     from draft_trainer.assets.fetch import smollm2_tokenizer
 
     return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def exact_tiny_server(tiny_llama, tmp_path_factory):
+    """A target server on the tiny Llama whose features do not depend on how requests were batched
+    (fp32, --batch-invariant): for runs that must train identically, shared by the session."""
+    from tests.support.procs import start_server
+
+    srv = start_server(tmp_path_factory.mktemp("exact-server"), "--model", str(tiny_llama), "--backend", "hf",
+                       "--dtype", "fp32", "--batch-invariant")
+    yield srv
+    srv.stop()

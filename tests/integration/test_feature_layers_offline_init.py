@@ -7,19 +7,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from tests.support.procs import run_cli, start_server
+from tests.support.procs import run_cli
 
 LAYERS = [0, 1, 3]  # the tiny Llama has 4 layers: 3 is the last (the final norm's input)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("fl"), "--model", str(tiny_llama), "--backend", "hf",
-                       "--dtype", "fp32", "--batch-invariant")
-    yield srv
-    srv.stop()
 
 
 def _train(dataset, out, *extra, ok=True):
@@ -41,10 +31,10 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in _records(out, "train")]
 
 
-def test_chosen_layers_and_target_init_train_offline_like_online(server, tiny_dataset, tmp_path):
+def test_chosen_layers_and_target_init_train_offline_like_online(exact_tiny_server, tiny_dataset, tmp_path):
     cache = tmp_path / "cache"
     common = ["model.init=target", f"model.feature_layers=[{','.join(map(str, LAYERS))}]", "eval.holdout=4"]
-    _train(tiny_dataset, tmp_path / "online", *common, f"targets.endpoints={server.endpoint}",
+    _train(tiny_dataset, tmp_path / "online", *common, f"targets.endpoints={exact_tiny_server.endpoint}",
            f"feature_cache.dir={cache}")
     step0 = tmp_path / "online" / "checkpoints" / "step_00000000"
     assert json.loads((step0 / "draft_config.json").read_text())["aux_layer_ids"] == LAYERS
@@ -65,9 +55,9 @@ def test_chosen_layers_and_target_init_train_offline_like_online(server, tiny_da
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == LAYERS
 
 
-def test_offline_target_init_needs_a_cache_that_kept_the_layer(server, tiny_dataset, tmp_path):
+def test_offline_target_init_needs_a_cache_that_kept_the_layer(exact_tiny_server, tiny_dataset, tmp_path):
     cache = tmp_path / "cache"
-    _train(tiny_dataset, tmp_path / "online", "model.init=random", f"targets.endpoints={server.endpoint}",
+    _train(tiny_dataset, tmp_path / "online", "model.init=random", f"targets.endpoints={exact_tiny_server.endpoint}",
            f"feature_cache.dir={cache}")
     res = _train(tiny_dataset, tmp_path / "offline", "model.init=target", f"feature_cache.dir={cache}",
                  "feature_cache.offline=true", ok=False)

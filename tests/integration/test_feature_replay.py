@@ -13,18 +13,10 @@ import pyarrow as pa
 import pytest
 
 from draft_trainer.assets.tiny import build_tiny_dataset
-from tests.support.procs import run_cli, start_server
+from tests.support.procs import run_cli
 
 SAMPLES = 48  # build_tiny_dataset's default
 EPOCHS = 3
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("replay"), "--model", str(tiny_llama), "--backend", "hf",
-                       "--dtype", "fp32", "--batch-invariant")
-    yield srv
-    srv.stop()
 
 
 def _train(dataset, out, server, *extra, ok=True):
@@ -46,10 +38,11 @@ def _cached_rows(cache) -> int:
     return sum(pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all().num_rows for p in cache.glob("shard-*.arrow"))
 
 
-def test_replay_trains_like_online_and_asks_the_target_once_per_sample(server, tiny_dataset, tmp_path):
-    _train(tiny_dataset, tmp_path / "online", server)
+def test_replay_trains_like_online_and_asks_the_target_once_per_sample(exact_tiny_server, tiny_dataset, tmp_path):
+    _train(tiny_dataset, tmp_path / "online", exact_tiny_server)
     cache = tmp_path / "cache"
-    res = _train(tiny_dataset, tmp_path / "replay", server, f"feature_cache.dir={cache}", "feature_cache.replay=true")
+    res = _train(tiny_dataset, tmp_path / "replay", exact_tiny_server, f"feature_cache.dir={cache}",
+                 "feature_cache.replay=true")
     online, replay = _losses(tmp_path / "online"), _losses(tmp_path / "replay")
     assert len(online) == SAMPLES * EPOCHS // 8 and replay == online
     src = json.loads((tmp_path / "replay" / "summary.json").read_text())["pool"]
@@ -59,12 +52,12 @@ def test_replay_trains_like_online_and_asks_the_target_once_per_sample(server, t
     assert "epoch 1: 48 sample(s) from the feature cache, 0 from the targets" in res.stderr
 
 
-def test_a_resumed_replay_reads_what_the_first_part_cached(server, tiny_dataset, tmp_path):
+def test_a_resumed_replay_reads_what_the_first_part_cached(exact_tiny_server, tiny_dataset, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "run"
     common = (f"feature_cache.dir={cache}", "feature_cache.replay=true", "save_every=1")
-    _train(tiny_dataset, out, server, *common, "max_steps=9")          # stops in epoch 1 (6 steps an epoch)
+    _train(tiny_dataset, out, exact_tiny_server, *common, "max_steps=9")          # stops in epoch 1 (6 steps an epoch)
     first = _losses(out)
-    res = _train(tiny_dataset, out, server, *common, "resume_from=auto", "feature_cache.replay_threads=2")
+    res = _train(tiny_dataset, out, exact_tiny_server, *common, "resume_from=auto", "feature_cache.replay_threads=2")
     assert _losses(out)[:9] == first and len(_losses(out)) == SAMPLES * EPOCHS // 8
     src = json.loads((out / "summary.json").read_text())["pool"]
     assert src["requested"] == 0 and src["replayed"] == SAMPLES * EPOCHS - 9 * 8
@@ -72,13 +65,15 @@ def test_a_resumed_replay_reads_what_the_first_part_cached(server, tiny_dataset,
     assert "epoch read from the feature cache: 2 torch thread(s)" in res.stderr
 
 
-def test_a_cache_of_another_dataset_is_refused(server, tiny_llama, tiny_dataset, tmp_path):
+def test_a_cache_of_another_dataset_is_refused(exact_tiny_server, tiny_llama, tiny_dataset, tmp_path):
     cache = tmp_path / "cache"
-    _train(tiny_dataset, tmp_path / "a", server, f"feature_cache.dir={cache}", "max_steps=1")
+    _train(tiny_dataset, tmp_path / "a", exact_tiny_server, f"feature_cache.dir={cache}", "max_steps=1")
     other = build_tiny_dataset(tiny_llama, tmp_path / "other", num_samples=16, seed=7)
-    res = _train(other, tmp_path / "b", server, f"feature_cache.dir={cache}", "feature_cache.replay=true", ok=False)
+    res = _train(other, tmp_path / "b", exact_tiny_server, f"feature_cache.dir={cache}", "feature_cache.replay=true",
+                 ok=False)
     assert res.returncode != 0 and "holds features of another dataset" in res.stderr
-    res = _train(other, tmp_path / "c", server, f"feature_cache.dir={cache}", "feature_cache.offline=true", ok=False)
+    res = _train(other, tmp_path / "c", exact_tiny_server, f"feature_cache.dir={cache}", "feature_cache.offline=true",
+                 ok=False)
     assert res.returncode != 0 and "holds the features of another dataset" in res.stderr
 
 
