@@ -209,3 +209,18 @@ def test_bad_resume_and_config_errors_are_clear(dataset, tmp_path):
                          capture_output=True, text=True, timeout=120, env=env_with_repo(), cwd=REPO)
     assert res.returncode == 2 and "feature_cache.dir" in res.stderr
     assert os.path.exists(dataset)
+
+
+def test_two_ranks_replay_their_own_cache(dataset, server, tmp_path):
+    """feature_cache.replay with 2 ranks: each writes its own shards, reads its samples back in the
+    second epoch, and the run trains exactly like one that asks the server every epoch."""
+    base = [f"data.path={dataset}", "epochs=2", "max_steps=1000", *COMMON, f"targets.endpoints={server.endpoint}"]
+    run(*base, f"output_dir={tmp_path / 'online'}", nproc=2)
+    run(*base, f"feature_cache.dir={tmp_path / 'cache'}", "feature_cache.replay=true",
+        f"output_dir={tmp_path / 'replay'}", nproc=2)
+    online, replay = records(tmp_path / "online"), records(tmp_path / "replay")
+    assert len(online) == 2 * 64 // 4 and [r["loss"] for r in replay] == [r["loss"] for r in online]
+    src = json.loads((tmp_path / "replay" / "summary.json").read_text())["pool"]   # rank 0's stream
+    assert src["requested"] == 32 and src["replayed"] == 32
+    shards = [p.name for p in (tmp_path / "cache").glob("shard-*.arrow")]
+    assert any(n.startswith("shard-r0-") for n in shards) and any(n.startswith("shard-r1-") for n in shards)
