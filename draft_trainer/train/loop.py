@@ -256,6 +256,10 @@ class Trainer:
         if writer is not None:
             for d in got:
                 self.counters.features_cached += int(writer.add([d.features]))
+            if self.cfg.feature_cache.replay and cursor[1] >= self.run_.stream.rank_epoch_size():
+                # This rank's epoch ends with this batch: make it readable now, before the step's
+                # collectives, so that other ranks starting the next epoch after them see it.
+                writer.flush()
         self.counters.samples_truncated += sum(d.sample.truncated for d in got)
         return collate_deliveries(got, self.dist.device), cursor, wait
 

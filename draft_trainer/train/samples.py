@@ -81,6 +81,10 @@ class SampleStream:
         mine = self.eval_indices[self.rank :: self.world]
         return (self.sample((-1, i), idx) for i, idx in enumerate(mine))
 
+    def rank_epoch_size(self) -> int:
+        """Positions in this rank's order of an epoch (usable or not)."""
+        return len(self.train_indices[self.rank :: self.world])
+
     def usable_train_tokens(self) -> int:
         """Tokens of one epoch of this rank's share, after truncation (cache size estimate)."""
         mine = self.train_indices[self.rank :: self.world]
