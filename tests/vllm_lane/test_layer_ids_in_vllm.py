@@ -54,6 +54,10 @@ import json, sys, torch
 from safetensors.torch import load_file
 from speculators import SpeculatorModel
 spec, verifier = sys.argv[1], sys.argv[2]
+# speculators 0.9.0 takes the verifier's embedding when its own is "not loaded", judged by NaNs in a
+# tensor made with torch.empty: in deterministic mode torch fills new memory with NaN, so that
+# judgement no longer depends on what the allocator's memory held (it failed ~1 run in 3 without).
+torch.use_deterministic_algorithms(True, warn_only=True)
 m = SpeculatorModel.from_pretrained(spec)
 state = m.state_dict()
 ours = load_file(spec + "/model.safetensors")
