@@ -6,7 +6,9 @@ On the same prompts, target and K, each drafter runs the lossless loop of decode
   prompt_lookup  n-gram prompt lookup, no training at all (prompt_lookup.py): the free baseline;
   untrained      (when asked) a randomly initialised draft with the export's geometry and
                  vocabulary mapping: what training added.
-Every output is compared token for token with plain greedy decoding of the target.
+Every output is compared token for token with plain greedy decoding of the target. In bf16 the
+target attends row by row (rowwise_attention.py), so that a K+1-token verification computes each
+position as a 1-token greedy step does: bit-exact in bf16 too, not only in fp32.
 
 Speed: round 1 is the lossless pass; each further round (`speed_rounds`) decodes every prompt
 again with plain greedy and with each drafter, one after the other in the same process and
@@ -36,6 +38,7 @@ from draft_trainer.methods.base import Drafter
 from draft_trainer.evaluate.decode import SpecStats, eos_set, greedy_decode, speculative_decode
 from draft_trainer.evaluate.prompt_lookup import PromptLookupDrafter
 from draft_trainer.evaluate.prompts import load_prompts
+from draft_trainer.evaluate import rowwise_attention
 
 
 EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -98,9 +101,10 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
     the prompt-lookup decodes, so evaluating several drafts on the same target and prompts
     decodes those once (round 1; later rounds always re-time them beside the draft).
-    `dtype` ("fp32" or "bf16") is the target's and the draft's. fp32 is bit-exact against greedy;
-    bf16 (the dtype bf16 training features were computed in) is not: a K+1-token verification rounds
-    differently from a 1-token greedy step, so near-ties can flip and show up as `mismatches`.
+    `dtype` ("fp32" or "bf16") is the target's and the draft's. Both are checked token for token
+    against greedy in the same dtype; bf16 (the dtype bf16 training features were computed in) runs
+    the target with row-wise attention (module doc), without which a K+1-token verification rounds
+    differently from 1-token greedy steps and near-ties flip.
     `also_k` runs the same draft at other chain lengths beside it (`by_k`: tau and speed per K): a
     round costs a K+1-token verification, so the K that is fastest on a machine can be shorter than
     the K the draft was trained and is scored at.
@@ -130,7 +134,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     tok = AutoTokenizer.from_pretrained(target_model)
     if not force:
         check_draft_target(Path(draft_dir), target_model, tok)
-    target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype).eval()
+    # fp32 keeps transformers' attention: its outputs have always matched greedy, and it is cheaper
+    attn = {"attn_implementation": rowwise_attention.register()} if tdtype != torch.float32 else {}
+    target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
     drafters: dict[str, Drafter] = {"draft": method.drafter(Path(draft_dir), target, dtype=tdtype)}

@@ -204,8 +204,9 @@ def test_eval_command_flags(trained, tiny_llama, tmp_path):
 def test_evaluate_in_bf16_verifies_against_bf16_greedy(trained, tiny_llama):
     """--dtype bf16: the target (and draft) in the training features' dtype; the reference is bf16
     greedy decoding of the same target, kept apart from the fp32 reference in the shared cache.
-    bf16 verification is not bit-exact (a K+1-token forward rounds differently from a 1-token one,
-    and this tiny random target is full of near-ties): a divergence is reported, not hidden."""
+    Lossless in bf16 too: this tiny random target is full of near-ties, and with transformers' own
+    SDPA a K+1-token verification rounds differently from 1-token steps and flips some of them
+    (rowwise_attention.py; the unit test shows the difference)."""
     _, export_dir, prompts = trained
     cache: dict = {}
     with one_thread():
@@ -213,8 +214,8 @@ def test_evaluate_in_bf16_verifies_against_bf16_greedy(trained, tiny_llama):
         r16 = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
                        dtype="bf16")
     assert r32["dtype"] == "fp32" and r16["dtype"] == "bf16"
-    assert r32["lossless"] and r16["tau"] >= 1.0 and isinstance(r16["lossless"], bool)
-    assert r16["lossless"] == (not r16["mismatches"])
+    assert r32["lossless"] and r16["tau"] >= 1.0
+    assert r16["lossless"] and not r16["mismatches"], r16["mismatches"]
     assert len({k[1] for k in cache if k[0] != "prompt_lookup"}) == 2   # one greedy reference per dtype
     with pytest.raises(DataError, match="eval dtype 'fp16'"):
         evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, dtype="fp16")

@@ -1,0 +1,71 @@
+"""Row-wise attention for the target in the evaluator: a K+1-token verification computes every
+position exactly as a 1-token greedy step would, so bf16 speculative decoding is bit-exact
+against bf16 greedy decoding.
+
+Why: with bf16 weights a verification forward over [x_n, d_1..d_k] and k+1 one-token greedy steps
+give different logits (up to ~0.5 on SmolLM2-135M) and near-ties flip, so the output could differ
+from greedy for reasons other than a bug. On this CPU the linear layers, norms, rotary embedding
+and MLP are row-invariant (a row's result does not depend on how many rows share the call;
+`tests/unit/test_rowwise_attention.py` checks it where it matters); attention is not: SDPA's
+kernel reduces a query row over a masked tail of keys in a different order than over exactly
+its own prefix. Here each query row i at absolute position p = L - S + i attends through its own
+SDPA call to keys [0, p] (or the last `sliding_window` of them), with no mask: the call a 1-token
+greedy step at position p makes. The prefill (S == L, an empty cache) uses transformers' SDPA
+path unchanged; greedy and speculative decoding share it.
+
+Cost: one small SDPA call per verified row and layer (S calls instead of one); see
+docs/notes/issue-20.md ("Session 7"). For B = 1 without padding (the evaluator's case): a padded
+batch would need the mask transformers does not build for a custom attention.
+
+Legend (shapes): B batch (1), n query heads, g key/value heads, S query positions, L key
+positions (cache + new), d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "specrelay_rowwise"
+
+
+def rowwise_attention(module, query_BnSd: torch.Tensor, key_BgLd: torch.Tensor, value_BgLd: torch.Tensor,
+                      attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' attention-interface signature; returns ([B, S, n, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for unsupported in ("softcap", "position_bias", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"row-wise attention (bf16 evaluation) does not support the target's {unsupported}; "
+                             "evaluate this target with --dtype fp32")
+    B, _, S, _ = query_BnSd.shape
+    L = key_BgLd.shape[2]
+    window = kwargs.get("sliding_window")
+    if B != 1 or attention_mask is not None:
+        raise ValueError(f"row-wise attention evaluates one unpadded sequence at a time (batch {B}, "
+                         f"mask {'given' if attention_mask is not None else 'none'})")
+    if S == L and (window is None or L <= window):   # a prefill from an empty cache: plain causal SDPA
+        return sdpa_attention_forward(module, query_BnSd, key_BgLd, value_BgLd, None, dropout=dropout,
+                                      scaling=scaling, is_causal=True)
+    if S == L:   # a prefill longer than the sliding window: its causal + window mask, built once
+        q_S1, k_1L = torch.arange(S)[:, None], torch.arange(L)[None, :]
+        mask_SL = (k_1L <= q_S1) & (k_1L > q_S1 - window)
+        out_BnSd = F.scaled_dot_product_attention(query_BnSd, key_BgLd, value_BgLd, attn_mask=mask_SL,
+                                                  scale=scaling, enable_gqa=True)
+        return out_BnSd.transpose(1, 2).contiguous(), None
+    rows = []
+    for i in range(S):
+        end = L - S + i + 1
+        start = max(0, end - window) if window is not None else 0
+        rows.append(F.scaled_dot_product_attention(query_BnSd[:, :, i : i + 1], key_BgLd[:, :, start:end],
+                                                   value_BgLd[:, :, start:end], scale=scaling, enable_gqa=True))
+    out_BnSd = rows[0] if S == 1 else torch.cat(rows, dim=2)
+    return out_BnSd.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Registers the attention with transformers (idempotent); returns its `attn_implementation` name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, rowwise_attention)
+    return NAME
