@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draft_trainer.methods.dflash.config import DFlashConfig
-from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope
+from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope, autocast_once
 
 
 # Query rows per attention call: chunks of whole blocks whose keys are [visible context | the chunk's
@@ -84,11 +84,13 @@ class DFlashAttention(nn.Module):
         log-sum-exp for backward, not the [Q, S + K] probabilities), key/value heads shared by the
         query heads of their group (no repeated copies)."""
         B, Q, _ = x_BQH.shape
-        q_BnQd = apply_rope(self.q_norm(self._heads(self.q_proj(x_BQH), self.n)), *rope_q)
-        kc_BgSd = apply_rope(self.k_norm(self._heads(self.k_proj(ctx_BSH), self.g)), *rope_s)
-        vc_BgSd = self._heads(self.v_proj(ctx_BSH), self.g)
-        kb_BgQd = apply_rope(self.k_norm(self._heads(self.k_proj(x_BQH), self.g)), *rope_q)
-        vb_BgQd = self._heads(self.v_proj(x_BQH), self.g)
+        xq_BQH, xk_BQH, xv_BQH = autocast_once(x_BQH, 3)   # one low-precision copy kept, not one per linear
+        ck_BSH, cv_BSH = autocast_once(ctx_BSH, 2)
+        q_BnQd = apply_rope(self.q_norm(self._heads(self.q_proj(xq_BQH), self.n)), *rope_q)
+        kc_BgSd = apply_rope(self.k_norm(self._heads(self.k_proj(ck_BSH), self.g)), *rope_s)
+        vc_BgSd = self._heads(self.v_proj(cv_BSH), self.g)
+        kb_BgQd = apply_rope(self.k_norm(self._heads(self.k_proj(xk_BQH), self.g)), *rope_q)
+        vb_BgQd = self._heads(self.v_proj(xv_BQH), self.g)
         # split, not slicing: a slice's backward writes its gradient into a zero-filled copy of the
         # whole tensor, once per chunk; split's backward is one concatenation.
         rows = [r1 - r0 for r0, r1 in chunks.spans]
