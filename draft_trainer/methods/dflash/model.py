@@ -2,7 +2,8 @@
 
 Legend (shapes): B batch, S context positions (target features), N blocks per sample, K block
 size, H hidden (draft = target width), F = L*H concatenated target-layer features, n query heads,
-g key/value heads, d head dim, M supervised block positions, V target vocabulary.
+g key/value heads, d head dim, M supervised block positions, V target vocabulary, R block positions in
+one attention chunk, X keys of a chunk (its visible context columns + R).
 
 Each block is [anchor token, mask x (K-1)] at positions anchor..anchor+K-1 (embedded with the
 target's frozen embedding). Every draft layer's attention keys/values are the projected target
@@ -28,7 +29,7 @@ from draft_trainer.model.layers import RMSNorm, SwiGLU, apply_rope, autocast_onc
 # Query rows per attention call: chunks of whole blocks whose keys are [visible context | the chunk's
 # own blocks]. Larger chunks mean fewer calls and context copies, but every query also scores the
 # chunk's other blocks (masked): S + R keys instead of S + K. One layer's forward + backward at T=512,
-# 512 anchors, 1 thread: 1.5 s at 128-256 rows, 1.7 at 512, 1.9 at 1,024 (3.0 s with dense scores).
+# 512 anchors, 1 thread (shared box): 1.5 s at 128-256 rows, 1.7 at 512, 1.9 at 1,024 (3.0 s with dense scores).
 CHUNK_ROWS = 256
 
 
