@@ -49,8 +49,11 @@ def _child(a) -> dict:
     from draft_trainer.model.precision import autocast, compute_dtype
 
     swap = a.swap.split(",") if a.side != "after" else []
-    obj = load_module_at(a.side, SWAPPABLE["objective"], "dflash_objective_before") if "objective" in swap else obj_after
-    mod = load_module_at(a.side, SWAPPABLE["model"], "dflash_model_before") if "model" in swap else model_after
+    obj, mod = obj_after, model_after
+    if "objective" in swap:
+        obj = load_module_at(a.side, SWAPPABLE["objective"], "dflash_objective_before")
+    if "model" in swap:
+        mod = load_module_at(a.side, SWAPPABLE["model"], "dflash_model_before")
     s, B, T = SMOLLM2, a.batch, a.seq_len
     cfg = DFlashConfig(hidden_size=s["h"], num_hidden_layers=5, num_attention_heads=s["heads"],
                        num_key_value_heads=s["kv"], head_dim=s["d"], intermediate_size=s["ffn"], vocab_size=s["V"],
