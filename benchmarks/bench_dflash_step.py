@@ -1,9 +1,10 @@
 """One DFlash training step (draft forward, block loss over the full target vocabulary, backward), this
-checkout against an earlier commit's `methods/dflash/objective.py`: CPU seconds per step and the
-process's peak RSS, each side in its own fresh process (peak RSS is per process), sides alternating.
+checkout against an earlier commit's DFlash code (`methods/dflash/objective.py` and `model.py`, or only
+the objective with `--swap objective`): CPU seconds per step and the process's peak RSS, each side in its
+own fresh process (peak RSS is per process), sides alternating.
 
-    python -m benchmarks.bench_dflash_step --before 8481d54                 # SmolLM2-sized, B=2 T=512, 1 thread
-    python -m benchmarks.bench_dflash_step --before 8481d54 --anchors 128
+    python -m benchmarks.bench_dflash_step --before main                    # SmolLM2-sized, B=2 T=512, 1 thread
+    python -m benchmarks.bench_dflash_step --before 8481d54 --anchors 128 --swap objective
 
 The draft is SmolLM2-135M's DFlash shape (5 layers at the target's width, V=49,152, block 16), random
 weights, features and tokens; every position is supervised, so 512 anchors per sample as in training.
@@ -13,6 +14,7 @@ Writes benchmarks/results/bench_dflash_step[_T.._anchors..].{json,md}.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -26,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-OBJECTIVE = "draft_trainer/methods/dflash/objective.py"
+SWAPPABLE = {"objective": "draft_trainer/methods/dflash/objective.py", "model": "draft_trainer/methods/dflash/model.py"}
 
 
 def _peak_rss_mb() -> float:
@@ -43,17 +45,22 @@ def _child(a) -> dict:
     from benchmarks.profile_train_step import SMOLLM2
     from draft_trainer.methods.dflash import objective as obj_after
     from draft_trainer.methods.dflash.config import DFlashConfig
-    from draft_trainer.methods.dflash.model import DFlashDraft
+    from draft_trainer.methods.dflash import model as model_after
     from draft_trainer.model.precision import autocast, compute_dtype
 
-    obj = obj_after if a.side == "after" else load_module_at(a.side, OBJECTIVE, "dflash_objective_before")
+    swap = a.swap.split(",") if a.side != "after" else []
+    obj, mod = obj_after, model_after
+    if "objective" in swap:
+        obj = load_module_at(a.side, SWAPPABLE["objective"], "dflash_objective_before")
+    if "model" in swap:
+        mod = load_module_at(a.side, SWAPPABLE["model"], "dflash_model_before")
     s, B, T = SMOLLM2, a.batch, a.seq_len
     cfg = DFlashConfig(hidden_size=s["h"], num_hidden_layers=5, num_attention_heads=s["heads"],
                        num_key_value_heads=s["kv"], head_dim=s["d"], intermediate_size=s["ffn"], vocab_size=s["V"],
                        target_layer_ids=[1, 7, 14, 20, 27], num_target_layers=30, mask_token_id=2,
                        num_anchors=a.anchors)
     torch.manual_seed(0)
-    model = DFlashDraft(cfg)
+    model = mod.DFlashDraft(cfg)
     cdt = compute_dtype("auto", "cpu")
     embed = (torch.randn(s["V"], s["h"]) * 0.02).to(cdt)
     head = (torch.randn(s["V"], s["h"]) * 0.02).to(cdt)
@@ -71,7 +78,7 @@ def _child(a) -> dict:
         pos = torch.arange(T)[None].expand(B, T)
         with autocast("cpu", cdt):
             hidden = model(feats, noise, pos, tg.pos_q_BQ, vis)
-        if a.side == "after":
+        if "compute_dtype" in inspect.signature(obj.block_loss).parameters:
             loss, _ = obj.block_loss(hidden, head, tg, None, compute_dtype=cdt)
         else:
             with autocast("cpu", cdt):
@@ -89,7 +96,9 @@ def _child(a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", help="git revision of the earlier objective.py (the parent runs both sides)")
+    ap.add_argument("--before", help="git revision of the earlier DFlash code (the parent runs both sides)")
+    ap.add_argument("--swap", default="objective,model", choices=["objective,model", "objective", "model"],
+                    help="which of the revision's methods/dflash files the before side uses")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
@@ -111,15 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         for side, arg in (("before", a.before), ("after", "after")):
             cmd = [sys.executable, "-m", "benchmarks.bench_dflash_step", "--side", arg, "--seq-len", str(a.seq_len),
                    "--batch", str(a.batch), "--anchors", str(a.anchors), "--steps", str(a.steps),
-                   "--threads", str(a.threads)]
+                   "--threads", str(a.threads), "--swap", a.swap]
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ}, timeout=3600)
             if out.returncode:
                 raise SystemExit(f"{side} side failed:\n{out.stderr[-3000:]}")
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(side, runs[side][-1], flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
     rows = []
     for side, rs in runs.items():
-        rows.append({"side": side, "rev": a.before if side == "before" else "this checkout",
+        rows.append({"side": side, "rev": f"{a.before} = {commit} ({a.swap})" if side == "before" else "this checkout",
                      "cpu_s_per_step": statistics.median(r["cpu_s_per_step"] for r in rs),
                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "loss": rs[0]["loss"],
                      "block_positions": rs[0]["block_positions"]})
