@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
     v.add_argument("--min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
     v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="target and draft dtype (fp32: bit-exact against greedy; bf16: the training features' dtype, "
-                        "where rounding can flip near-ties and show as mismatches)")
+                   help="target and draft dtype, both checked token for token against greedy in that dtype (bf16: "
+                        "the dtype bf16 training features were computed in; the target attends row by row so that "
+                        "a verification rounds exactly as 1-token greedy steps do)")
     v.add_argument("--also-k", type=lambda x: [int(k) for k in x.split(",") if k], default=[],
                    help="comma-separated chain lengths to run the same draft at beside --num-steps ('by_k': tau "
                         "and speed per K; the fastest K on a machine can be shorter than the trained one)")
