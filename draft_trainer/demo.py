@@ -36,6 +36,8 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -187,24 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.max_new_tokens} new tokens each, target in {eval_dtype}"
                           + (f" (the trained draft in {other_dtype} too)" if other_dtype else ""))
     tokens_at = _train_tokens(train_dir / "metrics.jsonl")
-    greedy: dict = {}
-    curve, results = [], {}
-    for c, d in exports.items():
-        step = int(c.name.split("_")[-1])
-        also_k = [k for k in ALSO_K if k < args.num_steps] if c == last else []  # shorter chains: the trained draft only
-        r = evaluate(model, d, prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
-                     greedy_cache=greedy, progress=True, also_k=also_k, dtype=eval_dtype)
-        _check_lossless(r, d)
-        results[c.name] = r
+    # A fresh process, as a user's `draft-trainer eval` would be: in the process that just trained,
+    # the same decoding measured 1.2-1.4x slower in bf16 (session 7, docs/notes/issue-20.md).
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:
+        results = ex.submit(_evaluate_all, model, {c.name: d for c, d in exports.items()}, last.name, prompts,
+                            args.num_steps, args.max_new_tokens, eval_dtype, other_dtype).result()
+    curve = []
+    (out / "eval").mkdir(exist_ok=True)
+    for name, r in results.items():
+        step = int(name.split("_")[-1])
         curve.append({"step": step, "train_tokens": tokens_at.get(step, 0), "tau": r["tau"]})
-        (out / "eval").mkdir(exist_ok=True)
-        atomic_write_json(out / "eval" / f"{c.name}.json", r)
-    if other_dtype:  # the other dtype, for the trained draft: tau and speed against greedy in that dtype
-        r = evaluate(model, exports[last], prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
-                     greedy_cache=greedy, progress=True, prompt_lookup=False, dtype=other_dtype)
-        _check_lossless(r, exports[last])
-        results[last.name]["other_dtype"] = r
-        atomic_write_json(out / "eval" / f"{last.name}_{other_dtype}.json", r)
+        atomic_write_json(out / "eval" / f"{name}.json", {k: v for k, v in r.items() if k != "other_dtype"})
+        if "other_dtype" in r:
+            atomic_write_json(out / "eval" / f"{name}_{other_dtype}.json", r["other_dtype"])
     timings["eval_s"] = time.perf_counter() - t
 
     # 6. report ------------------------------------------------------------------------------
@@ -220,6 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     print("plots: " + ", ".join(str(x) for x in plots))
     return 0
+
+
+def _evaluate_all(model: Path, exports: dict[str, Path], last: str, prompts: Path, num_steps: int,
+                  max_new_tokens: int, dtype: str, other_dtype: str | None) -> dict[str, dict]:
+    """Every export evaluated in `dtype` (one greedy reference shared by all), the last one also at
+    shorter chains and in `other_dtype` (its result under "other_dtype"). Runs in its own process."""
+    greedy: dict = {}
+    results = {}
+    for name, d in exports.items():
+        also_k = [k for k in ALSO_K if k < num_steps] if name == last else []  # shorter chains: the trained draft only
+        r = evaluate(model, d, prompts, num_steps=num_steps, max_new_tokens=max_new_tokens, greedy_cache=greedy,
+                     progress=True, also_k=also_k, dtype=dtype)
+        _check_lossless(r, d)
+        results[name] = r
+    if other_dtype:  # the other dtype, for the trained draft: tau and speed against greedy in that dtype
+        r = evaluate(model, exports[last], prompts, num_steps=num_steps, max_new_tokens=max_new_tokens,
+                     greedy_cache=greedy, progress=True, prompt_lookup=False, dtype=other_dtype)
+        _check_lossless(r, exports[last])
+        results[last]["other_dtype"] = r
+    return results
 
 
 def _check_lossless(r: dict, draft: Path) -> None:
