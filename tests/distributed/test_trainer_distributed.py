@@ -158,7 +158,12 @@ def test_feature_cache_then_offline_without_any_server(dataset, tmp_path):
     # No server is running now: the offline run trains from the cache alone, on the same trajectory.
     run(*base, "feature_cache.offline=true", f"output_dir={tmp_path / 'offline'}")
     online, offline = records(tmp_path / "online"), records(tmp_path / "offline")
-    assert [r["loss"] for r in offline] == [r["loss"] for r in online]
+    # Same features, same trajectory: equal to float32 rounding. Not bit for bit: about 1 run in 4 the
+    # second step's loss differed in its last bit (13.931548 vs 13.931549; on session 6's code too; not
+    # diagnosed, a guess: online features arrive in Arrow buffers of varying alignment, cached ones from
+    # a memory map). A wrong or misordered cached sample moves the losses by far more than 1e-6.
+    assert [r["loss"] for r in offline] == pytest.approx([r["loss"] for r in online], rel=1e-6, abs=0)
+    assert [r["sample_ids"] for r in offline] == [r["sample_ids"] for r in online]
     # Beyond what was cached, samples are dropped with a reason, never silently.
     run(*base, "feature_cache.offline=true", "max_steps=12", f"output_dir={tmp_path / 'beyond'}")
     s = json.loads((tmp_path / "beyond" / "summary.json").read_text())
