@@ -232,26 +232,22 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
             "break_even_tau": (spec_s / max(rounds, 1)) / max(greedy_s_per_token, 1e-12),
         },
     }
+    def variant(name: str, k: int) -> dict:   # one drafter run's figures (a chain length, a threshold)
+        return {"tau": acceptance(stats[name], k)["tau"], "spec_tokens_per_s": statistics.median(tps[name]),
+                "speedup": statistics.median(ratio[name]),
+                "lossless": not any(m["drafter"] == name for m in mismatches)}
+
     if also_k:
-        result["by_k"] = {str(k): {"tau": acceptance(stats[name], k)["tau"],
-                                   "spec_tokens_per_s": statistics.median(tps[name]),
-                                   "speedup": statistics.median(ratio[name]),
-                                   "lossless": not any(m["drafter"] == name for m in mismatches)}
+        result["by_k"] = {str(k): variant(name, k)
                           for k, name in sorted([(num_steps, "draft")] + [(k, f"draft_k{k}") for k in also_k])}
     if also_confidence:
-        result["by_confidence"] = {f"{c:g}": {"tau": acceptance(stats[f"draft_c{c:g}"], num_steps)["tau"],
-                                              "proposed_per_round": _proposed(stats[f"draft_c{c:g}"]),
-                                              "spec_tokens_per_s": statistics.median(tps[f"draft_c{c:g}"]),
-                                              "speedup": statistics.median(ratio[f"draft_c{c:g}"]),
-                                              "lossless": not any(m["drafter"] == f"draft_c{c:g}" for m in mismatches)}
+        result["by_confidence"] = {f"{c:g}": {**variant(f"draft_c{c:g}", num_steps),
+                                              "proposed_per_round": _proposed(stats[f"draft_c{c:g}"])}
                                    for c in also_confidence}
     for name in drafters:
         if name == "draft" or name.startswith(("draft_k", "draft_c")):
             continue
-        result[name] = {**acceptance(stats[name], num_steps),
-                        "spec_tokens_per_s": statistics.median(tps[name]),
-                        "speedup": statistics.median(ratio[name]),
-                        "lossless": not any(m["drafter"] == name for m in mismatches),
+        result[name] = {**acceptance(stats[name], num_steps), **variant(name, num_steps),
                         "proposed_per_round": _proposed(stats[name])}
     if prompt_lookup:
         result["prompt_lookup"].update(max_ngram=max_ngram, min_ngram=min_ngram)
