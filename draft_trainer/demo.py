@@ -40,7 +40,6 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
 
 from common.files import OUTPUT_MARKER, atomic_write_json, check_output_dir
 from common.config import load_config
@@ -168,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, RECIPE, overrides)
     eval_dtype = cfg.targets.embedded_dtype                 # the features' dtype: the evaluation's target
     other_dtype = "fp32" if eval_dtype != "fp32" else None  # reported beside it (the trained draft only)
-    threads = torch.get_num_threads()
-    summary = Trainer(cfg).run()
-    torch.set_num_threads(threads)  # the trainer ran on one core beside the server; evaluation gets them all
+    summary = Trainer(cfg).run()   # (the evaluation below runs in its own process, with all cores)
     timings["train_s"] = time.perf_counter() - t
 
     # 4. export ------------------------------------------------------------------------------
