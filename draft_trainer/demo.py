@@ -40,7 +40,6 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-
 from common.files import OUTPUT_MARKER, atomic_write_json, check_output_dir
 from common.config import load_config
 from draft_trainer import assets
