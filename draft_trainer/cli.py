@@ -142,6 +142,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trees(text: str) -> list[tuple[int, int]]:
+    """'2x3,3x3' -> [(2, 3), (3, 3)] (argparse type of --also-tree)."""
+    try:
+        trees = [tuple(int(n) for n in t.lower().split("x")) for t in text.split(",") if t]
+        if any(len(t) != 2 for t in trees):
+            raise ValueError
+        return trees
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give trees as KxW, comma-separated (e.g. 2x3,3x3)") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     from common.files import atomic_write_text
     from draft_trainer.eval import evaluate
@@ -150,7 +161,7 @@ def _eval(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, prompt_lookup=not args.no_prompt_lookup,
                       untrained=args.untrained, speed_rounds=args.speed_rounds, max_ngram=args.max_ngram,
                       min_ngram=args.min_ngram, force=args.force, dtype=args.dtype, also_k=args.also_k,
-                      also_confidence=args.also_min_confidence)
+                      also_confidence=args.also_min_confidence, also_tree=args.also_tree)
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text)
@@ -299,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated thresholds in (0, 1): the same draft with dynamic chains that stop once the "
                         "product of its top-1 probabilities falls below the threshold ('by_confidence': tau, draft "
                         "tokens verified per round and speed per threshold)")
+    v.add_argument("--also-tree", type=_trees, default=[],
+                   help="comma-separated KxW trees to run the same draft as beside the chain, e.g. 2x3,3x3: K chain "
+                        "tokens, each with up to W-1 alternatives (the draft's next-best tokens there) verified in the "
+                        "same forward ('by_tree': tau, tokens verified per round and speed per tree)")
     v.add_argument("--output", help="also write the JSON result here")
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")

@@ -11,6 +11,13 @@ cache):
      token. a accepted + 1 bonus tokens are committed per target forward (tau = their mean);
   3. the target's DynamicCache is cropped to the committed tokens, and the drafter is extended
      with d_1..d_a + bonus and the target's features at x_n, d_1..d_a (drafter.py).
+Trees (`width` > 1, SGLang's topk > 1 in its simplest shape): beside each chain token d_j the
+drafter also proposes up to width - 1 alternatives a_j,i (its next-best tokens at that step), leaves
+of the tree that follow d_{j-1}. All are verified in the same forward, each row attending to its
+own path only (rowwise_attention.tree_rows): where d_j is rejected but an a_j,i is the target's
+choice, it is accepted and the round ends on it (the drafter drafted no further from it), and its
+cache entry moves up to follow d_{j-1}. On this CPU a bf16 forward over a few more rows costs
+little (issue-20 notes), so a weak draft's second guesses are cheap acceptance.
 The output is compared with plain greedy decoding by the caller (runner.py): any difference
 fails the evaluation, so a bug cannot inflate tau.
 
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draft_trainer.evaluate import rowwise_attention
 from draft_trainer.methods.base import Drafter
 
 # Causal LMs whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
@@ -110,15 +118,19 @@ class TargetVerifier:
         self.rows_at_once = self.head is not None and self.head.weight.dtype != torch.float32
         self.cache = None
 
-    def _forward(self, ids: list[int], prefill: bool):
-        """(final hidden states [1,S,H] or None, logits [1,S',V] or None, features [S,F] or None)."""
+    def _forward(self, ids: list[int], prefill: bool, depth: list[int] | None = None):
+        """(final hidden states [1,S,H] or None, logits [1,S',V] or None, features [S,F] or None).
+        `depth`: each row's position after the cache (a tree's rows); default 0..S-1."""
         want = bool(self.layers)
         x = torch.tensor([ids])
+        extra = {}
+        if depth is not None:
+            extra["position_ids"] = torch.tensor([depth]) + self.cache.get_seq_length()
         if self.body is not None:
-            out = self.body(x, **_with_cache(self.body, self.cache), output_hidden_states=want)
+            out = self.body(x, **_with_cache(self.body, self.cache), output_hidden_states=want, **extra)
             last, logits = out.last_hidden_state, None
         else:
-            extra = _keeps_last_logits(self.target) if prefill else {}
+            extra.update(_keeps_last_logits(self.target) if prefill else {})
             out = self.target(x, **_with_cache(self.target, self.cache), output_hidden_states=want, **extra)
             last, logits = None, out.logits
         # hidden_states[0] is the embedding output: layer i's output is hidden_states[i + 1].
@@ -139,10 +151,28 @@ class TargetVerifier:
         last, logits, feats_SF = self._forward(list(prompt), prefill=True)
         return self._argmax_at(last, logits, -1), feats_SF
 
-    def verify(self, last_token: int, drafts: list[int]) -> tuple[int, int, torch.Tensor | None]:
-        """One forward over [last_token, *drafts]: (accepted a, bonus token, features of the a+1
-        kept positions). The cache keeps last_token and the accepted drafts."""
-        last, logits, feats_SF = self._forward([last_token] + drafts, prefill=False)
+    def verify(self, last_token: int, drafts: list[int],
+               alternatives: Sequence[Sequence[int]] = ()) -> tuple[list[int], int, torch.Tensor | None]:
+        """One forward over [last_token, *drafts, *alternatives]: (the a accepted tokens, the bonus
+        token, features of the a+1 kept positions). The cache keeps last_token and the accepted tokens.
+        `alternatives[j]` are other candidates for drafts[j] (a tree, module doc): one of them is
+        accepted when drafts[j] is not and it is the target's choice; the round then ends there."""
+        alts = [(j, t) for j, ts in enumerate(alternatives[: len(drafts)]) for t in ts]
+        ids = [last_token] + drafts + [t for _, t in alts]
+        if not alts:
+            last, logits, feats_SF = self._forward(ids, prefill=False)
+        else:
+            if getattr(self.target.config, "_attn_implementation", None) != rowwise_attention.NAME:
+                raise ValueError("tree verification needs the target loaded with row-wise attention "
+                                 f"(attn_implementation={rowwise_attention.register()!r})")
+            kinds = {type(layer).__name__ for layer in self.cache.layers} - {"DynamicLayer"}
+            if kinds:   # a sliding-window layer keeps only its window: an accepted alternative could not move up
+                raise ValueError(f"tree verification supports full-attention targets; this one's cache has {kinds}")
+            # the chain's row j (x_n = 0) is at depth j; an alternative to drafts[j] follows row j
+            parents = list(range(-1, len(drafts))) + [j for j, _ in alts]
+            depth = list(range(len(drafts) + 1)) + [j + 1 for j, _ in alts]
+            with rowwise_attention.tree_rows(parents):
+                last, logits, feats_SF = self._forward(ids, prefill=False, depth=depth)
         if self.rows_at_once:
             last, logits = None, self.head(last)
         a = 0
@@ -150,17 +180,41 @@ class TargetVerifier:
         while a < len(drafts) and drafts[a] == bonus:  # accepted: the target's choice at the previous position
             a += 1
             bonus = self._argmax_at(last, logits, a)
-        if a < len(drafts):                             # drop the rejected drafts' entries
-            self.cache.crop(-(len(drafts) - a))
-        return a, bonus, (feats_SF[: a + 1] if feats_SF is not None else None)
+        kept, accepted = list(range(a + 1)), drafts[:a]
+        if a < len(drafts):
+            row = next((len(drafts) + 1 + i for i, (j, t) in enumerate(alts) if j == a and t == bonus), None)
+            if row is not None:                         # an alternative is the target's choice: the path ends on it
+                kept.append(row)
+                accepted.append(bonus)
+                bonus = self._argmax_at(last, logits, row)
+            self._keep(kept, len(ids))
+        elif len(ids) > a + 1:
+            self._keep(kept, len(ids))
+        return accepted, bonus, (feats_SF[kept] if feats_SF is not None else None)
+
+    def _keep(self, rows: list[int], n_new: int) -> None:
+        """Keeps, of the last forward's n_new cache entries, those of `rows`: 0..m-1 and at most one
+        accepted alternative, whose entry moves up to follow the chain rows it extends."""
+        m = next((i for i, r in enumerate(rows) if r != i), len(rows))
+        if m == len(rows):
+            self.cache.crop(-(n_new - m))
+            return
+        for layer in self.cache.layers:
+            base = layer.keys.shape[-2] - n_new
+            idx = torch.tensor([base + r for r in rows[m:]])
+            layer.keys = torch.cat([layer.keys[..., : base + m, :], layer.keys.index_select(-2, idx)], dim=-2)
+            layer.values = torch.cat([layer.values[..., : base + m, :], layer.values.index_select(-2, idx)], dim=-2)
 
 
 @torch.inference_mode()
 def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: int, max_new_tokens: int,
                        eos: set[int], *, verifier: TargetVerifier | None = None,
-                       min_confidence: float = 0.0) -> tuple[list[int], SpecStats]:
-    """Greedy chain speculative decoding of one prompt (module doc); returns (tokens, stats).
-    `min_confidence` > 0 lets the drafter end a chain early (dynamic length, Drafter.propose)."""
+                       min_confidence: float = 0.0, width: int = 1) -> tuple[list[int], SpecStats]:
+    """Greedy speculative decoding of one prompt (module doc); returns (tokens, stats).
+    `min_confidence` > 0 lets the drafter end a chain early (dynamic length, Drafter.propose);
+    `width` > 1 verifies up to width - 1 alternatives beside each chain token (a tree, module doc)."""
+    if width > 1 and not hasattr(drafter, "propose_tree"):
+        raise ValueError(f"drafter {drafter.name} proposes chains only: decode it with width 1")
     verifier = verifier or TargetVerifier(target, drafter.feature_layers)
     st = SpecStats()
     clock = time.perf_counter
@@ -175,19 +229,24 @@ def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: i
     done = len(toks) >= max_new_tokens or x_n in eos
     while not done:
         t1 = clock()
-        # (drafters written before dynamic chains take one argument: pass it only when asked)
-        drafts = drafter.propose(num_steps, min_confidence) if min_confidence > 0 else drafter.propose(num_steps)
+        alts: list[list[int]] = []
+        if width > 1:
+            drafts, alts = drafter.propose_tree(num_steps, width, min_confidence)
+        else:   # (drafters written before dynamic chains take one argument: pass it only when asked)
+            drafts = drafter.propose(num_steps, min_confidence) if min_confidence > 0 else drafter.propose(num_steps)
         t2 = clock()
-        if len(drafts) > num_steps:
-            raise ValueError(f"drafter {drafter.name} proposed {len(drafts)} tokens, more than {num_steps}")
-        a, bonus, feats_SF = verifier.verify(x_n, drafts)
+        if len(drafts) > num_steps or any(len(ts) >= width for ts in alts):
+            raise ValueError(f"drafter {drafter.name} proposed {len(drafts)} tokens and alternatives "
+                             f"{[len(ts) for ts in alts]}, more than {num_steps} and {width - 1} per position")
+        accepted, bonus, feats_SF = verifier.verify(x_n, drafts, alts)
+        a = len(accepted)
         t3 = clock()
         st.draft_s += t2 - t1
         st.target_s += t3 - t2
         st.rounds += 1
         st.accepted.append(a)
-        st.proposed.append(len(drafts))
-        new = drafts[:a] + [bonus]
+        st.proposed.append(len(drafts) + sum(len(ts) for ts in alts))
+        new = accepted + [bonus]
         for t in new:
             toks.append(t)
             if len(toks) >= max_new_tokens or t in eos:

@@ -13,6 +13,11 @@ SDPA call to keys [0, p] (or the last `sliding_window` of them), with no mask: t
 greedy step at position p makes. The prefill (S == L, an empty cache) uses transformers' SDPA
 path unchanged; greedy and speculative decoding share it.
 
+Trees (decode.py's chain with alternatives): inside `tree_rows(parents)` the S new rows are tree
+nodes, row i following row parents[i] (-1: the cache) rather than row i - 1; row i then attends
+to the cache, its ancestors' keys in depth order and its own key: again exactly the keys, in the
+order, that a 1-token greedy step at its position sees once the path to it is committed.
+
 Cost: one small SDPA call per verified row and layer (S calls instead of one); see
 docs/notes/issue-20.md ("Session 7"). For B = 1 without padding (the evaluator's case): a padded
 batch would need the mask transformers does not build for a custom attention.
@@ -23,10 +28,45 @@ positions (cache + new), d head dim.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 NAME = "specrelay_rowwise"
+
+# Per new row: (number of leading rows 0..m-1 on its path, the other rows on it in depth order).
+_TREE: contextvars.ContextVar[list[tuple[int, list[int]]] | None] = contextvars.ContextVar("tree", default=None)
+
+
+def tree_paths(parents: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """For each row the rows its attention reads (ancestors and itself), as (m, rest): rows 0..m-1
+    (a slice of the keys) then `rest` (gathered)."""
+    out = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"tree row {i} follows row {p}: a row follows an earlier row or the cache (-1)")
+        path = [i]
+        while path[-1] >= 0 and parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        path.reverse()
+        m = 0
+        while m < len(path) and path[m] == m:
+            m += 1
+        out.append((m, path[m:]))
+    return out
+
+
+@contextlib.contextmanager
+def tree_rows(parents: Sequence[int]):
+    """Within the block, a forward's new rows form the tree `parents` (module doc)."""
+    token = _TREE.set(tree_paths(parents))
+    try:
+        yield
+    finally:
+        _TREE.reset(token)
 
 
 def rowwise_attention(module, query_BnSd: torch.Tensor, key_BgLd: torch.Tensor, value_BgLd: torch.Tensor,
@@ -53,12 +93,37 @@ def rowwise_attention(module, query_BnSd: torch.Tensor, key_BgLd: torch.Tensor, 
         out_BnSd = F.scaled_dot_product_attention(query_BnSd, key_BgLd, value_BgLd, attn_mask=mask_SL,
                                                   scale=scaling, enable_gqa=True)
         return out_BnSd.transpose(1, 2).contiguous(), None
+    tree = _TREE.get()
+    if tree is not None and len(tree) != S:
+        raise ValueError(f"tree of {len(tree)} rows given for a forward of {S} new positions")
+    base = L - S
     rows = []
     for i in range(S):
-        end = L - S + i + 1
-        start = max(0, end - window) if window is not None else 0
-        rows.append(F.scaled_dot_product_attention(query_BnSd[:, :, i : i + 1], key_BgLd[:, :, start:end],
-                                                   value_BgLd[:, :, start:end], scale=scaling, enable_gqa=True))
+        m, rest = tree[i] if tree is not None else (i + 1, [])
+        end = base + m
+        start = max(0, end + len(rest) - window) if window is not None else 0   # the last `window` keys
+        if len(rest) == 1 and end < L:
+            # a leaf off the contiguous rows (decode.py's alternatives): its key and value stand in
+            # for those at slot `end` for this one call, so that the keys stay a slice (no copy)
+            k_BgLd, v_BgLd = key_BgLd[:, :, start : end + 1], value_BgLd[:, :, start : end + 1]
+            slot, src = end, base + rest[0]
+            saved = key_BgLd[:, :, slot].clone(), value_BgLd[:, :, slot].clone()
+            key_BgLd[:, :, slot], value_BgLd[:, :, slot] = key_BgLd[:, :, src], value_BgLd[:, :, src]
+            try:
+                rows.append(F.scaled_dot_product_attention(query_BnSd[:, :, i : i + 1], k_BgLd, v_BgLd,
+                                                           scale=scaling, enable_gqa=True))
+            finally:
+                key_BgLd[:, :, slot], value_BgLd[:, :, slot] = saved
+            continue
+        k_BgLd, v_BgLd = key_BgLd[:, :, start:end], value_BgLd[:, :, start:end]
+        if rest:   # a deeper branch: its own ancestors' keys appended (a copy)
+            idx = torch.tensor([base + r for r in rest])
+            k_BgLd = torch.cat([k_BgLd, key_BgLd.index_select(2, idx)], dim=2)
+            v_BgLd = torch.cat([v_BgLd, value_BgLd.index_select(2, idx)], dim=2)
+            if window is not None:
+                k_BgLd, v_BgLd = k_BgLd[:, :, -window:], v_BgLd[:, :, -window:]
+        rows.append(F.scaled_dot_product_attention(query_BnSd[:, :, i : i + 1], k_BgLd, v_BgLd,
+                                                   scale=scaling, enable_gqa=True))
     out_BnSd = rows[0] if S == 1 else torch.cat(rows, dim=2)
     return out_BnSd.transpose(1, 2).contiguous(), None
 

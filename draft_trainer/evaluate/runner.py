@@ -21,6 +21,8 @@ match plain greedy decoding (the cost of one round over that of one greedy token
 `also_confidence` adds it with dynamic chains (`by_confidence`): up to K tokens, stopping once the
 draft's own confidence in the chain (product of its top-1 probabilities) falls below the value, so
 a round verifies only what the draft believes in (on a CPU each verified token costs).
+`also_tree` adds it as a tree (`by_tree`, "KxW": K chain tokens, each with up to W - 1
+alternatives verified beside it, decode.py): the target then attends row by row in fp32 too.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
              max_new_tokens: int = 128, *, greedy_cache: dict | None = None, progress: bool = False,
              prompt_lookup: bool = True, untrained: bool = False, speed_rounds: int = 1, max_ngram: int = 3,
              min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32",
-             also_k: Sequence[int] = (), also_confidence: Sequence[float] = ()) -> dict:
+             also_k: Sequence[int] = (), also_confidence: Sequence[float] = (),
+             also_tree: Sequence[tuple[int, int]] = ()) -> dict:
     """Acceptance and speed of one exported draft and its baselines on a prompts file (module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
@@ -124,6 +127,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     also_confidence = sorted({float(c) for c in also_confidence})
     if any(not 0 < c < 1 for c in also_confidence):
         raise DataError(f"--also-min-confidence: values must lie in (0, 1), got {also_confidence}")
+    also_tree = sorted({(int(k), int(w)) for k, w in also_tree})
+    if any(k < 1 or w < 2 for k, w in also_tree):
+        raise DataError(f"--also-tree: KxW needs K >= 1 and W >= 2 (W = 1 is a chain: --also-k), got {also_tree}")
     if not 1 <= min_ngram <= max_ngram:
         raise DataError(f"prompt lookup needs 1 <= min n-gram <= max n-gram, got {min_ngram}, {max_ngram}")
     config_path = Path(draft_dir) / "config.json"
@@ -134,8 +140,10 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     tok = AutoTokenizer.from_pretrained(target_model)
     if not force:
         check_draft_target(Path(draft_dir), target_model, tok)
-    # fp32 keeps transformers' attention: its outputs have always matched greedy, and it is cheaper
-    attn = {"attn_implementation": rowwise_attention.register()} if tdtype != torch.float32 else {}
+    # fp32 keeps transformers' attention (its outputs have always matched greedy, and it is cheaper)
+    # unless a tree is verified: tree rows need the row-wise attention's per-row paths
+    rowwise = tdtype != torch.float32 or bool(also_tree)
+    attn = {"attn_implementation": rowwise_attention.register()} if rowwise else {}
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
@@ -146,11 +154,15 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         drafters["untrained"] = method.drafter(Path(draft_dir), target, dtype=tdtype, untrained=True, seed=seed)
     steps = dict.fromkeys(drafters, num_steps)
     confidence = dict.fromkeys(drafters, 0.0)
+    width = dict.fromkeys(drafters, 1)
     for k in also_k:  # the same drafter object: start() resets its state for every prompt
         drafters[f"draft_k{k}"], steps[f"draft_k{k}"] = drafters["draft"], k
     for c in also_confidence:
         name = f"draft_c{c:g}"
         drafters[name], steps[name], confidence[name] = drafters["draft"], num_steps, c
+    for k, w in also_tree:
+        name = f"draft_t{k}x{w}"
+        drafters[name], steps[name], width[name] = drafters["draft"], k, w
     cache = greedy_cache if greedy_cache is not None else {}
     load_before = os.getloadavg()[0]
 
@@ -166,7 +178,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                    dynamic_ncols=True)
     for r in range(speed_rounds):
         for i, prompt in enumerate(prompts):
-            key = (str(target_model), dtype, tuple(prompt), max_new_tokens)
+            key = (str(target_model), dtype, tuple(prompt), max_new_tokens, attn.get("attn_implementation"))
             if r == 0 and key in cache:
                 ref, g_s = cache[key]
             else:
@@ -182,7 +194,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                     got, st = cache[pl_key]
                 else:
                     got, st = speculative_decode(target, drafter, prompt, steps[name], max_new_tokens, eos,
-                                                 min_confidence=confidence.get(name, 0.0))
+                                                 min_confidence=confidence.get(name, 0.0), width=width.get(name, 1))
                     if name == "prompt_lookup":
                         cache.setdefault(pl_key, (got, st))
                 secs[name][r].append(st.seconds)
@@ -244,8 +256,12 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         result["by_confidence"] = {f"{c:g}": {**variant(f"draft_c{c:g}", num_steps),
                                               "proposed_per_round": _proposed(stats[f"draft_c{c:g}"])}
                                    for c in also_confidence}
+    if also_tree:
+        result["by_tree"] = {f"{k}x{w}": {**variant(f"draft_t{k}x{w}", k),
+                                          "verified_per_round": 1 + _proposed(stats[f"draft_t{k}x{w}"])}
+                             for k, w in also_tree}
     for name in drafters:
-        if name == "draft" or name.startswith(("draft_k", "draft_c")):
+        if name == "draft" or name.startswith(("draft_k", "draft_c", "draft_t")):
             continue
         result[name] = {**acceptance(stats[name], num_steps), **variant(name, num_steps),
                         "proposed_per_round": _proposed(stats[name])}

@@ -153,6 +153,9 @@ class DraftMethod(abc.ABC):
 #                                    drafter that scores its tokens stops once the chain's
 #                                    confidence (product of its top-1 probabilities) would fall
 #                                    below min_confidence; one that does not (prompt lookup) ignores it.
+#   propose_tree(k, width, min_confidence):  (optional) the same chain and, per chain position,
+#                                    up to width - 1 other candidates for it (the draft's next-best
+#                                    tokens there), verified beside the chain in the same forward.
 #
 # `feature_layers` names the decoder layers whose outputs make the features (in that order;
 # `()` = the drafter needs none, and the target runs without capturing hidden states).

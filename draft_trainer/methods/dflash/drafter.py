@@ -43,6 +43,11 @@ class DFlashDrafter:
 
     @torch.no_grad()
     def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:
+        return self.propose_tree(max_tokens, 1, min_confidence)[0]
+
+    def propose_tree(self, max_tokens: int, width: int,
+                     min_confidence: float = 0.0) -> tuple[list[int], list[list[int]]]:
+        """The block's top-1 tokens and, per position, its next width - 1 (alternatives, decode.py)."""
         k = max_tokens
         d = self.draft
         K = max(2, min(k + 1, d.cfg.block_size))
@@ -58,7 +63,8 @@ class DFlashDrafter:
         if min_confidence > 0:  # the block's prefix whose product of top-1 probabilities stays above it
             conf_K = logits_KV[:k].float().softmax(-1).amax(-1).cumprod(0)
             drafts = drafts[: int((conf_K >= min_confidence).sum())]
-        return drafts
+        alts = logits_KV[: len(drafts)].topk(width, dim=-1).indices[:, 1:].tolist() if width > 1 else []
+        return drafts, alts
 
     def extend(self, tokens, feats_SF: torch.Tensor) -> None:
         self._extend(feats_SF, list(tokens))

@@ -54,8 +54,15 @@ class Eagle3Drafter:
         self.last_token = tokens[-1]
 
     def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:
+        return self.propose_tree(max_tokens, 1, min_confidence)[0]
+
+    def propose_tree(self, max_tokens: int, width: int,
+                     min_confidence: float = 0.0) -> tuple[list[int], list[list[int]]]:
+        """The chain (top-1 at each step) and, per position, the next width - 1 tokens of the same
+        step's logits (alternatives to the chain token there, decode.py)."""
         d = self.draft
         drafts: list[int] = []
+        alts: list[list[int]] = []
         prev_tok, g_11h = self.last_token, self.g_last
         confidence = 1.0   # the draft's estimate that every token so far is accepted
         for j in range(max_tokens):
@@ -68,6 +75,11 @@ class Eagle3Drafter:
                 confidence *= float(logits_11v.float().softmax(-1).max())
                 if confidence < min_confidence:
                     break
-            prev_tok = int(d.draft_to_target(logits_11v.argmax(-1))[0, 0])
+            if width > 1:
+                top_w = d.draft_to_target(logits_11v.topk(width, dim=-1).indices)[0, 0].tolist()
+                prev_tok = top_w[0]
+                alts.append(top_w[1:])
+            else:
+                prev_tok = int(d.draft_to_target(logits_11v.argmax(-1))[0, 0])
             drafts.append(prev_tok)
-        return drafts
+        return drafts, alts
