@@ -107,6 +107,8 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
                  f"time_budget_s={minutes * 60 if minutes else 0}", *extra, *ARMS[name]]
     if cache:  # the first arm writes the features, later arms with the same features read them offline
         overrides += [f"feature_cache.dir={cache[0]}", f"feature_cache.offline={str(cache[1]).lower()}"]
+        if cache[1]:   # offline reads the cache anyway (the recipe's replay is for online runs)
+            overrides += ["feature_cache.replay=false"]
     if smoke:
         overrides += ["targets.embedded_dtype=fp32"]
     cfg = load_config(TrainConfig, recipe, overrides)
@@ -150,6 +152,9 @@ def run_arm(name: str, work: Path, model: Path, data: Path, prompts: Path, d: di
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny offline target and chats: proves the pipeline only")
+    p.add_argument("--cache-ready", action="store_true",
+                   help="--cache already holds this data's features (an earlier run wrote them): every arm, the "
+                        "first too, trains offline from it")
     p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, from {list(ARMS)}")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per arm (default: 12 smoke, 1500 full)")
     p.add_argument("--minutes", type=float, default=0.0,
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # The first arm runs here: it writes the feature cache (if it reads the common features) and
         # fills the greedy cache; later arms with the same features train offline from the cache.
-        first = cache_for(arms[0], False)
+        first = cache_for(arms[0], args.cache_ready)
         rows.append(run_arm(arms[0], work, model, data, prompts, d, args, first, greedy))
         cached = first is not None
         if args.jobs > 1 and len(arms) > 2:

@@ -1,0 +1,27 @@
+"""benchmarks/bench_quality.py at smoke size with a feature cache: the first arm writes it from the
+live target, the second trains offline from it (the path the full-size runs take)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support.procs import run_cli
+
+
+def test_second_arm_trains_offline_from_the_first_arms_cache(tmp_path):
+    out = tmp_path / "results"
+    p = run_cli("benchmarks.bench_quality", "--smoke", "--arms", "eagle3,eagle3.1", "--steps", "3",
+                "--cache", str(tmp_path / "cache"), "--no-real-tau", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "bench_quality_smoke.json").read_text())
+    arms = {r["arm"]: r for r in res["arms"]}
+    assert set(arms) == {"eagle3", "eagle3.1"} and res["equal_tokens"]
+    assert arms["eagle3"]["train_tokens"] > 0 and arms["eagle3.1"]["steps"] == 3
+    assert any((tmp_path / "cache").iterdir())   # the first arm wrote the features the second read
+    # the cache is kept: a second run trains every arm offline from it, to the same losses
+    p = run_cli("benchmarks.bench_quality", "--smoke", "--arms", "eagle3", "--steps", "3", "--cache-ready",
+                "--cache", str(tmp_path / "cache"), "--no-real-tau", "--out", str(tmp_path / "again"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "bench_quality_smoke.json").read_text())["arms"][0]
+    assert again["train_tokens"] == arms["eagle3"]["train_tokens"]
+    assert again["eval_loss"] == arms["eagle3"]["eval_loss"]
