@@ -108,6 +108,18 @@ def test_a_trained_draft_decodes_losslessly_as_a_tree_and_accepts_more(dtype, tr
     target = _target(tiny_llama, dtype)
     draft = draft.to(dtype)
     eos = eos_set(target, __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama))
+    # a tree's chain is the chain: the alternatives come from the same steps' logits
+    prompt = _prompts(tiny_llama, 1)[0]
+    verifier = TargetVerifier(target, draft.cfg.aux_layer_ids)
+    with torch.inference_mode():
+        first, feats_SF = verifier.prefill(prompt)
+        d = Eagle3Drafter(draft)
+        d.start(prompt, first, feats_SF)
+        chain = d.propose(4)
+        d.cache.truncate(d.real_len)
+        tree_chain, alts = d.propose_tree(4, 3)
+    assert tree_chain == chain and [len(a) for a in alts] == [2] * 4
+    assert all(t not in a for t, a in zip(chain, alts))
     chain_acc = tree_acc = alt_hits = 0
     with one_thread():
         for prompt in _prompts(tiny_llama):

@@ -227,6 +227,10 @@ def test_the_drafter_proposes_what_training_scores_at_the_same_anchor():
         h2 = model(feats, emb[tg2.noise_ids_BQ], torch.arange(T)[None], tg2.pos_q_BQ,
                    obj.context_visibility(anchors2, torch.ones(1, T), K))
     assert drafter.propose(K - 1) == (h2[0, 1:] @ head.t()).argmax(-1).tolist()
+    # as a tree: the same chain, and at each position the block's next-best tokens in order
+    chain, alts = drafter.propose_tree(K - 1, 3)
+    assert chain == (h2[0, 1:] @ head.t()).argmax(-1).tolist()
+    assert alts == (h2[0, 1:] @ head.t()).topk(3, dim=-1).indices[:, 1:].tolist()
     # A confidence-stopped block keeps the prefix whose product of top-1 probabilities stays above
     # the threshold: every cut point between 0 and the whole block is reachable.
     logits_KV = h2[0, 1:] @ head.t()
