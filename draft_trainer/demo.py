@@ -55,6 +55,7 @@ log = logging.getLogger("draft_trainer.demo")
 RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
 REGEN_CONVERSATIONS = 500      # on-policy answers: about 6-10 min of regeneration on 2 cores (docs/demo.md)
 ALSO_K = (2, 3)               # the trained draft is also timed at these chain lengths (report: the K to serve with here)
+ALSO_TREE = ((2, 4),)         # ... and as these KxW trees (eval --also-tree: K chain tokens, W - 1 alternatives each)
 # Dynamic chains (eval --also-min-confidence) are not in the report: they pay where a verified token
 # is dear (fp32 on this CPU), while in bf16 six tokens cost ~1.1x one and fixed chains are faster.
 REGEN_MAX_NEW_TOKENS = 128    # the evaluation decodes 64 tokens per prompt; answers are cut at twice that to keep regeneration short
@@ -218,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate_all(model: Path, exports: dict[str, Path], last: str, prompts: Path, num_steps: int,
                   max_new_tokens: int, dtype: str, other_dtype: str | None) -> dict[str, dict]:
     """Every export evaluated in `dtype` (one greedy reference shared by all), the last one also at
-    shorter chains and in `other_dtype` (its result under "other_dtype"). Runs in its own process."""
+    shorter chains, as trees and in `other_dtype` (its result under "other_dtype"). Runs in its own process."""
     greedy: dict = {}
     results = {}
     for name, d in exports.items():
         also_k = [k for k in ALSO_K if k < num_steps] if name == last else []  # shorter chains: the trained draft only
+        also_tree = [(k, w) for k, w in ALSO_TREE if k <= num_steps] if name == last else []
         r = evaluate(model, d, prompts, num_steps=num_steps, max_new_tokens=max_new_tokens, greedy_cache=greedy,
-                     progress=True, also_k=also_k, dtype=dtype)
+                     progress=True, also_k=also_k, also_tree=also_tree, dtype=dtype)
         _check_lossless(r, d)
         results[name] = r
     if other_dtype:  # the other dtype, for the trained draft: tau and speed against greedy in that dtype
@@ -276,6 +278,11 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
     if trained.get("by_k"):  # a round verifies K+1 tokens: on a CPU a shorter chain can be faster
         lines += ["", "The trained draft at other chain lengths (same prompts, lossless): " + "; ".join(
             f"K={k}: tau {b['tau']:.2f}, {b['speedup']:.2f}x plain greedy" for k, b in trained["by_k"].items()) + "."]
+    if trained.get("by_tree"):  # alternatives beside each chain token, verified in the same forward
+        lines += ["", "As a tree (K chain tokens, each with W - 1 alternatives: the draft's next-best tokens; SGLang's "
+                      "topk > 1): " + "; ".join(
+            f"{kw}: tau {b['tau']:.2f} ({b['verified_per_round']:.1f} tokens verified per round), {b['speedup']:.2f}x "
+            f"plain greedy" for kw, b in trained["by_tree"].items()) + "."]
     o = trained.get("other_dtype")
     if o:  # the same draft with the target in the other dtype (its own greedy reference and speed)
         lines += ["", f"In {o['dtype']} (target and draft; the features were {trained['dtype']}): tau {o['tau']:.2f} at "
