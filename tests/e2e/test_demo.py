@@ -40,8 +40,8 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     assert src["requested"] == 24 and src["replayed"] > 0
     last = json.loads((out / "eval" / f"step_{curve[-1]['step']:08d}.json").read_text())
     # Evaluated in the features' dtype (bf16, lossless: rowwise attention), the trained draft in fp32 too.
-    assert last["dtype"] == "bf16" and list(last["by_k"]) == ["2", "3", "5"]
-    assert list(last["by_tree"]) == ["2x4"] and last["by_tree"]["2x4"]["lossless"]
+    assert last["dtype"] == "bf16" and list(last["by_k"]) == ["2", "5"]
+    assert list(last["by_tree"]) == ["2x2"] and last["by_tree"]["2x2"]["lossless"]
     fp32 = json.loads((out / "eval" / f"step_{curve[-1]['step']:08d}_fp32.json").read_text())
     assert fp32["dtype"] == "fp32" and fp32["lossless"] and fp32["prompts"] == 4 and "prompt_lookup" not in fp32
     assert "K=2: tau" in report and "As a tree" in report and "In fp32 (target and draft; the features were bf16)" in report
