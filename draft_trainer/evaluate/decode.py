@@ -181,14 +181,12 @@ class TargetVerifier:
             a += 1
             bonus = self._argmax_at(last, logits, a)
         kept, accepted = list(range(a + 1)), drafts[:a]
-        if a < len(drafts):
-            row = next((len(drafts) + 1 + i for i, (j, t) in enumerate(alts) if j == a and t == bonus), None)
-            if row is not None:                         # an alternative is the target's choice: the path ends on it
-                kept.append(row)
-                accepted.append(bonus)
-                bonus = self._argmax_at(last, logits, row)
-            self._keep(kept, len(ids))
-        elif len(ids) > a + 1:
+        row = next((len(drafts) + 1 + i for i, (j, t) in enumerate(alts) if j == a and t == bonus), None)
+        if row is not None:                             # an alternative is the target's choice: the path ends on it
+            kept.append(row)
+            accepted.append(bonus)
+            bonus = self._argmax_at(last, logits, row)
+        if len(kept) < len(ids):                        # drop the rejected rows' cache entries
             self._keep(kept, len(ids))
         return accepted, bonus, (feats_SF[kept] if feats_SF is not None else None)
 
@@ -235,9 +233,11 @@ def speculative_decode(target, drafter: Drafter, prompt: list[int], num_steps: i
         else:   # (drafters written before dynamic chains take one argument: pass it only when asked)
             drafts = drafter.propose(num_steps, min_confidence) if min_confidence > 0 else drafter.propose(num_steps)
         t2 = clock()
-        if len(drafts) > num_steps or any(len(ts) >= width for ts in alts):
-            raise ValueError(f"drafter {drafter.name} proposed {len(drafts)} tokens and alternatives "
-                             f"{[len(ts) for ts in alts]}, more than {num_steps} and {width - 1} per position")
+        if len(drafts) > num_steps:
+            raise ValueError(f"drafter {drafter.name} proposed {len(drafts)} tokens, more than {num_steps}")
+        if any(len(ts) >= width for ts in alts):
+            raise ValueError(f"drafter {drafter.name} proposed {[len(ts) for ts in alts]} alternatives per "
+                             f"position, more than {width - 1}")
         accepted, bonus, feats_SF = verifier.verify(x_n, drafts, alts)
         a = len(accepted)
         t3 = clock()
