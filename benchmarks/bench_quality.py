@@ -109,6 +109,8 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
         overrides += [f"feature_cache.dir={cache[0]}", f"feature_cache.offline={str(cache[1]).lower()}"]
         if cache[1]:   # offline reads the cache anyway (the recipe's replay is for online runs)
             overrides += ["feature_cache.replay=false"]
+    else:  # the recipe's own cache (replay) in the arm's directory: never another arm's, never the repo's runs/
+        overrides += [f"feature_cache.dir={out / 'features'}"]
     if smoke:
         overrides += ["targets.embedded_dtype=fp32"]
     cfg = load_config(TrainConfig, recipe, overrides)

@@ -25,3 +25,15 @@ def test_second_arm_trains_offline_from_the_first_arms_cache(tmp_path):
     again = json.loads((tmp_path / "again" / "bench_quality_smoke.json").read_text())["arms"][0]
     assert again["train_tokens"] == arms["eagle3"]["train_tokens"]
     assert again["eval_loss"] == arms["eagle3"]["eval_loss"]
+
+
+def test_arms_without_a_shared_cache_keep_their_own(tmp_path):
+    """Without --cache each arm caches (the recipe's replay) in its own directory: an arm with other
+    features (dflash) used to find the first arm's cache in the recipe's runs/draft/features
+    (relative to the working directory) and stop."""
+    p = run_cli("benchmarks.bench_quality", "--smoke", "--arms", "eagle3,dflash", "--steps", "2",
+                "--no-real-tau", "--out", str(tmp_path / "results"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    arms = json.loads((tmp_path / "results" / "bench_quality_smoke.json").read_text())["arms"]
+    assert [r["arm"] for r in arms] == ["eagle3", "dflash"]
+    assert not (tmp_path / "runs").exists()
