@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from draft_trainer.evaluate import rowwise_attention
 from draft_trainer.evaluate.decode import TargetVerifier, eos_set, greedy_decode, speculative_decode
@@ -103,11 +103,11 @@ def test_a_tree_needs_row_wise_attention_and_a_tree_drafter(tiny_llama):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_trained_draft_decodes_losslessly_as_a_tree_and_accepts_more(dtype, trained, tiny_llama):
+def test_a_trained_draft_decodes_losslessly_as_a_tree_and_accepts_more(dtype, trained, tiny_llama):  # noqa: F811
     draft, _, _ = trained
     target = _target(tiny_llama, dtype)
     draft = draft.to(dtype)
-    eos = eos_set(target, __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama))
+    eos = eos_set(target, AutoTokenizer.from_pretrained(tiny_llama))
     # a tree's chain is the chain: the alternatives come from the same steps' logits
     prompt = _prompts(tiny_llama, 1)[0]
     verifier = TargetVerifier(target, draft.cfg.aux_layer_ids)
