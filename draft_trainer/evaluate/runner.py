@@ -144,6 +144,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     # unless a tree is verified: tree rows need the row-wise attention's per-row paths
     rowwise = tdtype != torch.float32 or bool(also_tree)
     attn = {"attn_implementation": rowwise_attention.register()} if rowwise else {}
+    # the greedy reference's key in greedy_cache: by dtype, and apart where fp32 attends row by row
+    ref_kind = f"{dtype}+rowwise" if rowwise and tdtype == torch.float32 else dtype
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
@@ -178,7 +180,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                    dynamic_ncols=True)
     for r in range(speed_rounds):
         for i, prompt in enumerate(prompts):
-            key = (str(target_model), dtype, tuple(prompt), max_new_tokens, attn.get("attn_implementation"))
+            key = (str(target_model), ref_kind, tuple(prompt), max_new_tokens)
             if r == 0 and key in cache:
                 ref, g_s = cache[key]
             else:
