@@ -90,7 +90,7 @@ class OptimConfig:
     warmup_ratio: float = 0.015      # fraction of the schedule spent warming up linearly
     min_lr_ratio: float = 0.0        # the cosine decays to lr * this
     schedule: Literal["steps", "time"] = "steps"  # what the warm-up + cosine runs over: max_steps, or the
-                                                  # time_budget_s of this invocation (the budget, not the steps, ends the run)
+                                                  # run's time_budget_s (the budget, not the steps, ends the run)
     weight_decay: float = 0.0        # AdamW decoupled weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     grad_clip: float = 0.5           # clip the global gradient norm to this
@@ -127,7 +127,8 @@ class TrainConfig:
     batch_size: int = 1              # samples per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1              # micro-batches per optimizer step (per rank)
     max_steps: int = 100             # stop after this many optimizer steps (or when epochs run out)
-    time_budget_s: float = 0.0       # stop (with a checkpoint) at the first step boundary past this; 0 = none
+    time_budget_s: float = 0.0       # stop (with a checkpoint) at the first step boundary past this many seconds
+                                     # of training, counted over the whole run (a resumed run continues it); 0 = none
     epochs: int = 1                  # passes over the dataset at most
     threads: int = 0                 # torch threads of each trainer rank; 0 = torch's default (all cores)
     log_every: int = 1               # metrics.jsonl / progress line every N steps

