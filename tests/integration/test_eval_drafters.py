@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from draft_trainer.assets import TINY_CHATS
+from draft_trainer.evaluate import rowwise_attention
 from draft_trainer.evaluate.decode import TargetVerifier, eos_set, greedy_decode, speculative_decode
 from draft_trainer.methods.base import Drafter
 from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
@@ -275,3 +276,21 @@ def test_dynamic_chains_stop_where_the_drafts_confidence_falls(trained, tiny_lla
             evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, also_confidence=[1.0])
     b = r["by_confidence"]["0.5"]
     assert b["lossless"] and 0 < b["proposed_per_round"] < 4 and 1.0 <= b["tau"] <= r["tau"]
+
+
+def test_fast_drafter_path_drafts_what_the_model_path_drafts(trained, tiny_llama):
+    """The drafter's fused fp32 path (the default) proposes, round by round, what the draft model's
+    own inference methods propose: same acceptance on every prompt, as a chain and as a tree."""
+    draft, _, _ = trained
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32,
+                                                  attn_implementation=rowwise_attention.register()).eval()
+    eos = eos_set(target, AutoTokenizer.from_pretrained(tiny_llama))
+    accepted = 0
+    with one_thread():
+        for prompt in _prompts(tiny_llama):
+            for width in (1, 3):
+                (a, st_a), (b, st_b) = [speculative_decode(target, Eagle3Drafter(draft, fast=fast), prompt, 4, MAX_NEW,
+                                                           eos, width=width) for fast in (True, False)]
+                assert a == b and st_a.accepted == st_b.accepted and st_a.proposed == st_b.proposed
+                accepted += sum(st_a.accepted)
+    assert accepted > 0

@@ -41,10 +41,10 @@ class DFlashDrafter:
         self.ctx_SH = None  # a new sequence
         self._extend(feats_SF, list(prompt[1:]) + [first_token])
 
-    @torch.no_grad()
     def propose(self, max_tokens: int, min_confidence: float = 0.0) -> list[int]:
         return self.propose_tree(max_tokens, 1, min_confidence)[0]
 
+    @torch.no_grad()
     def propose_tree(self, max_tokens: int, width: int,
                      min_confidence: float = 0.0) -> tuple[list[int], list[list[int]]]:
         """The block's top-1 tokens and, per position, its next width - 1 (alternatives, decode.py)."""
