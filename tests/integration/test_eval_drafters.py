@@ -294,3 +294,18 @@ def test_fast_drafter_path_drafts_what_the_model_path_drafts(trained, tiny_llama
                 assert a == b and st_a.accepted == st_b.accepted and st_a.proposed == st_b.proposed
                 accepted += sum(st_a.accepted)
     assert accepted > 0
+
+
+def test_bench_spec_loop_times_an_exported_draft(trained, tiny_llama, tmp_path):
+    """benchmarks/bench_spec_loop.py on an export (its loader had gone stale unnoticed): bf16 trees,
+    the fused and the model path side by side, every output checked against greedy."""
+    from benchmarks.bench_spec_loop import main
+
+    _, export_dir, prompts = trained
+    with one_thread():
+        rc = main(["--target-model", str(tiny_llama), "--draft", str(export_dir), "--prompts", str(prompts),
+                   "--num-steps", "3", "--width", "2", "--dtype", "bf16", "--rounds", "1", "--max-new-tokens", "8",
+                   "--name", "spec_loop_test", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spec_loop_test.json").read_text())
+    assert rc == 0 and data["lossless"] and data["config"]["width"] == 2 and data["config"]["dtype"] == "bf16"
+    assert {"spec", "spec_model_path", "prompt_lookup"} <= set(data["tau"])
