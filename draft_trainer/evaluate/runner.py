@@ -31,6 +31,7 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,6 +83,15 @@ def check_draft_target(draft_dir: Path, target_model: str | Path, tokenizer) -> 
     if problems:
         raise ContractError(f"draft {draft_dir} was not trained for target {target_model}: " + "; ".join(problems)
                             + ". Pass --force to evaluate anyway")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One decoding setting evaluated: a drafter, its chain length, confidence threshold and tree width."""
+    drafter: Drafter
+    k: int
+    min_confidence: float = 0.0
+    width: int = 1
 
 
 def _proposed(stats: list[SpecStats]) -> float:
@@ -149,28 +159,23 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
-    drafters: dict[str, Drafter] = {"draft": method.drafter(Path(draft_dir), target, dtype=tdtype)}
+    draft = method.drafter(Path(draft_dir), target, dtype=tdtype)
+    runs: dict[str, _Run] = {"draft": _Run(draft, num_steps)}
     if prompt_lookup:
-        drafters["prompt_lookup"] = PromptLookupDrafter(max_ngram, min_ngram)
+        runs["prompt_lookup"] = _Run(PromptLookupDrafter(max_ngram, min_ngram), num_steps)
     if untrained:
-        drafters["untrained"] = method.drafter(Path(draft_dir), target, dtype=tdtype, untrained=True, seed=seed)
-    steps = dict.fromkeys(drafters, num_steps)
-    confidence = dict.fromkeys(drafters, 0.0)
-    width = dict.fromkeys(drafters, 1)
-    for k in also_k:  # the same drafter object: start() resets its state for every prompt
-        drafters[f"draft_k{k}"], steps[f"draft_k{k}"] = drafters["draft"], k
-    for c in also_confidence:
-        name = f"draft_c{c:g}"
-        drafters[name], steps[name], confidence[name] = drafters["draft"], num_steps, c
-    for k, w in also_tree:
-        name = f"draft_t{k}x{w}"
-        drafters[name], steps[name], width[name] = drafters["draft"], k, w
+        runs["untrained"] = _Run(method.drafter(Path(draft_dir), target, dtype=tdtype, untrained=True, seed=seed),
+                                 num_steps)
+    # the draft's other settings share its object: start() resets its state for every prompt
+    runs.update({f"draft_k{k}": _Run(draft, k) for k in also_k})
+    runs.update({f"draft_c{c:g}": _Run(draft, num_steps, min_confidence=c) for c in also_confidence})
+    runs.update({f"draft_t{k}x{w}": _Run(draft, k, width=w) for k, w in also_tree})
     cache = greedy_cache if greedy_cache is not None else {}
     load_before = os.getloadavg()[0]
 
-    stats = {k: [] for k in drafters}                   # round 1: SpecStats per prompt
-    secs = {k: [[] for _ in range(speed_rounds)] for k in ["greedy", *drafters]}
-    toks = {k: [[] for _ in range(speed_rounds)] for k in ["greedy", *drafters]}
+    stats = {k: [] for k in runs}                       # round 1: SpecStats per prompt
+    secs = {k: [[] for _ in range(speed_rounds)] for k in ["greedy", *runs]}
+    toks = {k: [[] for _ in range(speed_rounds)] for k in ["greedy", *runs]}
     refs, mismatches, per_prompt = [], [], []
     bar = None
     if progress:
@@ -190,13 +195,13 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
                 refs.append(ref)
             secs["greedy"][r].append(g_s)
             toks["greedy"][r].append(len(ref))
-            for name, drafter in drafters.items():
+            for name, run in runs.items():
                 pl_key = ("prompt_lookup", *key, num_steps, max_ngram, min_ngram)
                 if r == 0 and name == "prompt_lookup" and pl_key in cache:
                     got, st = cache[pl_key]
                 else:
-                    got, st = speculative_decode(target, drafter, prompt, steps[name], max_new_tokens, eos,
-                                                 min_confidence=confidence.get(name, 0.0), width=width.get(name, 1))
+                    got, st = speculative_decode(target, run.drafter, prompt, run.k, max_new_tokens, eos,
+                                                 min_confidence=run.min_confidence, width=run.width)
                     if name == "prompt_lookup":
                         cache.setdefault(pl_key, (got, st))
                 secs[name][r].append(st.seconds)
@@ -219,7 +224,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         bar.close()
 
     tps = {k: [_tps(sum(toks[k][r]), sum(secs[k][r])) for r in range(speed_rounds)] for k in secs}
-    ratio = {k: [tps[k][r] / max(tps["greedy"][r], 1e-9) for r in range(speed_rounds)] for k in drafters}
+    ratio = {k: [tps[k][r] / max(tps["greedy"][r], 1e-9) for r in range(speed_rounds)] for k in runs}
     main = stats["draft"]
     rounds = sum(st.rounds for st in main)
     spec_s = sum(st.seconds for st in main)
@@ -262,7 +267,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         result["by_tree"] = {f"{k}x{w}": {**variant(f"draft_t{k}x{w}", k),
                                           "verified_per_round": 1 + _proposed(stats[f"draft_t{k}x{w}"])}
                              for k, w in also_tree}
-    for name in drafters:
+    for name in runs:
         if name == "draft" or name.startswith(("draft_k", "draft_c", "draft_t")):
             continue
         result[name] = {**acceptance(stats[name], num_steps), **variant(name, num_steps),
