@@ -280,7 +280,7 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
              f"{summary['steps']} steps, {curve[-1]['train_tokens']:,} training tokens in "
              f"{summary['wall_s'] / 60:.1f} min{' (stopped and resumed)' if summary.get('resumed_from') else ''}; "
              f"{base['prompts']} held-out prompts, "
-             f"{args.max_new_tokens} new tokens each; target and draft in {trained['dtype']} (the training "
+             f"{args.max_new_tokens} new tokens each; target and draft weights in {trained['dtype']} (the training "
              f"features' dtype), every output checked against plain greedy decoding in that dtype.", "",
              "| | untrained draft (step 0) | trained draft |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]

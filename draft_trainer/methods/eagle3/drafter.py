@@ -11,10 +11,11 @@ output at position n-2+j; those speculative entries are dropped at the next exte
 
 Speed: the drafter decodes with `_FastDraft`, an fp32 copy of the draft's inference path with q|k|v
 and gate|up fused into one matmul each (the same math as `Eagle3Draft.project/step/logits`, which
-stay the reference, tests/integration/test_eval_drafters.py). On this CPU a one-row bf16 matmul of
-these sizes costs 1.5-4x the fp32 one, cold or warm in cache, and a round's draft work is a few
-such rows; the weights are the export's bf16 values, upcast exactly. Measured in the evaluator on
-the 20-minute demo draft: 5.4 -> 4.5 ms of draft work per round (docs/notes/issue-20.md, session 9).
+stay the reference: tests/unit/test_eagle3_fast_drafter.py, tests/integration/test_eval_drafters.py).
+On this CPU a one-row bf16 matmul of these sizes costs 1.5-4x the fp32 one, cold or warm in cache,
+and a round's draft work is a few such rows; the weights are the export's values, upcast exactly.
+Measured on the 20-minute demo draft (bf16 target, K=2): 5.9 -> 4.6 ms of draft work per round,
+1.21x -> 1.25x plain greedy (benchmarks/results/spec_loop_fused_drafter_w1.md).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _FastDraft:
         ml, attn = draft.midlayer, draft.midlayer.self_attn
         self.draft = draft
         self.nh, self.nkv, self.d = attn.nh, attn.nkv, attn.d
-        self.h, self.eps = draft.cfg.hidden_size, ml.input_layernorm.eps
+        self.eps = ml.input_layernorm.eps
         self.ffn = ml.mlp.gate_proj.weight.shape[0]
         self.fc_norm_3H = [f32(n.weight) for n in draft.fc_norm] if draft.fc_norm is not None else None
         self.fc = f32(draft.fc.weight)
