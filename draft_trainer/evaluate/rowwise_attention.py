@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -97,35 +98,57 @@ def rowwise_attention(module, query_BnSd: torch.Tensor, key_BgLd: torch.Tensor, 
     if tree is not None and len(tree) != S:
         raise ValueError(f"tree of {len(tree)} rows given for a forward of {S} new positions")
     base = L - S
+    q_rows = query_BnSd.split(1, dim=2)   # every row's query in one op (this loop runs per layer)
     rows = []
-    for i in range(S):
-        m, rest = tree[i] if tree is not None else (i + 1, [])
-        end = base + m
-        start = max(0, end + len(rest) - window) if window is not None else 0   # the last `window` keys
-        if len(rest) == 1 and end < L:
-            # a leaf off the contiguous rows (decode.py's alternatives): its key and value stand in
-            # for those at slot `end` for this one call, so that the keys stay a slice (no copy)
-            k_BgLd, v_BgLd = key_BgLd[:, :, start : end + 1], value_BgLd[:, :, start : end + 1]
-            slot, src = end, base + rest[0]
-            saved = key_BgLd[:, :, slot].clone(), value_BgLd[:, :, slot].clone()
-            key_BgLd[:, :, slot], value_BgLd[:, :, slot] = key_BgLd[:, :, src], value_BgLd[:, :, src]
-            try:
-                rows.append(F.scaled_dot_product_attention(query_BnSd[:, :, i : i + 1], k_BgLd, v_BgLd,
+    borrowed = None   # (slot, its own key, its own value) while leaves' keys stand in at that slot
+    try:
+        for i in range(S):
+            m, rest = tree[i] if tree is not None else (i + 1, [])
+            end = base + m
+            start = max(0, end + len(rest) - window) if window is not None else 0   # the last `window` keys
+            leaf = len(rest) == 1 and end < L
+            if borrowed is not None and not (leaf and borrowed[0] == end):
+                _give_back(key_BgLd, value_BgLd, borrowed)   # other rows read that slot's own entry
+                borrowed = None
+            if leaf:
+                # a leaf off the contiguous rows (decode.py's alternatives): its key and value stand in
+                # for those at slot `end` for its one call, so that the keys stay a slice (no copy);
+                # consecutive leaves at one slot (a position's alternatives) save and restore it once
+                slot = _index(end)
+                if borrowed is None:
+                    borrowed = (end, key_BgLd.index_select(2, slot), value_BgLd.index_select(2, slot))
+                src = _index(base + rest[0])
+                key_BgLd.index_copy_(2, slot, key_BgLd.index_select(2, src))
+                value_BgLd.index_copy_(2, slot, value_BgLd.index_select(2, src))
+                rows.append(F.scaled_dot_product_attention(q_rows[i], key_BgLd[:, :, start : end + 1],
+                                                           value_BgLd[:, :, start : end + 1],
                                                            scale=scaling, enable_gqa=True))
-            finally:
-                key_BgLd[:, :, slot], value_BgLd[:, :, slot] = saved
-            continue
-        k_BgLd, v_BgLd = key_BgLd[:, :, start:end], value_BgLd[:, :, start:end]
-        if rest:   # a deeper branch: its own ancestors' keys appended (a copy)
-            idx = torch.tensor([base + r for r in rest])
-            k_BgLd = torch.cat([k_BgLd, key_BgLd.index_select(2, idx)], dim=2)
-            v_BgLd = torch.cat([v_BgLd, value_BgLd.index_select(2, idx)], dim=2)
-            if window is not None:
-                k_BgLd, v_BgLd = k_BgLd[:, :, -window:], v_BgLd[:, :, -window:]
-        rows.append(F.scaled_dot_product_attention(query_BnSd[:, :, i : i + 1], k_BgLd, v_BgLd,
-                                                   scale=scaling, enable_gqa=True))
+                continue
+            k_BgLd, v_BgLd = key_BgLd[:, :, start:end], value_BgLd[:, :, start:end]
+            if rest:   # a deeper branch: its own ancestors' keys appended (a copy)
+                idx = torch.tensor([base + r for r in rest])
+                k_BgLd = torch.cat([k_BgLd, key_BgLd.index_select(2, idx)], dim=2)
+                v_BgLd = torch.cat([v_BgLd, value_BgLd.index_select(2, idx)], dim=2)
+                if window is not None:
+                    k_BgLd, v_BgLd = k_BgLd[:, :, -window:], v_BgLd[:, :, -window:]
+            rows.append(F.scaled_dot_product_attention(q_rows[i], k_BgLd, v_BgLd, scale=scaling, enable_gqa=True))
+    finally:
+        if borrowed is not None:
+            _give_back(key_BgLd, value_BgLd, borrowed)
     out_BnSd = rows[0] if S == 1 else torch.cat(rows, dim=2)
     return out_BnSd.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=8192)
+def _index(i: int) -> torch.Tensor:
+    """A one-element index tensor, made once per position (the leaf path runs per row and layer)."""
+    return torch.tensor([i])
+
+
+def _give_back(key_BgLd: torch.Tensor, value_BgLd: torch.Tensor, borrowed) -> None:
+    slot, k_Bg1d, v_Bg1d = borrowed
+    key_BgLd.index_copy_(2, _index(slot), k_Bg1d)
+    value_BgLd.index_copy_(2, _index(slot), v_Bg1d)
 
 
 def register() -> str:
