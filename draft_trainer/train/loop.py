@@ -38,7 +38,8 @@ from draft_trainer.metrics import TrainerMetrics
 from draft_trainer.model.stats import StepStats
 from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.evaluator import Evaluator, collate_deliveries
-from draft_trainer.train.parallel import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
+from draft_trainer.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, destroy_distributed,
+                                          init_distributed)
 from draft_trainer.train.reporter import Reporter, RunCounters, StepRecord, counters_record
 from draft_trainer.train.samples import OfflineStream, ReplayStream
 from draft_trainer.train.schedule import LRSchedule
@@ -193,11 +194,15 @@ class Trainer:
         self.last_loss: float | None = None
         if cfg.save_initial and self.step == 0:
             self.save_checkpoint(0)
-        last_save = time.perf_counter()
+        # Timed checkpoints fall on multiples of save_every_s of the run's clock, so a resumed run
+        # saves at the same run-minutes as an uninterrupted one.
+        next_save_s = _next_multiple(self.spent_s, cfg.save_every_s)
+        timed = bool(cfg.time_budget_s or cfg.optim.schedule == "time")
         while self.step < cfg.max_steps:
             if self._agree(self._stop.is_set()):
                 return last, "signal"
-            if cfg.time_budget_s and self._agree(time.perf_counter() - t_start > cfg.time_budget_s):
+            run_s = self._run_clock(t_start) if timed else 0.0
+            if cfg.time_budget_s and run_s > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached at step %d", cfg.time_budget_s, self.step)
                 return last, "time_budget"
             t0 = time.perf_counter()
@@ -212,7 +217,7 @@ class Trainer:
                 log.info("stopping at step %d of %d: the data ran out (%d epoch(s))", self.step, cfg.max_steps,
                          cfg.epochs)
                 return last, "data_exhausted"
-            lr = self.schedule.lr(self.step, t0 - t_start)
+            lr = self.schedule.lr(self.step, run_s)
             for g in self.run_.optimizer.param_groups:
                 g["lr"] = lr
             # Free last step's grads before the forward: they are not needed and the forward is the peak.
@@ -231,10 +236,11 @@ class Trainer:
             self.reporter.step(StepRecord(self.step, loss, stats, lr, float(grad_norm), n_tokens, n_samples,
                                           time.perf_counter() - t0, wait, self._step_sample_ids(micro), self.cursor),
                                elapsed_s=time.perf_counter() - t_start)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or \
-                    (cfg.save_every_s and self._agree(time.perf_counter() - last_save >= cfg.save_every_s)):
+            due_s = cfg.save_every_s and self._run_clock(t_start)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or (due_s and due_s >= next_save_s):
                 self.save_checkpoint(self.step)
-                last_save = time.perf_counter()
+                if due_s:
+                    next_save_s = _next_multiple(due_s, cfg.save_every_s)
             if (cfg.eval.holdout and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0
                     and self.step < cfg.max_steps and self._run_eval()):
                 self._checkpoint(best=True)
@@ -298,6 +304,15 @@ class Trainer:
             ids = [s for r in per_rank for s in r]
         return ids
 
+    def _run_clock(self, t_start: float) -> float:
+        """The run's training seconds (a resume starts at the recorded `train_s`), the same on every
+        rank (the latest clock), so that ranks agree on the time budget, a time-laid learning rate
+        and timed checkpoints to the last bit. One collective, like the flag it replaces."""
+        run_s = time.perf_counter() - t_start
+        if not self.dist.distributed:
+            return run_s
+        return float(all_reduce_max(torch.tensor([run_s], dtype=torch.float64), self.dist).item())
+
     def _agree(self, flag: bool, all_ranks: bool = False) -> bool:
         """The same decision on every rank: any rank's True (or, with all_ranks, every rank's)."""
         if not self.dist.distributed:
@@ -356,3 +371,8 @@ def save_run_checkpoint(cfg: TrainConfig, run: Run, dist: DistInfo, step: int, c
              "model_info.json": asdict(run.info), "config.json": to_dict(cfg)}
     return ckpt_io.save_checkpoint(Path(cfg.output_dir) / "checkpoints", step, run.model, run.optimizer, dist, state,
                                    rank_state, files, keep_last=cfg.keep_last)
+
+
+def _next_multiple(run_s: float, every_s: float) -> float:
+    """The first multiple of `every_s` after `run_s` (inf when timed saves are off)."""
+    return (run_s // every_s + 1) * every_s if every_s else float("inf")

@@ -144,6 +144,28 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(dataset, server, tmp_pat
     assert len(ids) == len(set(ids)) == 40
 
 
+def test_two_ranks_share_one_run_clock(dataset, server, tmp_path):
+    """Time budget, time-laid learning rate and timed checkpoints on 2 ranks: every rank decides
+    from the same (all-reduced) run clock, so both stop at the same step and save the same
+    checkpoints; a rank deciding alone would leave the other waiting in a collective (timeout)."""
+    out = tmp_path / "run"
+    base = [f"targets.endpoints={server.endpoint}", f"data.path={dataset}", "max_steps=100000", "epochs=1000",
+            *COMMON, "time_budget_s=4", "optim.schedule=time", "save_every_s=1", f"output_dir={out}"]
+    run(*base, nproc=2, timeout=120)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "time_budget" and summary["wall_s"] >= 4.0
+    kept = sorted((out / "checkpoints").glob("step_*"))
+    assert len(kept) == 3 and kept[-1].name == f"step_{summary['steps']:08d}"
+    for ckpt in kept:
+        assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    lrs = [r["lr"] for r in records(out)]
+    assert max(lrs) > lrs[-1] > 0                                    # warmed up, then decayed over the 4 s
+    # the whole budget spent: resumed on 2 ranks, both stop before training a step
+    run(*base, "resume_from=auto", nproc=2, timeout=120)
+    again = json.loads((out / "summary.json").read_text())
+    assert again["stopped"] == "time_budget" and again["steps"] == summary["steps"]
+
+
 def test_feature_cache_then_offline_without_any_server(dataset, tmp_path):
     srv = start_server(tmp_path, *SYN, name="cache-srv")
     cache = tmp_path / "cache"

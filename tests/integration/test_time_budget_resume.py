@@ -59,3 +59,17 @@ def test_a_resumed_run_continues_its_time_budget_and_schedule(exact_tiny_server,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "time_budget" and summary["steps"] == 3
     assert [r["step"] for r in _records(out)] == [1, 2, 3]
+
+
+def test_timed_checkpoints_fall_on_the_run_clock(exact_tiny_server, tiny_dataset, tmp_path):
+    """`save_every_s` counts the run's clock, not the process's: a run resumed just before a
+    multiple of it checkpoints after its first step, then not again until the next multiple.
+    (Before, a resume waited another whole `save_every_s`, so a stopped and resumed run's
+    checkpoints fell at other run-minutes than an uninterrupted run's.)"""
+    out = tmp_path / "run"
+    _train(tiny_dataset, out, exact_tiny_server, "max_steps=1")
+    _set_spent(out, 599.999)
+    _train(tiny_dataset, out, exact_tiny_server, "save_every_s=300", "max_steps=4", "resume_from=auto")
+    steps = [int(p.name.rsplit("_", 1)[1]) for p in ckpt_io.list_checkpoints(out / "checkpoints")]
+    # 2: the run clock passed 600 s during step 2; 3: the next multiple is 900 s; 4: the run's end
+    assert steps == [1, 2, 4], steps
