@@ -53,7 +53,7 @@ def _rev_loop(rev: str):
     return mod.speculative_decode
 
 
-def _smoke_setup(out: Path):
+def _smoke_setup(out: Path, dtype: torch.dtype, attn: dict):
     from draft_trainer.assets import TINY_CHATS, build_tiny_model
     from draft_trainer.methods.eagle3.config import DraftConfig
     from draft_trainer.methods.eagle3.model import Eagle3Draft
@@ -62,7 +62,7 @@ def _smoke_setup(out: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **attn).eval()
     c = target.config
     cfg = DraftConfig(hidden_size=c.hidden_size, target_hidden_size=c.hidden_size,
                       num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
@@ -75,7 +75,7 @@ def _smoke_setup(out: Path):
     with torch.no_grad():
         draft.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
     prompts = [tok(q)["input_ids"] for q, _ in TINY_CHATS[:2]]
-    return str(model_dir), tok, target, draft, prompts
+    return str(model_dir), tok, target, draft.to(dtype), prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     attn = {"attn_implementation": rowwise_attention.register()} if args.dtype != "fp32" or args.width > 1 else {}
     if args.smoke:
         out = Path(args.out or tempfile.mkdtemp(prefix="bench-spec-loop-"))
-        model_dir, tok, target, draft, prompts = _smoke_setup(out)
-        if attn or tdtype != torch.float32:
-            from transformers import AutoModelForCausalLM
-
-            target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=tdtype, **attn).eval()
-            draft = draft.to(tdtype)
+        model_dir, tok, target, draft, prompts = _smoke_setup(out, tdtype, attn)
         args.rounds, args.max_new_tokens = min(args.rounds, 2), min(args.max_new_tokens, 8)
     else:
         if not args.draft or not args.prompts:
