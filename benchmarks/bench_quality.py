@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="target dtype of the real-tau evaluation (the training features' dtype is the recipe's bf16)")
     p.add_argument("--name", default=None, help="results file name (default bench_quality)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="arms after the first run this many at a time, each in its own process (the recipe's "
-                        "1 thread): quality figures are unaffected, train_s is then not comparable")
+                   help="arms after the first (every arm with --cache-ready) run this many at a time, each in its own "
+                        "process (the recipe's 1 thread): quality figures are unaffected, train_s is then not "
+                        "comparable")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -204,15 +205,18 @@ def main(argv: list[str] | None = None) -> None:
 
         # The first arm runs here: it writes the feature cache (if it reads the common features) and
         # fills the greedy cache; later arms with the same features train offline from the cache.
+        # With the cache ready there is nothing to write first: every arm goes to the pool.
+        parallel_all = args.jobs > 1 and args.cache_ready and len(arms) > 1
         first = cache_for(arms[0], args.cache_ready)
-        rows.append(run_arm(arms[0], work, model, data, prompts, d, args, first, greedy))
+        if not parallel_all:
+            rows.append(run_arm(arms[0], work, model, data, prompts, d, args, first, greedy))
         cached = first is not None
-        if args.jobs > 1 and len(arms) > 2:
+        if parallel_all or (args.jobs > 1 and len(arms) > 2):
             if args.cache and not cached:
                 raise SystemExit("--jobs: the first arm must write the feature cache (put eagle3 first)")
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as ex:
                 futs = [ex.submit(run_arm, a, work, model, data, prompts, d, args, cache_for(a, True), greedy)
-                        for a in arms[1:]]
+                        for a in (arms if parallel_all else arms[1:])]
                 rows += [f.result() for f in futs]
         else:
             for a in arms[1:]:
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
               f"K={d['K']}, {d['steps']} steps, held-out samples {d['holdout']}, eval prompts {d['eval_prompts']} "
               f"x {d['max_new_tokens']} tokens. Load average at start {load_start:.1f}. train_cpu_s: the trainer process's "
               f"CPU time (an embedded server's is not in it); peak_rss_mb: the trainer process's peak RSS (each arm "
-              f"after the first runs in a fresh process).")
+              f"{'' if parallel_all else 'after the first '}runs in a fresh process).")
     name = args.name or ("bench_quality_smoke" if args.smoke else "bench_quality")
     write_results(name, {"config": d, "data": str(data), "set": args.set, "eval_dtype": args.eval_dtype, "arms": rows, "equal_tokens": equal_tokens, "smoke": args.smoke,
                          "load_avg_start": load_start}, table, args.out)
