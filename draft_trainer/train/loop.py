@@ -38,7 +38,7 @@ from draft_trainer.metrics import TrainerMetrics
 from draft_trainer.model.stats import StepStats
 from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.evaluator import Evaluator, collate_deliveries
-from draft_trainer.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, destroy_distributed,
+from draft_trainer.train.parallel import (DistInfo, all_reduce, destroy_distributed,
                                           init_distributed)
 from draft_trainer.train.reporter import Reporter, RunCounters, StepRecord, counters_record
 from draft_trainer.train.samples import OfflineStream, ReplayStream
@@ -90,7 +90,7 @@ class Trainer:
                      self.cursor, self.spent_s)
         self.schedule = LRSchedule(cfg.optim, cfg.max_steps, cfg.time_budget_s)
         self.evaluator = Evaluator(run.method, self._open_stream, run.stream.eval_samples, self.micro_batch,
-                                   self.dist.device, lambda x: all_reduce_sum(x, self.dist), cfg.eval.keep_best, best,
+                                   self.dist.device, lambda x: all_reduce(x, self.dist), cfg.eval.keep_best, best,
                                    keep=run.cache_writer.add if run.cache_writer is not None else None)
         self.reporter = Reporter(self.out, self.metrics, is_main=self.dist.is_main, log_every=cfg.log_every,
                                  progress=cfg.progress, tensorboard_dir=cfg.tensorboard_dir)
@@ -197,11 +197,10 @@ class Trainer:
         # Timed checkpoints fall on multiples of save_every_s of the run's clock, so a resumed run
         # saves at the same run-minutes as an uninterrupted one.
         next_save_s = _next_multiple(self.spent_s, cfg.save_every_s)
-        timed = bool(cfg.time_budget_s or cfg.optim.schedule == "time")
         while self.step < cfg.max_steps:
-            if self._agree(self._stop.is_set()):
+            stop, run_s = self._agreed_clock(t_start)
+            if stop:
                 return last, "signal"
-            run_s = self._run_clock(t_start) if timed else 0.0
             if cfg.time_budget_s and run_s > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached at step %d", cfg.time_budget_s, self.step)
                 return last, "time_budget"
@@ -236,7 +235,7 @@ class Trainer:
             self.reporter.step(StepRecord(self.step, loss, stats, lr, float(grad_norm), n_tokens, n_samples,
                                           time.perf_counter() - t0, wait, self._step_sample_ids(micro), self.cursor),
                                elapsed_s=time.perf_counter() - t_start)
-            due_s = cfg.save_every_s and self._run_clock(t_start)
+            due_s = cfg.save_every_s and self._agreed_clock(t_start)[1]
             if (cfg.save_every and self.step % cfg.save_every == 0) or (due_s and due_s >= next_save_s):
                 self.save_checkpoint(self.step)
                 if due_s:
@@ -281,7 +280,7 @@ class Trainer:
         method, model = self.run_.method, self.run_.model
         targets = [method.prepare(b) for b in micro]
         counts = torch.tensor([method.loss_counts(t) for t in targets], dtype=torch.float64).sum(0)
-        normalizers = all_reduce_sum(counts, self.dist).tolist()
+        normalizers = all_reduce(counts, self.dist).tolist()
         total, parts = 0.0, []
         for b, t in zip(micro, targets):
             loss, stats = method.loss(model, b, t, normalizers=normalizers)
@@ -289,8 +288,8 @@ class Trainer:
             (loss * self.dist.world_size).backward()
             total += float(loss.detach())
             parts.append(stats)
-        global_loss = float(all_reduce_sum(torch.tensor([total], dtype=torch.float64), self.dist).item())
-        merged = StepStats.merged(parts, all_reduce=lambda x: all_reduce_sum(x, self.dist))
+        global_loss = float(all_reduce(torch.tensor([total], dtype=torch.float64), self.dist).item())
+        merged = StepStats.merged(parts, all_reduce=lambda x: all_reduce(x, self.dist))
         return global_loss, merged
 
     def _step_sample_ids(self, micro: list[Batch]) -> list[int]:
@@ -304,21 +303,22 @@ class Trainer:
             ids = [s for r in per_rank for s in r]
         return ids
 
-    def _run_clock(self, t_start: float) -> float:
-        """The run's training seconds (a resume starts at the recorded `train_s`), the same on every
-        rank (the latest clock), so that ranks agree on the time budget, a time-laid learning rate
-        and timed checkpoints to the last bit. One collective, like the flag it replaces."""
-        run_s = time.perf_counter() - t_start
+    def _agreed_clock(self, t_start: float) -> tuple[bool, float]:
+        """(a stop was asked on any rank, the run's training seconds), agreed by every rank in one
+        collective: the clock is the latest rank's (a resume starts at the recorded `train_s`), so that
+        all ranks stop, spend the time budget, lay a time-laid learning rate and save timed checkpoints
+        alike, to the last bit."""
+        stop, run_s = self._stop.is_set(), time.perf_counter() - t_start
         if not self.dist.distributed:
-            return run_s
-        return float(all_reduce_max(torch.tensor([run_s], dtype=torch.float64), self.dist).item())
+            return stop, run_s
+        both = all_reduce(torch.tensor([float(stop), run_s], dtype=torch.float64), self.dist, "max")
+        return bool(both[0].item()), float(both[1].item())
 
     def _agree(self, flag: bool, all_ranks: bool = False) -> bool:
         """The same decision on every rank: any rank's True (or, with all_ranks, every rank's)."""
         if not self.dist.distributed:
             return flag
-        t = all_reduce_sum(torch.tensor([float(flag)]), self.dist)
-        return bool(t.item() >= self.dist.world_size) if all_ranks else bool(t.item() > 0)
+        return bool(all_reduce(torch.tensor([float(flag)]), self.dist, "min" if all_ranks else "max").item())
 
     def _run_eval(self) -> bool:
         """Evaluate, report, and say whether this is the best held-out acceptance so far."""

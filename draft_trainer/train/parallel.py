@@ -109,17 +109,16 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, info: DistInfo) -
     return out
 
 
-def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """`x` reduced over all ranks with `op` (sum | max | min), as a new tensor on x's device; `x` itself on
+    one rank. The collective runs on the rank's device: NCCL refuses the CPU scalars the loop agrees on."""
     if info.distributed:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        y = x.to(info.device, copy=True)
+        dist.all_reduce(y, op=_REDUCE_OPS[op])
+        return y.to(x.device)
     return x
 
 

@@ -14,7 +14,7 @@ import torch
 from draft_trainer.methods.eagle3.config import DraftConfig
 from draft_trainer.methods.eagle3.model import Eagle3Draft
 from draft_trainer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from draft_trainer.train.parallel import all_reduce_sum, apply_fsdp, exit_worker, init_distributed
+from draft_trainer.train.parallel import all_reduce, apply_fsdp, exit_worker, init_distributed
 
 
 def build(info):
@@ -46,7 +46,7 @@ def steps(m, opt, info, start, stop):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append((all_reduce_sum(s.detach(), info) / (B * T)).item())
+        losses.append((all_reduce(s.detach(), info) / (B * T)).item())
     return losses
 
 
