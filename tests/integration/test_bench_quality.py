@@ -18,13 +18,16 @@ def test_second_arm_trains_offline_from_the_first_arms_cache(tmp_path):
     assert set(arms) == {"eagle3", "eagle3.1"} and res["equal_tokens"]
     assert arms["eagle3"]["train_tokens"] > 0 and arms["eagle3.1"]["steps"] == 3
     assert any((tmp_path / "cache").iterdir())   # the first arm wrote the features the second read
-    # the cache is kept: a second run trains every arm offline from it, to the same losses
-    p = run_cli("benchmarks.bench_quality", "--smoke", "--arms", "eagle3", "--steps", "3", "--cache-ready",
-                "--cache", str(tmp_path / "cache"), "--no-real-tau", "--out", str(tmp_path / "again"))
+    # the cache is kept: a second run trains every arm offline from it, to the same losses; with
+    # --jobs 2 the first arm too runs in the pool of fresh processes, beside the second
+    p = run_cli("benchmarks.bench_quality", "--smoke", "--arms", "eagle3,eagle3.1", "--steps", "3", "--cache-ready",
+                "--jobs", "2", "--cache", str(tmp_path / "cache"), "--no-real-tau", "--out", str(tmp_path / "again"))
     assert p.returncode == 0, p.stderr[-3000:]
-    again = json.loads((tmp_path / "again" / "bench_quality_smoke.json").read_text())["arms"][0]
-    assert again["train_tokens"] == arms["eagle3"]["train_tokens"]
-    assert again["eval_loss"] == arms["eagle3"]["eval_loss"]
+    again = json.loads((tmp_path / "again" / "bench_quality_smoke.json").read_text())["arms"]
+    assert [r["arm"] for r in again] == ["eagle3", "eagle3.1"]
+    for r in again:
+        assert r["train_tokens"] == arms[r["arm"]]["train_tokens"]
+        assert r["eval_loss"] == arms[r["arm"]]["eval_loss"]
 
 
 def test_arms_without_a_shared_cache_keep_their_own(tmp_path):
