@@ -146,7 +146,7 @@ def render(results_dir: Path = RESULTS, smoke: bool = False) -> str:
                 machines.append(machine_row(stem, extra))
                 for h in b.headline(extra) if in_summary else ():
                     summary.append(f"| {b.title} (`{stem}`) | {h.figure} | {h.target} | {_met(h, smoke)} |")
-                sections += [f"Earlier variant run `{stem}` (`{cmd}`):", "", _table(results_dir / f"{stem}.md"), ""]
+                sections += [f"Variant run `{stem}` (`{cmd}`):", "", _table(results_dir / f"{stem}.md"), ""]
     demo_lines, demo_head = demo_section(results_dir)
     summary.append(f"| Acceptance length vs training tokens (demo) | {demo_head.figure if demo_head else 'not run'} | "
                    f"{demo_head.target if demo_head else f'>= {DEMO_TARGET_TAU}'} | "

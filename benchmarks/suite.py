@@ -71,7 +71,7 @@ class Bench:
     smoke_timeout_s: float = 300.0
     in_make_bench: bool = True
     reproduce: str = ""       # overrides the derived command (scripts outside make bench)
-    # Earlier variant runs shown in the section: (stem, command, also in the summary table?)
+    # Variant runs shown in the section: (stem, command, also in the summary table?)
     extra: tuple[tuple[str, str, bool], ...] = field(default=())
 
     def stem(self, smoke: bool) -> str:
@@ -270,7 +270,11 @@ BENCHMARKS: tuple[Bench, ...] = (
           "and lr schedule (300k tokens each, 1 thread each), both drafts exported and decoded by one evaluator on "
           "the same held-out prompts (needs SpecForge's venv: `--setup-specforge`; ~40 min)", parity,
           in_make_bench=False, reproduce="python -m benchmarks.bench_parity_specforge --data DATASET --tokens 300000 "
-                                         "--threads 1 --holdout-rows 64 --parallel --setup-specforge"),
+                                         "--threads 1 --holdout-rows 64 --parallel --setup-specforge",
+          extra=(("parity_specforge_300k_sequential",
+                  "python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache CACHE --max-samples 700 "
+                  "--tokens 300000 --threads 1 --holdout-rows 64 --setup-specforge "
+                  "--name parity_specforge_300k_sequential", True),)),
 )
 
 
