@@ -47,6 +47,7 @@ import torch
 from benchmarks.harness import REPO, markdown_table, write_results
 from benchmarks.parity_checks import check_specforge_model, unseen_acceptance, unseen_rows
 from benchmarks.parity_handoff import plan_order, save_handoff, warmup_steps
+from draft_trainer.config import DataConfig
 
 WORKERS = {"specrelay": REPO / "benchmarks" / "specrelay_parity_worker.py",
            "specforge": REPO / "benchmarks" / "specforge_parity_worker.py"}
@@ -250,6 +251,17 @@ def evaluate_side(r: dict, cfg, model_dir: str, prompts: Path, out: Path, name: 
     r["tau_gain_per_cpu_min"] = r["tau_gain"] / r["cpu_min"]
 
 
+def by_quarter(ours: dict, theirs: dict) -> str:
+    """One sentence: each side's tokens per CPU-second over the four quarters of its steps, and their
+    ratio (the same batches in the same order on both sides)."""
+    a, b = ours.get("tokens_per_cpu_s_by_quarter"), theirs.get("tokens_per_cpu_s_by_quarter")
+    if not a or not b:
+        return ""
+    show = lambda xs: " / ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+    return (f" Tokens per CPU-second by quarter of the run: SpecRelay {show(a)}, SpecForge {show(b)} "
+            f"(ratio {' / '.join(f'{x / y:.2f}' for x, y in zip(a, b))}).")
+
+
 def ratio(a: dict, b: dict, key: str):
     if key in a and key in b and b[key]:
         return a[key] / b[key]
@@ -273,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                    "SpecRelay 0.9,0.95, SpecForge 0.9,0.999)")
     p.add_argument("--holdout-rows", type=int, default=0, help="keep the last N samples out of training: the "
                    "teacher-forced acceptance is scored on unplanned rows (up to 100)")
-    p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--draft-vocab-size", type=int, default=DataConfig.draft_vocab_size,
+                   help="default: the trainer's (data.draft_vocab_size), which the demo trains with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-steps", type=int, default=5, help="K in the evaluation")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -417,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt['tf_tau_unseen']}), tau gain per CPU-minute "
         f"{fmt['tau_gain_per_cpu_min']} (target >= 2.0; teacher-forced {fmt['tf_gain_per_cpu_min']}), "
         f"tokens per CPU-second {fmt['tokens_per_cpu_s']}, "
-        f"peak RSS {fmt['peak_rss']}.\n\n{len(order)} steps x {args.batch_size} samples, lr {args.lr} (warm-up "
+        f"peak RSS {fmt['peak_rss']}.{by_quarter(ours, theirs)}\n\n{len(order)} steps x {args.batch_size} samples, lr {args.lr} (warm-up "
         f"{schedule['warmup_steps']} steps, cosine to 0), clip {args.grad_clip}, TTT {args.ttt_steps}; eval K="
         f"{args.num_steps}, {args.max_new_tokens} new tokens, prompts {prompts}; {args.threads} thread(s) per "
         f"process, sides {'in parallel' if args.parallel else 'one after the other'}."

@@ -162,6 +162,20 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def rates_by_part(step_cpu_s: list[float], step_tok: list[int], parts: int = 4) -> list[float]:
+    """Tokens per CPU-second over each of `parts` consecutive, equal runs of steps (the last takes the
+    remainder): whether a side slows down over a run. Both sides train the same batches in the same
+    order, so part i of one side is comparable to part i of the other; the first part of a side that
+    compiles includes the compile."""
+    if len(step_cpu_s) != len(step_tok):
+        raise ValueError(f"{len(step_cpu_s)} step times for {len(step_tok)} steps")
+    n = len(step_tok)
+    if n < parts:
+        return []
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [sum(step_tok[a:b]) / max(sum(step_cpu_s[a:b]), 1e-9) for a, b in zip(bounds, bounds[1:])]
+
+
 def step_tokens(data: dict, step: int) -> tuple[int, int]:
     """(real tokens, supervised tokens) of one step's batch."""
     rows = [data["rows"][j] for j in data["order"][step]]

@@ -147,3 +147,16 @@ def test_lr_check_accepts_equal_traces_and_fails_a_diverging_side():
     off[4] *= 1.5
     assert "b's lr differs from the plan at step 4" in check_lrs({"a": {"lrs": plan}, "b": {"lrs": off}}, plan)
     assert "ran 9 steps" in check_lrs({"a": {"lrs": plan[:-1]}}, plan)
+
+
+def test_rates_by_part_split_the_steps_in_order_and_expose_a_slowdown():
+    from benchmarks.parity_handoff import rates_by_part
+
+    # 8 steps of 100 tokens: the first half at 1 CPU-s a step, the second at 2 -> the rate halves
+    rates = rates_by_part([1.0] * 4 + [2.0] * 4, [100] * 8)
+    assert rates == [100.0, 100.0, 50.0, 50.0]
+    # uneven: 5 steps in 4 parts -> the last part takes two steps, tokens and seconds summed
+    assert rates_by_part([1, 1, 1, 1, 3], [10, 20, 30, 40, 20], parts=4) == [10.0, 20.0, 30.0, 15.0]
+    assert rates_by_part([1.0, 1.0], [5, 5]) == []          # fewer steps than parts: nothing to say
+    with pytest.raises(ValueError, match="step times"):
+        rates_by_part([1.0], [5, 5])
