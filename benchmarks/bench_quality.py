@@ -37,6 +37,9 @@ from pathlib import Path
 
 from benchmarks.harness import markdown_table, write_results
 
+# Every arm changes one thing from the demo's recipe with plain EAGLE-3 (the recipe itself trains
+# EAGLE-3.1 since 2026-12-06): "eagle3" stays the baseline the other arms are measured against.
+BASE = ["model.eagle_variant=3"]
 ARMS = {  # name -> model.* overrides
     "eagle3": [],
     "eagle3.1": ["model.eagle_variant=3.1"],
@@ -104,7 +107,7 @@ def train_arm(name: str, out: Path, model: Path, data: Path, d: dict, smoke: boo
     overrides = [f"data.path={data}", f"targets.embedded_model={model}", f"output_dir={out}", "resume_from=",
                  "progress=false", f"max_steps={d['steps']}", f"model.ttt_steps={d['K']}", f"optim.lr={d['lr']}",
                  f"eval.holdout={d['holdout']}", "eval.every_steps=0", "seed=0", "optim.schedule=steps",
-                 f"time_budget_s={minutes * 60 if minutes else 0}", *extra, *ARMS[name]]
+                 f"time_budget_s={minutes * 60 if minutes else 0}", *extra, *BASE, *ARMS[name]]
     if cache:  # the first arm writes the features, later arms with the same features read them offline
         overrides += [f"feature_cache.dir={cache[0]}", f"feature_cache.offline={str(cache[1]).lower()}"]
         if cache[1]:   # offline reads the cache anyway (the recipe's replay is for online runs)
@@ -204,25 +207,26 @@ def main(argv: list[str] | None = None) -> None:
             return (args.cache, cached) if args.cache and same_features else None
 
         # The first arm runs here: it writes the feature cache (if it reads the common features) and
-        # fills the greedy cache; later arms with the same features train offline from the cache.
-        # With the cache ready there is nothing to write first: every arm goes to the pool.
-        parallel_all = args.jobs > 1 and args.cache_ready and len(arms) > 1
-        first = cache_for(arms[0], args.cache_ready)
-        if not parallel_all:
-            rows.append(run_arm(arms[0], work, model, data, prompts, d, args, first, greedy))
-        cached = first is not None
-        if parallel_all or (args.jobs > 1 and len(arms) > 2):
+        # fills the greedy cache; later arms with the same features train offline from the cache, in a
+        # pool with --jobs > 1. With the cache ready there is nothing to write first: all go to the pool.
+        if args.jobs > 1 and args.cache_ready and len(arms) > 1:
+            here, pooled = [], arms
+        elif args.jobs > 1 and len(arms) > 2:
+            here, pooled = arms[:1], arms[1:]
+        else:
+            here, pooled = arms, []
+        cached = args.cache_ready
+        for a in here:
+            c = cache_for(a, cached)
+            cached = cached or c is not None
+            rows.append(run_arm(a, work, model, data, prompts, d, args, c, greedy))
+        if pooled:
             if args.cache and not cached:
                 raise SystemExit("--jobs: the first arm must write the feature cache (put eagle3 first)")
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as ex:
                 futs = [ex.submit(run_arm, a, work, model, data, prompts, d, args, cache_for(a, True), greedy)
-                        for a in (arms if parallel_all else arms[1:])]
+                        for a in pooled]
                 rows += [f.result() for f in futs]
-        else:
-            for a in arms[1:]:
-                c = cache_for(a, cached)
-                cached = cached or c is not None
-                rows.append(run_arm(a, work, model, data, prompts, d, args, c, greedy))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = next(r for r in rows if r["arm"] == "eagle3")
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
               f"K={d['K']}, {d['steps']} steps, held-out samples {d['holdout']}, eval prompts {d['eval_prompts']} "
               f"x {d['max_new_tokens']} tokens. Load average at start {load_start:.1f}. train_cpu_s: the trainer process's "
               f"CPU time (an embedded server's is not in it); peak_rss_mb: the trainer process's peak RSS (each arm "
-              f"{'' if parallel_all else 'after the first '}runs in a fresh process).")
+              f"{'after the first ' if here else ''}runs in a fresh process).")
     name = args.name or ("bench_quality_smoke" if args.smoke else "bench_quality")
     write_results(name, {"config": d, "data": str(data), "set": args.set, "eval_dtype": args.eval_dtype, "arms": rows, "equal_tokens": equal_tokens, "smoke": args.smoke,
                          "load_avg_start": load_start}, table, args.out)

@@ -72,7 +72,8 @@ class ModelConfig:
             raise ConfigError(f"model.eagle_variant: {self.eagle_variant!r} is not one of {list(EAGLE_VARIANTS)}")
         if self.eagle_variant != "3" and self.method != "eagle3":
             raise ConfigError(f"model.eagle_variant={self.eagle_variant} is an EAGLE-3 variant; "
-                              f"model.method is {self.method!r} (use model.method=eagle3 or drop the variant)")
+                              f"model.method is {self.method!r} (use model.method=eagle3, or model.eagle_variant=3 "
+                              "to switch a 3.1 recipe to another method)")
         if not self.lk_eta > 0:
             raise ConfigError(f"model.lk_eta: must be > 0, got {self.lk_eta}")
         if self.feature_layers and (sorted(set(self.feature_layers)) != list(self.feature_layers)

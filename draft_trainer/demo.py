@@ -1,4 +1,4 @@
-"""`make demo`: an EAGLE-3 draft for SmolLM2-135M-Instruct, trained on its own answers on this CPU.
+"""`make demo`: an EAGLE-3.1 draft for SmolLM2-135M-Instruct, trained on its own answers on this CPU.
 
     python -m draft_trainer.demo [--budget-min 20] [--output runs/demo] [--curve-points 0] [--method M] [--tiny]
                                  [--resume]
@@ -85,6 +85,23 @@ def _train_tokens(metrics_path: Path) -> dict[int, int]:
     return out
 
 
+def train_config(args: argparse.Namespace, data_path: Path, model: Path, train_dir: Path, budget_s: float) -> TrainConfig:
+    """The recipe (draft_trainer/configs/smollm2_cpu.yaml) with what the demo adds: paths, the budget,
+    timed checkpoints for the curve, and the method when --method names one."""
+    overrides = [f"data.path={data_path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
+                 f"time_budget_s={budget_s}", f"resume_from={'auto' if args.resume else ''}",
+                 f"feature_cache.dir={train_dir / 'features'}"]
+    if args.tiny:
+        overrides += ["optim.lr=3e-3"]
+    if args.curve_points:
+        overrides.append(f"save_every_s={budget_s / (args.curve_points + 1):.1f}")
+    if args.method:
+        overrides.append(f"model.method={args.method}")
+        if args.method != "eagle3":   # the recipe's EAGLE-3.1 variant is an eagle3 option
+            overrides.append("model.eagle_variant=3")
+    return load_config(TrainConfig, RECIPE, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/demo", help="everything the demo writes goes here")
@@ -165,22 +182,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. train -------------------------------------------------------------------------------
     budget_s = 20.0 if args.tiny else args.budget_min * 60
-    t = _stage(3, "train", f"embedded target server + {args.method or 'EAGLE-3'} trainer for {budget_s / 60:.1f} min")
+    t = _stage(3, "train", f"embedded target server + {args.method or 'EAGLE-3.1'} trainer for {budget_s / 60:.1f} min")
     train_dir = out / "train"
     # a re-run must not mix in the last run's checkpoints; a resumed one keeps them (and the feature cache)
     for stale in ([] if args.resume else [train_dir]) + [out / "drafts", out / "eval"]:
         shutil.rmtree(stale, ignore_errors=True)
-    # The recipe lives in draft_trainer/configs/smollm2_cpu.yaml; the demo adds paths and the budget.
-    overrides = [f"data.path={data_path}", f"targets.embedded_model={model}", f"output_dir={train_dir}",
-                 f"time_budget_s={budget_s}", f"resume_from={'auto' if args.resume else ''}",
-                 f"feature_cache.dir={train_dir / 'features'}"]
-    if args.tiny:
-        overrides += ["optim.lr=3e-3"]
-    if args.curve_points:
-        overrides.append(f"save_every_s={budget_s / (args.curve_points + 1):.1f}")
-    if args.method:
-        overrides.append(f"model.method={args.method}")
-    cfg = load_config(TrainConfig, RECIPE, overrides)
+    cfg = train_config(args, data_path, model, train_dir, budget_s)
     eval_dtype = cfg.targets.embedded_dtype                 # the features' dtype: the evaluation's target
     other_dtype = "fp32" if eval_dtype != "fp32" else None  # reported beside it (the trained draft only)
     summary = Trainer(cfg).run()   # (the evaluation below runs in its own process, with all cores)

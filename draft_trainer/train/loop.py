@@ -197,13 +197,19 @@ class Trainer:
         # Timed checkpoints fall on multiples of save_every_s of the run's clock, so a resumed run
         # saves at the same run-minutes as an uninterrupted one.
         next_save_s = _next_multiple(self.spent_s, cfg.save_every_s)
+        saved_at = self.step   # the starting state is a checkpoint already (resumed, or step 0), or nothing new
         while self.step < cfg.max_steps:
+            # One agreed clock a step decides the stop, the budget, the timed save of the steps so far
+            # and the time-laid lr: the same on every rank, in one collective.
             stop, run_s = self._agreed_clock(t_start)
             if stop:
                 return last, "signal"
             if cfg.time_budget_s and run_s > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached at step %d", cfg.time_budget_s, self.step)
                 return last, "time_budget"
+            if run_s >= next_save_s and self.step > saved_at:
+                self.save_checkpoint(self.step)
+                saved_at, next_save_s = self.step, _next_multiple(run_s, cfg.save_every_s)
             t0 = time.perf_counter()
             micro, wait, cursor = [], 0.0, self.cursor
             for _ in range(cfg.grad_accum):
@@ -235,11 +241,9 @@ class Trainer:
             self.reporter.step(StepRecord(self.step, loss, stats, lr, float(grad_norm), n_tokens, n_samples,
                                           time.perf_counter() - t0, wait, self._step_sample_ids(micro), self.cursor),
                                elapsed_s=time.perf_counter() - t_start)
-            due_s = cfg.save_every_s and self._agreed_clock(t_start)[1]
-            if (cfg.save_every and self.step % cfg.save_every == 0) or (due_s and due_s >= next_save_s):
+            if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint(self.step)
-                if due_s:
-                    next_save_s = _next_multiple(due_s, cfg.save_every_s)
+                saved_at = self.step
             if (cfg.eval.holdout and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0
                     and self.step < cfg.max_steps and self._run_eval()):
                 self._checkpoint(best=True)

@@ -1,0 +1,30 @@
+"""The demo's training config: the recipe file plus what the demo adds (draft_trainer/demo.py
+`train_config`). The recipe trains EAGLE-3.1; `--method` switches to another method, which must not
+inherit the eagle3-only variant (the config would refuse it)."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from draft_trainer.demo import train_config
+
+
+def _cfg(tmp_path: Path, **kw):
+    args = argparse.Namespace(**{"tiny": False, "resume": False, "curve_points": 0, "method": None, **kw})
+    return train_config(args, tmp_path / "data", tmp_path / "model", tmp_path / "train", 1200.0)
+
+
+def test_the_recipe_trains_eagle31_and_the_demo_adds_paths_and_budget(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert (cfg.model.method, cfg.model.eagle_variant) == ("eagle3", "3.1")
+    assert cfg.time_budget_s == 1200.0 and cfg.save_every_s == 0
+    assert cfg.feature_cache.dir == str(tmp_path / "train" / "features") and cfg.resume_from == ""
+    assert _cfg(tmp_path, curve_points=4, resume=True).save_every_s == pytest.approx(240.0)
+    assert _cfg(tmp_path, resume=True).resume_from == "auto"
+
+
+@pytest.mark.parametrize("method, variant", [("dflash", "3"), ("eagle3", "3.1")])
+def test_method_flag_keeps_the_variant_for_eagle3_only(tmp_path, method, variant):
+    cfg = _cfg(tmp_path, method=method)
+    assert (cfg.model.method, cfg.model.eagle_variant) == (method, variant)
