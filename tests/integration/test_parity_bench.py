@@ -139,3 +139,13 @@ def test_unseen_acceptance_follows_its_definition(tmp_path, tiny_llama, tiny_dat
     assert accepted[0] > accepted[1] > 0                                    # partial chains to count
     assert got["accept_rate_per_position"] == pytest.approx([a / positions for a in accepted])
     assert got["tau"] == pytest.approx(1 + sum(accepted) / positions)
+
+
+def test_a_full_run_without_specforge_venv_stops_before_any_work(tmp_path):
+    """Without --smoke a missing SpecForge venv is an error up front: the run used to train our side
+    (~15 minutes at 300k tokens) and only then report the other side as skipped, with no ratio."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_parity_specforge", "--data", str(tmp_path / "d"),
+                          "--out", str(tmp_path / "out"), "--specforge-venv", str(tmp_path / "no-venv")],
+                         capture_output=True, text=True, cwd=REPO, env=env_with_repo(), timeout=120)
+    assert res.returncode == 2 and f"no SpecForge venv at {tmp_path / 'no-venv'}" in res.stderr
+    assert "--sides specrelay" in res.stderr and not (tmp_path / "out").exists()
