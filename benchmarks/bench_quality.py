@@ -10,7 +10,8 @@ data for the same tokens, acceptance length (tau) compared in one run.
                                                   # after the first arm, arms run 2 at a time (1 thread each)
     python -m benchmarks.bench_quality --arms eagle3,fp8     # tau with FP8 vs bf16 features at equal tokens (issue 19)
 
-Every arm runs the same recipe (draft_trainer/configs/smollm2_cpu.yaml at full size), the same
+Every arm runs the same recipe (draft_trainer/configs/smollm2_cpu.yaml at full size, with plain
+EAGLE-3 as the base: `BASE`) plus its one change, the same
 seed, data order, batch size and number of optimizer steps, so each trains on exactly the same
 tokens (checked: the run fails if the token counts differ). Per arm it reports
   sim_tau     simulated acceptance length of a greedy K-token chain on the held-out samples
