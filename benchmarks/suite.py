@@ -265,16 +265,22 @@ BENCHMARKS: tuple[Bench, ...] = (
           "time, later epochs recomputed by the target vs read back from the run's feature cache (trainer on 2 "
           "threads while the target idles)", replay, in_make_bench=False,
           reproduce="python -m benchmarks.bench_replay --data runs/demo/data/onpolicy --minutes 8"),
-    Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge", "parity_specforge_300k",
+    Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge",
+          "parity_specforge_300k_vocab32000",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "
-          "and lr schedule (300k tokens each, 1 thread each), both drafts exported and decoded by one evaluator on "
-          "the same held-out prompts (needs SpecForge's venv: `--setup-specforge`; ~40 min)", parity,
-          in_make_bench=False, reproduce="python -m benchmarks.bench_parity_specforge --data DATASET --tokens 300000 "
-                                         "--threads 1 --holdout-rows 64 --parallel --setup-specforge",
+          "and lr schedule (300k tokens each, 1 thread each, one side after the other, the demo's 32,000-token draft "
+          "vocabulary), both drafts exported and decoded by one evaluator on the same held-out prompts (needs "
+          "SpecForge's venv: `--setup-specforge`; ~85 min)", parity,
+          in_make_bench=False, reproduce="python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache "
+                                         "CACHE --max-samples 700 --tokens 300000 --threads 1 --holdout-rows 64 "
+                                         "--setup-specforge --name parity_specforge_300k_vocab32000",
           extra=(("parity_specforge_300k_sequential",
                   "python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache CACHE --max-samples 700 "
-                  "--tokens 300000 --threads 1 --holdout-rows 64 --setup-specforge "
-                  "--name parity_specforge_300k_sequential", True),)),
+                  "--tokens 300000 --threads 1 --holdout-rows 64 --draft-vocab-size 8192 --setup-specforge "
+                  "--name parity_specforge_300k_sequential", True),
+                 ("parity_specforge_300k",
+                  "python -m benchmarks.bench_parity_specforge --data DATASET --tokens 300000 --threads 1 "
+                  "--holdout-rows 64 --draft-vocab-size 8192 --parallel --setup-specforge", True))),
 )
 
 
