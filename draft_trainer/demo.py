@@ -99,7 +99,7 @@ def train_config(args: argparse.Namespace, data_path: Path, model: Path, train_d
         overrides.append(f"model.method={args.method}")
         if args.method != "eagle3":   # the recipe's EAGLE-3.1 variant is an eagle3 option
             overrides.append("model.eagle_variant=3")
-    return load_config(TrainConfig, RECIPE, overrides)
+    return load_config(TrainConfig, RECIPE, overrides + list(args.set))   # the user's --set last: they win
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also evaluate N intermediate checkpoints for the tau-vs-training-tokens curve")
     p.add_argument("--method", default=None,
                    help="draft method (model.method: eagle3, dflash, ...); default: the recipe's (eagle3)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the training recipe, e.g. --set model.eagle_variant=3 --set optim.lr=1e-3 "
+                        "(repeatable; the same KEY=VALUE as `draft-trainer train`)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny offline model and built-in chats (about two minutes): proves the pipeline, "
                         "its numbers mean nothing")

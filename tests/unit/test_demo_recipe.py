@@ -11,7 +11,7 @@ from draft_trainer.demo import train_config
 
 
 def _cfg(tmp_path: Path, **kw):
-    args = argparse.Namespace(**{"tiny": False, "resume": False, "curve_points": 0, "method": None, **kw})
+    args = argparse.Namespace(**{"tiny": False, "resume": False, "curve_points": 0, "method": None, "set": [], **kw})
     return train_config(args, tmp_path / "data", tmp_path / "model", tmp_path / "train", 1200.0)
 
 
@@ -28,3 +28,12 @@ def test_the_recipe_trains_eagle31_and_the_demo_adds_paths_and_budget(tmp_path):
 def test_method_flag_keeps_the_variant_for_eagle3_only(tmp_path, method, variant):
     cfg = _cfg(tmp_path, method=method)
     assert (cfg.model.method, cfg.model.eagle_variant) == (method, variant)
+
+
+def test_set_overrides_the_recipe_and_the_demo(tmp_path):
+    """--set KEY=VALUE reaches the recipe last: it wins over the recipe and over what the demo adds
+    (e.g. continuing a run trained as plain EAGLE-3 needs model.eagle_variant=3)."""
+    cfg = _cfg(tmp_path, set=["model.eagle_variant=3", "optim.lr=0.001", "save_every_s=60"], curve_points=4)
+    assert (cfg.model.eagle_variant, cfg.optim.lr, cfg.save_every_s) == ("3", 0.001, 60.0)
+    with pytest.raises(Exception, match="no_such_field"):
+        _cfg(tmp_path, set=["model.no_such_field=1"])
