@@ -15,7 +15,8 @@ Stages:
               (fp32, stored bf16 like the server's features; reused from <out> when inputs match);
   2. handoff  benchmarks/parity_handoff.py: rows, the step plan (seeded shuffles, `--batch-size`
               rows a step, until `--tokens` real tokens), the target's embedding and lm_head, the
-              draft vocabulary (the dataset's vocab.json), the schedule (lr, linear warm-up, cosine
+              draft vocabulary (as the trainer chooses it: `--draft-vocab-size`, 0 = the dataset's
+              vocab.json), the schedule (lr, linear warm-up, cosine
               to 0 over exactly the planned steps, grad clip, TTT steps) and the seed;
   3. train    each side in a fresh process (honest CPU time and peak RSS, `--threads` each):
               benchmarks/specrelay_parity_worker.py here, benchmarks/specforge_parity_worker.py with
@@ -47,7 +48,6 @@ import torch
 from benchmarks.harness import REPO, markdown_table, write_results
 from benchmarks.parity_checks import check_specforge_model, unseen_acceptance, unseen_rows
 from benchmarks.parity_handoff import plan_order, save_handoff, warmup_steps
-from draft_trainer.config import DataConfig
 
 WORKERS = {"specrelay": REPO / "benchmarks" / "specrelay_parity_worker.py",
            "specforge": REPO / "benchmarks" / "specforge_parity_worker.py"}
@@ -131,18 +131,12 @@ def rows_from_target(model_dir: str, data: Path, max_samples: int, out: Path):
 
 
 def draft_vocab(data: Path, rows: list[dict], vocab_size: int, draft_vocab_size: int):
-    """The dataset's pinned vocab.json when it has this size (what the trainer uses), else the most
-    frequent supervised tokens of the rows (the trainer's rule)."""
-    from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_supervised_tokens
+    """The trainer's rule (`choose_vocab`): 0 = the dataset's pinned vocab.json; N = N tokens, the pinned
+    file when it has that size, else the most frequent supervised tokens of these rows."""
+    from draft_trainer.data.vocab import choose_vocab, count_supervised_tokens
 
-    pinned = Path(data) / "vocab.json"
-    if pinned.is_file():
-        m = VocabMapping.load(pinned)
-        if m.draft_vocab_size == draft_vocab_size and m.vocab_size == vocab_size:
-            return m
-    counts = count_supervised_tokens([r["input_ids_T"].numpy() for r in rows],
-                                     [r["loss_mask_T"].numpy() for r in rows], vocab_size)
-    return build_vocab_mapping(counts, min(draft_vocab_size, vocab_size))
+    return choose_vocab(draft_vocab_size, Path(data) / "vocab.json", vocab_size, lambda: count_supervised_tokens(
+        [r["input_ids_T"].numpy() for r in rows], [r["loss_mask_T"].numpy() for r in rows], vocab_size))
 
 
 # ----------------------------------------------------------------------------- stage 3: train
@@ -285,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                    "SpecRelay 0.9,0.95, SpecForge 0.9,0.999)")
     p.add_argument("--holdout-rows", type=int, default=0, help="keep the last N samples out of training: the "
                    "teacher-forced acceptance is scored on unplanned rows (up to 100)")
-    p.add_argument("--draft-vocab-size", type=int, default=DataConfig.draft_vocab_size,
-                   help="default: the trainer's (data.draft_vocab_size), which the demo trains with")
+    p.add_argument("--draft-vocab-size", type=int, default=0,
+                   help="draft vocabulary size; 0 (default): the dataset's pinned vocab.json, as the trainer's "
+                        "default data.draft_vocab_size=0 (the demo pins 8,192; prepare-data 32,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-steps", type=int, default=5, help="K in the evaluation")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -268,12 +268,12 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge",
           "parity_specforge_300k_vocab32000",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "
-          "and lr schedule (300k tokens each, 1 thread each, one side after the other, the demo's 32,000-token draft "
-          "vocabulary), both drafts exported and decoded by one evaluator on the same held-out prompts (needs "
+          "and lr schedule (300k tokens each, 1 thread each, one side after the other, a 32,000-token draft "
+          "vocabulary: prepare-data's default; the demo pins 8,192, the first variant run below), both drafts exported and decoded by one evaluator on the same held-out prompts (needs "
           "SpecForge's venv: `--setup-specforge`; ~85 min)", parity,
           in_make_bench=False, reproduce="python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache "
                                          "CACHE --max-samples 700 --tokens 300000 --threads 1 --holdout-rows 64 "
-                                         "--setup-specforge --name parity_specforge_300k_vocab32000",
+                                         "--draft-vocab-size 32000 --setup-specforge --name parity_specforge_300k_vocab32000",
           extra=(("parity_specforge_300k_sequential",
                   "python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache CACHE --max-samples 700 "
                   "--tokens 300000 --threads 1 --holdout-rows 64 --draft-vocab-size 8192 --setup-specforge "

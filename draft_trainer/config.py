@@ -13,8 +13,11 @@ from common.features import FeatureSpec
 class DataConfig:
     path: str = ""                   # tokenized dataset directory (draft-trainer prepare-data)
     max_length: int = 2048           # longer samples are truncated (counted in the summary)
-    draft_vocab_size: int = 32000    # capped at the target vocabulary
-    vocab_path: str = ""             # a pinned draft vocabulary (default: <path>/vocab.json, else computed)
+    # Draft vocabulary (data/vocab.py `choose_vocab`): 0 = the dataset's pinned one (prepare-data
+    # --draft-vocab-size, 32,000 by default), else 32,000; N = N tokens (capped at the target vocabulary),
+    # taken from the training split's counts when the dataset pins another size.
+    draft_vocab_size: int = 0
+    vocab_path: str = ""             # a pinned draft vocabulary file (default: <path>/vocab.json)
     # Which positions train: "assistant" = the dataset's loss mask (assistant content); "all" = every
     # position (prompts and template too). The labels are the target's own distribution at each position
     # (the teacher), so prompt positions are valid examples; held-out evaluation keeps the assistant mask.
@@ -155,6 +158,9 @@ class TrainConfig:
 
         method_class(self.model.method)  # an unknown method is refused before anything starts
         self.model.validate()
+        if self.data.draft_vocab_size < 0:
+            raise ConfigError(f"data.draft_vocab_size={self.data.draft_vocab_size}: give a token count, or 0 for "
+                              "the dataset's own vocabulary")
         if not self.data.path:
             raise ConfigError("data.path: required (a tokenized dataset from `draft-trainer prepare-data`)")
         if self.feature_cache.offline:

@@ -5,20 +5,27 @@ fewer were seen), sorted ascending. SGLang's format stores it as two buffers:
   d2t[i] = used[i] - i   (int64 [Vd]; SGLang rebuilds hot_token_id = d2t + arange(Vd))
   t2d[j] = j in used     (bool [V])
 The mapping is pinned per run (saved with every checkpoint, checked on resume and export):
-a missing or different mapping silently collapses acceptance in serving.
+a missing or different mapping silently collapses acceptance in serving. Which mapping a run
+trains with is chosen in one place, `choose_vocab`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from common.errors import DataError, ExportError
+from common.errors import ConfigError, ContractError, DataError, ExportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAFT_VOCAB_SIZE = 32000   # prepare-data's default, and the trainer's when a dataset pins none
 
 
 @dataclass
@@ -99,6 +106,32 @@ def build_vocab_mapping(counts_V: torch.Tensor | np.ndarray, draft_vocab_size: i
     total = int(counts.sum())
     coverage = float(counts[used].sum()) / total if total else 0.0
     return VocabMapping(used=used, vocab_size=V, coverage=coverage)
+
+
+def choose_vocab(requested: int, pinned: Path | None, vocab_size: int, counts_V: Callable[[], np.ndarray], *,
+                 pinned_by_user: bool = False) -> VocabMapping:
+    """The draft vocabulary a run trains with (`data.draft_vocab_size`, `data.vocab_path`).
+
+    requested 0: the pinned one (a dataset's vocab.json, written by prepare-data --draft-vocab-size), else
+    the DEFAULT_DRAFT_VOCAB_SIZE most frequent supervised tokens. requested N: N tokens (capped at V) -- the
+    pinned vocabulary when it has that size, else the N most frequent of `counts_V()` (the training split),
+    so that an asked-for size is never silently replaced by the dataset's. A file the user named
+    (`pinned_by_user`) must exist and, with an N, have that size.
+    """
+    want = min(requested, vocab_size) if requested else 0
+    if pinned is not None and (pinned_by_user or pinned.is_file()):
+        m = VocabMapping.load(pinned)
+        if m.vocab_size != vocab_size:
+            raise ContractError(f"pinned draft vocabulary {pinned} is for V={m.vocab_size}, target has V={vocab_size}")
+        if not want or m.draft_vocab_size == want:
+            return m
+        if pinned_by_user:
+            raise ConfigError(f"data.vocab_path={pinned} holds {m.draft_vocab_size} tokens but data.draft_vocab_size="
+                              f"{requested}; set data.draft_vocab_size=0 (the file's size) or drop data.vocab_path")
+        log.info("data.draft_vocab_size=%d: the dataset pins %d tokens (%s); using the %d most frequent of the "
+                 "training split instead (data.draft_vocab_size=0 keeps the dataset's)", requested,
+                 m.draft_vocab_size, pinned, want)
+    return build_vocab_mapping(counts_V(), want or min(DEFAULT_DRAFT_VOCAB_SIZE, vocab_size))
 
 
 def count_supervised_tokens(input_ids: list[list[int]] | list[np.ndarray], loss_masks, vocab_size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from draft_trainer.client.config import client_kwargs
 from draft_trainer.config import TrainConfig
 from draft_trainer.data.dataset import TokenizedDataset
 from draft_trainer.data.feature_cache import FeatureCacheReader, FeatureCacheWriter, estimate_bytes
-from draft_trainer.data.vocab import VocabMapping, build_vocab_mapping, count_supervised_tokens
+from draft_trainer.data.vocab import VocabMapping, choose_vocab, count_supervised_tokens
 from draft_trainer.methods import get_method
 from draft_trainer.methods.base import DraftMethod
 from draft_trainer.train import checkpoint as ckpt_io
@@ -113,6 +113,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, met
                                                                                       run.info.vocab_size)
     build_model(run, frozen, init=not resume)
     if resume:
+        check_resume_model(run, resume)
         run.restored = ckpt_io.load_checkpoint(resume, run.model, run.optimizer, dist)
     if cfg.feature_cache.dir and not cfg.feature_cache.offline:
         run.cache_writer = open_cache(run, {**frozen, **run.init_tensors})
@@ -156,6 +157,23 @@ def check_resume_state(cfg: TrainConfig, dist: DistInfo, path: Path, state: dict
         if state.get(k) != v:
             raise ConfigError(f"resume_from={path}: the checkpoint's {k} is {state.get(k)!r} but this run has {v!r}; "
                               "the data cursors only mean something for the same sample order")
+
+
+def check_resume_model(run: Run, path: Path) -> None:
+    """The draft this run builds must be the checkpoint's: otherwise the load fails deep in DCP (or, for a
+    setting that changes no shape, continues as another model). Names the settings to resume with."""
+    saved = json.loads((path / "draft_config.json").read_text())
+    mine = json.loads(json.dumps(run.method.draft_config(run.model)))
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if not diff:
+        return
+    then = json.loads((path / "config.json").read_text()).get("model", {})
+    now = json.loads(json.dumps(asdict(run.cfg.model)))
+    hint = ", ".join(f"model.{k}={then[k]}" for k in sorted(then) if then.get(k) != now.get(k)) or \
+        "the model settings in its config.json"
+    raise ConfigError(f"resume_from={path}: the checkpoint's draft differs from the one this run builds "
+                      f"({'; '.join(f'{k}: {saved.get(k)!r} there, {mine.get(k)!r} here' for k in diff)}); "
+                      f"resume with {hint}")
 
 
 def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, out: Path, resume: Path | None,
@@ -210,16 +228,13 @@ def check_dataset_contract(cfg: TrainConfig, dataset: TokenizedDataset, info: Mo
 
 
 def vocab_mapping(cfg: TrainConfig, dataset: TokenizedDataset, stream: SampleStream, vocab_size: int) -> VocabMapping:
-    pinned = Path(cfg.data.vocab_path) if cfg.data.vocab_path else Path(cfg.data.path) / "vocab.json"
-    Vd = min(cfg.data.draft_vocab_size, vocab_size)
-    if pinned.is_file():
-        m = VocabMapping.load(pinned)
-        if m.vocab_size != vocab_size:
-            raise ContractError(f"pinned draft vocabulary {pinned} is for V={m.vocab_size}, target has V={vocab_size}")
-        return m
-    ids = [dataset[int(i)][1] for i in stream.train_indices]
-    masks = [dataset[int(i)][2] for i in stream.train_indices]
-    return build_vocab_mapping(count_supervised_tokens(ids, masks, vocab_size), Vd)
+    def counts_V():
+        ids = [dataset[int(i)][1] for i in stream.train_indices]
+        masks = [dataset[int(i)][2] for i in stream.train_indices]
+        return count_supervised_tokens(ids, masks, vocab_size)
+
+    pinned = Path(cfg.data.vocab_path or Path(cfg.data.path) / "vocab.json")
+    return choose_vocab(cfg.data.draft_vocab_size, pinned, vocab_size, counts_V, pinned_by_user=bool(cfg.data.vocab_path))
 
 
 def build_model(run: Run, frozen: dict[str, torch.Tensor], init: bool) -> None:

@@ -41,8 +41,10 @@ def test_a_second_method_trains_resumes_exports_and_evaluates(server, tiny_llama
     assert losses[8] < losses[1]  # it learns (next-next tokens of the tiny chats are predictable)
     ckpt = tmp_path / "straight" / "checkpoints" / "latest"
     assert json.loads((ckpt / "config.json").read_text())["model"]["method"] == IMPORT_PATH
-    assert set(json.loads((ckpt / "draft_config.json").read_text())) == {
-        "hidden_size", "vocab_size", "draft_vocab_size", "layer_id", "rms_norm_eps"}
+    draft_config = json.loads((ckpt / "draft_config.json").read_text())
+    assert set(draft_config) == {"hidden_size", "vocab_size", "draft_vocab_size", "layer_id", "rms_norm_eps"}
+    # the asked vocabulary, not the one the tiny dataset pins (its whole vocabulary): data/vocab.py choose_vocab
+    assert draft_config["draft_vocab_size"] == 256 < json.loads((tiny_dataset / "vocab.json").read_text())["vocab_size"]
 
     # Resume from the step-4 checkpoint: steps 5-8 see the same samples and reach the same losses.
     step4 = tmp_path / "straight" / "checkpoints" / "step_00000004"

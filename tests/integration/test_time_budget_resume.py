@@ -7,7 +7,9 @@ not this invocation, has trained for the budget. Before this, a resume restarted
 stopped after 1 hour of a 3-hour budget trained 3 more hours, warming up from zero again.
 
 The checkpoint's recorded time is set by hand below (500 s, then the whole budget) so that the test
-needs seconds, not minutes; that the trainer writes a true value is checked first."""
+needs seconds, not minutes; that the trainer writes a true value is checked first. Last, a resume whose
+settings would build another draft than the checkpoint's is refused up front (train/setup.py
+`check_resume_model`)."""
 
 from __future__ import annotations
 
@@ -73,3 +75,18 @@ def test_timed_checkpoints_fall_on_the_run_clock(exact_tiny_server, tiny_dataset
     steps = [int(p.name.rsplit("_", 1)[1]) for p in ckpt_io.list_checkpoints(out / "checkpoints")]
     # 2: the run clock passed 600 s during step 2; 3: the next multiple is 900 s; 4: the run's end
     assert steps == [1, 2, 4], steps
+
+
+def test_a_resume_that_would_build_another_draft_is_refused_with_the_settings_to_use(exact_tiny_server, tiny_dataset,
+                                                                                    tmp_path):
+    """A run trained as plain EAGLE-3, resumed where the recipe now says EAGLE-3.1 (the demo's recipe changed
+    that way): refused before training, naming the setting to resume with; then resumed with it."""
+    out = tmp_path / "run"
+    _train(tiny_dataset, out, exact_tiny_server, "model.eagle_variant=3", "max_steps=1")
+    res = _train(tiny_dataset, out, exact_tiny_server, "model.eagle_variant=3.1", "max_steps=2", "resume_from=auto",
+                 ok=False)
+    assert res.returncode != 0
+    assert "fc_norm: False there, True here" in res.stderr and "resume with model.eagle_variant=3" in res.stderr
+    assert len(_records(out)) == 1                                  # nothing trained by the refused resume
+    _train(tiny_dataset, out, exact_tiny_server, "model.eagle_variant=3", "max_steps=2", "resume_from=auto")
+    assert [r["step"] for r in _records(out)] == [1, 2]
