@@ -153,6 +153,45 @@ def cpu_seconds() -> float:
     return time.process_time() + kids.ru_utime + kids.ru_stime
 
 
+def _usage() -> tuple[float, float, int]:
+    """(CPU seconds, of them in the kernel, minor page faults) of this process and its finished children."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    sys_s = me.ru_stime + kids.ru_stime
+    return me.ru_utime + kids.ru_utime + sys_s, sys_s, me.ru_minflt + kids.ru_minflt
+
+
+class StepMeter:
+    """What each training step cost: CPU seconds (user + system), the system part, minor page faults,
+    and the step's real tokens. `by_quarter` says whether a side slows down as a run goes on and where
+    the time went (a rising system share and fault count point at the allocator returning and
+    re-faulting memory; a flat one at the arithmetic)."""
+
+    def __init__(self) -> None:
+        self.cpu_s: list[float] = []
+        self.sys_s: list[float] = []
+        self.faults: list[int] = []
+        self.tokens: list[int] = []
+        self._last = _usage()
+
+    def step(self, tokens: int) -> None:
+        now = _usage()
+        self.cpu_s.append(now[0] - self._last[0])
+        self.sys_s.append(now[1] - self._last[1])
+        self.faults.append(now[2] - self._last[2])
+        self.tokens.append(tokens)
+        self._last = now
+
+    def by_quarter(self) -> dict[str, list[float]]:
+        n = len(self.tokens)
+        b = [n * i // 4 for i in range(5)] if n >= 4 else []
+        return {"tokens_per_cpu_s_by_quarter": rates_by_part(self.cpu_s, self.tokens),
+                "sys_share_by_quarter": [sum(self.sys_s[i:j]) / max(sum(self.cpu_s[i:j]), 1e-9)
+                                         for i, j in zip(b, b[1:])],
+                "minor_faults_per_step_by_quarter": [sum(self.faults[i:j]) / (j - i) for i, j in zip(b, b[1:])]}
+
+
 def rss_mb() -> float:
     """This process's resident memory now (VmRSS), MB: taken after loading the handoff, so a worker
     can report its peak RSS beside what the shared data alone occupies."""

@@ -99,7 +99,7 @@ def main() -> None:
     import torch
 
     import specforge.algorithms.eagle3.model as eagle_model_mod
-    from parity_handoff import cpu_seconds, load_handoff, rates_by_part, rss_mb, step_tokens
+    from parity_handoff import cpu_seconds, load_handoff, rss_mb, StepMeter, step_tokens
     from specforge.algorithms.eagle3.data import normalize_offline_sample
     from specforge.algorithms.eagle3.model import OnlineEagle3Model
     from specforge.core.loss import _compute_loss
@@ -170,10 +170,9 @@ def main() -> None:
             g["betas"] = tuple(s["betas"])
     if opt.scheduler.warmup_epochs != warm:
         raise SystemExit(f"BF16Optimizer warm-up {opt.scheduler.warmup_epochs} steps != planned {warm}")
-    lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None
-    step_cpu_s, step_tok = [], []
+    lrs, losses, supervised, first_step_s = [], [], 0, None
     t0, c0 = time.perf_counter(), cpu_seconds()
-    c_step = c0
+    meter = StepMeter()
     for step in range(total):
         batch = make_batch(step, dtype)
         lrs.append(opt.get_learning_rate())
@@ -182,21 +181,18 @@ def main() -> None:
         opt.step()
         losses.append(float(result.loss.detach()))
         n, m = step_tokens(h, step)
-        tokens, supervised = tokens + n, supervised + m
-        c_now = cpu_seconds()
-        step_cpu_s.append(c_now - c_step)
-        step_tok.append(n)
-        c_step = c_now
+        supervised += m
+        meter.step(n)
         if first_step_s is None:
             first_step_s = time.perf_counter() - t0
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    wall, cpu, tokens = time.perf_counter() - t0, cpu_seconds() - c0, sum(meter.tokens)
     torch.save({"state": serving_state(draft), "used": used}, out / "specforge-final.pt")
     from importlib.metadata import version
 
     print(json.dumps({
         "side": "specforge", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
-        "tokens_per_cpu_s_by_quarter": rates_by_part(step_cpu_s, step_tok),
+        **meter.by_quarter(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,
         "lrs": lrs,
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]), "threads": s["threads"],

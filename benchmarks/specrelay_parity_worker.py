@@ -37,7 +37,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from benchmarks.parity_handoff import batch_at, cpu_seconds, load_handoff, rates_by_part, rss_mb, step_tokens
+    from benchmarks.parity_handoff import batch_at, cpu_seconds, load_handoff, rss_mb, StepMeter, step_tokens
     from common.contract import ModelInfo
     from common.features import FeatureSpec
     from draft_trainer.config import ModelConfig, OptimConfig
@@ -67,10 +67,9 @@ def main() -> None:
     betas = tuple(s.get("betas") or o.betas)   # --betas sets both sides; default: the trainer's own
     opt = torch.optim.AdamW(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay, fused=True)
     schedule = LRSchedule(o, sch["total_steps"], 0.0)
-    lrs, losses, tokens, supervised, first_step_s = [], [], 0, 0, None
-    step_cpu_s, step_tok = [], []
+    lrs, losses, supervised, first_step_s = [], [], 0, None
     t0, c0 = time.perf_counter(), cpu_seconds()
-    c_step = c0
+    meter = StepMeter()
     for step in range(sch["total_steps"]):
         b = batch_at(h, step)
         batch = Batch(list(h["order"][step]), b["input_ids_BT"], b["loss_mask_BT"], b["attention_mask_BT"],
@@ -87,19 +86,16 @@ def main() -> None:
         lrs.append(lr)
         losses.append(float(loss.detach()))
         n, m = step_tokens(h, step)
-        tokens, supervised = tokens + n, supervised + m
-        c_now = cpu_seconds()
-        step_cpu_s.append(c_now - c_step)
-        step_tok.append(n)
-        c_step = c_now
+        supervised += m
+        meter.step(n)
         if first_step_s is None:
             first_step_s = time.perf_counter() - t0
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    wall, cpu, tokens = time.perf_counter() - t0, cpu_seconds() - c0, sum(meter.tokens)
     torch.save({"state": serving_state(model), "used": vocab.used}, out / "specrelay-final.pt")
     print(json.dumps({
         "side": "specrelay", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
-        "tokens_per_cpu_s_by_quarter": rates_by_part(step_cpu_s, step_tok),
+        **meter.by_quarter(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,
         "lrs": lrs,
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]), "threads": s["threads"],

@@ -160,3 +160,30 @@ def test_rates_by_part_split_the_steps_in_order_and_expose_a_slowdown():
     assert rates_by_part([1.0, 1.0], [5, 5]) == []          # fewer steps than parts: nothing to say
     with pytest.raises(ValueError, match="step times"):
         rates_by_part([1.0], [5, 5])
+
+
+def test_step_meter_reports_a_step_that_faults_in_fresh_memory():
+    """StepMeter's system share and fault count see a step that touches new pages (what an allocator
+    that returns memory to the kernel costs every step); a step of pure arithmetic shows none of it."""
+    import torch
+
+    from benchmarks.parity_handoff import StepMeter
+
+    x = torch.randn(256, 256)
+    for _ in range(50):                     # warm: the first matmuls fault in the BLAS library's buffers
+        x = torch.tanh(x @ x * 1e-3)
+    meter = StepMeter()
+    for _ in range(4):                      # arithmetic on memory already touched
+        for _ in range(50):
+            x = torch.tanh(x @ x * 1e-3)
+        meter.step(100)
+    for _ in range(4):                      # 64 MB fresh pages a step (torch.ones writes them all)
+        y = torch.ones(16 * 1024 * 1024)
+        del y
+        meter.step(100)
+    q = meter.by_quarter()
+    assert len(q["tokens_per_cpu_s_by_quarter"]) == 4 and all(r > 0 for r in q["tokens_per_cpu_s_by_quarter"])
+    faults = q["minor_faults_per_step_by_quarter"]
+    assert max(faults[:2]) < 1000 < min(faults[2:]), q  # 64 MB = 16,384 4-KiB pages (fewer with huge pages)
+    assert all(0.0 <= s <= 1.0 for s in q["sys_share_by_quarter"])
+    assert sum(meter.tokens) == 800
