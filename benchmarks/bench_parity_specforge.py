@@ -300,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=6 * 3600, help="per training side, seconds")
     args = p.parse_args(argv)
     sf_python = specforge_python(args.specforge_venv)
+    no_venv = (f"no SpecForge venv at {sf_python.parent.parent}: pass --specforge-venv DIR or set SPECFORGE_VENV, "
+               "or add --setup-specforge to create it (cached)")
     if "specforge" in args.sides.split(",") and not (args.smoke or args.setup_specforge or sf_python.is_file()):
         # before any work: a full run whose SpecForge side is skipped has no ratio to report
-        p.error(f"no SpecForge venv at {sf_python.parent.parent}: pass --specforge-venv DIR or set SPECFORGE_VENV, "
-                "add --setup-specforge to create it (cached), or train one side with --sides specrelay")
+        p.error(no_venv + ", or train one side with --sides specrelay")
     torch.set_num_threads(args.threads)
     from draft_trainer.methods.eagle3.config import DraftConfig
     from draft_trainer.train.schedule import cosine_lr
@@ -364,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(["bash", str(SETUP)], check=True, cwd=REPO,
                                env=dict(os.environ, SPECFORGE_VENV=str(sf_python.parent.parent)))
             if not sf_python.is_file():   # --smoke only (checked above): CI has no SpecForge venv
-                results[side] = {"skipped": f"no SpecForge venv at {sf_python.parent.parent}: pass --specforge-venv "
-                                            "or set SPECFORGE_VENV, or --setup-specforge to create it"}
+                results[side] = {"skipped": no_venv}
                 continue
             spec["dtype"] = args.specforge_dtype
             cmds[side] = [str(sf_python), str(WORKERS[side]), "--spec", json.dumps(spec)]
