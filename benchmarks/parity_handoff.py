@@ -184,12 +184,10 @@ class StepMeter:
         self._last = now
 
     def by_quarter(self) -> dict[str, list[float]]:
-        n = len(self.tokens)
-        b = [n * i // 4 for i in range(5)] if n >= 4 else []
+        quarters = _bounds(len(self.tokens), 4)
         return {"tokens_per_cpu_s_by_quarter": rates_by_part(self.cpu_s, self.tokens),
-                "sys_share_by_quarter": [sum(self.sys_s[i:j]) / max(sum(self.cpu_s[i:j]), 1e-9)
-                                         for i, j in zip(b, b[1:])],
-                "minor_faults_per_step_by_quarter": [sum(self.faults[i:j]) / (j - i) for i, j in zip(b, b[1:])]}
+                "sys_share_by_quarter": [sum(self.sys_s[i:j]) / max(sum(self.cpu_s[i:j]), 1e-9) for i, j in quarters],
+                "minor_faults_per_step_by_quarter": [sum(self.faults[i:j]) / (j - i) for i, j in quarters]}
 
 
 def rss_mb() -> float:
@@ -201,6 +199,12 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` consecutive, equal runs of n steps (the last takes the remainder); none when n < parts."""
+    b = [n * i // parts for i in range(parts + 1)]
+    return list(zip(b, b[1:])) if n >= parts else []
+
+
 def rates_by_part(step_cpu_s: list[float], step_tok: list[int], parts: int = 4) -> list[float]:
     """Tokens per CPU-second over each of `parts` consecutive, equal runs of steps (the last takes the
     remainder): whether a side slows down over a run. Both sides train the same batches in the same
@@ -208,11 +212,7 @@ def rates_by_part(step_cpu_s: list[float], step_tok: list[int], parts: int = 4) 
     compiles includes the compile."""
     if len(step_cpu_s) != len(step_tok):
         raise ValueError(f"{len(step_cpu_s)} step times for {len(step_tok)} steps")
-    n = len(step_tok)
-    if n < parts:
-        return []
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return [sum(step_tok[a:b]) / max(sum(step_cpu_s[a:b]), 1e-9) for a, b in zip(bounds, bounds[1:])]
+    return [sum(step_tok[a:b]) / max(sum(step_cpu_s[a:b]), 1e-9) for a, b in _bounds(len(step_tok), parts)]
 
 
 def step_tokens(data: dict, step: int) -> tuple[int, int]:
