@@ -1,19 +1,37 @@
-"""Process-wide allocator settings for processes that move large tensors (servers, trainers).
+"""Process-wide allocator choice and settings for processes that move large tensors (trainers, servers).
 
-glibc serves allocations above its mmap threshold (dynamic, from 128 KiB) with fresh mmap'd
-pages and returns freed heap tops to the OS early, so every multi-MiB feature batch page-faults
-its way in again: on the 2-core test machine that made a 4 MiB tensor copy ~7x slower than
-writing into reused memory (see benchmarks/README.md). Raising both thresholds keeps such
-buffers in the heap for reuse. Call once at process start; a no-op where glibc is absent.
+Two jobs, one owner:
+- `prefer_jemalloc()`: a CLI entry calls it first thing. Under glibc a training step's heap grows its page
+  faults over a run (92k -> 119k minor faults per step over 372 parity steps, docs/notes/issue-20.md); jemalloc
+  keeps them flat and trained 1.19-1.21x the tokens per CPU-second at lower peak RSS
+  (benchmarks/probe_parity_allocator.py, benchmarks/bench_allocator.py). An allocator has to be in place before
+  the process's first malloc, so when the system has libjemalloc the entry re-executes the same command with it in
+  `LD_PRELOAD` (os.execve: same PID, same pipes; child processes inherit it). `SPECRELAY_MALLOC` chooses:
+  `auto` (default: jemalloc when found), `jemalloc` (required: an error if missing), `glibc` (never re-execute).
+- `tune_malloc()` (glibc only): glibc serves allocations above its mmap threshold (dynamic, from 128 KiB) with
+  fresh mmap'd pages and returns freed heap tops to the OS early, so every multi-MiB feature batch page-faults its
+  way in again: on the 2-core test machine that made a 4 MiB tensor copy ~7x slower than writing into reused
+  memory (see benchmarks/README.md). Raising both thresholds keeps such buffers in the heap for reuse.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import os
+import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+ENV = "SPECRELAY_MALLOC"
+CHOICES = ("auto", "jemalloc", "glibc")
+_REEXEC_PID = "_SPECRELAY_MALLOC_REEXEC"     # set to our PID before re-executing: never loop on a failed preload
+_JEMALLOC_SONAME = "libjemalloc.so.2"
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install libjemalloc2; Fedora: dnf install jemalloc)"
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -21,8 +39,68 @@ MMAP_THRESHOLD = 32 << 20   # glibc's maximum on 64-bit: buffers up to 32 MiB co
 TRIM_THRESHOLD = 1 << 30    # keep up to 1 GiB of freed heap for reuse instead of unmapping it
 
 
+def malloc_choice() -> str:
+    """`SPECRELAY_MALLOC`, validated (`auto` when unset)."""
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise SystemExit(f"{ENV}={os.environ[ENV]!r} is not an allocator choice: use one of {', '.join(CHOICES)} "
+                         "(auto: jemalloc when the system has it)")
+    return choice
+
+
+def find_jemalloc() -> str | None:
+    """The path of the system's libjemalloc.so.2, or None."""
+    for d in _LIB_DIRS:
+        p = Path(d) / _JEMALLOC_SONAME
+        if p.is_file():
+            return str(p)
+    name = ctypes.util.find_library("jemalloc")   # ldconfig's cache: other layouts
+    return name if name and name.startswith("libjemalloc.so") else None
+
+
+@functools.lru_cache(maxsize=None)
+def active_allocator() -> str:
+    """The malloc this process runs on: "jemalloc" (mapped into it), "glibc", or "other" (not Linux/glibc)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "other"
+    if "libjemalloc" in maps:
+        return "jemalloc"
+    return "glibc" if "libc.so.6" in maps or "libc-2." in maps else "other"
+
+
+def prefer_jemalloc() -> None:
+    """At a CLI's start: re-execute this command under jemalloc when `SPECRELAY_MALLOC` allows and the system has it.
+
+    Returns (nothing changed) under `glibc`, when jemalloc is already in place, off Linux, or when libjemalloc is
+    absent under `auto`; raises SystemExit under `jemalloc` when it is absent. Does not return when it re-executes.
+    """
+    choice = malloc_choice()
+    if choice == "glibc" or not sys.platform.startswith("linux") or active_allocator() == "jemalloc":
+        return
+    if os.environ.get(_REEXEC_PID) == str(os.getpid()):   # we re-executed and the preload did not take
+        log.warning("LD_PRELOAD=%s did not load jemalloc; running on %s", os.environ.get("LD_PRELOAD"),
+                    active_allocator())
+        return
+    lib = find_jemalloc()
+    if lib is None:
+        if choice == "jemalloc":
+            raise SystemExit(f"{ENV}=jemalloc but {_JEMALLOC_SONAME} was not found: {INSTALL_HINT}, "
+                             f"or set {ENV}=auto to run on glibc")
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join([lib, *(p for p in env.get("LD_PRELOAD", "").split(":") if p)])
+    env[_REEXEC_PID] = str(os.getpid())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
 def tune_malloc() -> bool:
-    """Apply the thresholds above; True if glibc accepted them."""
+    """Under glibc, apply the thresholds above; True if glibc accepted them (False elsewhere: nothing to tune)."""
+    if active_allocator() != "glibc":
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

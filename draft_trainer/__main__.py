@@ -1,5 +1,5 @@
 import sys
 
-from draft_trainer.cli import main
+from draft_trainer.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -350,5 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def console_main() -> int:
+    """The `draft-trainer` command (and `python -m draft_trainer`): on jemalloc when the system has it."""
+    from common.memory import prefer_jemalloc
+
+    prefer_jemalloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -363,4 +363,7 @@ def _plots(out: Path, train_dir: Path, base: dict, trained: dict, curve: list[di
 
 
 if __name__ == "__main__":
+    from common.memory import prefer_jemalloc
+
+    prefer_jemalloc()   # before the first large allocation; the server, trainer and evaluation all inherit it
     sys.exit(main())

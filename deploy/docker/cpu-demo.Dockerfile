@@ -16,6 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 specrelay \
     && useradd --system --uid 10001 --gid specrelay --create-home --home-dir /home/specrelay specrelay
 
+# jemalloc: SpecRelay's CLIs run on it when present (common/memory.py; 1.1-1.2x the trainer's tokens per
+# CPU-second of glibc's malloc here, benchmarks/results/allocator_demo.md).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2=5.3.0-1 \
+    && rm -rf /var/lib/apt/lists/*
+
 # CPU torch first, from the CPU index: a bare torch requirement pulls a multi-GB CUDA build.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
 

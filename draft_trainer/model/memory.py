@@ -14,9 +14,13 @@ import functools
 
 import torch
 
+from common.memory import active_allocator
+
 
 @functools.lru_cache(maxsize=None)
 def _malloc_trim():
+    if active_allocator() != "glibc":     # jemalloc (common/memory.py) keeps its own free pages in check
+        return None
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):     # not glibc (musl, macOS): nothing to do

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.errors import ConfigError
 from common.files import atomic_write_json
+from common.memory import active_allocator
 from draft_trainer.metrics import TrainerMetrics
 from draft_trainer.model.stats import StepStats
 
@@ -183,6 +184,7 @@ class Reporter:
                                                 "cond_acc": last.cond_acc, "sim_accept_len": last.sim_accept_len},
             "best_eval_sim_accept_len": best, "checkpoint": str(ckpt),
             "cursors": [c["cursor"] for c in gathered], "peak_rss_mb": [c["peak_rss_mb"] for c in gathered],
+            "allocator": [c["allocator"] for c in gathered],
             "resumed_from": resumed_from or None,
             "stopped": stopped or None, "pool": pool,
         }
@@ -191,4 +193,4 @@ class Reporter:
 
 
 def counters_record(counters: RunCounters, cursor: tuple[int, int]) -> dict:
-    return {**asdict(counters), "cursor": list(cursor), "peak_rss_mb": peak_rss_mb()}
+    return {**asdict(counters), "cursor": list(cursor), "peak_rss_mb": peak_rss_mb(), "allocator": active_allocator()}

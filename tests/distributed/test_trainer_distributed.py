@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from common.memory import find_jemalloc
 from draft_trainer.assets.tiny import build_synthetic_dataset
 from draft_trainer.export import export_sglang, load_trained_draft
 from tests.support.procs import REPO, env_with_repo, start_server
@@ -46,9 +47,9 @@ def train_cmd(*args: str, nproc: int = 0) -> list[str]:
     return cmd + list(args)
 
 
-def run(*args: str, nproc: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(*args: str, nproc: int = 0, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     res = subprocess.run(train_cmd(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
-                         env=env_with_repo(), cwd=REPO)
+                         env={**env_with_repo(), **env}, cwd=REPO)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 
@@ -71,8 +72,8 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 def test_two_ranks_match_one_rank(dataset, server, tmp_path):
     base = [f"targets.endpoints={server.endpoint}", f"data.path={dataset}", "max_steps=6", *COMMON]
-    run(*base, f"output_dir={tmp_path / 'one'}")
-    run(*base, f"output_dir={tmp_path / 'two'}", nproc=2)
+    run(*base, f"output_dir={tmp_path / 'one'}", SPECRELAY_MALLOC="glibc")
+    run(*base, f"output_dir={tmp_path / 'two'}", nproc=2)     # on jemalloc where the system has it (the ranks too)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
@@ -83,6 +84,8 @@ def test_two_ranks_match_one_rank(dataset, server, tmp_path):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["samples_consumed"] == 24
     assert len(summary["cursors"]) == 2
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["allocator"] == ["glibc"]
+    assert summary["allocator"] == ["jemalloc" if find_jemalloc() else "glibc"] * 2   # the allocator changes no loss
     # The sharded (2-rank) checkpoint loads into one process and exports.
     ckpt = tmp_path / "two" / "checkpoints" / "latest"
     assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]

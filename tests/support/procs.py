@@ -33,11 +33,11 @@ def run_cli(*args: str, timeout: float = 600.0, cwd: Path | None = None) -> subp
                           env=env_with_repo(), cwd=cwd or REPO)
 
 
-def run_code(code: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def run_code(code: str, timeout: float = 120.0, **env: str) -> subprocess.CompletedProcess:
     """Run `python -c code` in a fresh interpreter with the repo on the path (for checks that need a clean
-    process: what gets imported, peak memory); returns the completed process."""
+    process: what gets imported, peak memory), `env` added to its environment; returns the completed process."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=env_with_repo(), cwd=REPO)
+                          env={**env_with_repo(), **env}, cwd=REPO)
 
 
 def start_servers(tmp_path: Path, specs: list[tuple[str, list[str]]], timeout: float = 120.0) -> list[LocalServer]:

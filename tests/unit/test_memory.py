@@ -1,11 +1,54 @@
-"""release_free_heap (model/memory.py) gives the free pages inside glibc's heap back to the OS."""
+"""common/memory.py chooses the process's malloc (jemalloc when the system has it, by re-executing the command
+under LD_PRELOAD); model/memory.py's release_free_heap gives the free pages inside glibc's heap back to the OS."""
 
+import pytest
+
+from common import memory
 from tests.support.procs import run_code
+
+# Prints its PID, asks for jemalloc, then prints the allocator it runs on and its PID again: a re-executed
+# process prints the first line twice (once per exec), with one PID throughout.
+CHOOSE = ("import os\n"
+          "print('pid', os.getpid(), flush=True)\n"
+          "from common.memory import prefer_jemalloc, active_allocator, tune_malloc\n"
+          "prefer_jemalloc()\n"
+          "print('on', active_allocator(), os.getpid(), tune_malloc())\n")
+
+
+def test_auto_reexecutes_under_jemalloc_when_the_system_has_it():
+    res = run_code(CHOOSE, SPECRELAY_MALLOC="auto")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.split("\n")[:-1]
+    pid = lines[0].split()[1]
+    if memory.find_jemalloc() is None:      # e.g. a machine without libjemalloc2: glibc, run once, tuned
+        assert lines == [f"pid {pid}", f"on glibc {pid} True"]
+    else:                                   # same PID (os.execve), the command run again from the start
+        assert lines == [f"pid {pid}", f"pid {pid}", f"on jemalloc {pid} False"], lines
+        assert "did not load" not in res.stderr
+
+
+def test_glibc_choice_never_reexecutes_and_a_bad_choice_is_refused():
+    res = run_code(CHOOSE, SPECRELAY_MALLOC="glibc")
+    assert res.returncode == 0, res.stderr[-2000:]
+    pid = res.stdout.split()[1]
+    assert res.stdout.split("\n")[:-1] == [f"pid {pid}", f"on glibc {pid} True"]
+    bad = run_code(CHOOSE, SPECRELAY_MALLOC="tcmalloc")
+    assert bad.returncode != 0 and "SPECRELAY_MALLOC='tcmalloc' is not an allocator choice" in bad.stderr
+    assert "auto, jemalloc, glibc" in bad.stderr
+
+
+def test_jemalloc_choice_without_the_library_says_how_to_install_it(monkeypatch):
+    monkeypatch.setenv("SPECRELAY_MALLOC", "jemalloc")
+    monkeypatch.setattr(memory, "find_jemalloc", lambda: None)        # as on a machine without libjemalloc2
+    monkeypatch.setattr(memory, "active_allocator", lambda: "glibc")
+    with pytest.raises(SystemExit, match="libjemalloc.so.2 was not found: install it .*apt-get install libjemalloc2"):
+        memory.prefer_jemalloc()
 
 
 def test_release_free_heap_returns_interior_free_pages():
-    # Fresh process: 2,000 tensors of 64 KB (below glibc's initial mmap threshold: heap chunks), every
-    # tenth kept, so the freed ones are holes inside the heap that free() alone leaves resident.
+    # Fresh process (glibc: pytest's environment has no preload): 2,000 tensors of 64 KB (below glibc's initial
+    # mmap threshold: heap chunks), every tenth kept, so the freed ones are holes inside the heap that free()
+    # alone leaves resident.
     code = ("import torch\n"
             "from draft_trainer.model.memory import release_free_heap\n"
             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
