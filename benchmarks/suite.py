@@ -216,6 +216,16 @@ def replay(r: Result) -> list[Headline]:
                      None)]
 
 
+def allocator(r: Result) -> list[Headline]:
+    glibc, jem = r.need("rows")
+    q = lambda x: r.need("tokens_per_s_by_quarter", x)  # noqa: E731
+    return [Headline(f"jemalloc vs glibc: **{r.need('tokens_per_cpu_s_vs_glibc', jem):.2f}x** tokens per CPU-second, "
+                     f"peak RSS {r.need('peak_rss_mb', jem) / r.need('peak_rss_mb', glibc):.2f}x, largest loss "
+                     f"difference {r.need('max_loss_diff'):.3g} ({r.need('steps')} steps; tokens/s first -> last "
+                     f"quarter: glibc {q(glibc)[0]} -> {q(glibc)[-1]}, jemalloc {q(jem)[0]} -> {q(jem)[-1]})",
+                     "report (the CLIs choose jemalloc when present)", None)]
+
+
 # ---------------------------------------------------------------------------------- the suite
 
 BENCHMARKS: tuple[Bench, ...] = (
@@ -265,6 +275,11 @@ BENCHMARKS: tuple[Bench, ...] = (
           "time, later epochs recomputed by the target vs read back from the run's feature cache (trainer on 2 "
           "threads while the target idles)", replay, in_make_bench=False,
           reproduce="python -m benchmarks.bench_replay --data runs/demo/data/onpolicy --minutes 8"),
+    Bench("allocator", "Trainer on jemalloc vs glibc", "bench_allocator", "allocator_demo",
+          "`draft-trainer train` with the demo's recipe on a demo run's cached features, the same steps on glibc's "
+          "malloc and on jemalloc (SPECRELAY_MALLOC), both at once with 1 thread each (needs libjemalloc2)",
+          allocator, in_make_bench=False,
+          reproduce="python -m benchmarks.bench_allocator --demo runs/demo --steps 1200"),
     Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge",
           "parity_specforge_300k_vocab32000",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "

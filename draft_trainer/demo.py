@@ -48,6 +48,7 @@ from pathlib import Path
 
 from common.files import OUTPUT_MARKER, atomic_write_json, check_output_dir
 from common.config import load_config
+from common.memory import describe_allocator
 from draft_trainer import assets
 from draft_trainer.config import TrainConfig
 from draft_trainer.data.prepare import HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = assets.fetch_smollm2()
         source = assets.locate_sharegpt()
-    print(f"target model {model}\ndata {source}")
+    print(f"target model {model}\ndata {source}\nmalloc: {describe_allocator()}")
     timings["assets_s"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
                       f"{o['time_split']['ms_per_round']:.0f} ms (break-even tau {o['time_split']['break_even_tau']:.2f})."]
     lines += ["", "tau vs training tokens: " + ", ".join(f"{c['train_tokens']:,} -> {c['tau']:.2f}" for c in curve),
               "", "stage times: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()) +
-              f"; total {total_s / 60:.1f} min", ""]
+              f"; total {total_s / 60:.1f} min; malloc: {describe_allocator()}", ""]
     return "\n".join(lines)
 
 

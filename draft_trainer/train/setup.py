@@ -22,6 +22,7 @@ import torch
 from common.contract import ModelInfo, check_feature_spec
 from common.errors import ConfigError, ContractError, DataError
 from common.features import FeatureSchema, FeatureSpec
+from common.memory import describe_allocator
 from draft_trainer.client.config import client_kwargs
 from draft_trainer.config import TrainConfig
 from draft_trainer.data.dataset import TokenizedDataset
@@ -271,8 +272,9 @@ def build_model(run: Run, frozen: dict[str, torch.Tensor], init: bool) -> None:
     run.optimizer = AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                           **({} if dist.distributed else {"fused": True}))
     run.model = model
-    log.info("draft (%s): %d trainable params, Vd=%d (coverage %.3f), features %s, %d rank(s)", method.name,
-             sum(p.numel() for p in params), run.vocab.draft_vocab_size, run.vocab.coverage, run.spec, dist.world_size)
+    log.info("draft (%s): %d trainable params, Vd=%d (coverage %.3f), features %s, %d rank(s); malloc: %s",
+             method.name, sum(p.numel() for p in params), run.vocab.draft_vocab_size, run.vocab.coverage, run.spec,
+             dist.world_size, describe_allocator())
 
 
 def open_cache(run: Run, frozen: dict[str, torch.Tensor]) -> FeatureCacheWriter:

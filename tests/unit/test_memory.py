@@ -10,9 +10,10 @@ from tests.support.procs import run_code
 # process prints the first line twice (once per exec), with one PID throughout.
 CHOOSE = ("import os\n"
           "print('pid', os.getpid(), flush=True)\n"
-          "from common.memory import prefer_jemalloc, active_allocator, tune_malloc\n"
+          "from common.memory import prefer_jemalloc, active_allocator, tune_malloc, describe_allocator\n"
           "prefer_jemalloc()\n"
-          "print('on', active_allocator(), os.getpid(), tune_malloc())\n")
+          "print('on', active_allocator(), os.getpid(), tune_malloc())\n"
+          "print(describe_allocator())\n")
 
 
 def test_auto_reexecutes_under_jemalloc_when_the_system_has_it():
@@ -21,9 +22,10 @@ def test_auto_reexecutes_under_jemalloc_when_the_system_has_it():
     lines = res.stdout.split("\n")[:-1]
     pid = lines[0].split()[1]
     if memory.find_jemalloc() is None:      # e.g. a machine without libjemalloc2: glibc, run once, tuned
-        assert lines == [f"pid {pid}", f"on glibc {pid} True"]
+        assert lines[:2] == [f"pid {pid}", f"on glibc {pid} True"]
+        assert lines[2].startswith("glibc (libjemalloc.so.2 not found: install it")
     else:                                   # same PID (os.execve), the command run again from the start
-        assert lines == [f"pid {pid}", f"pid {pid}", f"on jemalloc {pid} False"], lines
+        assert lines == [f"pid {pid}", f"pid {pid}", f"on jemalloc {pid} False", "jemalloc"], lines
         assert "did not load" not in res.stderr
 
 
@@ -31,7 +33,7 @@ def test_glibc_choice_never_reexecutes_and_a_bad_choice_is_refused():
     res = run_code(CHOOSE, SPECRELAY_MALLOC="glibc")
     assert res.returncode == 0, res.stderr[-2000:]
     pid = res.stdout.split()[1]
-    assert res.stdout.split("\n")[:-1] == [f"pid {pid}", f"on glibc {pid} True"]
+    assert res.stdout.split("\n")[:-1] == [f"pid {pid}", f"on glibc {pid} True", "glibc (SPECRELAY_MALLOC=glibc)"]
     bad = run_code(CHOOSE, SPECRELAY_MALLOC="tcmalloc")
     assert bad.returncode != 0 and "SPECRELAY_MALLOC='tcmalloc' is not an allocator choice" in bad.stderr
     assert "auto, jemalloc, glibc" in bad.stderr
