@@ -3,8 +3,8 @@
 Two jobs, one owner:
 - `prefer_jemalloc()`: a CLI entry calls it first thing. Under glibc a training step's heap grows its page
   faults over a run (92k -> 119k minor faults per step over 372 parity steps, docs/notes/issue-20.md); jemalloc
-  keeps them flat and trained 1.19-1.21x the tokens per CPU-second at lower peak RSS
-  (benchmarks/probe_parity_allocator.py, benchmarks/bench_allocator.py). An allocator has to be in place before
+  keeps them flat and trains the demo's recipe at 1.41x the tokens per CPU-second, identical losses, lower peak RSS
+  (benchmarks/bench_allocator.py; the parity step alone: 1.19-1.21x, benchmarks/probe_parity_allocator.py). An allocator has to be in place before
   the process's first malloc, so when the system has libjemalloc the entry re-executes the same command with it in
   `LD_PRELOAD` (os.execve: same PID, same pipes; child processes inherit it). `SPECRELAY_MALLOC` chooses:
   `auto` (default: jemalloc when found), `jemalloc` (required: an error if missing), `glibc` (never re-execute).
