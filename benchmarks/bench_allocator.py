@@ -28,6 +28,7 @@ from pathlib import Path
 
 from benchmarks.bench_trainer import FULL, SMOKE
 from benchmarks.harness import REPO, Server, env, markdown_table, write_results
+from benchmarks.parity_handoff import rates_by_part
 from common.memory import INSTALL_HINT, find_jemalloc
 
 ALLOCATORS = ("glibc", "jemalloc")
@@ -51,16 +52,14 @@ def finish(proc: subprocess.Popen, out: Path) -> dict:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("split", "train") == "train"]
     steady = train[2:] or train
-    q = max(1, len(steady) // 4)
-    quarters = [steady[i * q:(i + 1) * q] for i in range(4)]
-    rate = lambda rs: sum(r["tokens"] for r in rs) / max(sum(r["step_time_s"] for r in rs), 1e-9)  # noqa: E731
+    secs, toks = [r["step_time_s"] for r in steady], [r["tokens"] for r in steady]
     summary = json.loads((out / "summary.json").read_text())
     tokens = sum(r["tokens"] for r in train)
     cpu_s = ru.ru_utime + ru.ru_stime
     return {"allocator": summary["allocator"][0], "steps": len(train), "tokens": tokens,
-            "tokens_per_s": rate(steady), "tokens_per_cpu_s": tokens / cpu_s, "cpu_s": cpu_s,
+            "tokens_per_s": sum(toks) / max(sum(secs), 1e-9), "tokens_per_cpu_s": tokens / cpu_s, "cpu_s": cpu_s,
             "sys_share": ru.ru_stime / cpu_s, "minor_faults_per_step": ru.ru_minflt / max(len(train), 1),
-            "peak_rss_mb": ru.ru_maxrss / 1024, "tokens_per_s_by_quarter": [round(rate(x)) for x in quarters if x],
+            "peak_rss_mb": ru.ru_maxrss / 1024, "tokens_per_s_by_quarter": [round(x) for x in rates_by_part(secs, toks)],
             "losses": [r["loss"] for r in train]}
 
 
