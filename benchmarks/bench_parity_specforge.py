@@ -146,10 +146,33 @@ def specforge_python(flag: str | None) -> Path:
     return Path(venv) / "bin" / "python"
 
 
-def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threads: int, out: Path) -> dict:
+# Each side's malloc unless --malloc says otherwise: as each trainer ships. SpecRelay's CLI runs on jemalloc where
+# the system has it (common/memory.py); SpecForge runs on glibc, and its step was 0.84x as fast on jemalloc
+# (benchmarks/results/probe_parity_allocator_s14.json), so glibc is also its better one here.
+DEFAULT_MALLOC = "specrelay=auto,specforge=glibc"
+
+
+def parse_malloc(spec: str, sides: list[str]) -> dict[str, str]:
+    """`SIDE=CHOICE,...` (CHOICE: common.memory.CHOICES) over the defaults; an unknown side or choice is an error."""
+    from common.memory import CHOICES
+
+    out = dict(kv.split("=", 1) for kv in DEFAULT_MALLOC.split(","))
+    for kv in filter(None, (x.strip() for x in spec.split(","))):
+        side, _, choice = kv.partition("=")
+        if side not in WORKERS or choice not in CHOICES:
+            raise ValueError(f"--malloc {kv!r}: use SIDE=CHOICE with SIDE in {', '.join(WORKERS)} and CHOICE in "
+                             f"{', '.join(CHOICES)}, e.g. {DEFAULT_MALLOC}")
+        out[side] = choice
+    return {s: out.get(s, "auto") for s in sides}
+
+
+def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threads: int, out: Path,
+              malloc: dict[str, str] | None = None) -> dict:
     # torch.compile (SpecForge compiles its norms and teacher): compiled in the worker process, so its
     # CPU time counts, and into a fresh cache, so every run pays what a first run pays.
     import tempfile
+
+    from common.memory import allocator_env
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS="1",
                TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=out))
@@ -170,8 +193,9 @@ def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threa
 
     for name, cmd in sides.items():
         t0 = time.perf_counter()
+        side_env = allocator_env((malloc or {}).get(name, "auto"), env)
         procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                        env=env), t0)
+                                        env=side_env), t0)
         if not parallel:
             results[name] = finish(name, *procs[name])
             print(f"parity: {name} trained: {summary(results[name])}", flush=True)
@@ -185,7 +209,7 @@ def run_sides(sides: dict[str, list[str]], parallel: bool, timeout: float, threa
 def summary(r: dict) -> str:
     if "error" in r:
         return "error: " + r["error"]
-    return (f"{r['steps']} steps, {r['tokens']} tokens, {r['tokens_per_s']:.1f} tok/s, "
+    return (f"{r['steps']} steps, {r['tokens']} tokens, {r.get('allocator', '?')}, {r['tokens_per_s']:.1f} tok/s, "
             f"{r['tokens_per_cpu_s']:.1f} tok/CPU-s, loss {r['loss_first']:.3f} -> {r['loss_last10']:.3f}")
 
 
@@ -294,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--specforge-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--setup-specforge", action="store_true", help="run benchmarks/specforge_setup.sh first (cached)")
     p.add_argument("--sides", default="specrelay,specforge")
+    p.add_argument("--malloc", default=DEFAULT_MALLOC, help="each side's malloc, SIDE=auto|jemalloc|glibc (default: "
+                   "each as it ships, SpecRelay on jemalloc where the system has it, SpecForge on glibc)")
     p.add_argument("--smoke", action="store_true", help="tiny model and data, seconds per side")
     p.add_argument("--out", help="work directory (features, handoff, states, exports)")
     p.add_argument("--name", default="parity_specforge")
@@ -305,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     if "specforge" in args.sides.split(",") and not (args.smoke or args.setup_specforge or sf_python.is_file()):
         # before any work: a full run whose SpecForge side is skipped has no ratio to report
         p.error(no_venv + ", or train one side with --sides specrelay")
+    try:
+        malloc = parse_malloc(args.malloc, args.sides.split(","))
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     from draft_trainer.methods.eagle3.config import DraftConfig
     from draft_trainer.train.schedule import cosine_lr
@@ -373,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             cmds[side] = [sys.executable, str(WORKERS[side]), "--spec", json.dumps(spec)]
         else:
             p.error(f"--sides: unknown side {side!r} (specrelay, specforge)")
-    results.update(run_sides(cmds, args.parallel, args.timeout, args.threads, out))
+    results.update(run_sides(cmds, args.parallel, args.timeout, args.threads, out, malloc))
     mismatch = check_lrs(results, expected)
     model_check = None
     shared = {"rows": rows, "order": order, "frozen": frozen}   # what the handoff holds, already in memory
@@ -409,14 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"tau_ratio_ge_1": None if ratios["tau"] is None else ratios["tau"] >= 1.0,
                "gain_per_cpu_min_ratio_ge_2": None if ratios["tau_gain_per_cpu_min"] is None
                else ratios["tau_gain_per_cpu_min"] >= 2.0}
-    cols = ["side", "tau", "untrained tau", "tau gain", "tf tau unseen", "tokens", "tokens/s", "tokens/CPU-s", "CPU min",
-            "tau gain / CPU-min", "peak RSS MB", "RSS after loading data MB", "loss first -> last10"]
+    cols = ["side", "malloc", "tau", "untrained tau", "tau gain", "tf tau unseen", "tokens", "tokens/s", "tokens/CPU-s",
+            "CPU min", "tau gain / CPU-min", "peak RSS MB", "RSS after loading data MB", "loss first -> last10"]
     table_rows = []
     for name, r in results.items():
         if "error" in r or "skipped" in r:
             table_rows.append({"side": name, "tau": r.get("error") or r.get("skipped")})
             continue
-        table_rows.append({"side": name, "tau": r.get("tau"), "untrained tau": r.get("untrained_tau"),
+        table_rows.append({"side": name, "malloc": r.get("allocator"), "tau": r.get("tau"),
+                           "untrained tau": r.get("untrained_tau"),
                            "tau gain": r.get("tau_gain"), "tf tau unseen": r.get("tf_tau_unseen"),
                            "tokens": r["tokens"], "tokens/s": r["tokens_per_s"],
                            "tokens/CPU-s": r["tokens_per_cpu_s"], "CPU min": r["cpu_s"] / 60,

@@ -96,9 +96,11 @@ def main() -> None:
     ap.add_argument("--spec", required=True, help="JSON: handoff, out (directory), threads, dtype")
     s = json.loads(ap.parse_args().spec)
     sys.path.insert(0, str(HERE))
+    sys.path.insert(1, str(HERE.parent))   # common.memory (stdlib only): which malloc this process runs on
     import torch
 
     import specforge.algorithms.eagle3.model as eagle_model_mod
+    from common.memory import active_allocator
     from parity_handoff import cpu_seconds, load_handoff, rss_mb, StepMeter, step_tokens
     from specforge.algorithms.eagle3.data import normalize_offline_sample
     from specforge.algorithms.eagle3.model import OnlineEagle3Model
@@ -190,7 +192,8 @@ def main() -> None:
     from importlib.metadata import version
 
     print(json.dumps({
-        "side": "specforge", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
+        "side": "specforge", "allocator": active_allocator(),
+        "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
         **meter.by_quarter(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,

@@ -39,6 +39,7 @@ def main() -> None:
 
     from benchmarks.parity_handoff import batch_at, cpu_seconds, load_handoff, rss_mb, StepMeter, step_tokens
     from common.contract import ModelInfo
+    from common.memory import active_allocator
     from common.features import FeatureSpec
     from draft_trainer.config import ModelConfig, OptimConfig
     from draft_trainer.data.batch import Batch
@@ -93,7 +94,8 @@ def main() -> None:
     wall, cpu, tokens = time.perf_counter() - t0, cpu_seconds() - c0, sum(meter.tokens)
     torch.save({"state": serving_state(model), "used": vocab.used}, out / "specrelay-final.pt")
     print(json.dumps({
-        "side": "specrelay", "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
+        "side": "specrelay", "allocator": active_allocator(),
+        "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
         **meter.by_quarter(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": loaded_rss_mb,

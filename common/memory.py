@@ -89,12 +89,34 @@ def prefer_jemalloc() -> None:
             raise SystemExit(f"{ENV}=jemalloc but {_JEMALLOC_SONAME} was not found: {INSTALL_HINT}, "
                              f"or set {ENV}=auto to run on glibc")
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join([lib, *(p for p in env.get("LD_PRELOAD", "").split(":") if p)])
+    env = _preload(dict(os.environ), lib)
     env[_REEXEC_PID] = str(os.getpid())
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+def _preload(env: dict[str, str], lib: str | None) -> dict[str, str]:
+    """env with jemalloc first in LD_PRELOAD (lib), or with every jemalloc taken out of it (None)."""
+    rest = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libjemalloc" not in p]
+    env["LD_PRELOAD"] = ":".join([lib, *rest] if lib else rest)
+    if not env["LD_PRELOAD"]:
+        del env["LD_PRELOAD"]
+    return env
+
+
+def allocator_env(choice: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default: this process's) that starts any child process on the malloc `choice` (CHOICES):
+    for programs that do not call `prefer_jemalloc` themselves, e.g. a peer's trainer in a benchmark. `auto` is
+    jemalloc when the system has it; `jemalloc` without the library is an error saying what to install."""
+    if choice not in CHOICES:
+        raise SystemExit(f"allocator {choice!r}: use one of {', '.join(CHOICES)}")
+    lib = find_jemalloc() if choice != "glibc" else None
+    if choice == "jemalloc" and lib is None:
+        raise SystemExit(f"jemalloc asked for but {_JEMALLOC_SONAME} was not found: {INSTALL_HINT}")
+    out = _preload(dict(os.environ if env is None else env), lib)
+    out[ENV] = "jemalloc" if lib else "glibc"    # a SpecRelay command in there then keeps the same choice
+    return out
 
 
 def describe_allocator() -> str:

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from common.memory import find_jemalloc
 from tests.support.procs import REPO, env_with_repo
 
 
@@ -38,7 +39,16 @@ def test_smoke_trains_exports_and_evaluates_the_specrelay_side(tmp_path):
     assert tf["rows"] == 4 and tf["positions"] > 0 and ours["tf_tau_unseen"] == tf["tau"] >= 1.0
     assert (tmp_path / "specrelay-final-export" / "model.safetensors").is_file()
     assert out["ratios_specrelay_over_specforge"]["tau"] is None    # no SpecForge figures, no ratio
-    assert "| specrelay |" in (tmp_path / "parity_specforge_smoke.md").read_text()
+    assert ours["allocator"] == ("jemalloc" if find_jemalloc() else "glibc")   # as SpecRelay ships (--malloc)
+    assert f"| specrelay | {ours['allocator']} |" in (tmp_path / "parity_specforge_smoke.md").read_text()
+
+
+def test_a_bad_malloc_choice_is_refused_before_any_work(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_parity_specforge", "--smoke", "--out", str(tmp_path),
+                          "--malloc", "specforge=tcmalloc"], capture_output=True, text=True, cwd=REPO,
+                         env=env_with_repo(), timeout=120)
+    assert res.returncode == 2 and "--malloc 'specforge=tcmalloc': use SIDE=CHOICE" in res.stderr, res.stderr[-2000:]
+    assert not list(tmp_path.iterdir())            # nothing built
 
 
 def test_model_check_passes_for_the_same_model_and_fails_for_a_different_one(tmp_path, tiny_llama, tiny_dataset):

@@ -1,10 +1,13 @@
 """common/memory.py chooses the process's malloc (jemalloc when the system has it, by re-executing the command
 under LD_PRELOAD); model/memory.py's release_free_heap gives the free pages inside glibc's heap back to the OS."""
 
+import subprocess
+import sys
+
 import pytest
 
 from common import memory
-from tests.support.procs import run_code
+from tests.support.procs import REPO, env_with_repo, run_code
 
 # Prints its PID, asks for jemalloc, then prints the allocator it runs on and its PID again: a re-executed
 # process prints the first line twice (once per exec), with one PID throughout.
@@ -45,6 +48,35 @@ def test_jemalloc_choice_without_the_library_says_how_to_install_it(monkeypatch)
     monkeypatch.setattr(memory, "active_allocator", lambda: "glibc")
     with pytest.raises(SystemExit, match="libjemalloc.so.2 was not found: install it .*apt-get install libjemalloc2"):
         memory.prefer_jemalloc()
+
+
+def test_allocator_env_starts_any_child_on_the_chosen_malloc():
+    """For programs that do not choose themselves (a peer's trainer in the parity benchmark): glibc takes an
+    inherited jemalloc out of LD_PRELOAD and keeps the other entries; jemalloc / auto put it in."""
+    lib = memory.find_jemalloc()
+    other = sys.executable    # an LD_PRELOAD entry that is not jemalloc (ld.so ignores a non-library, with a note)
+    base = {**env_with_repo(), "LD_PRELOAD": ":".join(filter(None, [lib, other]))}
+
+    def child(choice: str) -> tuple[str, str]:
+        env = memory.allocator_env(choice, base)
+        out = subprocess.run([sys.executable, "-c", "from common.memory import active_allocator as a; print(a())"],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip(), env.get("LD_PRELOAD", "")
+
+    on, preload = child("glibc")
+    assert on == "glibc" and preload == other and "jemalloc" not in preload
+    assert memory.allocator_env("glibc", base)["SPECRELAY_MALLOC"] == "glibc"   # a SpecRelay CLI inside stays
+    if lib is None:                        # a machine without libjemalloc2: auto is glibc, jemalloc an error
+        assert child("auto")[0] == "glibc"
+        with pytest.raises(SystemExit, match="libjemalloc.so.2 was not found: install it"):
+            memory.allocator_env("jemalloc", base)
+    else:
+        for choice in ("auto", "jemalloc"):
+            on, preload = child(choice)
+            assert on == "jemalloc" and preload.split(":") == [lib, other], (choice, preload)
+    with pytest.raises(SystemExit, match="allocator 'tcmalloc': use one of auto, jemalloc, glibc"):
+        memory.allocator_env("tcmalloc", base)
 
 
 def test_release_free_heap_returns_interior_free_pages():
