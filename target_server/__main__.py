@@ -1,8 +1,8 @@
 import sys
 
-from target_server.cli import main
+from target_server.cli import console_main
 
 # Guarded: the sglang backend's tensor-parallel workers use multiprocessing "spawn", which
 # re-imports the main module in each child.
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -16,7 +16,7 @@ import threading
 
 from common.config import load_config
 from common.errors import SpecRelayError
-from common.memory import tune_malloc
+from common.memory import describe_allocator, prefer_jemalloc, tune_malloc
 from target_server.backends.registry import BACKENDS
 from target_server.server import CLOSE_TIMEOUT_S, ServerConfig, TargetServer
 
@@ -105,7 +105,8 @@ def _exit(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_malloc()  # multi-MiB feature tensors: reuse heap memory instead of page-faulting it in
+    tune_malloc()  # glibc: multi-MiB feature tensors reuse heap memory instead of page-faulting it in
+    log.info("malloc: %s", describe_allocator())
     try:
         cfg = server_config(args, argv)
         server = TargetServer(cfg).start()
@@ -139,5 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
+def console_main() -> int:
+    """The `target-server` command (and `python -m target_server`): on jemalloc where the system has it
+    (common/memory.py; `SPECRELAY_MALLOC` chooses), except with the sglang backend, whose engine runs its own
+    process tree and memory pools: it keeps the allocator it was started with. A configuration error is left
+    to `main` to report."""
+    try:
+        args = build_parser().parse_args()
+        backend = server_config(args, None).backend
+    except SpecRelayError:
+        backend = None
+    if backend != "sglang":
+        prefer_jemalloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common import status
+from common.memory import find_jemalloc
 from common.rpc import target_pb2 as pb
 from draft_trainer.client.target import TargetClient
 from target_server.backends.synthetic import SyntheticBackend
@@ -166,3 +167,20 @@ def test_open_streams_are_capped(monkeypatch):
     finally:
         fc.close()
         server.shutdown(drain=False)
+
+
+@pytest.mark.parametrize("choice", ["auto", "glibc"])
+def test_the_server_runs_on_jemalloc_where_present_and_says_which(tmp_path, monkeypatch, choice):
+    """`target-server` re-executes itself under jemalloc as `draft-trainer` does (common/memory.py), unless told
+    glibc; the process's mapped libraries show which malloc serves, and its log names it."""
+    monkeypatch.setenv("SPECRELAY_MALLOC", choice)
+    srv = start_server(tmp_path, "--backend", "synthetic", "--synthetic-hidden-size", "16")
+    try:
+        maps = open(f"/proc/{srv.proc.pid}/maps").read()
+        want = "jemalloc" if choice == "auto" and find_jemalloc() else "glibc"
+        assert ("libjemalloc" in maps) == (want == "jemalloc")
+        log = (tmp_path / "server.log").read_text()
+        assert f"malloc: {want}" in log, log[-2000:]
+        assert len(list(TargetClient(srv.endpoint).features([7], [[1, 2, 3]]))) == 1   # and it serves
+    finally:
+        srv.stop()

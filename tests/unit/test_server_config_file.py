@@ -31,3 +31,22 @@ def test_bad_keys_and_values_are_config_errors(tmp_path):
         cfg_of(["serve", "--config", str(f)])
     with pytest.raises(ConfigError):
         cfg_of(["serve", "max_batch_tokens=lots"])
+
+
+@pytest.mark.parametrize("argv, prefers", [
+    (["serve", "--backend", "hf", "--model", "m"], True),
+    (["serve", "--backend", "sglang", "--model", "m"], False),
+    (["serve", "--config", "FILE"], False),               # the backend named in the YAML counts too
+    (["serve", "--config", "MISSING"], True),             # a bad config: main reports it (not silently glibc-only)
+])
+def test_the_command_chooses_jemalloc_except_for_the_sglang_engine(tmp_path, monkeypatch, argv, prefers):
+    import target_server.cli as cli
+
+    (tmp_path / "s.yaml").write_text("backend: sglang\nmodel: m\n")
+    argv = [a.replace("MISSING", str(tmp_path / "none.yaml")).replace("FILE", str(tmp_path / "s.yaml")) for a in argv]
+    calls = []
+    monkeypatch.setattr(cli.sys, "argv", ["target-server", *argv])
+    monkeypatch.setattr(cli, "prefer_jemalloc", lambda: calls.append("prefer"))
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
+    assert cli.console_main() == 0
+    assert calls == (["prefer", "main"] if prefers else ["main"])
