@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
     p.add_argument("--smoke", action="store_true", help="tiny synthetic shapes (seconds)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer setting for every run, after the recipe's (e.g. model.method=dflash)")
+    p.add_argument("--name", help="results file stem (default: allocator, allocator_demo or allocator_smoke)")
     args = p.parse_args(argv)
     if find_jemalloc() is None:
         raise SystemExit(f"bench_allocator: libjemalloc.so.2 not found: {INSTALL_HINT}")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="specrelay-bench-allocator-"))
     try:
         if args.demo:
-            source, common = f"demo recipe, cached features of {args.demo}", demo_overrides(args.demo)
+            source, common = f"demo recipe, cached features of {args.demo}", [*demo_overrides(args.demo), *args.set]
         else:
             d = SMOKE if args.smoke else FULL
             from draft_trainer.assets.tiny import build_synthetic_dataset
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             data = build_synthetic_dataset(work / "data", d["samples"], vocab_size=d["V"], min_len=d["min_len"],
                                            max_len=d["max_len"])
             common = [f"data.path={data}", f"data.draft_vocab_size={d['Vd']}", f"model.ttt_steps={d['K']}",
-                      f"batch_size={d['batch']}", "optim.lr=1e-4", "epochs=1000", f"feature_cache.dir={work / 'cache'}"]
+                      f"batch_size={d['batch']}", "optim.lr=1e-4", "epochs=1000", f"feature_cache.dir={work / 'cache'}",
+                      *args.set]   # the filling run too: a method's features depend on it (DFlash reads 5 layers)
             server = Server("--backend", "synthetic", "--synthetic-hidden-size", str(d["H"]), "--synthetic-vocab-size",
                             str(d["V"]), "--dtype", "bf16", threads=1)
             try:   # one epoch fills the cache (not measured)
@@ -129,11 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(rows, ["allocator", "steps", "tokens", "tokens_per_s", "tokens_per_s_vs_glibc",
                                   "tokens_per_cpu_s", "tokens_per_cpu_s_vs_glibc", "sys_share",
                                   "minor_faults_per_step", "peak_rss_mb", "tokens_per_s_by_quarter"])
-    table += (f"\n\nFeatures: {source}; {args.steps} steps per run, both runs at once, 1 thread each; "
+    table += (f"\n\nFeatures: {source}; settings {' '.join(args.set) or 'the recipe'}; {args.steps} steps per run, "
+              "both runs at once, 1 thread each; "
               f"largest per-step loss difference {loss_diff:.3g}; load average at start {load_start:.2f}; "
               f"{wall / 60:.1f} min.\n")
-    name = "allocator_smoke" if args.smoke else ("allocator_demo" if args.demo else "allocator")
-    write_results(name, {"smoke": args.smoke, "source": source, "steps": args.steps, "max_loss_diff": loss_diff,
+    name = args.name or ("allocator_smoke" if args.smoke else ("allocator_demo" if args.demo else "allocator"))
+    write_results(name, {"smoke": args.smoke, "source": source, "settings": args.set, "steps": args.steps,
+                         "max_loss_diff": loss_diff,
                          "load_avg_start": load_start, "wall_s": wall, "rows": rows}, table, out_dir=args.out)
 
 
