@@ -1,6 +1,6 @@
 import sys
 
-from target_server.cli import console_main
+from target_server.entry import console_main
 
 # Guarded: the sglang backend's tensor-parallel workers use multiprocessing "spawn", which
 # re-imports the main module in each child.

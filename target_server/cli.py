@@ -16,7 +16,7 @@ import threading
 
 from common.config import load_config
 from common.errors import SpecRelayError
-from common.memory import describe_allocator, prefer_jemalloc, tune_malloc
+from common.memory import describe_allocator, tune_malloc
 from target_server.backends.registry import BACKENDS
 from target_server.server import CLOSE_TIMEOUT_S, ServerConfig, TargetServer
 
@@ -140,20 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-def console_main() -> int:
-    """The `target-server` command (and `python -m target_server`): on jemalloc where the system has it
-    (common/memory.py; `SPECRELAY_MALLOC` chooses), except with the sglang backend, whose engine runs its own
-    process tree and memory pools: it keeps the allocator it was started with. A configuration error is left
-    to `main` to report."""
-    try:
-        args = build_parser().parse_args()
-        backend = server_config(args, None).backend
-    except SpecRelayError:
-        backend = None
-    if backend != "sglang":
-        prefer_jemalloc()
-    return main()
-
-
 if __name__ == "__main__":
+    from target_server.entry import console_main
+
     sys.exit(console_main())

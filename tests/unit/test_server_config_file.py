@@ -35,18 +35,25 @@ def test_bad_keys_and_values_are_config_errors(tmp_path):
 
 @pytest.mark.parametrize("argv, prefers", [
     (["serve", "--backend", "hf", "--model", "m"], True),
-    (["serve", "--backend", "sglang", "--model", "m"], False),
-    (["serve", "--config", "FILE"], False),               # the backend named in the YAML counts too
-    (["serve", "--config", "MISSING"], True),             # a bad config: main reports it (not silently glibc-only)
+    (["serve", "--backend=sglang", "--model", "m"], False),
+    (["serve", "--config", "FILE"], False),                          # the backend named in the YAML counts too
+    (["serve", "--config", "FILE", "backend=hf"], True),             # an override beats the YAML
+    (["serve", "--config", "FILE", "backend=hf", "--backend", "sglang"], False),   # an explicit flag beats both
+    (["serve", "--config", "MISSING"], True),                        # unreadable: main reports it
+    (["serve"], True),                                               # the default backend, hf
 ])
 def test_the_command_chooses_jemalloc_except_for_the_sglang_engine(tmp_path, monkeypatch, argv, prefers):
-    import target_server.cli as cli
+    import common.memory
+    import target_server.cli
+    from target_server import entry
 
     (tmp_path / "s.yaml").write_text("backend: sglang\nmodel: m\n")
     argv = [a.replace("MISSING", str(tmp_path / "none.yaml")).replace("FILE", str(tmp_path / "s.yaml")) for a in argv]
     calls = []
-    monkeypatch.setattr(cli.sys, "argv", ["target-server", *argv])
-    monkeypatch.setattr(cli, "prefer_jemalloc", lambda: calls.append("prefer"))
-    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
-    assert cli.console_main() == 0
+    monkeypatch.setattr(entry.sys, "argv", ["target-server", *argv])
+    monkeypatch.setattr(common.memory, "prefer_jemalloc", lambda: calls.append("prefer"))
+    monkeypatch.setattr(target_server.cli, "main", lambda: calls.append("main") or 0)
+    assert entry.console_main() == 0
     assert calls == (["prefer", "main"] if prefers else ["main"])
+    if "none.yaml" not in " ".join(argv):    # the same backend as the server's own config system reads
+        assert (cfg_of(argv).backend == "sglang") == (not prefers)
