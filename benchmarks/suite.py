@@ -280,14 +280,12 @@ BENCHMARKS: tuple[Bench, ...] = (
           "malloc and on jemalloc (SPECRELAY_MALLOC), both at once with 1 thread each (needs libjemalloc2)",
           allocator, in_make_bench=False,
           reproduce="python -m benchmarks.bench_allocator --demo runs/demo --steps 1200",
-          extra=(("allocator_demo_300", "python -m benchmarks.bench_allocator --demo runs/demo --steps 300 "
-                  "--name allocator_demo_300   # jemalloc with MALLOC_CONF=dirty_decay_ms:-1 (the default since "
-                  "session 15)", True),
-                 ("allocator_dflash", "python -m benchmarks.bench_allocator --steps 16 --set model.method=dflash "
-                  "--name allocator_dflash", True),
-                 ("allocator_dflash_decay10s", "MALLOC_CONF=dirty_decay_ms:10000 python -m benchmarks.bench_allocator "
-                  "--steps 40 --set model.method=dflash --name allocator_dflash_decay10s   # jemalloc's default "
-                  "options (session 14's)", True))),
+          extra=(("allocator_demo_300", "MALLOC_CONF=dirty_decay_ms:-1 python -m benchmarks.bench_allocator --demo "
+                  "runs/demo --steps 300 --name allocator_demo_300   # jemalloc never purging (opt-in)", True),
+                 ("allocator_dflash", "MALLOC_CONF=dirty_decay_ms:-1 python -m benchmarks.bench_allocator --steps 16 "
+                  "--set model.method=dflash --name allocator_dflash   # jemalloc never purging (opt-in)", True),
+                 ("allocator_dflash_decay10s", "python -m benchmarks.bench_allocator --steps 40 --set "
+                  "model.method=dflash --name allocator_dflash_decay10s   # jemalloc's own options", True))),
     Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge",
           "parity_specforge_300k_vocab32000",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "

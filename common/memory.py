@@ -32,12 +32,6 @@ _REEXEC_PID = "_SPECRELAY_MALLOC_REEXEC"     # set to our PID before re-executin
 _JEMALLOC_SONAME = "libjemalloc.so.2"
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install libjemalloc2; Fedora: dnf install jemalloc)"
-# jemalloc's options when SpecRelay chooses it (a MALLOC_CONF already in the environment is kept): never purge
-# freed dirty pages. With its default 10 s decay (60 s alike) a DFlash step, which frees and reallocates
-# multi-hundred-MiB buffers every few seconds, page-faulted them in again each step: 1.9M minor faults per step,
-# 0.75x glibc's tokens per CPU-second; with this, 58k and 1.13x. EAGLE-3's demo recipe: 1.40x glibc either way,
-# peak RSS 1.34x glibc's at 300 steps (glibc trims the heap every step). benchmarks/results/allocator_dflash*.
-JEMALLOC_CONF = "dirty_decay_ms:-1"
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -103,12 +97,9 @@ def prefer_jemalloc() -> None:
 
 
 def _preload(env: dict[str, str], lib: str | None) -> dict[str, str]:
-    """env with jemalloc first in LD_PRELOAD (lib; its options JEMALLOC_CONF unless MALLOC_CONF is set), or with
-    every jemalloc taken out of it (None)."""
+    """env with jemalloc first in LD_PRELOAD (lib), or with every jemalloc taken out of it (None)."""
     rest = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libjemalloc" not in p]
     env["LD_PRELOAD"] = ":".join([lib, *rest] if lib else rest)
-    if lib:
-        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     if not env["LD_PRELOAD"]:
         del env["LD_PRELOAD"]
     return env
