@@ -140,7 +140,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-if __name__ == "__main__":
-    from target_server.entry import console_main
-
-    sys.exit(console_main())
+if __name__ == "__main__":   # the command (malloc choice included) is target_server/entry.py
+    sys.exit(main())
