@@ -285,7 +285,11 @@ BENCHMARKS: tuple[Bench, ...] = (
                  ("allocator_dflash", "MALLOC_CONF=dirty_decay_ms:-1 python -m benchmarks.bench_allocator --steps 16 "
                   "--set model.method=dflash --name allocator_dflash   # jemalloc never purging (opt-in)", True),
                  ("allocator_dflash_decay10s", "python -m benchmarks.bench_allocator --steps 40 --set "
-                  "model.method=dflash --name allocator_dflash_decay10s   # jemalloc's own options", True))),
+                  "model.method=dflash --name allocator_dflash_decay10s   # jemalloc's own options (before the "
+                  "method kept freed pages)", True),
+                 ("allocator_dflash_kept", "python -m benchmarks.bench_allocator --steps 16 --set "
+                  "model.method=dflash --name allocator_dflash_kept   # DFlash keeps freed pages (its default)",
+                  True))),
     Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge",
           "parity_specforge_300k_vocab32000",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "

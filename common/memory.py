@@ -12,6 +12,11 @@ Two jobs, one owner:
   fresh mmap'd pages and returns freed heap tops to the OS early, so every multi-MiB feature batch page-faults its
   way in again: on the 2-core test machine that made a 4 MiB tensor copy ~7x slower than writing into reused
   memory (see benchmarks/README.md). Raising both thresholds keeps such buffers in the heap for reuse.
+- `keep_freed_pages()` (jemalloc only, at run time): for a job that frees and re-allocates buffers of hundreds of
+  MiB every step (DFlash's step), jemalloc's defaults return those pages to the system between steps -- at once for
+  allocations over 8 MiB, which live in a dedicated arena that purges eagerly -- and every step faults them back in
+  (1.9M minor faults per step, 0.76x glibc's speed). Never purging keeps them (1.11x glibc). Not the default: on
+  EAGLE-3's step it buys no speed and raises peak RSS 1.45x (docs/notes/issue-20.md, "Session 15").
 """
 
 from __future__ import annotations
@@ -130,6 +135,30 @@ def describe_allocator() -> str:
     if lib is None:
         return f"{name} (libjemalloc.so.2 not found: {INSTALL_HINT} for ~1.4x training tokens per CPU-second)"
     return f"{name} (not started through a SpecRelay command; LD_PRELOAD={lib} would choose jemalloc)"
+
+
+def keep_freed_pages() -> bool:
+    """Under jemalloc: from now on this process keeps the pages it frees for reuse instead of returning them to the
+    system (every arena's `dirty_decay_ms` = -1, and the default for arenas made later, the large-allocation arena
+    included). True when jemalloc took it; False elsewhere (glibc: nothing to do) or when the user chose jemalloc's
+    decay in `MALLOC_CONF` (theirs wins)."""
+    if active_allocator() != "jemalloc" or "decay_ms" in os.environ.get("MALLOC_CONF", ""):
+        return False
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return False
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                        ctypes.c_size_t]
+    never = ctypes.c_ssize_t(-1)
+    if mallctl(b"arenas.dirty_decay_ms", None, None, ctypes.byref(never), ctypes.sizeof(never)) != 0:
+        return False
+    n, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+    mallctl(b"arenas.narenas", ctypes.byref(n), ctypes.byref(size), None, 0)
+    for i in range(n.value):   # arenas not in use yet answer EFAULT; they start from the default set above
+        mallctl(f"arena.{i}.dirty_decay_ms".encode(), None, None, ctypes.byref(never), ctypes.sizeof(never))
+    log.debug("jemalloc: freed pages kept for reuse (dirty_decay_ms=-1, %d arenas)", n.value)
+    return True
 
 
 def tune_malloc() -> bool:
