@@ -7,6 +7,8 @@ the same steps on the same cached features, one process per allocator, both at o
     # synthetic SmolLM2-sized features (a synthetic server fills the cache first, not measured)
     python -m benchmarks.bench_allocator --steps 120
     python -m benchmarks.bench_allocator --smoke      # tiny shapes, seconds: the pipeline works
+    # jemalloc returning large allocations' pages at once (its defaults) vs keeping them (`keep_large_pages`)
+    python -m benchmarks.bench_allocator --demo runs/demo --steps 300 --pages
 
 Per allocator: tokens per second (steps after the first two, from metrics.jsonl) and per CPU-second, peak RSS
 and minor page faults (the process's rusage from wait4), tokens per second by quarter of the run (glibc's heap
@@ -31,7 +33,10 @@ from benchmarks.harness import REPO, Server, env, markdown_table, write_results
 from benchmarks.parity_handoff import rates_by_part
 from common.memory import INSTALL_HINT, find_jemalloc
 
-ALLOCATORS = ("glibc", "jemalloc")
+# the two runs: (label, malloc, trainer settings); --pages compares jemalloc's two page policies instead
+SIDES = (("glibc", "glibc", ()), ("jemalloc", "jemalloc", ()))
+PAGE_SIDES = (("jemalloc, large pages returned", "jemalloc", ("keep_large_pages=false",)),
+              ("jemalloc, large pages kept", "jemalloc", ("keep_large_pages=true",)))
 RECIPE = REPO / "draft_trainer" / "configs" / "smollm2_cpu.yaml"
 
 
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer setting for every run, after the recipe's (e.g. model.method=dflash)")
     p.add_argument("--name", help="results file stem (default: allocator, allocator_demo or allocator_smoke)")
+    p.add_argument("--pages", action="store_true",
+                   help="compare jemalloc returning the pages of large allocations to the system at once (its "
+                        "defaults) with keeping them (trainer setting keep_large_pages), instead of glibc with jemalloc")
     args = p.parse_args(argv)
     if find_jemalloc() is None:
         raise SystemExit(f"bench_allocator: libjemalloc.so.2 not found: {INSTALL_HINT}")
@@ -114,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
                 server.stop()
             source, common = "synthetic features (cache)", [*common, "feature_cache.offline=true"]
         t0 = time.perf_counter()
-        procs = {a: start(work / a, [*common, f"max_steps={args.steps}"], a) for a in ALLOCATORS}
+        sides = PAGE_SIDES if args.pages else SIDES
+        procs = {f"run{i}": start(work / f"run{i}", [*common, f"max_steps={args.steps}", *extra], malloc)
+                 for i, (_, malloc, extra) in enumerate(sides)}
         try:
-            rows = [finish(procs[a], work / a) for a in ALLOCATORS]
+            rows = [{"run": label, **finish(procs[f"run{i}"], work / f"run{i}")} for i, (label, _, _) in enumerate(sides)]
         finally:   # one failed: do not leave the other running
             for proc in procs.values():
                 if proc.returncode is None:
@@ -124,14 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    glibc, jem = rows
-    loss_diff = max((abs(a - b) for a, b in zip(glibc["losses"], jem["losses"])), default=0.0)
+    first, second = rows
+    loss_diff = max((abs(a - b) for a, b in zip(first["losses"], second["losses"])), default=0.0)
+    vs = "vs_first" if args.pages else "vs_glibc"
     for r in rows:
         r.pop("losses")
-        r["tokens_per_cpu_s_vs_glibc"] = r["tokens_per_cpu_s"] / glibc["tokens_per_cpu_s"]
-        r["tokens_per_s_vs_glibc"] = r["tokens_per_s"] / glibc["tokens_per_s"]
-    table = markdown_table(rows, ["allocator", "steps", "tokens", "tokens_per_s", "tokens_per_s_vs_glibc",
-                                  "tokens_per_cpu_s", "tokens_per_cpu_s_vs_glibc", "sys_share",
+        r[f"tokens_per_cpu_s_{vs}"] = r["tokens_per_cpu_s"] / first["tokens_per_cpu_s"]
+        r[f"tokens_per_s_{vs}"] = r["tokens_per_s"] / first["tokens_per_s"]
+    table = markdown_table(rows, ["run", "allocator", "steps", "tokens", "tokens_per_s", f"tokens_per_s_{vs}",
+                                  "tokens_per_cpu_s", f"tokens_per_cpu_s_{vs}", "sys_share",
                                   "minor_faults_per_step", "peak_rss_mb", "tokens_per_s_by_quarter"])
     table += (f"\n\nFeatures: {source}; settings {' '.join(args.set) or 'the recipe'}; {args.steps} steps per run, "
               "both runs at once, 1 thread each; "
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{wall / 60:.1f} min.\n")
     name = args.name or ("allocator_smoke" if args.smoke else ("allocator_demo" if args.demo else "allocator"))
     write_results(name, {"smoke": args.smoke, "source": source, "settings": args.set, "steps": args.steps,
+                         "compared": "jemalloc's large pages returned vs kept" if args.pages else "glibc vs jemalloc",
                          "max_loss_diff": loss_diff,
                          "load_avg_start": load_start, "wall_s": wall, "rows": rows}, table, out_dir=args.out)
 

@@ -8,6 +8,7 @@ What the Trainer does for one rank, step by step (draft_trainer/train/setup.py, 
 method from the registry (`model.method=eagle3`, precision auto, `model.init=random` with the
 run's seed), its `bind` / `prepare` / `loss_counts` / `loss`, AdamW (fused, OptimConfig's betas and
 weight decay), `LRSchedule` (schedule=steps: linear warm-up + cosine to 0), clip to grad_clip.
+Under jemalloc the pages of large allocations are kept as the trainer keeps them (`keep_large_pages`).
 Only the data source differs: batches come from the handoff in its planned order instead of the
 sample stream. Saves the initial and final draft tensors (SGLang key names, fp32) and prints one
 JSON line with the lr of every step.
@@ -39,9 +40,9 @@ def main() -> None:
 
     from benchmarks.parity_handoff import batch_at, cpu_seconds, load_handoff, rss_mb, StepMeter, step_tokens
     from common.contract import ModelInfo
-    from common.memory import active_allocator
+    from common.memory import active_allocator, keep_large_pages
     from common.features import FeatureSpec
-    from draft_trainer.config import ModelConfig, OptimConfig
+    from draft_trainer.config import ModelConfig, OptimConfig, TrainConfig
     from draft_trainer.data.batch import Batch
     from draft_trainer.data.vocab import VocabMapping
     from draft_trainer.methods import get_method
@@ -60,6 +61,7 @@ def main() -> None:
     frozen = {k: v.float() for k, v in h["frozen"].items()}
     method.init_from_target(model, "random", info, vocab, frozen, None, sch["seed"])
     method.bind(model, frozen, vocab, torch.device("cpu"))
+    pages_kept = TrainConfig.keep_large_pages and keep_large_pages()   # as train/setup.py does by default
     out = Path(s["out"])
     torch.save({"state": serving_state(model), "used": vocab.used}, out / "specrelay-init.pt")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,7 +96,7 @@ def main() -> None:
     wall, cpu, tokens = time.perf_counter() - t0, cpu_seconds() - c0, sum(meter.tokens)
     torch.save({"state": serving_state(model), "used": vocab.used}, out / "specrelay-final.pt")
     print(json.dumps({
-        "side": "specrelay", "allocator": active_allocator(),
+        "side": "specrelay", "allocator": active_allocator() + (" (large pages kept)" if pages_kept else ""),
         "steps": len(lrs), "tokens": tokens, "supervised_tokens": supervised, "wall_s": wall,
         "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "first_step_s": first_step_s,
         **meter.by_quarter(),

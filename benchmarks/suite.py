@@ -217,7 +217,14 @@ def replay(r: Result) -> list[Headline]:
 
 
 def allocator(r: Result) -> list[Headline]:
-    glibc, jem = r.need("rows")
+    first, second = r.need("rows")
+    if str(r.data.get("compared", "")).startswith("jemalloc's"):   # --pages: jemalloc's two page policies
+        return [Headline(f"{second['run']} vs {first['run']}: **{r.need('tokens_per_cpu_s_vs_first', second):.2f}x** "
+                         f"tokens per CPU-second, peak RSS {r.need('peak_rss_mb', second) / r.need('peak_rss_mb', first):.2f}x, "
+                         f"minor faults per step {r.need('minor_faults_per_step', first):.0f} -> "
+                         f"{r.need('minor_faults_per_step', second):.0f} ({r.need('steps')} steps)",
+                         "report (the trainer keeps large pages by default)", None)]
+    glibc, jem = first, second
     q = lambda x: r.need("tokens_per_s_by_quarter", x)  # noqa: E731
     return [Headline(f"jemalloc vs glibc: **{r.need('tokens_per_cpu_s_vs_glibc', jem):.2f}x** tokens per CPU-second, "
                      f"peak RSS {r.need('peak_rss_mb', jem) / r.need('peak_rss_mb', glibc):.2f}x, largest loss "
@@ -288,8 +295,13 @@ BENCHMARKS: tuple[Bench, ...] = (
                   "model.method=dflash --name allocator_dflash_decay10s   # jemalloc's own options (before the "
                   "method kept freed pages)", True),
                  ("allocator_dflash_kept", "python -m benchmarks.bench_allocator --steps 16 --set "
-                  "model.method=dflash --name allocator_dflash_kept   # DFlash keeps freed pages (its default)",
-                  True))),
+                  "model.method=dflash --name allocator_dflash_kept   # large pages kept (the default since "
+                  "session 16)", True),
+                 ("allocator_demo_pages_large", "python -m benchmarks.bench_allocator --demo runs/demo --steps 600 "
+                  "--pages --name allocator_demo_pages_large   # jemalloc: large pages returned vs kept", True),
+                 ("allocator_demo_pages", "python -m benchmarks.bench_allocator --demo runs/demo --steps 300 --pages "
+                  "--name allocator_demo_pages   # every arena never purging (rejected: RSS grew to 20 GB by "
+                  "step 1,000)", True))),
     Bench("parity", "Draft quality vs SpecForge at equal tokens", "bench_parity_specforge",
           "parity_specforge_300k_vocab32000",
           "SpecRelay's and SpecForge 0.2.0's EAGLE-3 training objects on the same cached features, batches, order "

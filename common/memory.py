@@ -12,11 +12,11 @@ Two jobs, one owner:
   fresh mmap'd pages and returns freed heap tops to the OS early, so every multi-MiB feature batch page-faults its
   way in again: on the 2-core test machine that made a 4 MiB tensor copy ~7x slower than writing into reused
   memory (see benchmarks/README.md). Raising both thresholds keeps such buffers in the heap for reuse.
-- `keep_freed_pages()` (jemalloc only, at run time): for a job that frees and re-allocates buffers of hundreds of
-  MiB every step (DFlash's step), jemalloc's defaults return those pages to the system between steps -- at once for
-  allocations over 8 MiB, which live in a dedicated arena that purges eagerly -- and every step faults them back in
-  (1.9M minor faults per step, 0.76x glibc's speed). Never purging keeps them (1.11x glibc). Not the default: on
-  EAGLE-3's step it buys no speed and raises peak RSS 1.45x (docs/notes/issue-20.md, "Session 15").
+- `keep_large_pages()` (jemalloc only, at run time; the trainer calls it): a training step frees and re-allocates
+  the same large buffers every step (activations, logits; DFlash's are hundreds of MiB). jemalloc serves
+  allocations over 8 MiB from a dedicated arena that returns freed pages to the system at once, so every step
+  faults them back in: DFlash trained at 0.76x glibc's speed (1.9M minor faults per step), EAGLE-3's demo recipe
+  paid 29k faults per step. Keeping that arena's pages removes most of it (docs/notes/issue-20.md, "Session 16").
 """
 
 from __future__ import annotations
@@ -137,27 +137,34 @@ def describe_allocator() -> str:
     return f"{name} (not started through a SpecRelay command; LD_PRELOAD={lib} would choose jemalloc)"
 
 
-def keep_freed_pages() -> bool:
-    """Under jemalloc: from now on this process keeps the pages it frees for reuse instead of returning them to the
-    system (every arena's `dirty_decay_ms` = -1, and the default for arenas made later, the large-allocation arena
-    included). True when jemalloc took it; False elsewhere (glibc: nothing to do) or when the user chose jemalloc's
-    decay in `MALLOC_CONF` (theirs wins)."""
-    if active_allocator() != "jemalloc" or "decay_ms" in os.environ.get("MALLOC_CONF", ""):
+def keep_large_pages() -> bool:
+    """Under jemalloc: from now on this process keeps the pages of freed allocations over 8 MiB for reuse instead
+    of returning them to the system at once (the large-allocation arena's `dirty_decay_ms` = -1; its default is 0).
+    True when jemalloc took it; False elsewhere (glibc: nothing to do) or when `MALLOC_CONF` sets jemalloc's decay
+    or its large-allocation threshold (the user's choice wins).
+
+    Only that arena: its allocations are a step's large activations and logits, the same sizes step after step.
+    Never purging the other arenas too was faster still on the parity step (1.10x) but grew the demo recipe's RSS
+    without bound (2.6 -> 20 GB in 1,000 steps), and no finite decay stopped the faults (docs/notes/issue-20.md)."""
+    conf = os.environ.get("MALLOC_CONF", "")
+    if active_allocator() != "jemalloc" or "decay_ms" in conf or "oversize_threshold" in conf:
         return False
     try:
-        mallctl = ctypes.CDLL(None).mallctl
+        libc = ctypes.CDLL(None)
+        mallctl = libc.mallctl
     except (OSError, AttributeError):
         return False
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
                         ctypes.c_size_t]
-    never = ctypes.c_ssize_t(-1)
-    if mallctl(b"arenas.dirty_decay_ms", None, None, ctypes.byref(never), ctypes.sizeof(never)) != 0:
-        return False
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    libc.free(libc.malloc(16 << 20))   # the large-allocation arena is made on first use: from here on it exists
     n, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
-    mallctl(b"arenas.narenas", ctypes.byref(n), ctypes.byref(size), None, 0)
-    for i in range(n.value):   # arenas not in use yet answer EFAULT; they start from the default set above
-        mallctl(f"arena.{i}.dirty_decay_ms".encode(), None, None, ctypes.byref(never), ctypes.sizeof(never))
-    log.debug("jemalloc: freed pages kept for reuse (dirty_decay_ms=-1, %d arenas)", n.value)
+    if mallctl(b"arenas.narenas", ctypes.byref(n), ctypes.byref(size), None, 0) or n.value == 0:
+        return False
+    never = ctypes.c_ssize_t(-1)   # jemalloc makes that arena last, after the automatic ones
+    if mallctl(f"arena.{n.value - 1}.dirty_decay_ms".encode(), None, None, ctypes.byref(never), ctypes.sizeof(never)):
+        return False
+    log.debug("jemalloc: pages of freed allocations over 8 MiB kept for reuse (arena %d)", n.value - 1)
     return True
 
 

@@ -135,6 +135,8 @@ class TrainConfig:
                                      # of training, counted over the whole run (a resumed run continues it); 0 = none
     epochs: int = 1                  # passes over the dataset at most
     threads: int = 0                 # torch threads of each trainer rank; 0 = torch's default (all cores)
+    keep_large_pages: bool = True    # under jemalloc: keep the pages of freed allocations over 8 MiB for the next
+                                     # step instead of returning them to the system (docs/training.md, allocator)
     log_every: int = 1               # metrics.jsonl / progress line every N steps
     save_every: int = 0              # 0 = only at the end (and on SIGTERM/SIGINT)
     save_every_s: float = 0.0        # also checkpoint every N seconds of training (time-budgeted runs); 0 = off

@@ -39,9 +39,6 @@ class DraftMethod(abc.ABC):
 
     name: str = ""
     export_formats: tuple[str, ...] = ("sglang",)
-    # True when a step frees and re-allocates buffers of hundreds of MiB: under jemalloc the trainer then keeps
-    # freed pages instead of faulting them back in every step (common.memory.keep_freed_pages)
-    keeps_freed_pages: bool = False
 
     def __init__(self, model_cfg) -> None:
         self.cfg = model_cfg

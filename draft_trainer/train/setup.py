@@ -22,7 +22,7 @@ import torch
 from common.contract import ModelInfo, check_feature_spec
 from common.errors import ConfigError, ContractError, DataError
 from common.features import FeatureSchema, FeatureSpec
-from common.memory import describe_allocator, keep_freed_pages
+from common.memory import describe_allocator, keep_large_pages
 from draft_trainer.client.config import client_kwargs
 from draft_trainer.config import TrainConfig
 from draft_trainer.data.dataset import TokenizedDataset
@@ -273,8 +273,8 @@ def build_model(run: Run, frozen: dict[str, torch.Tensor], init: bool) -> None:
                           **({} if dist.distributed else {"fused": True}))
     run.model = model
     malloc = describe_allocator()
-    if method.keeps_freed_pages and keep_freed_pages():
-        malloc += ", freed pages kept (the method's step re-allocates large buffers)"
+    if cfg.keep_large_pages and keep_large_pages():
+        malloc += ", large pages kept"
     log.info("draft (%s): %d trainable params, Vd=%d (coverage %.3f), features %s, %d rank(s); malloc: %s",
              method.name, sum(p.numel() for p in params), run.vocab.draft_vocab_size, run.vocab.coverage, run.spec,
              dist.world_size, malloc)

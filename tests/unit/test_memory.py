@@ -80,10 +80,10 @@ def test_allocator_env_starts_any_child_on_the_chosen_malloc():
 
 
 # Allocates, writes and frees a 64 MiB buffer 8 times (through whichever malloc the process runs on; jemalloc
-# serves it from its large-allocation arena), before and after keep_freed_pages(): the minor page faults of each
-# round of 8, and what keep_freed_pages answered.
+# serves it from its large-allocation arena), before and after keep_large_pages(): the minor page faults of each
+# round of 8, and what keep_large_pages answered.
 CYCLES = ("import ctypes, resource\n"
-          "from common.memory import keep_freed_pages\n"
+          "from common.memory import keep_large_pages\n"
           "libc = ctypes.CDLL(None)\n"
           "libc.malloc.restype = ctypes.c_void_p\n"
           "libc.free.argtypes = [ctypes.c_void_p]\n"
@@ -93,13 +93,14 @@ CYCLES = ("import ctypes, resource\n"
           "        p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)\n"
           "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
           "default = faults()\n"
-          "kept = keep_freed_pages()\n"
+          "kept = keep_large_pages()\n"
           "print(default, kept, faults(), faults())\n")
 
 
-def test_keep_freed_pages_stops_large_buffers_faulting_back_in_every_time():
-    """DFlash's step frees and re-allocates buffers of hundreds of MiB: jemalloc's defaults give their pages back
-    at once and fault them in again (0.76x glibc's speed); after keep_freed_pages() they are reused."""
+def test_keep_large_pages_stops_large_buffers_faulting_back_in_every_time():
+    """A training step frees and re-allocates the same large buffers (DFlash's: hundreds of MiB): jemalloc's
+    defaults give their pages back at once and fault them in again (DFlash: 0.76x glibc's speed); after
+    keep_large_pages() they are reused."""
     if memory.find_jemalloc() is None:
         pytest.skip("needs libjemalloc.so.2 (apt-get install libjemalloc2; CI installs it)")
     pages = (64 << 20) // 4096
@@ -109,9 +110,9 @@ def test_keep_freed_pages_stops_large_buffers_faulting_back_in_every_time():
     assert kept == "True"
     assert int(default) > 6 * pages, res.stdout            # each round faults its 16k pages in anew
     assert int(after) < 2 * pages and int(again) < pages // 4, res.stdout   # the first round's pages, then none
-    # a user's own decay in MALLOC_CONF wins; under glibc there is nothing to keep
-    assert run_code(CYCLES, LD_PRELOAD=memory.find_jemalloc(), MALLOC_CONF="dirty_decay_ms:5000").stdout.split()[1] \
-        == "False"
+    # a user's own decay or large-allocation threshold in MALLOC_CONF wins; under glibc there is nothing to keep
+    for conf in ("dirty_decay_ms:5000", "oversize_threshold:0"):
+        assert run_code(CYCLES, LD_PRELOAD=memory.find_jemalloc(), MALLOC_CONF=conf).stdout.split()[1] == "False"
     assert run_code(CYCLES, LD_PRELOAD="").stdout.split()[1] == "False"
 
 

@@ -28,7 +28,6 @@ from draft_trainer.model.precision import autocast, compute_dtype
 class DFlashMethod(DraftMethod):
     name = "dflash"
     export_formats = ("sglang", "speculators")
-    keeps_freed_pages = True   # 0.76x glibc's speed on jemalloc's defaults, 1.11x with it (docs/training.md)
 
     # ------------------------------------------------------------------ features
     def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
