@@ -311,7 +311,11 @@ BENCHMARKS: tuple[Bench, ...] = (
           in_make_bench=False, reproduce="python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache "
                                          "CACHE --max-samples 700 --tokens 300000 --threads 1 --holdout-rows 64 "
                                          "--draft-vocab-size 32000 --setup-specforge --name parity_specforge_300k_vocab32000",
-          extra=(("parity_specforge_300k_vocab8192_as_shipped",
+          extra=(("parity_specforge_300k_vocab8192_large_pages",
+                  "python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache CACHE --max-samples 700 "
+                  "--tokens 300000 --threads 1 --holdout-rows 64 --draft-vocab-size 8192 --setup-specforge "
+                  "--name parity_specforge_300k_vocab8192_large_pages   # session 16: large pages kept", True),
+                 ("parity_specforge_300k_vocab8192_as_shipped",
                   "python -m benchmarks.bench_parity_specforge --data DATASET --feature-cache CACHE --max-samples 700 "
                   "--tokens 300000 --threads 1 --holdout-rows 64 --draft-vocab-size 8192 --setup-specforge "
                   "--name parity_specforge_300k_vocab8192_as_shipped", True),
