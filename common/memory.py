@@ -140,14 +140,13 @@ def describe_allocator() -> str:
 def keep_large_pages() -> bool:
     """Under jemalloc: from now on this process keeps the pages of freed allocations over 8 MiB for reuse instead
     of returning them to the system at once (the large-allocation arena's `dirty_decay_ms` = -1; its default is 0).
-    True when jemalloc took it; False elsewhere (glibc: nothing to do) or when `MALLOC_CONF` sets jemalloc's decay
-    or its large-allocation threshold (the user's choice wins).
+    True when jemalloc took it; False elsewhere (glibc: nothing to do), when `MALLOC_CONF` sets jemalloc's decay
+    (the user's choice wins) or when jemalloc runs without that arena (`oversize_threshold:0`).
 
     Only that arena: its allocations are a step's large activations and logits, the same sizes step after step.
     Never purging the other arenas too was faster still on the parity step (1.10x) but grew the demo recipe's RSS
     without bound (2.6 -> 20 GB in 1,000 steps), and no finite decay stopped the faults (docs/notes/issue-20.md)."""
-    conf = os.environ.get("MALLOC_CONF", "")
-    if active_allocator() != "jemalloc" or "decay_ms" in conf or "oversize_threshold" in conf:
+    if active_allocator() != "jemalloc" or "decay_ms" in os.environ.get("MALLOC_CONF", ""):
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -156,6 +155,9 @@ def keep_large_pages() -> bool:
         return False
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
                         ctypes.c_size_t]
+    threshold, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+    if mallctl(b"opt.oversize_threshold", ctypes.byref(threshold), ctypes.byref(size), None, 0) or not threshold.value:
+        return False   # no large-allocation arena (turned off, however it was configured)
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     libc.free(libc.malloc(16 << 20))   # the large-allocation arena is made on first use: from here on it exists
     n, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
