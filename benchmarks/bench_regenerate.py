@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.harness import Server, markdown_table, write_results
+from common.hardware import pick_dtype
 
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.m, name, dtype = 12, 8, "regenerate_smoke", "fp32"
     else:
         model, src, name, dtype = assets.fetch_smollm2(install=False), assets.locate_sharegpt(install=False), \
-            "regenerate", "bf16"
+            "regenerate", pick_dtype("auto")
     prepare_data(PrepareConfig(model=str(model), inputs=[str(src)], output=str(work / "all"), max_length=1024,
                                min_supervised_tokens=1, skip_bad=True, max_samples=4 * args.n), progress=False)
     n = first_turns(work / "all" / "conversations.jsonl", args.n, work / "first.jsonl")

@@ -145,7 +145,7 @@ def machine() -> dict:
         pass
     import torch
 
-    from draft_trainer.model.precision import cpu_has_bf16
+    from common.hardware import cpu_has_bf16
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "avx512_bf16": cpu_has_bf16(), "load_avg_at_start": os.getloadavg()}

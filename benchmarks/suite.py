@@ -216,6 +216,14 @@ def replay(r: Result) -> list[Headline]:
                      None)]
 
 
+def target_dtype(r: Result) -> list[Headline]:
+    x = r.need("bf16_over_fp32")
+    return [Headline(f"bf16 / fp32 time on this CPU (native bf16: {r.need('cpu_native_bf16')}): features "
+                     f"**{x['features']:.2f}x**, regeneration **{x['regeneration']:.2f}x**, greedy token "
+                     f"{x['greedy token']:.2f}x, 6-token verification {x['verification']:.2f}x; `--dtype auto` picks "
+                     f"{r.need('auto_picks')}", "report (auto: bf16 only with AVX512-BF16 or AMX)", None)]
+
+
 def allocator(r: Result) -> list[Headline]:
     first, second = r.need("rows")
     if str(r.data.get("compared", "")).startswith("jemalloc's"):   # --pages: jemalloc's two page policies
@@ -282,6 +290,10 @@ BENCHMARKS: tuple[Bench, ...] = (
           "time, later epochs recomputed by the target vs read back from the run's feature cache (trainer on 2 "
           "threads while the target idles)", replay, in_make_bench=False,
           reproduce="python -m benchmarks.bench_replay --data runs/demo/data/onpolicy --minutes 8"),
+    Bench("target_dtype", "Target model: bf16 vs fp32 on this CPU", "bench_target_dtype", "target_dtype",
+          "SmolLM2-135M-Instruct in both dtypes in one process, in the shapes SpecRelay runs it (a feature batch, "
+          "batched generation, a greedy token, a K=5 verification): what `--dtype auto` decides",
+          target_dtype, in_make_bench=False, reproduce="python -m benchmarks.bench_target_dtype"),
     Bench("allocator", "Trainer on jemalloc vs glibc", "bench_allocator", "allocator_demo",
           "`draft-trainer train` with the demo's recipe on a demo run's cached features, the same steps on glibc's "
           "malloc and on jemalloc (SPECRELAY_MALLOC), both at once with 1 thread each (needs libjemalloc2)",

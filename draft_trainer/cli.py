@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regen-targets", default="", help="host:port,... of running target servers (default: local)")
     g.add_argument("--regen-servers", type=int, default=1, help="local servers to start")
     g.add_argument("--regen-threads", type=int, default=0, help="torch threads per local server (0 = default)")
-    g.add_argument("--regen-dtype", default="bf16", choices=["bf16", "fp32"], help="local servers' dtype")
+    g.add_argument("--regen-dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="local servers' dtype (auto: bf16 where the CPU computes it natively, else fp32)")
     g.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
                    help="enable_thinking for chat templates that have it")
     d.set_defaults(func=_prepare_data)
@@ -299,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup (n-gram) baseline")
     v.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
     v.add_argument("--min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
-    v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="target and draft dtype, both checked token for token against greedy in that dtype (bf16: "
+    v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="target and draft dtype, both checked token for token against greedy in that dtype (auto: "
+                        "bf16 where the CPU computes it natively, else fp32, as target-server --dtype auto; bf16: "
                         "the dtype bf16 training features were computed in; the target attends row by row so that "
                         "a verification rounds exactly as 1-token greedy steps do)")
     v.add_argument("--also-k", type=lambda x: [int(k) for k in x.split(",") if k], default=[],

@@ -7,6 +7,7 @@ from typing import Literal
 
 from common.errors import ConfigError, SchemaError
 from common.features import FeatureSpec
+from common.hardware import DTYPE_CHOICES
 
 
 @dataclass
@@ -28,7 +29,7 @@ class DataConfig:
 class TargetsConfig:
     endpoints: str = ""              # host:port,host:port | dns:NAME:PORT | file:PATH; empty = embedded server
     embedded_model: str = ""         # model directory for the embedded local server (HF backend)
-    embedded_dtype: str = "fp32"     # dtype of the embedded server's target model (as target-server --dtype)
+    embedded_dtype: str = "fp32"     # dtype of the embedded server's target model (as target-server --dtype; auto too)
     embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
     teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal (methods that read one): final hidden or top-k
     topk: int = 0                    # for teacher=topk
@@ -176,6 +177,9 @@ class TrainConfig:
         elif not self.targets.endpoints and not self.targets.embedded_model:
             raise ConfigError("give targets.endpoints (running target servers) or targets.embedded_model "
                               "(a model directory to serve from a local embedded server)")
+        if self.targets.embedded_dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"targets.embedded_dtype {self.targets.embedded_dtype!r}: use one of "
+                              f"{', '.join(DTYPE_CHOICES)} (auto: bf16 where the CPU computes it natively, else fp32)")
         if self.batch_size <= 0 or self.max_steps <= 0 or self.model.ttt_steps <= 0 or self.grad_accum <= 0:
             raise ConfigError("batch_size, grad_accum, max_steps and model.ttt_steps must be > 0")
         if self.batch_size % self.grad_accum:

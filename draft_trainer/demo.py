@@ -19,7 +19,9 @@ Stages, each printed as it starts (the trainer and the evaluation show progress 
   5. eval     real greedy chain speculative decoding (K=--num-steps) on the held-out prompts,
               trained draft vs the untrained one (step 0), checked token-for-token against
               plain greedy decoding of the target, with the target in the dtype the training
-              features were computed in (bf16); the trained draft again in the other dtype (fp32)
+              features were computed in (the recipe's `auto`: bf16 on a CPU with native bf16, AMX or
+              AVX512-BF16, else fp32; the answers are regenerated in it too); the trained draft again
+              in the other dtype
   6. report   report.md (a table), tau_curve.json and PNG plots: loss, per-position accuracy,
               acceptance histogram, tau vs training tokens
 
@@ -47,6 +49,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from common.files import OUTPUT_MARKER, atomic_write_json, check_output_dir
+from common.hardware import cpu_has_bf16, pick_dtype
 from common.config import load_config
 from common.memory import describe_allocator
 from draft_trainer import assets
@@ -169,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                          workers=min(2, os.cpu_count() or 1), draft_vocab_size=256 if args.tiny else 8192,
                          holdout=n_eval, max_samples=0 if args.tiny else args.samples)
     regen = min(args.regen_conversations, 24) if args.tiny else args.regen_conversations
+    # the target's dtype for everything: answers, training features, the evaluation (`auto` in the recipe:
+    # bf16 where the CPU computes it natively, else fp32; a --set targets.embedded_dtype=... wins)
+    target_dtype = pick_dtype(load_config(TrainConfig, RECIPE, list(args.set)).targets.embedded_dtype)
+    print(f"target dtype: {target_dtype} ({'native bf16' if cpu_has_bf16() else 'no native bf16'} on this CPU)")
     if regen:
         op = prepare_on_policy(prep, OnPolicyConfig(
             conversations=regen, max_new_tokens=min(args.regen_max_new_tokens, 16) if args.tiny else
-            args.regen_max_new_tokens, dtype="fp32" if args.tiny else "bf16", servers=2, threads=1))
+            args.regen_max_new_tokens, dtype=target_dtype, servers=2, threads=1))
         data_path, prompts = op.path, op.heldout_prompts
         if op.report:
             print(f"on-policy answers: {op.report['written']} regenerated, {op.report['tokens_per_s']:.0f} "
@@ -193,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     for stale in ([] if args.resume else [train_dir]) + [out / "drafts", out / "eval"]:
         shutil.rmtree(stale, ignore_errors=True)
     cfg = train_config(args, data_path, model, train_dir, budget_s)
-    eval_dtype = cfg.targets.embedded_dtype                 # the features' dtype: the evaluation's target
-    other_dtype = "fp32" if eval_dtype != "fp32" else None  # reported beside it (the trained draft only)
+    cfg.targets.embedded_dtype = eval_dtype = target_dtype  # the features' dtype: the evaluation's target
+    other_dtype = "fp32" if eval_dtype != "fp32" else "bf16"  # reported beside it (the trained draft only)
     summary = Trainer(cfg).run()   # (the evaluation below runs in its own process, with all cores)
     timings["train_s"] = time.perf_counter() - t
     if summary.get("stopped") == "signal":
@@ -293,7 +300,8 @@ def _report(args, summary: dict, base: dict, trained: dict, curve: list[dict], t
              f"{summary['wall_s'] / 60:.1f} min{' (stopped and resumed)' if summary.get('resumed_from') else ''}; "
              f"{base['prompts']} held-out prompts, "
              f"{args.max_new_tokens} new tokens each; target and draft weights in {trained['dtype']} (the training "
-             f"features' dtype), every output checked against plain greedy decoding in that dtype.", "",
+             f"features' dtype; this CPU {'has' if cpu_has_bf16() else 'has no'} native bf16), every output checked "
+             f"against plain greedy decoding in that dtype.", "",
              "| | untrained draft (step 0) | trained draft |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     if args.tiny:

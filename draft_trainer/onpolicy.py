@@ -32,6 +32,7 @@ from pathlib import Path
 
 from common.errors import ConfigError
 from common.files import atomic_write_json, atomic_write_text
+from common.hardware import pick_dtype
 from draft_trainer.data.dataset import META_FILE
 from draft_trainer.data.prepare import CONVERSATIONS_FILE, HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
 
@@ -45,7 +46,7 @@ class OnPolicyConfig:
     first_turn_only: bool = True    # answer only the first user turn (later turns would need later answers)
     thinking: str = "auto"          # enable_thinking for templates that have it
     targets: tuple[str, ...] = ()   # host:port of running servers; empty = local HF servers
-    dtype: str = "bf16"             # local servers' dtype (the training features' dtype)
+    dtype: str = "auto"             # local servers' dtype (the training features' dtype; auto: common.hardware)
     servers: int = 1                # local servers
     threads: int = 0                # torch threads per local server (0 = torch's default)
     batch_size: int = 32            # prompts per Generate request
@@ -100,6 +101,8 @@ def prepare_on_policy(prep: PrepareConfig, cfg: OnPolicyConfig) -> OnPolicyResul
     from draft_trainer import assets
 
     cfg.validate()
+    # `auto` named before the cache key: answers regenerated in bf16 and in fp32 differ (near-ties)
+    cfg = replace(cfg, dtype=pick_dtype(cfg.dtype))
     out = Path(prep.output)
     human = prepare_data(replace(prep, output=str(out / "human")))
     if not (human.path / HELDOUT_PROMPTS_FILE).is_file() and prep.holdout:

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default=d.backend, choices=list(BACKENDS),
                    help="hf: transformers (CPU or one GPU); sglang: SGLang's model runner; synthetic: test features")
     m.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
-    m.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"],
-                   help="model compute dtype, also the wire dtype of hidden states")
+    m.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp16", "fp32"],
+                   help="model compute dtype, also the wire dtype of hidden states (auto: bf16 on a GPU or CPU "
+                        "that computes it natively, i.e. CUDA with bf16, AVX512-BF16 or AMX; else fp32)")
     m.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks (sglang backend; one GPU each)")
     m.add_argument("--aux-layers", default=d.aux_layers, help="'auto' = [1, L//2-1, L-4], or i,j,k (0-indexed)")
     m.add_argument("--max-length", type=int, default=d.max_length, help="longest sample (0 = the model's)")

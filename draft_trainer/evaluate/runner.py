@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ContractError, DataError
+from common.hardware import pick_dtype
 from draft_trainer.methods.base import Drafter
 from draft_trainer.evaluate.decode import SpecStats, eos_set, greedy_decode, speculative_decode
 from draft_trainer.evaluate.prompt_lookup import PromptLookupDrafter
@@ -114,7 +115,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
     the prompt-lookup decodes, so evaluating several drafts on the same target and prompts
     decodes those once (round 1; later rounds always re-time them beside the draft).
-    `dtype` ("fp32" or "bf16") is the target's and the draft's weights' (the EAGLE-3 drafter computes
+    `dtype` ("fp32", "bf16", or "auto": common.hardware.pick_dtype) is the target's and the draft's weights' (the EAGLE-3 drafter computes
     in fp32 from them, methods/eagle3/drafter.py). Both are checked token for token
     against greedy in the same dtype; bf16 (the dtype bf16 training features were computed in) runs
     the target with row-wise attention (module doc), without which a K+1-token verification rounds
@@ -127,8 +128,10 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
 
     from draft_trainer.methods import method_for_export
 
+    if dtype == "auto":
+        dtype = pick_dtype(dtype)
     if dtype not in EVAL_DTYPES:
-        raise DataError(f"eval dtype {dtype!r}: use one of {list(EVAL_DTYPES)}")
+        raise DataError(f"eval dtype {dtype!r}: use one of {list(EVAL_DTYPES)} or auto")
     tdtype = EVAL_DTYPES[dtype]
     if num_steps < 1 or max_new_tokens < 1 or speed_rounds < 1:
         raise DataError("--num-steps, --max-new-tokens and --speed-rounds must be >= 1")

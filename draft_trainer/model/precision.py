@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
 from common.errors import ConfigError
+from common.hardware import pick_dtype
 
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX): bf16 matmuls run ~2x fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
@@ -31,10 +20,7 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if dev.type == "cpu" and cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if pick_dtype("auto", device) == "bf16" else torch.float32
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype):

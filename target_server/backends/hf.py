@@ -49,14 +49,13 @@ class HFBackend(Backend):
         hf_logging.disable_progress_bar()  # a server log is not a terminal
 
         path = check_model_dir(model_path)
-        dtype_ = resolve_dtype(dtype)
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
             raise ConfigError(f"--device {device!r}: {e}; use cpu, cuda or cuda:N") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is visible to this process; use --device cpu")
-        self.dtype = dtype_
+        self.dtype = resolve_dtype(dtype, str(self.device))
         # Everything checkable from the config is checked before the (slow) weight load.
         cfg = AutoConfig.from_pretrained(path)
         self.num_layers = int(cfg.num_hidden_layers)

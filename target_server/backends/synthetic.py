@@ -21,6 +21,7 @@ import torch
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, parse_aux_layers
 from common.errors import ContractError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
+from common.hardware import pick_dtype
 from target_server.backends.base import Backend, Capture, Completion, Decoder
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,7 +44,7 @@ class SyntheticBackend(Backend):
                  aux_layers: str = "auto", max_length: int = 4096, cost_per_token_us: float = 0.0,
                  num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0, max_topk: int = 64) -> None:
         self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
-        self.dtype = _DTYPES[dtype]
+        self.dtype = _DTYPES[pick_dtype(dtype)]   # synthetic features are made on the CPU
         self.aux_layer_ids = parse_aux_layers(aux_layers, num_layers)
         self.max_length = max_length
         self.cost_per_token_us = cost_per_token_us

@@ -60,7 +60,7 @@ class SGLangBackend(Backend):
         from transformers import AutoConfig, AutoTokenizer
 
         path = check_model_dir(model_path)
-        dtype_ = resolve_dtype(dtype)
+        dtype_ = resolve_dtype(dtype, device)
         if tp < 1:
             raise ConfigError(f"--tp {tp}: must be >= 1")
         # Everything that can be wrong is checked here, before SGLang is imported or started.
