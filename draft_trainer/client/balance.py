@@ -82,6 +82,16 @@ def grown_window(window: int, answered_tokens: int, max_window: int) -> int:
     return min(max_window, window + answered_tokens)
 
 
+def deadline_window(max_window: int, sec_per_token: float | None, request_timeout_s: float) -> int:
+    """The most tokens to keep in flight on one server: `max_window`, and no more than it computes in
+    half the request deadline, so that a request queued behind the window still finishes inside its
+    own. (A 1-thread fp32 CPU server computes ~130 tokens/s: a full 16,384-token window is two minutes
+    of queue, and the demo's requests timed out, were re-sent and recomputed every few minutes.)"""
+    if not sec_per_token or request_timeout_s <= 0:
+        return max_window
+    return max(1, min(max_window, int(request_timeout_s / 2 / sec_per_token)))
+
+
 def shrunk_window(window: int) -> int:
     """After RESOURCE_EXHAUSTED: halve what is kept in flight there."""
     return max(1, window // 2)

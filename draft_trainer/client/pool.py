@@ -34,7 +34,7 @@ from common.contract import ModelInfo, check_compatible
 from common.errors import ConfigError, ContractError, SpecRelayError, TargetUnavailableError
 from draft_trainer.client.discovery import EndpointSource
 from draft_trainer.client.target import TargetClient, speaks_tls
-from draft_trainer.client.balance import folded_speed, grown_window, shrunk_window
+from draft_trainer.client.balance import deadline_window, folded_speed, grown_window, shrunk_window
 from draft_trainer.client.config import PoolConfig
 from draft_trainer.client.metrics import ENDPOINT_STATES, PoolMetrics
 
@@ -59,7 +59,8 @@ def _unauthenticated(res: object) -> bool:
 class Endpoint:
     address: str
     # Current per-endpoint window: starts at one sample, grows by each answered request's size
-    # (doubling per round trip, like TCP slow start) up to max_endpoint_inflight_tokens, halves on
+    # (doubling per round trip, like TCP slow start) up to max_endpoint_inflight_tokens (and to what
+    # the server computes in half the request deadline, once its speed is measured), halves on
     # RESOURCE_EXHAUSTED. Starting small spreads the first batches over all servers: the server
     # computes what it holds in one forward pass, so a full window up front would delay the first
     # sample by the whole window's compute time.
@@ -313,7 +314,8 @@ class TargetPool:
         ep.throttled(retry_after_s, time.monotonic())
 
     def request_ok(self, ep: Endpoint, tokens: int) -> None:
-        ep.request_ok(tokens, self.cfg.max_endpoint_inflight_tokens)
+        ep.request_ok(tokens, deadline_window(self.cfg.max_endpoint_inflight_tokens, ep.sec_per_token,
+                                              self.cfg.request_timeout_s))
 
     @staticmethod
     def observe_speed(ep: Endpoint, seconds: float, tokens: int, *, at_least: bool = False) -> None:

@@ -156,6 +156,20 @@ def test_slow_server_gets_less_work(tmp_path):
     assert slow < n[servers[0].endpoint] and slow < n[servers[1].endpoint], n
 
 
+def test_a_slow_servers_window_stays_inside_the_deadline(tmp_path):
+    # 0.5 ms per token and a 2 s deadline: each 256-token request takes ~0.13 s, but the default window
+    # (16,384 tokens, ~8 s of queue) would make the requests at its tail outlive their deadline. The window
+    # is held to what the server computes in half the deadline, so nothing times out (this server is the
+    # only one: a timeout would mark it down and recompute its queue).
+    [server] = start_servers(tmp_path, [("slow", syn(500))])
+    cfg = targets(server.endpoint, request_timeout_s=2.0, request_tokens=256, hedge_after_s=0, max_inflight_tokens=65536,
+                  max_endpoint_inflight_tokens=16384, max_buffered_tokens=131072)   # the trainer's windows
+    check, summary = run_stream(cfg, make_samples(160, seed=8, min_len=64, max_len=96), [server])
+    assert check.count == 160 and not check.drops
+    assert summary["requests"].get("deadline_exceeded", 0) == 0, summary["requests"]
+    assert summary["endpoints"][server.endpoint]["samples"] == 160
+
+
 def test_server_slower_than_the_deadline_is_failed_over(tmp_path):
     # 20 ms per token: every request to the slow server (>= 64 tokens) outlives its 1 s deadline.
     servers = start_servers(tmp_path, [("fast", syn(50)), ("stuck", syn(20000))])

@@ -91,3 +91,18 @@ def test_endpoint_counts_idle_time_between_requests_only():
     e.carry(5, NOW + 4)              # 3 s with nothing in flight
     e.carry(5, NOW + 6)              # still busy: nothing added
     assert e.idle_total_s == 3.0
+
+
+def test_window_holds_no_more_than_half_a_deadline_of_work():
+    # unmeasured: the configured window; 1 ms per token and a 4 s deadline: 2,000 tokens
+    assert b.deadline_window(16384, None, 4.0) == 16384
+    assert b.deadline_window(16384, 1e-3, 4.0) == 2000
+    assert b.deadline_window(1000, 1e-3, 4.0) == 1000            # the configured bound still holds
+    assert b.deadline_window(16384, 10.0, 4.0) == 1               # slower than the deadline: one sample at a time
+    e = ep("slow", window=1500, spt=1e-3)
+    for _ in range(5):                                            # answers grow the window only up to the cap ...
+        e.request_ok(1000, b.deadline_window(16384, e.sec_per_token, 4.0))
+    assert e.window_tokens == 2000
+    e.sec_per_token = 4e-3                                        # ... and a server found slower shrinks it
+    e.request_ok(1000, b.deadline_window(16384, e.sec_per_token, 4.0))
+    assert e.window_tokens == 500
