@@ -180,18 +180,25 @@ def test_batch_invariant_flag_makes_features_independent_of_batch_mates(llama_h2
         def feats(c, batch, **kw):
             return {f.sample_id: f for f in c.features(list(range(len(batch))), batch, **kw)}[0]
 
-        # Without the flag, X packed with batch-mates differs from X alone by float error: the
-        # equalities below are a property of the flag, not of this model.
-        ref = feats(plain, [X])
-        mixed = feats(plain, [X, MATES[0]])
-        torch.testing.assert_close(mixed.aux_T3H, ref.aux_T3H, rtol=0, atol=1e-4)
-        assert not torch.equal(mixed.aux_T3H, ref.aux_T3H)
-        assert torch.equal(feats(inv, [X]).aux_T3H, ref.aux_T3H)  # one sample per pass = the lone pass
+        # Without the flag, x packed with batch-mates differs from x alone by float error: the
+        # equalities below are a property of the flag, not of this model. Which lengths show it
+        # depends on the CPU's GEMM kernels (12 rows on an AMX Xeon; on an AVX2 EPYC 12 rows packed
+        # or alone round alike and only 1-3 rows take another kernel), so the first that does is used.
+        for x in (X, X[:3], X[:1]):
+            ref = feats(plain, [x])
+            mixed = feats(plain, [x, MATES[0]])
+            torch.testing.assert_close(mixed.aux_T3H, ref.aux_T3H, rtol=0, atol=1e-4)
+            if not torch.equal(mixed.aux_T3H, ref.aux_T3H):
+                break
+        else:
+            pytest.fail("on this CPU a sample packed with batch-mates rounds exactly as alone at 12, 3 and 1 "
+                        "tokens: this test cannot show what --batch-invariant changes; find a length that differs")
+        assert torch.equal(feats(inv, [x]).aux_T3H, ref.aux_T3H)  # one sample per pass = the lone pass
         for mates in ([MATES[0]], MATES, [MATES[1], MATES[2]]):
-            got = feats(inv, [X, *mates])
+            got = feats(inv, [x, *mates])
             assert torch.equal(got.aux_T3H, ref.aux_T3H) and torch.equal(got.teacher_TH, ref.teacher_TH)
-        ref_k = feats(inv, [X], teacher="topk", topk=8)
-        got_k = feats(inv, [X, *MATES], teacher="topk", topk=8)
+        ref_k = feats(inv, [x], teacher="topk", topk=8)
+        got_k = feats(inv, [x, *MATES], teacher="topk", topk=8)
         assert torch.equal(got_k.topk_ids_TK, ref_k.topk_ids_TK)
         assert torch.equal(got_k.topk_logprobs_TK, ref_k.topk_logprobs_TK)
     finally:
