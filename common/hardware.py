@@ -1,8 +1,8 @@
 """Which dtype this machine computes fast: the one place that turns a dtype of `auto` into bf16 or fp32.
 
 Why it matters on CPUs: without native bf16 dot products (AVX512-BF16 or AMX) torch computes a bf16
-matmul through conversions. On a 2-core AVX2 EPYC, SmolLM2-135M ran a 2x512 feature batch 5.5x and batched
-greedy generation 3.9x slower in bf16 than in fp32 (benchmarks/results/target_dtype.md), while on an AMX
+matmul through conversions. On a 2-core AVX2 EPYC, SmolLM2-135M ran a 4x512 prefill 5.8x and batched
+greedy generation 4.9x slower in bf16 than in fp32 (docs/notes/issue-20.md, session 17), while on an AMX
 Xeon bf16 was the faster one. Target servers, answer regeneration, the trainer's draft and the evaluation
 all pick through `pick_dtype`, so `auto` means the same dtype everywhere in one run on one machine.
 """

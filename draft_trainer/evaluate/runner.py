@@ -115,8 +115,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
     the prompt-lookup decodes, so evaluating several drafts on the same target and prompts
     decodes those once (round 1; later rounds always re-time them beside the draft).
-    `dtype` ("fp32", "bf16", or "auto": common.hardware.pick_dtype) is the target's and the draft's
-    weights' (the EAGLE-3 drafter computes in fp32 from them, methods/eagle3/drafter.py). Both are checked token for token
+    `dtype` ("fp32", "bf16", or "auto": common.hardware.pick_dtype) is the target's and the draft's weights' (the EAGLE-3 drafter computes
+    in fp32 from them, methods/eagle3/drafter.py). Both are checked token for token
     against greedy in the same dtype; bf16 (the dtype bf16 training features were computed in) runs
     the target with row-wise attention (module doc), without which a K+1-token verification rounds
     differently from 1-token greedy steps and near-ties flip.
