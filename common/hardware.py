@@ -29,11 +29,11 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
+def pick_dtype(dtype: str, device: str | torch.device = "cpu", *, setting: str = "dtype") -> str:
     """`auto` -> "bf16" on a CUDA device with bf16 or a CPU with native bf16, else "fp32"; a named dtype
-    is returned as given (after a check that it is one)."""
+    is returned as given, after a check that it is one (the error names `setting`, e.g. "--dtype")."""
     if dtype not in DTYPE_CHOICES:
-        raise ConfigError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)} "
+        raise ConfigError(f"{setting} {dtype!r}: use one of {', '.join(DTYPE_CHOICES)} "
                           "(auto: bf16 where the device computes it natively, else fp32)")
     if dtype != "auto":
         return dtype

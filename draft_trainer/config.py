@@ -7,7 +7,7 @@ from typing import Literal
 
 from common.errors import ConfigError, SchemaError
 from common.features import FeatureSpec
-from common.hardware import DTYPE_CHOICES
+from common.hardware import pick_dtype
 
 
 @dataclass
@@ -177,9 +177,7 @@ class TrainConfig:
         elif not self.targets.endpoints and not self.targets.embedded_model:
             raise ConfigError("give targets.endpoints (running target servers) or targets.embedded_model "
                               "(a model directory to serve from a local embedded server)")
-        if self.targets.embedded_dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"targets.embedded_dtype {self.targets.embedded_dtype!r}: use one of "
-                              f"{', '.join(DTYPE_CHOICES)} (auto: bf16 where the CPU computes it natively, else fp32)")
+        pick_dtype(self.targets.embedded_dtype, setting="targets.embedded_dtype")   # refuses a bad name
         if self.batch_size <= 0 or self.max_steps <= 0 or self.model.ttt_steps <= 0 or self.grad_accum <= 0:
             raise ConfigError("batch_size, grad_accum, max_steps and model.ttt_steps must be > 0")
         if self.batch_size % self.grad_accum:

@@ -16,6 +16,7 @@ import threading
 
 from common.config import load_config
 from common.errors import SpecRelayError
+from common.hardware import DTYPE_CHOICES
 from common.memory import describe_allocator, tune_malloc
 from target_server.backends.registry import BACKENDS
 from target_server.server import CLOSE_TIMEOUT_S, ServerConfig, TargetServer
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default=d.backend, choices=list(BACKENDS),
                    help="hf: transformers (CPU or one GPU); sglang: SGLang's model runner; synthetic: test features")
     m.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
-    m.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp16", "fp32"],
+    m.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
                    help="model compute dtype, also the wire dtype of hidden states (auto: bf16 on a GPU or CPU "
                         "that computes it natively, i.e. CUDA with bf16, AVX512-BF16 or AMX; else fp32)")
     m.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks (sglang backend; one GPU each)")

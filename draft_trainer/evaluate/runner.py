@@ -115,11 +115,11 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
     the prompt-lookup decodes, so evaluating several drafts on the same target and prompts
     decodes those once (round 1; later rounds always re-time them beside the draft).
-    `dtype` ("fp32", "bf16", or "auto": common.hardware.pick_dtype) is the target's and the draft's weights' (the EAGLE-3 drafter computes
-    in fp32 from them, methods/eagle3/drafter.py). Both are checked token for token
-    against greedy in the same dtype; bf16 (the dtype bf16 training features were computed in) runs
-    the target with row-wise attention (module doc), without which a K+1-token verification rounds
-    differently from 1-token greedy steps and near-ties flip.
+    `dtype` ("fp32", "bf16", or "auto": common.hardware.pick_dtype) is the target's and the draft's
+    weights' (the EAGLE-3 drafter computes in fp32 from them, methods/eagle3/drafter.py). Both are
+    checked token for token against greedy in the same dtype; bf16 (the dtype bf16 training features
+    were computed in) runs the target with row-wise attention (module doc), without which a
+    K+1-token verification rounds differently from 1-token greedy steps and near-ties flip.
     `also_k` runs the same draft at other chain lengths beside it (`by_k`: tau and speed per K): a
     round costs a K+1-token verification, so the K that is fastest on a machine can be shorter than
     the K the draft was trained and is scored at.

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 
 from common.contract import TEACHER_HIDDEN, TEACHER_TOPK, ModelInfo, tokenizer_fingerprint
-from common.errors import AssetError, ConfigError
+from common.errors import AssetError
 from common.features import FEATURE_SCHEMA_VERSION, wire_dtype_name
 from common.hardware import pick_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_TOPK = 64
 
 
@@ -32,11 +31,7 @@ def check_model_dir(model_path: str | Path) -> Path:
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
     """--dtype as a torch dtype; `auto` is bf16 where `device` computes it natively, else fp32."""
-    if dtype == "auto":
-        dtype = pick_dtype(dtype, device)
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: use one of auto, bf16, fp16, fp32")
-    return DTYPES[dtype]
+    return DTYPES[pick_dtype(dtype, device, setting="--dtype")]
 
 
 def hf_model_info(cfg, tokenizer, *, backend: str, model_name: str, num_layers: int, hidden_size: int,
