@@ -346,7 +346,8 @@ class Trainer:
         return path
 
     def _summary(self, stream, last: StepStats | None, ckpt: Path, wall: float, stopped: str = "") -> dict:
-        mine = counters_record(self.counters, self.cursor)
+        # wall_s: every rank's own clock; the summary takes the latest, the agreed clock that ended the run
+        mine = {**counters_record(self.counters, self.cursor), "wall_s": wall}
         gathered = [mine]
         if self.dist.distributed:
             import torch.distributed as dist
@@ -358,7 +359,7 @@ class Trainer:
                    "samples_heldout": len(s.eval_indices)}
         return self.reporter.summary(gathered, steps=self.step, world_size=self.dist.world_size, samples=samples,
                                      last=last, last_loss=getattr(self, "last_loss", None), best=self.evaluator.best,
-                                     ckpt=ckpt, wall=wall,
+                                     ckpt=ckpt, wall=max(c["wall_s"] for c in gathered),
                                      resumed_from=self.cfg.resume_from, stopped=stopped, pool=stream.summary())
 
 
