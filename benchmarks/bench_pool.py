@@ -1,7 +1,7 @@
 """Target-pool benchmarks: does the pool scale with servers, and does prefetch hide target compute?
 
     python -m benchmarks.bench_pool            # full run (a few minutes)
-    python -m benchmarks.bench_pool --smoke    # seconds; exercised by tests/integration/test_bench_pool.py
+    python -m benchmarks.bench_pool --smoke    # seconds; exercised by tests/integration/test_bench_suite.py
 
 Writes benchmarks/results/pool.json and pool.md (or --out DIR).
 
