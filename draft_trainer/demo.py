@@ -8,7 +8,9 @@ Stages, each printed as it starts (the trainer and the evaluation show progress 
   2. data     prepare-data: a subset of ShareGPT, with the first --eval-prompts usable chats held out
               (their first user turn becomes an evaluation prompt; nothing from them is trained on);
               then on-policy: the first user turn of --regen-conversations chats answered again by the
-              target (batched generation on two local servers; cached, so later runs pay nothing)
+              target (batched generation on two local servers; as many of them as this machine answers
+              in about --regen-minutes: a third first, then more if the measured speed fits them;
+              cached, so later runs pay nothing)
               and tokenized: the draft learns what the target writes, which is what it must predict
               (--regen-conversations 0 trains on ShareGPT's own answers instead)
   3. train    an embedded target server on 127.0.0.1 streams features to the trainer for
@@ -57,14 +59,15 @@ from draft_trainer.config import TrainConfig
 from draft_trainer.data.prepare import HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
 from draft_trainer.eval import evaluate
 from draft_trainer.export import export_sglang
-from draft_trainer.onpolicy import OnPolicyConfig, prepare_on_policy
+from draft_trainer.onpolicy import OnPolicyConfig, prepare_on_policy_within
 from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.loop import Trainer
 
 log = logging.getLogger("draft_trainer.demo")
 RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
-REGEN_CONVERSATIONS = 1500     # on-policy answers: ~7 min of regeneration on 2 cores, cached after; 500 were data-bound
-                              # once jemalloc trained 1.34x the tokens (docs/demo.md, session 14: tau 1.68 vs 1.59-1.61)
+REGEN_CONVERSATIONS = 1500     # on-policy answers at most: ~5 min of regeneration on an AMX box, cached after; 500 were
+                              # data-bound once jemalloc trained 1.34x the tokens (docs/demo.md, session 14: tau 1.68 vs 1.59-1.61)
+REGEN_MINUTES = 8.0           # ... as many of them as fit here: on a CPU without native bf16 1,500 took 23 min (500: ~8)
 ALSO_K = (2,)                 # the trained draft is also timed at these chain lengths (report: the K to serve with here)
 # ... and as these KxW trees (eval --also-tree: K chain tokens, each with W - 1 alternatives): 2x2 was
 # the fastest of 1x4..3x3 for both the 20-minute and the 1-hour draft (benchmarks/results/eval_tree_*)
@@ -112,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="runs/demo", help="everything the demo writes goes here")
     p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
     p.add_argument("--samples", type=int, default=4000, help="ShareGPT records read")
-    p.add_argument("--regen-conversations", type=int, default=REGEN_CONVERSATIONS,
-                   help="ShareGPT first turns answered by the target for training (0: train on ShareGPT's answers)")
+    p.add_argument("--regen-conversations", type=int, default=None,
+                   help=f"ShareGPT first turns answered by the target for training, all of them (0: train on "
+                        f"ShareGPT's answers); default: up to {REGEN_CONVERSATIONS}, as many as --regen-minutes allows")
+    p.add_argument("--regen-minutes", type=float, default=None,
+                   help="answer a third of the conversations, then two thirds or all of them where this machine's "
+                        f"measured speed fits them in about this many minutes (0: all; default {REGEN_MINUTES:g} "
+                        "without --regen-conversations, else 0); later runs decide from the cache")
     p.add_argument("--regen-max-new-tokens", type=int, default=REGEN_MAX_NEW_TOKENS,
                    help="tokens per regenerated answer at most")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out ShareGPT prompts evaluated")
@@ -133,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue the training run that a stopped demo left in --output (same arguments), "
                         "counting the training time it already spent against --budget-min")
     args = p.parse_args(argv)
+    if args.regen_minutes is None:   # a count the user asks for is answered in full
+        args.regen_minutes = REGEN_MINUTES if args.regen_conversations is None else 0.0
+    if args.regen_conversations is None:
+        args.regen_conversations = REGEN_CONVERSATIONS
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("draft_trainer").setLevel("INFO")
     out = Path(args.output)
@@ -177,15 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     target_dtype = pick_dtype(load_config(TrainConfig, RECIPE, list(args.set)).targets.embedded_dtype)
     print(f"target dtype: {target_dtype} ({'native bf16' if cpu_has_bf16() else 'no native bf16'} on this CPU)")
     if regen:
-        op = prepare_on_policy(prep, OnPolicyConfig(
+        op = prepare_on_policy_within(prep, OnPolicyConfig(
             conversations=regen, max_new_tokens=min(args.regen_max_new_tokens, 16) if args.tiny else
-            args.regen_max_new_tokens, dtype=target_dtype, servers=2, threads=1))
-        data_path, prompts = op.path, op.heldout_prompts
+            args.regen_max_new_tokens, dtype=target_dtype, servers=2, threads=1),
+            0 if args.tiny else args.regen_minutes * 60)
+        data_path, prompts, args.regen_conversations = op.path, op.heldout_prompts, op.conversations
         if op.report:
-            print(f"on-policy answers: {op.report['written']} regenerated, {op.report['tokens_per_s']:.0f} "
-                  f"generated tokens/s, {op.report['wall_s'] / 60:.1f} min (cached in {op.answers})")
+            print(f"on-policy answers: {op.conversations} ({op.report['written']} regenerated now, "
+                  f"{op.report['tokens_per_s']:.0f} generated tokens/s, {op.report['wall_s'] / 60:.1f} min; "
+                  f"cached in {op.answers})")
         else:
-            print(f"on-policy answers: cached in {op.answers}")
+            print(f"on-policy answers: {op.conversations}, cached in {op.answers}")
     else:
         res = prepare_data(prep)
         print(res.stats.format())

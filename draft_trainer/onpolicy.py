@@ -37,6 +37,7 @@ from draft_trainer.data.dataset import META_FILE
 from draft_trainer.data.prepare import CONVERSATIONS_FILE, HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
 
 log = logging.getLogger(__name__)
+SPEED_FILE = "regenerated.speed.json"
 
 
 @dataclass
@@ -68,6 +69,7 @@ class OnPolicyResult:
     human: object               # PrepareResult of the human split
     answers: Path               # the regenerated conversations (JSONL, the cache)
     report: dict                # regenerate's report ({} when everything was cached)
+    conversations: int = 0      # how many were asked for (prepare_on_policy_within picks it)
 
 
 def first_turns(conversations: Path, n: int, out: Path, first_turn_only: bool = True) -> int:
@@ -121,12 +123,56 @@ def prepare_on_policy(prep: PrepareConfig, cfg: OnPolicyConfig) -> OnPolicyResul
                                    system_prompt=prep.system_prompt), progress=False)
     _seed_from_smaller(cache, work, human.cache_key, cfg, answers)
     report = _regenerate(prep.model, work, answers, cfg)
+    if report.get("written"):   # how fast this machine answered (prepare_on_policy_within sizes from it)
+        atomic_write_json(work / SPEED_FILE, {k: report[k] for k in ("written", "wall_s", "tokens_generated",
+                                                                     "tokens_per_s")})
     res = prepare_data(replace(prep, inputs=[str(answers)], output=str(out / "onpolicy"), holdout=0, max_samples=0))
     held = human.path / HELDOUT_PROMPTS_FILE
     if held.is_file():
         shutil.copyfile(held, res.path / HELDOUT_PROMPTS_FILE)
     return OnPolicyResult(path=res.path, heldout_prompts=res.path / HELDOUT_PROMPTS_FILE, human=human,
-                          answers=answers, report=report)
+                          answers=answers, report=report, conversations=cfg.conversations)
+
+
+def prepare_on_policy_within(prep: PrepareConfig, cfg: OnPolicyConfig, budget_s: float) -> OnPolicyResult:
+    """`prepare_on_policy` with at most `cfg.conversations` answers: as many as this machine regenerates in
+    about `budget_s` seconds (<= 0: all of them).
+
+    A third of them first; then two thirds or all of them, the largest whose time at the speed measured
+    on the first third fits the budget (only the new ones are generated: they start from the first
+    third's answers). The speed is stored with the answers, so a later run with the same budget makes
+    the same choice from the cache and generates nothing. Why: on a CPU without native bf16 the target
+    regenerated 3.4x slower (115 vs 393 tokens/s; docs/notes/issue-20.md, sessions 14 and 18): 1,500
+    answers took 23 minutes, and the embedded server then computed their features too slowly for the
+    20-minute training to finish one epoch."""
+    if budget_s <= 0 or cfg.conversations < 3:
+        return prepare_on_policy(prep, cfg)
+    sizes = sorted({cfg.conversations * k // 3 for k in (1, 2, 3)})
+    first = prepare_on_policy(prep, replace(cfg, conversations=sizes[0]))
+    speed = _stored_speed(first.answers)
+    n = max([sizes[0]] + [k for k in sizes[1:] if speed is not None and k * speed <= budget_s])
+    log.info("on-policy answers: %s s each when the first %d were regenerated; %d fit the %.1f-minute budget",
+             "?" if speed is None else f"{speed:.2f}", sizes[0], n, budget_s / 60)
+    if n == sizes[0]:
+        return first
+    more = prepare_on_policy(prep, replace(cfg, conversations=n))
+    if first.report and more.report:   # one report for both runs of regenerate
+        a, b = first.report, more.report
+        tokens, wall = a["tokens_generated"] + b["tokens_generated"], a["wall_s"] + b["wall_s"]
+        more.report = {**b, "written": a["written"] + b["written"], "tokens_generated": tokens, "wall_s": wall,
+                       "tokens_per_s": round(tokens / max(wall, 1e-6), 1)}
+    elif first.report:
+        more.report = first.report
+    return more
+
+
+def _stored_speed(answers: Path) -> float | None:
+    """Seconds per answer when `answers` were regenerated (None: cached by a version that did not store it)."""
+    path = answers.with_name(SPEED_FILE)
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text(encoding="utf-8"))
+    return r["wall_s"] / max(r["written"], 1)
 
 
 def _seed_from_smaller(cache: Path, work: Path, human_key: str, cfg: OnPolicyConfig, answers: Path) -> int:

@@ -23,7 +23,7 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     assert len(held) == 4 and held == (out / "data" / "human" / "heldout_prompts.jsonl").read_text().splitlines()
     # Trained on the target's answers: 24 first turns answered again (cached for the next run).
     [answers] = list((tmp_path / "cache" / "onpolicy").glob("*/regenerated.jsonl"))
-    assert len(answers.read_text().strip().split("\n")) == 24 and "on-policy answers: 24 regenerated" in res.stdout
+    assert len(answers.read_text().strip().split("\n")) == 24 and "on-policy answers: 24 (24 regenerated now" in res.stdout
     curve = json.loads((out / "tau_curve.json").read_text())
     # step 0 (untrained), intermediate checkpoint(s) every budget/2 seconds, the final one.
     assert len(curve) >= 3 and curve[0]["step"] == 0 and curve[0]["train_tokens"] == 0

@@ -77,3 +77,36 @@ def test_prepare_data_regenerate_is_on_policy_cached_and_keeps_heldout_apart(tin
         ids = tok.apply_chat_template([user], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=NEW, do_sample=False)
         assert answer["content"] == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_answers_within_a_budget_grow_only_as_far_as_the_measured_speed_allows(tiny_llama, tmp_path):
+    """The demo's sizing (prepare_on_policy_within): a third of the answers first; with time to spare, all of
+    them (only the new ones generated); later runs decide from the speed stored with the cached answers:
+    the same budget takes all of them from the cache, a budget they would not fit in keeps the third."""
+    from draft_trainer.data.prepare import PrepareConfig
+    from draft_trainer.onpolicy import SPEED_FILE, OnPolicyConfig, prepare_on_policy_within
+
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in tiny_conversations(40, seed=5)))
+
+    def prep(name):
+        return PrepareConfig(model=str(tiny_llama), inputs=[str(src)], output=str(tmp_path / name), max_length=256,
+                             draft_vocab_size=64, holdout=2, workers=1)
+
+    cfg = OnPolicyConfig(conversations=9, max_new_tokens=NEW, dtype="fp32", cache_dir=str(tmp_path / "cache"),
+                         progress=False)
+    roomy = prepare_on_policy_within(prep("a"), cfg, budget_s=3600)
+    assert roomy.conversations == 9 and len(_lines(roomy.answers)) == 9
+    assert roomy.report["written"] == 9      # 3, then the 6 new ones: none generated twice
+    dirs = {len(_lines(p)): p.parent for p in (tmp_path / "cache").glob("*/regenerated.jsonl")}
+    assert sorted(dirs) == [3, 9]
+    speed = json.loads((dirs[3] / SPEED_FILE).read_text())
+    assert speed["written"] == 3 and speed["wall_s"] > 0
+
+    again = prepare_on_policy_within(prep("b"), cfg, budget_s=3600)
+    assert again.conversations == 9 and again.report == {} and _lines(again.answers) == _lines(roomy.answers)
+
+    # a budget a little under 6 answers' time at the stored speed: neither 6 nor 9 fit, the first third
+    tight = prepare_on_policy_within(prep("c"), cfg, budget_s=0.9 * 6 * speed["wall_s"] / 3)
+    assert tight.conversations == 3 and tight.report == {} and len(_lines(tight.answers)) == 3
+    assert len(_lines(tmp_path / "c" / "onpolicy" / "conversations.jsonl")) == 3
