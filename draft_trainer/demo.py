@@ -65,9 +65,12 @@ from draft_trainer.train.loop import Trainer
 
 log = logging.getLogger("draft_trainer.demo")
 RECIPE = Path(__file__).resolve().parent / "configs" / "smollm2_cpu.yaml"
-REGEN_CONVERSATIONS = 1500     # on-policy answers at most: ~5 min of regeneration on an AMX box, cached after; 500 were
-                              # data-bound once jemalloc trained 1.34x the tokens (docs/demo.md, session 14: tau 1.68 vs 1.59-1.61)
-REGEN_MINUTES = 8.0           # ... as many of them as fit here: on a CPU without native bf16 1,500 took 23 min (500: ~8)
+# On-policy answers, at most: ~5 min of regeneration on an AMX box, cached after; 500 were data-bound there once
+# jemalloc trained 1.34x the tokens (docs/demo.md, session 14: tau 1.68 vs 1.59-1.61) ...
+REGEN_CONVERSATIONS = 1500
+# ... as many of them as this machine answers in these minutes: on a CPU without native bf16, 1,500 took 23 min
+# and 500 took 8 (docs/demo.md, session 18)
+REGEN_MINUTES = 8.0
 ALSO_K = (2,)                 # the trained draft is also timed at these chain lengths (report: the K to serve with here)
 # ... and as these KxW trees (eval --also-tree: K chain tokens, each with W - 1 alternatives): 2x2 was
 # the fastest of 1x4..3x3 for both the 20-minute and the 1-hour draft (benchmarks/results/eval_tree_*)

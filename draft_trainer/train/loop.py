@@ -339,7 +339,9 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """Collective (every rank): model + optimizer (DCP), RNG, cursors, vocab, contract."""
-        spent = time.perf_counter() - self._t_start if self._t_start is not None else self.spent_s
+        # the agreed clock (the latest rank's), which stopped the run: a resume must find the budget spent as
+        # the run that stopped on it did (rank 0's own clock can be behind it)
+        spent = self._agreed_clock(self._t_start)[1] if self._t_start is not None else self.spent_s
         path = save_run_checkpoint(self.cfg, self.run_, self.dist, step, self.cursor, self.counters, self.evaluator.best,
                                    spent)
         self.metrics.checkpoints.inc()
