@@ -31,6 +31,8 @@ class TargetsConfig:
     embedded_model: str = ""         # model directory for the embedded local server (HF backend)
     embedded_dtype: str = "fp32"     # dtype of the embedded server's target model (as target-server --dtype; auto too)
     embedded_threads: int = 0        # torch threads of the embedded server (OMP_NUM_THREADS); 0 = torch's default
+    embedded_servers: int = 1        # how many embedded servers (each with embedded_threads): single-threaded
+                                     # processes share cores by time slices, where one wider server's OpenMP stalls
     teacher: Literal["hidden", "topk"] = "hidden"  # the teacher signal (methods that read one): final hidden or top-k
     topk: int = 0                    # for teacher=topk
     wire_dtypes: str = ""            # per-tensor wire dtypes, e.g. "aux=float8_e4m3,teacher=float8_e4m3": e4m3 + per-token scale, half of bf16's bytes, decoded to the served dtype; empty = as served
@@ -194,7 +196,7 @@ class TrainConfig:
             raise ConfigError(f"targets.wire_dtypes={self.targets.wire_dtypes!r}: {e}") from None
         t = self.targets
         for name in ("request_tokens", "max_inflight_tokens", "max_endpoint_inflight_tokens", "max_buffered_tokens",
-                     "max_attempts"):
+                     "max_attempts", "embedded_servers"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"targets.{name} must be > 0, got {getattr(t, name)}")
         for name in ("refresh_interval_s", "unavailable_timeout_s", "request_timeout_s", "startup_timeout_s",

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve both ports over TLS")
     n.add_argument("--tls-key", default=d.tls_key, help="PEM private key for --tls-cert")
     n.add_argument("--ready-file", default=d.ready_file, help="write ports + pid as JSON here once serving")
+    n.add_argument("--parent-pid", type=int, default=d.parent_pid,
+                   help="exit (without a drain: no one is left to read it) once this process is gone; a supervisor "
+                        "passes its own pid so that a kill -9 of it leaves no server behind (0 = off)")
     c = s.add_argument_group("scheduling")
     c.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per forward pass")
     c.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not server.wait(timeout=1.0):
-        pass
+        if cfg.parent_pid and os.getppid() != cfg.parent_pid:   # reparented: the supervisor is gone
+            log.warning("parent process %d is gone: exiting (no one is left to read a drain)", cfg.parent_pid)
+            _exit(1)
     _exit(0 if server.drained_cleanly else 1)
     return 0  # not reached
 

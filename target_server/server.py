@@ -69,6 +69,7 @@ class ServerConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key, both planes speak TLS
     tls_key: str = ""
     ready_file: str = ""  # written (JSON: ports, pid) once serving; for supervisors and tests
+    parent_pid: int = 0   # exit when this process is gone: a supervisor killed with -9 leaves no server behind
     # the synthetic backend's section
     synthetic_hidden_size: int = 64
     synthetic_num_layers: int = 8

@@ -41,7 +41,7 @@ class LocalServer:
     def start(self) -> "LocalServer":
         ready = self.dir / f"ready-{os.getpid()}-{id(self)}.json"
         cmd = [sys.executable, "-m", "target_server", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-               "--flight-port", "0", "--ready-file", str(ready), *self.args]
+               "--flight-port", "0", "--ready-file", str(ready), "--parent-pid", str(os.getpid()), *self.args]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         if self.threads > 0:  # the server shares the cores with the trainer: split them instead of oversubscribing

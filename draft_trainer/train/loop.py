@@ -173,7 +173,7 @@ class Trainer:
         except TargetUnavailableError as e:
             # Stop with a valid checkpoint at the last trained step; its cursor says what to fetch again.
             ckpt = self.save_checkpoint(self.step)
-            self._summary(stream, None, ckpt, time.perf_counter() - t_start, stopped=str(e))
+            self._summary(stream, None, ckpt, stopped=str(e))
             raise TargetUnavailableError(f"{e}\nTraining stopped at step {self.step}; checkpoint {ckpt} "
                                          f"(cursor {self.cursor}). Resume with resume_from=auto") from None
         finally:
@@ -181,7 +181,7 @@ class Trainer:
             stream.close()
         best = bool(cfg.eval.holdout) and stopped != "signal" and self._run_eval()
         ckpt = self._checkpoint(best=best)
-        summary = self._summary(stream, last, ckpt, time.perf_counter() - t_start, stopped=stopped)
+        summary = self._summary(stream, last, ckpt, stopped=stopped)
         if self.dist.is_main:
             from draft_trainer.train.plots import plot_run
 
@@ -347,9 +347,10 @@ class Trainer:
         self.metrics.checkpoints.inc()
         return path
 
-    def _summary(self, stream, last: StepStats | None, ckpt: Path, wall: float, stopped: str = "") -> dict:
-        # wall_s: every rank's own clock; the summary takes the latest, the agreed clock that ended the run
-        mine = {**counters_record(self.counters, self.cursor), "wall_s": wall}
+    def _summary(self, stream, last: StepStats | None, ckpt: Path, stopped: str = "") -> dict:
+        """Collective (every rank). wall_s is the agreed clock that ended the run, as the checkpoint's train_s."""
+        wall = self._agreed_clock(self._t_start)[1]
+        mine = counters_record(self.counters, self.cursor)
         gathered = [mine]
         if self.dist.distributed:
             import torch.distributed as dist
@@ -361,7 +362,7 @@ class Trainer:
                    "samples_heldout": len(s.eval_indices)}
         return self.reporter.summary(gathered, steps=self.step, world_size=self.dist.world_size, samples=samples,
                                      last=last, last_loss=getattr(self, "last_loss", None), best=self.evaluator.best,
-                                     ckpt=ckpt, wall=max(c["wall_s"] for c in gathered),
+                                     ckpt=ckpt, wall=wall,
                                      resumed_from=self.cfg.resume_from, stopped=stopped, pool=stream.summary())
 
 

@@ -185,14 +185,18 @@ def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, ou
 
     endpoint = cfg.targets.endpoints
     if not endpoint:
-        # The embedded default: rank 0 starts one local server; every rank uses it.
+        # The embedded default: rank 0 starts the local servers (targets.embedded_servers); every rank uses them.
         if dist.is_main:
             t = cfg.targets
-            server = LocalServer(["--model", t.embedded_model, "--backend", "hf", "--dtype", t.embedded_dtype],
-                                 log_path=out / "embedded_server.log", threads=t.embedded_threads,
-                                 startup_timeout_s=t.startup_timeout_s)
-            endpoint = stack.enter_context(server).endpoint
-            log.info("embedded target server at %s", endpoint)
+            endpoints = []
+            for i in range(t.embedded_servers):
+                name = "embedded_server.log" if i == 0 else f"embedded_server_{i}.log"
+                server = LocalServer(["--model", t.embedded_model, "--backend", "hf", "--dtype", t.embedded_dtype],
+                                     log_path=out / name, threads=t.embedded_threads,
+                                     startup_timeout_s=t.startup_timeout_s)
+                endpoints.append(stack.enter_context(server).endpoint)
+            endpoint = ",".join(endpoints)
+            log.info("embedded target server%s at %s", "s" if len(endpoints) > 1 else "", endpoint)
         if dist.distributed:
             import torch.distributed as tdist
 

@@ -1,9 +1,14 @@
 """Operating the server: /metrics scraped over HTTP, graceful drain on SIGTERM (health
-NOT_SERVING, new work refused, in-flight work finished, bounded exit), loopback by default."""
+NOT_SERVING, new work refused, in-flight work finished, bounded exit), loopback by default, and no
+server left behind by a supervisor killed with -9."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +24,7 @@ from draft_trainer.client.target import TargetClient
 from target_server.backends.synthetic import SyntheticBackend
 from target_server.cli import build_parser
 from target_server.server import is_loopback
-from tests.support.procs import start_server
+from tests.support.procs import env_with_repo, start_server
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -131,6 +136,41 @@ def test_drain_is_bounded_when_a_client_stops_reading(tmp_path):
     finally:
         fc.close()
         srv.stop(signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status waits for whatever reaps it: not every container's pid 1)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_local_server_exits_when_its_supervisor_is_killed(tmp_path):
+    # The supervisor (a trainer with its embedded server, in miniature) starts a server through LocalServer, says
+    # the server's pid, then waits; kill -9 cannot be caught, so only the server's own check can end it.
+    code = ("import json, sys, time\n"
+            "from draft_trainer.client.local_server import LocalServer\n"
+            f"srv = LocalServer(['--backend', 'synthetic'], workdir={str(tmp_path)!r}).start()\n"
+            "print(json.dumps(srv.ready), flush=True)\n"
+            "time.sleep(600)\n")
+    sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env_with_repo())
+    try:
+        server_pid = int(json.loads(sup.stdout.readline())["pid"])
+        assert _running(server_pid)                 # serving, while its supervisor lives
+        sup.kill()
+        sup.wait(timeout=10)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and _running(server_pid):
+            time.sleep(0.2)
+        if _running(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+            pytest.fail(f"server {server_pid} still running 20 s after its supervisor was killed")
+        log = (tmp_path / "server.log").read_text()
+        assert f"parent process {sup.pid} is gone: exiting" in log, log[-2000:]
+    finally:
+        sup.kill()
 
 
 def test_default_bind_is_loopback():
