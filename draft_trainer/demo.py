@@ -13,10 +13,10 @@ Stages, each printed as it starts (the trainer and the evaluation show progress 
               cached, so later runs pay nothing)
               and tokenized: the draft learns what the target writes, which is what it must predict
               (--regen-conversations 0 trains on ShareGPT's own answers instead)
-  3. train    an embedded target server on 127.0.0.1 streams features to the trainer for
-              --budget-min minutes; the learning-rate schedule runs over that budget. The features
-              are cached as they arrive (train/features) and later epochs read them back, with the
-              trainer on both cores while the server idles
+  3. train    two single-threaded embedded target servers on 127.0.0.1 stream features to the
+              trainer for --budget-min minutes; the learning-rate schedule runs over that budget. The
+              features are cached as they arrive (train/features) and later epochs read them back, with
+              the trainer on both cores while the servers idle
   4. export   the SGLang-format draft (config.json + model.safetensors)
   5. eval     real greedy chain speculative decoding (K=--num-steps) on the held-out prompts,
               trained draft vs the untrained one (step 0), checked token-for-token against
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. train -------------------------------------------------------------------------------
     budget_s = 20.0 if args.tiny else args.budget_min * 60
-    t = _stage(3, "train", f"embedded target server + {args.method or 'EAGLE-3.1'} trainer for {budget_s / 60:.1f} min")
+    t = _stage(3, "train", f"embedded target servers + {args.method or 'EAGLE-3.1'} trainer for {budget_s / 60:.1f} min")
     train_dir = out / "train"
     # a re-run must not mix in the last run's checkpoints; a resumed one keeps them (and the feature cache)
     for stale in ([] if args.resume else [train_dir]) + [out / "drafts", out / "eval"]:
