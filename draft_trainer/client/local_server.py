@@ -6,7 +6,8 @@ loopback ports), used by the trainer's embedded default, the tests and the bench
 
 It waits (bounded) for the server's ready file, which carries the ports it bound; a server that
 exits or never gets ready is an error that points at its log. `stop` sends SIGTERM (the server
-drains) and kills it after a timeout.
+drains) and kills it after a timeout. The server gets this process's pid (`--parent-pid`) and exits
+if this process dies without stopping it (kill -9): no orphan keeps its ports and memory.
 """
 
 from __future__ import annotations
