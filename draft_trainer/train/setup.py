@@ -180,7 +180,7 @@ def check_resume_model(run: Run, path: Path) -> None:
 def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, out: Path, resume: Path | None,
                metrics, stop=None):
     from draft_trainer.client.discovery import EndpointSource
-    from draft_trainer.client.local_server import LocalServer
+    from draft_trainer.client.local_server import LocalServer, start_all
     from draft_trainer.client.pool import TargetPool
 
     endpoint = cfg.targets.endpoints
@@ -188,13 +188,13 @@ def start_pool(cfg: TrainConfig, dist: DistInfo, stack: contextlib.ExitStack, ou
         # The embedded default: rank 0 starts the local servers (targets.embedded_servers); every rank uses them.
         if dist.is_main:
             t = cfg.targets
-            endpoints = []
-            for i in range(t.embedded_servers):
-                name = "embedded_server.log" if i == 0 else f"embedded_server_{i}.log"
-                server = LocalServer(["--model", t.embedded_model, "--backend", "hf", "--dtype", t.embedded_dtype],
-                                     log_path=out / name, threads=t.embedded_threads,
-                                     startup_timeout_s=t.startup_timeout_s)
-                endpoints.append(stack.enter_context(server).endpoint)
+            servers = [LocalServer(["--model", t.embedded_model, "--backend", "hf", "--dtype", t.embedded_dtype],
+                                   log_path=out / ("embedded_server.log" if i == 0 else f"embedded_server_{i}.log"),
+                                   threads=t.embedded_threads, startup_timeout_s=t.startup_timeout_s)
+                       for i in range(t.embedded_servers)]
+            for server in start_all(servers):
+                stack.callback(server.stop)
+            endpoints = [server.endpoint for server in servers]
             endpoint = ",".join(endpoints)
             log.info("embedded target server%s at %s", "s" if len(endpoints) > 1 else "", endpoint)
         if dist.distributed:

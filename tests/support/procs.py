@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from draft_trainer.client.local_server import LocalServer
+from draft_trainer.client.local_server import LocalServer, start_all
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,18 +41,8 @@ def run_code(code: str, timeout: float = 120.0, **env: str) -> subprocess.Comple
 
 def start_servers(tmp_path: Path, specs: list[tuple[str, list[str]]], timeout: float = 120.0) -> list[LocalServer]:
     """Start several servers at once ([(name, args), ...]); all or none (the started ones are killed on error)."""
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(len(specs)) as ex:
-        futs = [ex.submit(start_server, tmp_path, *args, name=name, timeout=timeout) for name, args in specs]
-        concurrent.futures.wait(futs)
-    started = [f.result() for f in futs if f.exception() is None]
-    errors = [f.exception() for f in futs if f.exception() is not None]
-    if errors:
-        for s in started:
-            s.stop(signal.SIGKILL)
-        raise errors[0]
-    return [f.result() for f in futs]
+    return start_all([LocalServer(list(args), log_path=tmp_path / f"{name}.log", workdir=tmp_path,
+                                  startup_timeout_s=timeout) for name, args in specs])
 
 
 def listening_addresses(pid: int) -> set[str]:
