@@ -10,7 +10,7 @@ Stages, each printed as it starts (the trainer and the evaluation show progress 
               then on-policy: the first user turn of --regen-conversations chats answered again by the
               target (batched generation on two local servers; as many of them as this machine answers
               in about --regen-minutes: a third first, then more if the measured speed fits them;
-              cached, so later runs pay nothing)
+              250 where the target runs in fp32; cached, so later runs pay nothing)
               and tokenized: the draft learns what the target writes, which is what it must predict
               (--regen-conversations 0 trains on ShareGPT's own answers instead)
   3. train    two single-threaded embedded target servers on 127.0.0.1 stream features to the
@@ -71,6 +71,11 @@ REGEN_CONVERSATIONS = 1500
 # ... as many of them as this machine answers in these minutes: on a CPU without native bf16, 1,500 took 23 min
 # and 500 took 8 (docs/demo.md, session 18)
 REGEN_MINUTES = 8.0
+# Where the target runs in fp32 (a CPU without native bf16), all of this many instead: its two one-thread servers
+# feed the trainer ~240 tokens/s, so 250 answers are one epoch in ~7 minutes and the trainer replays them on both
+# cores for the rest. Two demos of each on an AVX2 EPYC (docs/demo.md, session 20): tau 1.60 / 1.60 against
+# 1.53 / 1.58 for the 500 that 8 minutes buy there, and a first run of 37.4 / 41.4 minutes against 41.3 / ~43.
+REGEN_CONVERSATIONS_FP32 = 250
 ALSO_K = (2,)                 # the trained draft is also timed at these chain lengths (report: the K to serve with here)
 # ... and as these KxW trees (eval --also-tree: K chain tokens, each with W - 1 alternatives): 2x2 was
 # the fastest of 1x4..3x3 for both the 20-minute and the 1-hour draft (benchmarks/results/eval_tree_*)
@@ -113,6 +118,16 @@ def train_config(args: argparse.Namespace, data_path: Path, model: Path, train_d
     return load_config(TrainConfig, RECIPE, overrides + list(args.set))   # the user's --set last: they win
 
 
+def regen_size(conversations: int | None, minutes: float | None, target_dtype: str) -> tuple[int, float]:
+    """(answers, minutes of regeneration they are sized to; 0: all): a count the user asks for is answered
+    in full; by default up to REGEN_CONVERSATIONS within REGEN_MINUTES, or REGEN_CONVERSATIONS_FP32 in fp32."""
+    if conversations is not None:
+        return conversations, minutes or 0.0
+    if target_dtype == "fp32":
+        return REGEN_CONVERSATIONS_FP32, minutes or 0.0
+    return REGEN_CONVERSATIONS, REGEN_MINUTES if minutes is None else minutes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/demo", help="everything the demo writes goes here")
@@ -120,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=4000, help="ShareGPT records read")
     p.add_argument("--regen-conversations", type=int, default=None,
                    help=f"ShareGPT first turns answered by the target for training, all of them (0: train on "
-                        f"ShareGPT's answers); default: up to {REGEN_CONVERSATIONS}, as many as --regen-minutes allows")
+                        f"ShareGPT's answers); default: up to {REGEN_CONVERSATIONS}, as many as --regen-minutes allows, "
+                        f"or {REGEN_CONVERSATIONS_FP32} where the target runs in fp32 (no native bf16)")
     p.add_argument("--regen-minutes", type=float, default=None,
                    help="answer a third of the conversations, then two thirds or all of them where this machine's "
                         f"measured speed fits them in about this many minutes (0: all; default {REGEN_MINUTES:g} "
-                        "without --regen-conversations, else 0); later runs decide from the cache")
+                        "without --regen-conversations on a target in bf16, else 0); later runs decide from the cache")
     p.add_argument("--regen-max-new-tokens", type=int, default=REGEN_MAX_NEW_TOKENS,
                    help="tokens per regenerated answer at most")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out ShareGPT prompts evaluated")
@@ -144,10 +160,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue the training run that a stopped demo left in --output (same arguments), "
                         "counting the training time it already spent against --budget-min")
     args = p.parse_args(argv)
-    if args.regen_minutes is None:   # a count the user asks for is answered in full
-        args.regen_minutes = REGEN_MINUTES if args.regen_conversations is None else 0.0
-    if args.regen_conversations is None:
-        args.regen_conversations = REGEN_CONVERSATIONS
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("draft_trainer").setLevel("INFO")
     out = Path(args.output)
@@ -186,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                          max_length=256 if args.tiny else 512, min_supervised_tokens=1, skip_bad=True,
                          workers=min(2, os.cpu_count() or 1), draft_vocab_size=256 if args.tiny else 8192,
                          holdout=n_eval, max_samples=0 if args.tiny else args.samples)
-    regen = min(args.regen_conversations, 24) if args.tiny else args.regen_conversations
     # the target's dtype for everything: answers, training features, the evaluation (`auto` in the recipe:
     # bf16 where the CPU computes it natively, else fp32; a --set targets.embedded_dtype=... wins)
     target_dtype = pick_dtype(load_config(TrainConfig, RECIPE, list(args.set)).targets.embedded_dtype)
     print(f"target dtype: {target_dtype} ({'native bf16' if cpu_has_bf16() else 'no native bf16'} on this CPU)")
+    args.regen_conversations, args.regen_minutes = regen_size(args.regen_conversations, args.regen_minutes,
+                                                               target_dtype)
+    regen = min(args.regen_conversations, 24) if args.tiny else args.regen_conversations
     if regen:
         op = prepare_on_policy_within(prep, OnPolicyConfig(
             conversations=regen, max_new_tokens=min(args.regen_max_new_tokens, 16) if args.tiny else

@@ -4,10 +4,11 @@ loopback ports), used by the trainer's embedded default, the tests and the bench
     with LocalServer(["--model", DIR, "--backend", "hf"]) as srv:
         srv.endpoint   # "127.0.0.1:<grpc port>"
 
-`start_all` starts several at once. It waits (bounded) for a server's ready file, which carries the ports it bound; a server that
-exits or never gets ready is an error that points at its log. `stop` sends SIGTERM (the server
-drains) and kills it after a timeout. The server gets this process's pid (`--parent-pid`) and exits
-if this process dies without stopping it (kill -9): no orphan keeps its ports and memory.
+It waits (bounded) for the server's ready file, which carries the ports it bound; a server that
+exits or never gets ready is an error that points at its log. `start_all` starts several at once
+(all or none). `stop` sends SIGTERM (the server drains) and kills it after a timeout. The server
+gets this process's pid (`--parent-pid`) and exits if this process dies without stopping it
+(kill -9): no orphan keeps its ports and memory.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class LocalServer:
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
         self.ready: dict = {}
+        self._ready_file: Path | None = None  # set by launch()
+        self._deadline = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "LocalServer":
@@ -60,6 +63,8 @@ class LocalServer:
 
     def wait_ready(self) -> "LocalServer":
         """Wait (bounded by startup_timeout_s from the launch) for the ready file with the bound ports."""
+        if self.proc is None or self._ready_file is None:
+            raise RuntimeError("LocalServer.wait_ready() before launch()")
         while time.monotonic() < self._deadline:
             if self._ready_file.is_file():
                 self.ready = json.loads(self._ready_file.read_text())

@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from common import status
+from common.errors import TargetUnavailableError
 from common.memory import find_jemalloc
 from common.rpc import target_pb2 as pb
+from draft_trainer.client.local_server import LocalServer, start_all
 from draft_trainer.client.target import TargetClient
 from target_server.backends.synthetic import SyntheticBackend
 from target_server.cli import build_parser
@@ -171,6 +173,23 @@ def test_a_local_server_exits_when_its_supervisor_is_killed(tmp_path):
         assert f"parent process {sup.pid} is gone: exiting" in log, log[-2000:]
     finally:
         sup.kill()
+
+
+def test_servers_started_together_are_all_or_none(tmp_path):
+    # start_all launches every server before waiting for any; when one cannot start, the started ones are stopped
+    # (a trainer with embedded servers must not leave a half-started set running) and the error names the log.
+    good = LocalServer(["--backend", "synthetic"], log_path=tmp_path / "good.log", workdir=tmp_path / "good")
+    bad = LocalServer(["--backend", "hf", "--model", str(tmp_path / "no-such-model")], log_path=tmp_path / "bad.log",
+                      workdir=tmp_path / "bad")
+    with pytest.raises(TargetUnavailableError, match="bad.log"):
+        start_all([good, bad])
+    assert good.proc is not None and not good.alive() and not bad.alive()
+    a, b = start_all([LocalServer(["--backend", "synthetic"], workdir=tmp_path / n) for n in ("a", "b")])
+    try:
+        assert a.alive() and b.alive() and a.endpoint != b.endpoint
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_default_bind_is_loopback():

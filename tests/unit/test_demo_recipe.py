@@ -37,3 +37,18 @@ def test_set_overrides_the_recipe_and_the_demo(tmp_path):
     assert (cfg.model.eagle_variant, cfg.optim.lr, cfg.save_every_s) == ("3", 0.001, 60.0)
     with pytest.raises(Exception, match="no_such_field"):
         _cfg(tmp_path, set=["model.no_such_field=1"])
+
+
+def test_answers_are_sized_by_the_targets_dtype_unless_asked():
+    """bf16 (native): up to 1,500 within the regeneration minutes; fp32 (no native bf16): all of 250, where
+    the trainer replays more epochs of fewer answers (docs/demo.md, session 20); a count asked for is answered
+    in full, with the minutes given, if any."""
+    from draft_trainer.demo import REGEN_CONVERSATIONS, REGEN_CONVERSATIONS_FP32, REGEN_MINUTES, regen_size
+
+    assert regen_size(None, None, "bf16") == (REGEN_CONVERSATIONS, REGEN_MINUTES) == (1500, 8.0)
+    assert regen_size(None, None, "fp32") == (REGEN_CONVERSATIONS_FP32, 0.0) == (250, 0.0)
+    assert regen_size(None, 3.0, "bf16") == (1500, 3.0)
+    assert regen_size(None, 3.0, "fp32") == (250, 3.0)
+    assert regen_size(600, None, "bf16") == regen_size(600, None, "fp32") == (600, 0.0)
+    assert regen_size(600, 5.0, "fp32") == (600, 5.0)
+    assert regen_size(0, None, "bf16") == (0, 0.0)   # ShareGPT's own answers
