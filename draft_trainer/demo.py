@@ -76,9 +76,11 @@ REGEN_MINUTES = 8.0
 # cores for the rest. Two demos of each on an AVX2 EPYC (docs/demo.md, session 20): tau 1.60 / 1.60 against
 # 1.53 / 1.58 for the 500 that 8 minutes buy there, and a first run of 37.4 / 41.4 minutes against 41.3 / ~43.
 REGEN_CONVERSATIONS_FP32 = 250
-ALSO_K = (2,)                 # the trained draft is also timed at these chain lengths (report: the K to serve with here)
-# ... and as these KxW trees (eval --also-tree: K chain tokens, each with W - 1 alternatives): 2x2 was
-# the fastest of 1x4..3x3 for both the 20-minute and the 1-hour draft (benchmarks/results/eval_tree_*)
+# The trained draft is also timed as these KxW trees (eval --also-tree: K chain tokens, each with W - 1
+# alternatives): 2x2 was the fastest of 1x4..3x3 for both the 20-minute and the 1-hour draft
+# (benchmarks/results/eval_tree_*). Shorter chains (eval --also-k 2) are no longer timed here: the 2x2 tree
+# verifies as few tokens per round and was as fast or faster (K=2 0.78x vs tree 0.87x on an AVX2 EPYC, 1.37x vs
+# 1.36x on the AMX box), and a K=2 pass cost ~1.5 of the first run's minutes (docs/demo.md, session 21).
 ALSO_TREE = ((2, 2),)
 # Dynamic chains (eval --also-min-confidence) are not in the report: they pay where a verified token
 # is dear (fp32 on this CPU), while in bf16 six tokens cost ~1.1x one and fixed chains are faster.
@@ -288,15 +290,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_all(model: Path, exports: dict[str, Path], last: str, prompts: Path, num_steps: int,
                   max_new_tokens: int, dtype: str, other_dtype: str | None) -> dict[str, dict]:
-    """Every export evaluated in `dtype` (one greedy reference shared by all), the last one also at
-    shorter chains, as trees and in `other_dtype` (its result under "other_dtype"). Runs in its own process."""
+    """Every export evaluated in `dtype`, the last one also as trees, beside prompt lookup, and in `other_dtype`
+    (its result under "other_dtype"). Runs in its own process. One greedy reference serves all of `dtype`: the
+    earlier exports attend row by row as the last one's trees need (else fp32 decoded it twice), and prompt
+    lookup, the same for every draft, runs once, with the last."""
     greedy: dict = {}
     results = {}
+    also_tree = [(k, w) for k, w in ALSO_TREE if k <= num_steps]
     for name, d in exports.items():
-        also_k = [k for k in ALSO_K if k < num_steps] if name == last else []  # shorter chains: the trained draft only
-        also_tree = [(k, w) for k, w in ALSO_TREE if k <= num_steps] if name == last else []
         r = evaluate(model, d, prompts, num_steps=num_steps, max_new_tokens=max_new_tokens, greedy_cache=greedy,
-                     progress=True, also_k=also_k, also_tree=also_tree, dtype=dtype)
+                     progress=True, also_tree=also_tree if name == last else (), dtype=dtype,
+                     prompt_lookup=name == last, rowwise=True if also_tree else None)
         _check_lossless(r, d)
         results[name] = r
     if other_dtype:  # the other dtype, for the trained draft: tau and speed against greedy in that dtype

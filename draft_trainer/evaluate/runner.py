@@ -109,7 +109,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
              prompt_lookup: bool = True, untrained: bool = False, speed_rounds: int = 1, max_ngram: int = 3,
              min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32",
              also_k: Sequence[int] = (), also_confidence: Sequence[float] = (),
-             also_tree: Sequence[tuple[int, int]] = ()) -> dict:
+             also_tree: Sequence[tuple[int, int]] = (), rowwise: bool | None = None) -> dict:
     """Acceptance and speed of one exported draft and its baselines on a prompts file (module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
@@ -123,6 +123,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `also_k` runs the same draft at other chain lengths beside it (`by_k`: tau and speed per K): a
     round costs a K+1-token verification, so the K that is fastest on a machine can be shorter than
     the K the draft was trained and is scored at.
+    `rowwise` True makes an fp32 target attend row by row even without a tree (None: only where
+    bf16 or a tree needs it): evaluations that share `greedy_cache` with one verifying trees then
+    share its greedy reference too, instead of decoding their own with transformers' attention.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,7 +159,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
         check_draft_target(Path(draft_dir), target_model, tok)
     # fp32 keeps transformers' attention (its outputs have always matched greedy, and it is cheaper)
     # unless a tree is verified: tree rows need the row-wise attention's per-row paths
-    rowwise = tdtype != torch.float32 or bool(also_tree)
+    if rowwise is False and (tdtype != torch.float32 or also_tree):
+        raise DataError("rowwise=False: bf16 verification and trees need the target's row-wise attention")
+    rowwise = rowwise or tdtype != torch.float32 or bool(also_tree)
     attn = {"attn_implementation": rowwise_attention.register()} if rowwise else {}
     # the greedy reference's key in greedy_cache: by dtype, and apart where fp32 attends row by row
     ref_kind = f"{dtype}+rowwise" if rowwise and tdtype == torch.float32 else dtype
@@ -235,6 +240,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     greedy_s_per_token = sum(secs["greedy"][0]) / max(sum(toks["greedy"][0]), 1)
     result = {
         "target_model": str(target_model), "dtype": dtype, "draft": str(draft_dir), "prompts": len(prompts),
+        "attention": "rowwise" if rowwise else "transformers",
         "num_steps": num_steps, "max_new_tokens": max_new_tokens, "decoding": "greedy, chain (top-1)",
         **acceptance(main, num_steps),
         "spec_tokens_per_s": statistics.median(tps["draft"]),

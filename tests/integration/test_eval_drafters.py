@@ -202,6 +202,29 @@ def test_eval_command_flags(trained, tiny_llama, tmp_path):
     assert bad.returncode == 2 and "--speed-rounds" in bad.stderr
 
 
+def test_row_wise_evaluations_share_the_greedy_reference_of_a_tree(trained, tiny_llama):
+    """rowwise=True in fp32: a chain-only evaluation decodes its greedy reference with the attention a tree
+    evaluation needs, so the two share it (the demo: step 0's draft, then the trained draft's trees)."""
+    _, export_dir, prompts = trained
+    cache: dict = {}
+    with one_thread():
+        chain = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                         prompt_lookup=False, rowwise=True)
+        tree = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                        prompt_lookup=False, also_tree=[(2, 2)])
+        plain = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                         prompt_lookup=False)
+    assert chain["attention"] == tree["attention"] == "rowwise" and plain["attention"] == "transformers"
+    assert chain["lossless"] and tree["lossless"] and plain["lossless"]
+    # the tree's evaluation found the chain's references: the same greedy timings, one cache entry per prompt
+    assert tree["greedy_tokens_per_s"] == chain["greedy_tokens_per_s"] != plain["greedy_tokens_per_s"]
+    assert sorted({k[1] for k in cache}) == ["fp32", "fp32+rowwise"]
+    assert chain["tau"] == tree["tau"]   # the same chain, verified with either attention
+    with pytest.raises(DataError, match="rowwise=False"):
+        evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, also_tree=[(2, 2)],
+                 rowwise=False)
+
+
 def test_evaluate_in_bf16_verifies_against_bf16_greedy(trained, tiny_llama):
     """--dtype bf16: the target (and draft) in the training features' dtype; the reference is bf16
     greedy decoding of the same target, kept apart from the fp32 reference in the shared cache.
