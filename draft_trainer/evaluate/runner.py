@@ -158,7 +158,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     if not force:
         check_draft_target(Path(draft_dir), target_model, tok)
     # fp32 keeps transformers' attention (its outputs have always matched greedy, and it is cheaper)
-    # unless a tree is verified: tree rows need the row-wise attention's per-row paths
+    # unless a tree is verified (tree rows need the row-wise attention's per-row paths) or `rowwise` asks
     if rowwise is False and (tdtype != torch.float32 or also_tree):
         raise DataError("rowwise=False: bf16 verification and trees need the target's row-wise attention")
     rowwise = rowwise or tdtype != torch.float32 or bool(also_tree)

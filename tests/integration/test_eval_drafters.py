@@ -219,7 +219,7 @@ def test_row_wise_evaluations_share_the_greedy_reference_of_a_tree(trained, tiny
     # the tree's evaluation found the chain's references: the same greedy timings, one cache entry per prompt
     assert tree["greedy_tokens_per_s"] == chain["greedy_tokens_per_s"] != plain["greedy_tokens_per_s"]
     assert sorted({k[1] for k in cache}) == ["fp32", "fp32+rowwise"]
-    assert chain["tau"] == tree["tau"]   # the same chain, verified with either attention
+    assert chain["tau"] == tree["tau"]   # the same K=4 chain, verified with the same attention
     with pytest.raises(DataError, match="rowwise=False"):
         evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, also_tree=[(2, 2)],
                  rowwise=False)
