@@ -18,6 +18,12 @@ hole), not a copy of the batch. Joining prompts are prefilled in length-sorted g
 padding) through a temporary `DynamicCache`, whose real (unpadded) columns are copied once into
 their slots. Capacity grows by a quarter at least, so the cache is copied O(log) times over a
 run, not every step; it is released when the batch empties.
+
+Memory: growing replaces one layer's tensor at a time (the old one freed before the next is
+allocated), so a growth holds the cache once plus one layer, not the old and the new cache side
+by side (2.25x at +25%: 4.7 GB peaks in the demo's regeneration servers, docs/notes/issue-20.md).
+Storage is allocated uninitialised and zeroed only up to the columns attended so far (`_clean`),
+so the pages of a capacity's unused tail are never touched (never resident).
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class HFDecoder(Decoder):
         self.len_R = torch.zeros(0, dtype=torch.long, device=device)  # tokens cached per slot
         self.slots: list[int] = []            # row b -> its slot
         self.grown = 0                        # capacity changes so far (tests, metrics)
+        self._clean = 0                       # columns [0, _clean) hold finite values in every slot
         self._L = 0                           # columns attended by the step in progress
         self._slot_cache = _cache_class()(self)
         # transformers >= 5.2x calls the cache argument `cache` (and warns on the old name).
@@ -121,27 +128,42 @@ class HFDecoder(Decoder):
 
     # ---------------------------------------------------------------- storage
     def _ensure(self, rows: int, cols: int, like: list[torch.Tensor] | None = None) -> None:
-        """Room for `rows` slots of `cols` columns; `like` (per-layer [*, kvh, *, d]) gives the
-        layout on first use. Growing copies the live part once."""
+        """Room for `rows` slots of `cols` columns, columns [0, cols) finite in every slot; `like`
+        (per-layer [*, kvh, *, d]) gives the layout on first use. Growing copies the live part once."""
         R, C = self.capacity
-        if rows <= R and cols <= C:
-            return
-        R2 = _grown(max(rows, self._min_rows), R, 8) if rows > R else R
-        C2 = _grown(max(cols, self._min_cols), C, 64) if cols > C else C
-        B, live = self.rows, (int(self.len_R[: self.rows].max()) if self.rows else 0)
-        protos = like if not self.keys else self.keys
-        # Zeros, not empty: masked columns still enter the attention kernel (weight 0 x value),
-        # and uninitialised memory may hold NaN.
-        new = [[torch.zeros(R2, p.shape[1], C2, p.shape[3], dtype=p.dtype, device=self.device) for p in protos]
-               for _ in range(2)]
-        for old_k, old_v, k, v in zip(self.keys, self.values, *new):
-            k[:B, :, :live] = old_k[:B, :, :live]
-            v[:B, :, :live] = old_v[:B, :, :live]
-        self.keys, self.values = new
-        len_R = torch.zeros(R2, dtype=torch.long, device=self.device)
-        len_R[:B] = self.len_R[:B]
-        self.len_R = len_R
-        self.grown += 1
+        if rows > R or cols > C:
+            R2 = _grown(max(rows, self._min_rows), R, 8) if rows > R else R
+            C2 = _grown(max(cols, self._min_cols), C, 64) if cols > C else C
+            B, live = self.rows, (int(self.len_R[: self.rows].max()) if self.rows else 0)
+            clean = min(self._clean, C2)
+            stores = [self.keys, self.values] if self.keys else [list(like), list(like)]
+            fresh = not self.keys
+            for store in stores:
+                for li, old in enumerate(store):
+                    new = self._alloc((R2, old.shape[1], C2, old.shape[3]), old.dtype)
+                    new[B:, :, :clean].zero_()
+                    new[:B, :, live:clean].zero_()
+                    if not fresh:
+                        new[:B, :, :live] = old[:B, :, :live]
+                    store[li] = new  # the old tensor goes now, before the next layer's is allocated
+            self.keys, self.values = stores
+            self._clean = clean
+            len_R = torch.zeros(R2, dtype=torch.long, device=self.device)
+            len_R[:B] = self.len_R[:B]
+            self.len_R = len_R
+            self.grown += 1
+        if cols > self._clean:
+            # Masked columns still enter the attention kernel (weight 0 x value) and uninitialised
+            # memory may hold NaN: zero what is about to be attended, a 64-column chunk at a time.
+            C = self.capacity[1]
+            upto = min(C, -(-cols // 64) * 64)
+            for t in (*self.keys, *self.values):
+                t[:, :, self._clean: upto].zero_()
+            self._clean = upto
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised storage (its pages are touched, hence resident, only where written)."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     def _write(self, layer: int, k_Bh1d: torch.Tensor, v_Bh1d: torch.Tensor):
         """One decode step's keys/values for `layer`, written at each row's next column."""
@@ -217,7 +239,7 @@ class HFDecoder(Decoder):
         if len(rows) == self.rows:
             return
         if not rows:
-            self.keys, self.values, self.slots = [], [], []
+            self.keys, self.values, self.slots, self._clean = [], [], [], 0
             self.len_R = torch.zeros(0, dtype=torch.long, device=self.device)
             return
         slots = [self.slots[r] for r in rows]

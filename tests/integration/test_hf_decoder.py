@@ -2,12 +2,14 @@
 leaving (a later slot moving into the hole) at random between decode steps, with the cache starting
 too small in both rows and columns so that it grows mid-run, give every sequence exactly the
 tokens of transformers' own `generate` on that prompt alone, and logits that match a full forward
-pass of the sequence."""
+pass of the sequence -- also when every allocation starts out as NaN (storage is uninitialised and
+only the attended columns are zeroed); and a growth never holds the old and the new cache at once."""
 
 from __future__ import annotations
 
 import random
 import threading
+import weakref
 
 import pytest
 import torch
@@ -30,11 +32,35 @@ def model(request, tiny_llama, tiny_qwen3):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
 
 
-def test_rows_join_and_leave_at_random_and_match_generate(model):
+class NaNStorageDecoder(HFDecoder):
+    """Storage that starts as NaN, the worst uninitialised memory can hold: a masked column that was
+    never zeroed turns an attention output into NaN (weight 0 x NaN)."""
+
+    def _alloc(self, shape, dtype):
+        return torch.full(shape, float("nan"), dtype=dtype)
+
+
+class MeteredDecoder(HFDecoder):
+    """Records, at each allocation, the bytes of this decoder's storage still alive plus the new tensor."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.alive: list[tuple[weakref.ref, int]] = []
+        self.peaks: list[int] = []  # live storage bytes right after each allocation
+
+    def _alloc(self, shape, dtype):
+        t = super()._alloc(shape, dtype)
+        self.alive = [(r, n) for r, n in self.alive if r() is not None] + [(weakref.ref(t), t.nbytes)]
+        self.peaks.append(sum(n for _, n in self.alive))
+        return t
+
+
+@pytest.mark.parametrize("decoder", [HFDecoder, NaNStorageDecoder])
+def test_rows_join_and_leave_at_random_and_match_generate(model, decoder):
     rng = random.Random(7)
     vocab = model.config.vocab_size
     todo = [([rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))], rng.randint(1, 12)) for _ in range(14)]
-    dec = HFDecoder(model, torch.device("cpu"), threading.Lock(), rows=2, cols=8)
+    dec = decoder(model, torch.device("cpu"), threading.Lock(), rows=2, cols=8)
     running: list[dict] = []  # row b of the decoder = running[b]
     done: list[dict] = []
     moved_into_a_hole = False
@@ -66,6 +92,21 @@ def test_rows_join_and_leave_at_random_and_match_generate(model):
         if "last_logits" in s:  # the last decode step's logits vs the whole sequence in one forward pass
             full = model(torch.tensor([s["prompt"] + s["out"][:-1]])).logits[0, -1]
             torch.testing.assert_close(s["last_logits"], full, atol=2e-4, rtol=1e-4)
+
+
+def test_a_growth_holds_the_new_cache_and_one_old_layer_at_most(model):
+    dec = MeteredDecoder(model, torch.device("cpu"), threading.Lock(), rows=2, cols=8)
+    tokens = [int(r.argmax()) for r in dec.prefill([[5, 6, 7], [8, 9]])]
+    with torch.no_grad():
+        for _ in range(140):  # columns grow (64 at a time)
+            tokens = [int(r.argmax()) for r in dec.step(tokens)]
+        tokens += [int(r.argmax()) for r in dec.prefill([[3 + i] * (5 + 3 * i) for i in range(8)])]  # rows grow
+        dec.step(tokens)
+    assert dec.grown >= 3
+    one = dec.keys[0].nbytes
+    cache = one * (len(dec.keys) + len(dec.values))
+    # The old and the new cache side by side would be about 1.8x the new one at +25% per growth.
+    assert max(dec.peaks) <= cache + one, (max(dec.peaks), cache, one)
 
 
 def test_storage_is_reused_after_the_batch_empties(model):
