@@ -200,6 +200,7 @@ class DecodeLoop:
             if self.metrics is not None:
                 self.metrics.gen_batch_size.observe(len(self.running))
                 self.metrics.gen_step_seconds.observe(time.perf_counter() - t0)
+                self.metrics.gen_kv_bytes.set(self.decoder.kv_bytes)
             toks = sample_rows(logits_BV, [s.request.params for s in self.running], [s.gen for s in self.running])
             done = [s for s, t in zip(self.running, toks) if s.append(t, self.backend.detokenize)]
             self._leave(done)
@@ -215,6 +216,8 @@ class DecodeLoop:
             self.reserved -= sum(s.reserve for s in self.running if id(s) in gone)
             self.running = [self.running[i] for i in keep]
             self.decoder.keep(keep)
+            if self.metrics is not None and not self.running:
+                self.metrics.gen_kv_bytes.set(self.decoder.kv_bytes)  # released with the batch
 
     def clear(self) -> None:
         if self.running:

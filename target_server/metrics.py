@@ -53,6 +53,8 @@ class ServerMetrics:
         self.gen_running = Gauge(P + "generate_running_sequences", "Sequences in the decode batch", registry=r)
         self.gen_queued = Gauge(P + "generate_queued_sequences", "Sequences waiting to join the decode batch",
                                 registry=r)
+        self.gen_kv_bytes = Gauge(P + "generate_kv_cache_bytes", "Bytes of KV cache the decode batch holds "
+                                  "(every slot's columns up to those attended; 0 when the batch is empty)", registry=r)
         self.gen_batch_size = Histogram(P + "generate_batch_size", "Sequences per decode step",
                                         buckets=BATCH_SAMPLE_BUCKETS, registry=r)
         self.gen_step_seconds = Histogram(P + "generate_step_seconds", "Decode step wall time", buckets=TIME_BUCKETS,

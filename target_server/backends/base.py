@@ -102,6 +102,11 @@ class Decoder(abc.ABC):
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (ascending), in that order; their KV entries stay, the others are freed."""
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache held now (for the server's metrics; 0 where the decoder does not know)."""
+        return 0
+
 
 
 def topk_logprobs(final_TH: torch.Tensor, logits_fn, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,12 @@ class HFDecoder(Decoder):
         """(rows, columns) allocated."""
         return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of storage written so far: every slot's columns [0, _clean) (the tail is never touched)."""
+        return sum(t.shape[0] * t.shape[1] * self._clean * t.shape[3] * t.element_size()
+                   for t in (*self.keys, *self.values))
+
     # ---------------------------------------------------------------- storage
     def _ensure(self, rows: int, cols: int, like: list[torch.Tensor] | None = None) -> None:
         """Room for `rows` slots of `cols` columns, columns [0, cols) finite in every slot; `like`

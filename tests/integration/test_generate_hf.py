@@ -61,6 +61,27 @@ def test_greedy_equals_transformers_generate_with_ragged_prompts_joining_mid_dec
     assert sizes["specrelay_target_generate_batch_size_sum"] > sizes["specrelay_target_generate_batch_size_count"]
 
 
+def test_the_kv_cache_gauge_counts_the_decode_batch_and_falls_to_zero_after_it(backend):
+    metrics = ServerMetrics()
+    s = Scheduler(backend, max_batch_tokens=4096, max_queue_tokens=1 << 20, metrics=metrics)
+    s.start()
+    try:
+        r = GenRequest("k", "c", PROMPTS[:2], max_new_tokens=300)
+        s.submit_generate(r)
+        end = time.monotonic() + 60
+        while metrics.gen_tokens._value.get() < 8 and time.monotonic() < end:
+            time.sleep(0.002)
+        during = metrics.gen_kv_bytes._value.get()  # ~290 decode steps of the batch are still to come
+        collect(r)
+    finally:
+        s.stop()
+    cfg = backend.model.config
+    per_column = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    # Two rows at >= 8 columns each, at least; at most the decoder's row and column capacity (8 x 64 at first).
+    assert 2 * 8 * per_column <= during <= 8 * 64 * per_column, (during, per_column)
+    assert metrics.gen_kv_bytes._value.get() == 0  # the batch emptied: its storage was released
+
+
 def test_stop_tokens_stop_strings_and_sampling_seeds(backend):
     s = Scheduler(backend, max_batch_tokens=4096, max_queue_tokens=1 << 20)
     s.start()

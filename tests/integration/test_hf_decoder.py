@@ -103,10 +103,16 @@ def test_a_growth_holds_the_new_cache_and_one_old_layer_at_most(model):
         tokens += [int(r.argmax()) for r in dec.prefill([[3 + i] * (5 + 3 * i) for i in range(8)])]  # rows grow
         dec.step(tokens)
     assert dec.grown >= 3
+    per_column = sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*dec.keys, *dec.values))
+    longest = int(dec.len_R[: dec.rows].max())
+    # kv_bytes: every slot's columns up to the longest row's at least, at most the capacity
+    assert dec.rows * longest * per_column <= dec.kv_bytes <= dec.capacity[0] * dec.capacity[1] * per_column
     one = dec.keys[0].nbytes
     cache = one * (len(dec.keys) + len(dec.values))
     # The old and the new cache side by side would be about 1.8x the new one at +25% per growth.
     assert max(dec.peaks) <= cache + one, (max(dec.peaks), cache, one)
+    dec.keep([])
+    assert dec.kv_bytes == 0
 
 
 def test_storage_is_reused_after_the_batch_empties(model):
