@@ -142,8 +142,8 @@ class HFDecoder(Decoder):
             C2 = _grown(max(cols, self._min_cols), C, 64) if cols > C else C
             B, live = self.rows, (int(self.len_R[: self.rows].max()) if self.rows else 0)
             clean = min(self._clean, C2)
-            stores = [self.keys, self.values] if self.keys else [list(like), list(like)]
             fresh = not self.keys
+            stores = [list(like), list(like)] if fresh else [self.keys, self.values]
             for store in stores:
                 for li, old in enumerate(store):
                     new = self._alloc((R2, old.shape[1], C2, old.shape[3]), old.dtype)

@@ -17,7 +17,7 @@ from target_server.generation import GenRequest, SamplingParams
 from target_server.metrics import ServerMetrics
 from target_server.scheduler import Overloaded, Scheduler
 from target_server.server import ServerConfig, TargetServer
-from tests.support.gen import collect
+from tests.support.gen import collect, wait_generated
 
 PROMPTS = [[5, 17, 42, 99, 3], [1, 2, 3], list(range(3, 40)), [7] * 11, [300, 2, 9, 81, 64, 5, 5, 1]]
 
@@ -43,9 +43,7 @@ def test_greedy_equals_transformers_generate_with_ragged_prompts_joining_mid_dec
         s.submit_generate(first)
         # The second request arrives while the first decodes: its rows join the running batch,
         # and the short 6-token answers leave it before the others finish.
-        end = time.monotonic() + 60
-        while metrics.gen_tokens._value.get() < 6 and time.monotonic() < end:
-            time.sleep(0.005)
+        wait_generated(metrics, 6, timeout=60)
         second = GenRequest("b", "c2", PROMPTS[3:], max_new_tokens=6)
         s.submit_generate(second)
         a, b = collect(first), collect(second)
@@ -68,9 +66,7 @@ def test_the_kv_cache_gauge_counts_the_decode_batch_and_falls_to_zero_after_it(b
     try:
         r = GenRequest("k", "c", PROMPTS[:2], max_new_tokens=300)
         s.submit_generate(r)
-        end = time.monotonic() + 60
-        while metrics.gen_tokens._value.get() < 8 and time.monotonic() < end:
-            time.sleep(0.002)
+        wait_generated(metrics, 8, timeout=60)
         during = metrics.gen_kv_bytes._value.get()  # ~290 decode steps of the batch are still to come
         collect(r)
     finally:

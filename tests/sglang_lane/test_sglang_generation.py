@@ -7,8 +7,6 @@ process); the --batch-invariant flag is checked through a real server process.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from target_server.generation import MAX_RUNNING_SEQS, GenRequest
 from target_server.metrics import ServerMetrics
 from target_server.scheduler import Scheduler
 from tests.support.procs import start_servers
-from tests.support.gen import collect
+from tests.support.gen import collect, wait_generated
 
 PROMPTS = [[5, 17, 42, 99, 3], [1, 2, 3], list(range(3, 40)), [7] * 11, [300, 2, 9, 81, 64, 5, 5, 1]]
 FEATURE_SEQS = [[5, 17, 42, 99, 3, 250, 7, 8, 300, 11], list(range(3, 60)), [1, 2, 3]]
@@ -66,9 +64,7 @@ def test_batched_greedy_equals_one_at_a_time_with_rows_joining_and_leaving(backe
         s.submit_generate(first)
         # The second request arrives while the first decodes: its rows join the running batch
         # (an extend batch merged in), and its 6-token answers leave before the others finish.
-        end = time.monotonic() + 120
-        while metrics.gen_tokens._value.get() < 6 and time.monotonic() < end:
-            time.sleep(0.005)
+        wait_generated(metrics, 6, timeout=120)
         second = GenRequest("b", "c2", PROMPTS[3:], max_new_tokens=6, stop_token_ids=frozenset({NO_STOP}))
         s.submit_generate(second)
         a, b = collect(first), collect(second)

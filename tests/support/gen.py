@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from target_server.generation import GenRequest
 
 
@@ -15,3 +17,11 @@ def collect(req: GenRequest, timeout: float = 300.0) -> dict:
             raise item
         outs[item[0]] = item[1]
     return outs
+
+
+def wait_generated(metrics, n: int, timeout: float = 60.0) -> None:
+    """Until the server's metrics count `n` generated tokens (or `timeout` passes: the caller's
+    assertions then say what is missing)."""
+    end = time.monotonic() + timeout
+    while metrics.gen_tokens._value.get() < n and time.monotonic() < end:
+        time.sleep(0.002)
