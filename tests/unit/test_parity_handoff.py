@@ -165,6 +165,9 @@ def test_rates_by_part_split_the_steps_in_order_and_expose_a_slowdown():
 def test_step_meter_reports_a_step_that_faults_in_fresh_memory():
     """StepMeter's system share and fault count see a step that touches new pages (what an allocator
     that returns memory to the kernel costs every step); a step of pure arithmetic shows none of it."""
+    import mmap
+
+    import numpy as np
     import torch
 
     from benchmarks.parity_handoff import StepMeter
@@ -177,13 +180,17 @@ def test_step_meter_reports_a_step_that_faults_in_fresh_memory():
         for _ in range(50):
             x = torch.tanh(x @ x * 1e-3)
         meter.step(100)
-    for _ in range(4):                      # 64 MB fresh pages a step (torch.ones writes them all)
-        y = torch.ones(16 * 1024 * 1024)
-        del y
+    for _ in range(4):                      # 64 MB of fresh pages a step, written and returned to the kernel
+        # An anonymous mapping, not a tensor: the process's allocator may keep a freed 64 MB block
+        # resident (an earlier test in this worker freed one), and then nothing faults.
+        with mmap.mmap(-1, 64 << 20) as m:
+            if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+                m.madvise(mmap.MADV_NOHUGEPAGE)  # 4-KiB pages even where THP is "always"
+            np.frombuffer(m, dtype=np.uint8)[:] = 1
         meter.step(100)
     q = meter.by_quarter()
     assert len(q["tokens_per_cpu_s_by_quarter"]) == 4 and all(r > 0 for r in q["tokens_per_cpu_s_by_quarter"])
     faults = q["minor_faults_per_step_by_quarter"]
-    assert max(faults[:2]) < 1000 < min(faults[2:]), q  # 64 MB = 16,384 4-KiB pages (fewer with huge pages)
+    assert max(faults[:2]) < 1000 < min(faults[2:]), q  # 64 MB = 16,384 4-KiB pages
     assert all(0.0 <= s <= 1.0 for s in q["sys_share_by_quarter"])
     assert sum(meter.tokens) == 800
