@@ -81,7 +81,9 @@ class GenLane:
 
         Least-served client first, while the batch's KV reservations (prompt + max new tokens
         per sequence) and the joining prefill (rows x longest prompt) stay within
-        `max_batch_tokens`; a sequence larger than the budget runs when the batch is empty.
+        `max_batch_tokens`; a sequence larger than the budget runs when the batch is empty. Where
+        the decoder pads every row to the longest (`Decoder.padded_rows`), the KV that counts is
+        rows x the longest reservation: short rows beside a long one cost its length each.
         """
         now = time.time()
         for s in self.loop.running:
@@ -94,13 +96,16 @@ class GenLane:
             return [s], s.reserve
         admitted: list[GenSeq] = []
         released, reserved, longest = 0, self.loop.reserved, 0
+        widest = max((s.reserve for s in self.loop.running), default=0)
         blocked: set[str] = set()
         while len(self.loop.running) + len(admitted) < MAX_RUNNING_SEQS:
             cid = self._least_served(exclude=blocked)
             if cid is None:
                 break
             s = self.queues[cid][0]
-            fits = reserved + s.reserve <= self.max_batch_tokens and \
+            rows = len(self.loop.running) + len(admitted) + 1
+            kv = max(widest, s.reserve) * rows if self.loop.padded_rows else reserved + s.reserve
+            fits = kv <= self.max_batch_tokens and \
                 max(longest, len(s.prompt)) * (len(admitted) + 1) <= self.max_batch_tokens
             if not fits and (self.loop.running or admitted):
                 blocked.add(cid)  # its head waits for rows to leave; other clients may still fit
@@ -111,6 +116,7 @@ class GenLane:
                 continue
             admitted.append(s)
             reserved += s.reserve
+            widest = max(widest, s.reserve)
             longest = max(longest, len(s.prompt))
         return admitted, released
 

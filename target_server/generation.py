@@ -170,6 +170,10 @@ class DecodeLoop:
     def batched(self) -> bool:
         return self.decoder is not None
 
+    @property
+    def padded_rows(self) -> bool:
+        return self.batched and self.decoder.padded_rows
+
     def step(self, admitted: list[GenSeq]) -> tuple[list[GenSeq], int]:
         """Prefill `admitted`, then one decode step for every running sequence.
 

@@ -90,6 +90,10 @@ class Decoder(abc.ABC):
     Driven by one thread (the scheduler's worker) between feature forward passes.
     """
 
+    # True where every row holds as many KV columns as the longest one (one rectangular cache):
+    # the batch's KV is then rows x longest, not the sum of the rows, and admission must bound that.
+    padded_rows: bool = False
+
     @abc.abstractmethod
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Append one row per prompt (its KV cache filled); returns the next-token logits [n, V]."""

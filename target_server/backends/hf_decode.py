@@ -17,7 +17,11 @@ slots through `slots`, so a row leaving costs one row copy (a slot past the end 
 hole), not a copy of the batch. Joining prompts are prefilled in length-sorted groups (little
 padding) through a temporary `DynamicCache`, whose real (unpadded) columns are copied once into
 their slots. Capacity grows by a quarter at least, so the cache is copied O(log) times over a
-run, not every step; it is released when the batch empties.
+run, not every step; it is released when the batch empties. A growth in one dimension sizes the
+other to what the rows use now: a long row that has left does not leave its columns to every
+later row. Every slot spans all columns, so the scheduler bounds rows x the longest row's
+reservation (`Decoder.padded_rows`), and a growth leaves the capacity within a quarter (and a
+quantum) of the running rows' need in each dimension.
 
 Memory: growing replaces one layer's tensor at a time (the old one freed before the next is
 allocated), so a growth holds the cache once plus one layer, not the old and the new cache side
@@ -63,6 +67,11 @@ def _grown(need: int, have: int, quantum: int) -> int:
     return -(-want // quantum) * quantum
 
 
+def _fitted(need: int, have: int, quantum: int) -> int:
+    """`have` cut down to `need` and a quarter spare, rounded up to `quantum` (never above `have`)."""
+    return min(have, -(-(need + need // 4) // quantum) * quantum)
+
+
 def _cache_class():
     from transformers import Cache
 
@@ -98,6 +107,8 @@ def _attn_implementation(model: torch.nn.Module) -> str:
 
 
 class HFDecoder(Decoder):
+    padded_rows = True  # every slot spans the capacity's columns
+
     def __init__(self, model: torch.nn.Module, device: torch.device, lock: threading.Lock,
                  rows: int = 8, cols: int = 256) -> None:
         self.model, self.device, self._lock = model, device, lock
@@ -135,13 +146,17 @@ class HFDecoder(Decoder):
     # ---------------------------------------------------------------- storage
     def _ensure(self, rows: int, cols: int, like: list[torch.Tensor] | None = None) -> None:
         """Room for `rows` slots of `cols` columns, columns [0, cols) finite in every slot; `like`
-        (per-layer [*, kvh, *, d]) gives the layout on first use. Growing copies the live part once."""
+        (per-layer [*, kvh, *, d]) gives the layout on first use. Growing copies the live part once,
+        and sizes the other dimension to what the rows use now (a quarter spare): capacity follows the
+        batch's shape (many short rows after a long one) instead of ratcheting in both dimensions."""
         R, C = self.capacity
         if rows > R or cols > C:
-            R2 = _grown(max(rows, self._min_rows), R, 8) if rows > R else R
-            C2 = _grown(max(cols, self._min_cols), C, 64) if cols > C else C
             B, live = self.rows, (int(self.len_R[: self.rows].max()) if self.rows else 0)
-            clean = min(self._clean, C2)
+            need_r, need_c = max(rows, self._min_rows), max(cols, live, self._min_cols)
+            R2 = _grown(need_r, R, 8) if rows > R else _fitted(need_r, R, 8)
+            C2 = _grown(need_c, C, 64) if cols > C else _fitted(need_c, C, 64)
+            # What is zeroed now is resident from now on: the columns in use, not the old high-water mark.
+            clean = min(self._clean, C2, -(-need_c // 64) * 64)
             fresh = not self.keys
             stores = [list(like), list(like)] if fresh else [self.keys, self.values]
             for store in stores:

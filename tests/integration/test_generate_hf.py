@@ -13,6 +13,7 @@ from common import status
 from common.rpc import target_pb2 as pb
 from draft_trainer.client.target import TargetClient
 from target_server.backends.hf import HFBackend
+from target_server.backends.hf_decode import HFDecoder
 from target_server.generation import GenRequest, SamplingParams
 from target_server.metrics import ServerMetrics
 from target_server.scheduler import Overloaded, Scheduler
@@ -76,6 +77,34 @@ def test_the_kv_cache_gauge_counts_the_decode_batch_and_falls_to_zero_after_it(b
     # Two rows at >= 8 columns each, at least; at most the decoder's row and column capacity (8 x 64 at first).
     assert 2 * 8 * per_column <= during <= 8 * 64 * per_column, (during, per_column)
     assert metrics.gen_kv_bytes._value.get() == 0  # the batch emptied: its storage was released
+
+
+def test_admission_bounds_rows_times_the_longest_reservation_on_the_padded_hf_cache(backend, monkeypatch):
+    """HFDecoder gives every row the longest row's columns, so the batch budget bounds rows x the
+    longest reservation: beside a 90-token prompt (reservation 100) a 200-token budget runs 2 rows,
+    not the 7 that a sum of reservations would let in (100 + 6 x 15)."""
+    shapes = []  # (rows, columns attended) of every decode step
+
+    class ShapeLog(HFDecoder):
+        def step(self, tokens):
+            out = super().step(tokens)
+            shapes.append((self.rows, self._L))
+            return out
+
+    monkeypatch.setattr(backend, "decoder", lambda: ShapeLog(backend.model, backend.device, backend._lock))
+    long, shorts = list(range(3, 93)), [[7, 8 + i, 9, 10, 11] for i in range(8)]
+    s = Scheduler(backend, max_batch_tokens=200, max_queue_tokens=1 << 20)
+    s.start()
+    try:
+        r = GenRequest("w", "c", [long] + shorts, max_new_tokens=10)
+        s.submit_generate(r)
+        outs = collect(r)
+    finally:
+        s.stop()
+    assert max(rows * cols for rows, cols in shapes) <= 200, shapes
+    assert max(rows for rows, _ in shapes) == 7  # the 7 shorts left once the long row is done: 7 x 15 fit
+    for i, p in enumerate([long] + shorts):
+        assert outs[i].token_ids == reference(backend.model, p, 10), i
 
 
 def test_stop_tokens_stop_strings_and_sampling_seeds(backend):

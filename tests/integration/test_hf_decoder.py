@@ -115,6 +115,25 @@ def test_a_growth_holds_the_new_cache_and_one_old_layer_at_most(model):
     assert dec.kv_bytes == 0
 
 
+def test_a_long_row_leaving_does_not_leave_its_columns_to_the_rows_that_follow(model):
+    dec = HFDecoder(model, torch.device("cpu"), threading.Lock(), rows=2, cols=8)
+    long, short = [4 + i % 50 for i in range(150)], [5, 6, 7]
+    with torch.no_grad():
+        tokens = [int(r.argmax()) for r in dec.prefill([long, short])]
+        tokens = [int(r.argmax()) for r in dec.step(tokens)]
+        assert dec.capacity[1] >= 152
+        dec.keep([1])  # the long row leaves; the short one (5 tokens cached) stays
+        joining = [[9, 10 + i] for i in range(8)]
+        firsts = [int(r.argmax()) for r in dec.prefill(joining)]  # 9 rows: the rows grow
+        assert dec.capacity[0] >= 9
+        # The columns are cut to what the rows use (a quarter spare, 64 at a time), not kept at the long row's.
+        assert dec.capacity[1] == 64, dec.capacity
+        logits_BV = dec.step([tokens[1]] + firsts)
+    assert [tokens[1], int(logits_BV[0].argmax())] == reference(model, short, 3)[1:]
+    for i, p in enumerate(joining):
+        assert [firsts[i], int(logits_BV[1 + i].argmax())] == reference(model, p, 2)
+
+
 def test_storage_is_reused_after_the_batch_empties(model):
     dec = HFDecoder(model, torch.device("cpu"), threading.Lock())
     with torch.no_grad():
