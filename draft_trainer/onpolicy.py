@@ -38,6 +38,10 @@ from draft_trainer.data.prepare import CONVERSATIONS_FILE, HELDOUT_PROMPTS_FILE,
 
 log = logging.getLogger(__name__)
 SPEED_FILE = "regenerated.speed.json"
+# The regeneration servers' batch budget. Their HF KV cache gives every row the longest row's columns,
+# and the budget bounds rows x the longest (prompt + max new tokens): ~1.5 GB of fp32 KV for SmolLM2-135M
+# (46 KB a token), at the same tokens/s as twice that (benchmarks/results/regen_memory.md).
+REGEN_MAX_BATCH_TOKENS = 32768
 
 
 @dataclass
@@ -239,7 +243,7 @@ def _regenerate(model: str, work: Path, answers: Path, cfg: OnPolicyConfig) -> d
         targets = list(cfg.targets)
         if not targets:
             servers = start_all([LocalServer(["--model", model, "--backend", "hf", "--dtype", cfg.dtype,
-                                              "--max-batch-tokens", "65536", "--max-length", "4096"],
+                                              "--max-batch-tokens", str(REGEN_MAX_BATCH_TOKENS), "--max-length", "4096"],
                                              threads=cfg.threads) for _ in range(cfg.servers)])
             targets = [s.endpoint for s in servers]
         return regenerate(RegenerateConfig(
