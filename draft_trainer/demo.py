@@ -59,6 +59,7 @@ from draft_trainer.config import TrainConfig
 from draft_trainer.data.prepare import HELDOUT_PROMPTS_FILE, PrepareConfig, prepare_data
 from draft_trainer.eval import evaluate
 from draft_trainer.export import export_sglang
+from draft_trainer.methods import method_class
 from draft_trainer.onpolicy import OnPolicyConfig, prepare_on_policy_within
 from draft_trainer.train import checkpoint as ckpt_io
 from draft_trainer.train.loop import Trainer
@@ -249,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     exports = {}
     for c in ckpts if args.curve_points else [first, last]:
         exports[c] = export_sglang(c, out / "drafts" / c.name, overwrite=True)
+    algorithm = method_class(cfg.model.method).sglang_algorithm
     print(f"trained draft: {exports[last]}  (serve: python -m sglang.launch_server --model-path {model} "
-          f"--speculative-algorithm EAGLE3 --speculative-draft-model-path {exports[last]})")
+          f"--speculative-algorithm {algorithm} --speculative-draft-model-path {exports[last]})")
     timings["export_s"] = time.perf_counter() - t
 
     # 5. eval --------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class DraftMethod(abc.ABC):
 
     name: str = ""
     export_formats: tuple[str, ...] = ("sglang",)
+    sglang_algorithm: str = "EAGLE3"   # what SGLang's --speculative-algorithm names for this method's export
 
     def __init__(self, model_cfg) -> None:
         self.cfg = model_cfg

@@ -132,3 +132,15 @@ def test_sglang_dflash_loads_our_export_and_matches_our_logits(runtime, tmp_path
     with pytest.raises(ValueError, match="fc.weight shape mismatch"):
         sm.load_weights(bad.items())
     json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["eagle3", "dflash"])
+def test_each_method_names_an_algorithm_sglang_knows_for_its_export(method):
+    """The demo's serve hint (`--speculative-algorithm`) comes from the method: SGLang must know that name,
+    and it must be the algorithm of that method's family (DFLASH for DFlash, EAGLE3 for EAGLE-3)."""
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from draft_trainer.methods import method_class
+
+    algo = SpeculativeAlgorithm.from_string(method_class(method).sglang_algorithm)
+    assert algo.is_dflash() == (method == "dflash") and algo.is_eagle3() == (method == "eagle3")

@@ -28,6 +28,7 @@ from draft_trainer.model.precision import autocast, compute_dtype
 class DFlashMethod(DraftMethod):
     name = "dflash"
     export_formats = ("sglang", "speculators")
+    sglang_algorithm = "DFLASH"
 
     # ------------------------------------------------------------------ features
     def feature_spec(self, info: ModelInfo, teacher: str = "hidden", topk: int = 0) -> FeatureSpec:
