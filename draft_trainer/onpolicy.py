@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 SPEED_FILE = "regenerated.speed.json"
 # The regeneration servers' batch budget. Their HF KV cache gives every row the longest row's columns,
 # and the budget bounds rows x the longest (prompt + max new tokens): ~1.5 GB of fp32 KV for SmolLM2-135M
-# (46 KB a token), at the same tokens/s as twice that (benchmarks/results/regen_memory.md).
+# (46 KB a token). On the demo's 250 prompts: 3.0 GB per server at 1.02x the tokens/s of the earlier 65536
+# (4.5 GB); 16384 gave 2.2 GB at 0.84x (benchmarks/results/regen_memory_budget.md).
 REGEN_MAX_BATCH_TOKENS = 32768
 
 
