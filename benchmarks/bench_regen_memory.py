@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     rev = subprocess.run(["git", "rev-parse", "--short", args.compare_rev], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.strip()
     mine = [int(x) for x in args.max_batch_tokens.split(",")] if args.max_batch_tokens else [regen_budget(REPO)]
-    variants = [(f"this tree, {b}", REPO, b) for b in mine] + [(f"at {rev}, {regen_budget(other)}", other,
-                                                                regen_budget(other))]
+    theirs = regen_budget(other)
+    variants = [(f"this tree, {b}", REPO, b) for b in mine] + [(f"at {rev}, {theirs}", other, theirs)]
     runs: list[dict] = []
     try:
         for rep in range(args.repeats):
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(runs, ["variant", "repeat", "written", "tokens", "tokens_per_s", "wall_s", "peak_rss_mb",
                                   "same_answers"])
     table += (f"\n\n{args.n} ShareGPT first turns, at most {args.m} new tokens, {Path(model).name} in {dtype}, two "
-              f"single-threaded servers (--max-batch-tokens after the variant's name), 32 prompts per request, 2 in flight per server: "
-              f"the demo's regeneration. Variants alternate, one at a time; peak_rss_mb: each server's VmHWM.")
+              f"single-threaded servers (--max-batch-tokens after the variant's name), 32 prompts per request, "
+              f"2 in flight per server: the demo's regeneration. Variants alternate, one at a time; peak_rss_mb: each server's VmHWM.")
     write_results(args.name or ("regen_memory_smoke" if args.smoke else "regen_memory"),
                   {"compare_rev": rev, "n": args.n, "m": args.m, "dtype": dtype, "runs": runs}, table,
                   out_dir=Path(args.out) if args.out else None)
