@@ -3,7 +3,7 @@ by side in one process and thread setting, and where a round's time goes.
 
     python -m benchmarks.bench_spec_loop --draft EXPORT_DIR --prompts prompts.jsonl \
         [--target-model DIR] [--num-steps 5] [--width 1] [--dtype fp32] [--max-new-tokens 64] [--rounds 3] \
-        [--threads 2] [--compare-rev GIT_REV] [--name NAME] [--out DIR]
+        [--threads 2] [--linears auto|torch|both] [--compare-rev GIT_REV] [--name NAME] [--out DIR]
     python -m benchmarks.bench_spec_loop --smoke --out runs/bench-smoke     # tiny model, random draft
 
 Every round decodes every prompt with each variant, one after the other (so all see the same
@@ -16,6 +16,9 @@ machine load); tokens/s are per round and their median, ratios the median of per
   spec_full_head  the same loop projecting all K+1 verified positions (ablation);
   prompt_lookup   the loop with n-gram prompt lookup (no draft);
   spec_rev        `--compare-rev`: draft_trainer/eval.py's loop as of that git revision (before/after).
+The target's fp32 linears run prepacked for oneDNN as `draft-trainer eval` runs them (`--linears auto`,
+common/cpu_linear.py); `--linears torch` keeps torch's own; `--linears both` adds, on a second copy of
+the target with torch's linears, greedy_torch_linears and spec_torch_linears (before/after).
 `--width W` > 1 verifies trees (K chain tokens, each with W - 1 alternatives) in the draft variants;
 `--dtype bf16` runs the target in bf16 with the evaluator's row-wise attention (lossless in bf16).
 All outputs are checked against greedy. The default target is SmolLM2-135M-Instruct from the
@@ -90,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--linears", choices=["auto", "torch", "both"], default="auto",
+                   help="the fp32 target's linears: prepacked for oneDNN (auto), torch's, or both side by side")
     p.add_argument("--compare-rev", help="also time draft_trainer/eval.py's loop at this git revision")
     p.add_argument("--smoke", action="store_true", help="tiny offline model and a random draft, seconds")
     p.add_argument("--out", help="results directory (default benchmarks/results)")
     args = p.parse_args(argv)
+    from common.cpu_linear import prepack_linears
     from draft_trainer.evaluate import rowwise_attention
-    from draft_trainer.evaluate.decode import TargetVerifier, eos_set, greedy_decode, speculative_decode
+    from draft_trainer.evaluate.decode import SpecStats, TargetVerifier, eos_set, greedy_decode, speculative_decode
     from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
     from draft_trainer.evaluate.prompt_lookup import PromptLookupDrafter
 
@@ -130,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_prompts(args.prompts, tok)
     eos = eos_set(target, tok)
     K, N = args.num_steps, args.max_new_tokens
+    unpacked = None
+    if args.linears == "both":   # a second copy keeps torch's linears (the before of before/after)
+        import copy
+
+        unpacked = copy.deepcopy(target)
+    packed = prepack_linears(target) if args.linears != "torch" else 0
     layers = draft.cfg.aux_layer_ids
     W = args.width
     variants = {
@@ -140,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                                                         verifier=TargetVerifier(target, layers, lazy_head=False)),
         "prompt_lookup": lambda pr: speculative_decode(target, PromptLookupDrafter(), pr, K, N, eos),
     }
+    if unpacked is not None:
+        def greedy_as_stats(pr):
+            got, secs = greedy_decode(unpacked, pr, N, eos)
+            return got, SpecStats(rounds=len(got), accepted=[0] * len(got), seconds=secs)
+
+        variants["greedy_torch_linears"] = greedy_as_stats
+        variants["spec_torch_linears"] = lambda pr: speculative_decode(unpacked, Eagle3Drafter(draft), pr, K, N, eos,
+                                                                       width=W)
     if args.compare_rev:
         rev_decode = _rev_loop(args.compare_rev)
         variants["spec_rev"] = lambda pr: rev_decode(target, draft, pr, K, N, eos)
@@ -188,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "config": {"target_model": model_dir, "draft": args.draft or "random (smoke)", "prompts": len(prompts),
                    "num_steps": K, "width": W, "dtype": args.dtype, "max_new_tokens": N, "rounds": args.rounds,
-                   "torch_threads": torch.get_num_threads(),
+                   "torch_threads": torch.get_num_threads(), "linears": args.linears, "prepacked_layers": packed,
                    "compare_rev": args.compare_rev, "smoke": args.smoke},
         "load_avg_1m": load, "wall_s": time.perf_counter() - t_start, "lossless": lossless,
         "tokens_per_s": tps, "vs_greedy": ratio, "tau": taus,

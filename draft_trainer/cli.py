@@ -161,7 +161,7 @@ def _eval(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, prompt_lookup=not args.no_prompt_lookup,
                       untrained=args.untrained, speed_rounds=args.speed_rounds, max_ngram=args.max_ngram,
                       min_ngram=args.min_ngram, force=args.force, dtype=args.dtype, also_k=args.also_k,
-                      also_confidence=args.also_min_confidence, also_tree=args.also_tree)
+                      also_confidence=args.also_min_confidence, also_tree=args.also_tree, linears=args.linears)
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text)
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated KxW trees to run the same draft as beside the chain, e.g. 2x3,3x3: K chain "
                         "tokens, each with up to W-1 alternatives (the draft's next-best tokens there) verified in the "
                         "same forward ('by_tree': tau, tokens verified per round and speed per tree)")
+    v.add_argument("--linears", default="auto", choices=["auto", "torch"],
+                   help="auto: an fp32 target's linear layers run through oneDNN with their weights packed once "
+                        "(greedy and speculative decoding alike; a few-row verification costs far less on a CPU; "
+                        "the target's linear weights are held twice); torch: torch's own ('linear_kernel')")
     v.add_argument("--output", help="also write the JSON result here")
     v.add_argument("--force", action="store_true",
                    help="evaluate even if the draft was exported for another target (name or tokenizer)")

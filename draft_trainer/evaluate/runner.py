@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from common.cpu_linear import prepack_linears
 from common.errors import ContractError, DataError
 from common.hardware import pick_dtype
 from draft_trainer.methods.base import Drafter
@@ -109,7 +110,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
              prompt_lookup: bool = True, untrained: bool = False, speed_rounds: int = 1, max_ngram: int = 3,
              min_ngram: int = 1, seed: int = 0, force: bool = False, dtype: str = "fp32",
              also_k: Sequence[int] = (), also_confidence: Sequence[float] = (),
-             also_tree: Sequence[tuple[int, int]] = (), rowwise: bool | None = None) -> dict:
+             also_tree: Sequence[tuple[int, int]] = (), rowwise: bool | None = None,
+             linears: str = "auto") -> dict:
     """Acceptance and speed of one exported draft and its baselines on a prompts file (module doc).
 
     `greedy_cache` (a dict the caller keeps) holds the plain-greedy reference of each prompt and
@@ -126,6 +128,9 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     `rowwise` True makes an fp32 target attend row by row even without a tree (None: only where
     bf16 or a tree needs it): evaluations that share `greedy_cache` with one verifying trees then
     share its greedy reference too, instead of decoding their own with transformers' attention.
+    `linears` "auto" runs an fp32 target's linear layers through oneDNN with their weights packed once
+    (common/cpu_linear.py: a K+1-token verification and the vocabulary head cost far less on a CPU),
+    greedy and speculative decoding alike; "torch" keeps torch's own (the result's `linear_kernel`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,6 +152,8 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     also_tree = sorted({(int(k), int(w)) for k, w in also_tree})
     if any(k < 1 or w < 2 for k, w in also_tree):
         raise DataError(f"--also-tree: KxW needs K >= 1 and W >= 2 (W = 1 is a chain: --also-k), got {also_tree}")
+    if linears not in ("auto", "torch"):
+        raise DataError(f"linears {linears!r}: use auto (oneDNN-prepacked fp32 linears) or torch")
     if not 1 <= min_ngram <= max_ngram:
         raise DataError(f"prompt lookup needs 1 <= min n-gram <= max n-gram, got {min_ngram}, {max_ngram}")
     config_path = Path(draft_dir) / "config.json"
@@ -165,10 +172,14 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     attn = {"attn_implementation": rowwise_attention.register()} if rowwise else {}
     # the greedy reference's key in greedy_cache: by dtype, and apart where fp32 attends row by row
     ref_kind = f"{dtype}+rowwise" if rowwise and tdtype == torch.float32 else dtype
+    if linears == "auto" and tdtype == torch.float32:
+        ref_kind += "+prepacked"   # another kernel, another rounding: its own greedy reference
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
     draft = method.drafter(Path(draft_dir), target, dtype=tdtype)
+    # after the drafter took what it shares with the target; only fp32 (cpu_linear.py says why)
+    packed = prepack_linears(target) if linears == "auto" and tdtype == torch.float32 else 0
     runs: dict[str, _Run] = {"draft": _Run(draft, num_steps)}
     if prompt_lookup:
         runs["prompt_lookup"] = _Run(PromptLookupDrafter(max_ngram, min_ngram), num_steps)
@@ -241,6 +252,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     result = {
         "target_model": str(target_model), "dtype": dtype, "draft": str(draft_dir), "prompts": len(prompts),
         "attention": "rowwise" if rowwise else "transformers",
+        "linear_kernel": f"oneDNN prepacked ({packed} layers)" if packed else "torch",
         "num_steps": num_steps, "max_new_tokens": max_new_tokens, "decoding": "greedy, chain (top-1)",
         **acceptance(main, num_steps),
         "spec_tokens_per_s": statistics.median(tps["draft"]),

@@ -15,6 +15,7 @@ from draft_trainer.evaluate import rowwise_attention
 from draft_trainer.evaluate.decode import TargetVerifier, eos_set, greedy_decode, speculative_decode
 from draft_trainer.methods.base import Drafter
 from draft_trainer.methods.eagle3.drafter import Eagle3Drafter
+from common.cpu_linear import prepack_available
 from common.errors import DataError
 from draft_trainer.evaluate.runner import evaluate
 from draft_trainer.export import export_sglang
@@ -218,7 +219,8 @@ def test_row_wise_evaluations_share_the_greedy_reference_of_a_tree(trained, tiny
     assert chain["lossless"] and tree["lossless"] and plain["lossless"]
     # the tree's evaluation found the chain's references: the same greedy timings, one cache entry per prompt
     assert tree["greedy_tokens_per_s"] == chain["greedy_tokens_per_s"] != plain["greedy_tokens_per_s"]
-    assert sorted({k[1] for k in cache}) == ["fp32", "fp32+rowwise"]
+    packed = "+prepacked" if prepack_available() else ""
+    assert sorted({k[1] for k in cache}) == [f"fp32{packed}", f"fp32+rowwise{packed}"]
     assert chain["tau"] == tree["tau"]   # the same K=4 chain, verified with the same attention
     with pytest.raises(DataError, match="rowwise=False"):
         evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, also_tree=[(2, 2)],
@@ -238,11 +240,35 @@ def test_evaluate_in_bf16_verifies_against_bf16_greedy(trained, tiny_llama):
         r16 = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
                        dtype="bf16")
     assert r32["dtype"] == "fp32" and r16["dtype"] == "bf16"
+    assert r16["linear_kernel"] == "torch"       # bf16 keeps torch's linears (row-invariant there)
     assert r32["lossless"] and r16["tau"] >= 1.0
     assert r16["lossless"] and not r16["mismatches"], r16["mismatches"]
     assert len({k[1] for k in cache if k[0] != "prompt_lookup"}) == 2   # one greedy reference per dtype
     with pytest.raises(DataError, match="eval dtype 'fp16'"):
         evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, dtype="fp16")
+
+
+@pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN (CPU wheels do)")
+def test_prepacked_linears_are_evaluated_lossless_beside_torchs_own(trained, tiny_llama):
+    """The default fp32 evaluation runs the target's linears prepacked for oneDNN (common/cpu_linear.py):
+    it says so, stays lossless against greedy decoding on the same kernels, drafts what torch's linears
+    draft (the same acceptance on this target), and keeps its greedy reference apart from torch's."""
+    _, export_dir, prompts = trained
+    cache: dict = {}
+    with one_thread():
+        packed = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache)
+        plain = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                         linears="torch")
+    from transformers import AutoConfig
+
+    # q, k, v, o, gate, up, down in each of the tiny Llama's layers, and its head
+    n_linears = 7 * AutoConfig.from_pretrained(tiny_llama).num_hidden_layers + 1
+    assert packed["linear_kernel"] == f"oneDNN prepacked ({n_linears} layers)" and plain["linear_kernel"] == "torch"
+    assert packed["lossless"] and plain["lossless"], (packed["mismatches"], plain["mismatches"])
+    assert packed["accepted_histogram"] == plain["accepted_histogram"]
+    assert sorted({k[1] for k in cache if k[0] != "prompt_lookup"}) == ["fp32", "fp32+prepacked"]
+    with pytest.raises(DataError, match="linears 'mkl'"):
+        evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, linears="mkl")
 
 
 class _Recording:
@@ -332,3 +358,16 @@ def test_bench_spec_loop_times_an_exported_draft(trained, tiny_llama, tmp_path):
     data = json.loads((tmp_path / "spec_loop_test.json").read_text())
     assert rc == 0 and data["lossless"] and data["config"]["width"] == 2 and data["config"]["dtype"] == "bf16"
     assert {"spec", "spec_model_path", "prompt_lookup"} <= set(data["tau"])
+    # fp32: the prepacked target beside a copy with torch's linears (--linears both), all lossless
+    with one_thread():
+        rc = main(["--target-model", str(tiny_llama), "--draft", str(export_dir), "--prompts", str(prompts),
+                   "--num-steps", "3", "--rounds", "1", "--max-new-tokens", "8", "--linears", "both",
+                   "--name", "spec_loop_linears", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spec_loop_linears.json").read_text())
+    assert rc == 0 and data["lossless"]
+    from transformers import AutoConfig
+
+    n_linears = 7 * AutoConfig.from_pretrained(tiny_llama).num_hidden_layers + 1
+    assert data["config"]["prepacked_layers"] == (n_linears if prepack_available() else 0)
+    assert data["tau"]["spec_torch_linears"] == data["tau"]["spec"] > 1.0
+    assert data["tau"]["greedy_torch_linears"] == 1.0 and data["tokens_per_s"]["greedy_torch_linears"][0] > 0
