@@ -22,11 +22,14 @@ prepacked model holds its linear weights twice. Inference only: with autograd on
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PrepackedLinear", "prepack_available", "prepack_linears"]
+__all__ = ["PrepackedLinear", "linear_fn", "prepack_available", "prepack_linears"]
 
 
 def prepack_available() -> bool:
@@ -55,14 +58,24 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked=oneDNN"
 
 
+def _qualifies(weight_OI: torch.Tensor) -> bool:
+    return prepack_available() and weight_OI.dtype == torch.float32 and weight_OI.device.type == "cpu"
+
+
+def linear_fn(weight_OI: torch.Tensor, rows_hint: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x_RI -> x_RI @ weight_OI.T for inference code that holds bare weights (the EAGLE-3 drafter's fused
+    path): through oneDNN with the weight packed once where it qualifies (fp32, CPU), else `F.linear`."""
+    if not _qualifies(weight_OI):
+        return functools.partial(F.linear, weight=weight_OI)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight_OI.detach(), rows_hint)
+    return lambda x_RI: torch.ops.mkldnn._linear_pointwise(x_RI, packed, None, "none", [], "")
+
+
 def prepack_linears(model: nn.Module, rows_hint: int = 8) -> int:
     """Replaces every fp32 CPU `nn.Linear` in `model` (its output head included) by a `PrepackedLinear`
     in place; returns how many. 0, model untouched, where oneDNN is missing or nothing qualifies."""
-    if not prepack_available():
-        return 0
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear and child.weight.dtype == torch.float32
-             and child.weight.device.type == "cpu"]
+             if type(child) is nn.Linear and _qualifies(child.weight)]
     for parent, name, child in swaps:
         setattr(parent, name, PrepackedLinear(child, rows_hint))
     return len(swaps)

@@ -25,10 +25,12 @@ Speed (what the loop does so that its own overhead does not eat the gain, see
 docs/notes/issue-20.md): the verifying forward computes the target's final hidden states for
 all k+1 positions; in fp32 it projects them onto the vocabulary one position at a time and stops
 at the first rejection (usually after one or two of the k+1 rows: the full-vocabulary head is a
-large part of a forward of this size, and an fp32 product costs ~2.4x at 6 rows what it costs at
-one), in bf16 all rows in one product (AMX: 6 rows cost ~1.1x one row, 7.6 vs 7.0 ms for
+large part of a forward of this size, and an fp32 product costs ~2.1-2.9x at 6 rows what it costs at
+one, prepacked or not), in bf16 all rows in one product (AMX: 6 rows cost ~1.1x one row, 7.6 vs 7.0 ms for
 SmolLM2's 576 x 49,152 head on one core); the prefill projects only its last position; the
-drafter is not extended after the last round.
+drafter is not extended after the last round. An fp32 target's linears are best prepacked
+(common/cpu_linear.py; the runner does it): torch's sgemm repacks every weight at each few-row
+verification.
 """
 
 from __future__ import annotations

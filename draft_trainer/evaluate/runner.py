@@ -9,6 +9,9 @@ On the same prompts, target and K, each drafter runs the lossless loop of decode
 Every output is compared token for token with plain greedy decoding of the target. In bf16 the
 target attends row by row (rowwise_attention.py), so that a K+1-token verification computes each
 position as a 1-token greedy step does: bit-exact in bf16 too, not only in fp32.
+In fp32 the target's linear layers run with their weights prepacked for oneDNN (common/cpu_linear.py,
+`linears`), greedy and speculative decoding alike: on a CPU torch's sgemm repacks every weight at each
+few-row verification, which made a K+1-token verification cost ~1.6-2x a greedy token.
 
 Speed: round 1 is the lossless pass; each further round (`speed_rounds`) decodes every prompt
 again with plain greedy and with each drafter, one after the other in the same process and

@@ -1,12 +1,14 @@
 """common/cpu_linear.py: fp32 linears prepacked for oneDNN compute what torch's compute, keep the
 model's ties and parameters, leave other dtypes and autograd alone."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cpu_linear import PrepackedLinear, prepack_available, prepack_linears
+from common.cpu_linear import PrepackedLinear, linear_fn, prepack_available, prepack_linears
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN (CPU wheels do)")
 
@@ -55,3 +57,17 @@ def test_other_dtypes_are_left_alone_and_autograd_takes_torchs_path():
     x = torch.randn(3, 8, requires_grad=True)
     model[0](x).sum().backward()                                            # oneDNN's op has no backward
     assert x.grad is not None and model[0].weight.grad is not None
+
+
+def test_linear_fn_packs_fp32_cpu_weights_and_passes_others_to_torch():
+    torch.manual_seed(0)
+    w32, x = torch.randn(40, 24), torch.randn(1, 5, 24)
+    fn = linear_fn(w32)
+    assert not isinstance(fn, functools.partial)                            # packed for oneDNN
+    with torch.inference_mode():
+        torch.testing.assert_close(fn(x), F.linear(x, w32), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fn(x[:, :1]), F.linear(x[:, :1], w32), rtol=1e-5, atol=1e-5)
+    w16 = w32.to(torch.bfloat16)
+    fn16 = linear_fn(w16)
+    assert isinstance(fn16, functools.partial)                              # bf16: torch's own, bit for bit
+    assert torch.equal(fn16(x.to(torch.bfloat16)), F.linear(x.to(torch.bfloat16), w16))

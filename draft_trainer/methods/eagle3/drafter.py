@@ -15,7 +15,9 @@ stay the reference: tests/unit/test_eagle3_fast_drafter.py, tests/integration/te
 On this CPU a one-row bf16 matmul of these sizes costs 1.5-4x the fp32 one, cold or warm in cache,
 and a round's draft work is a few such rows; the weights are the export's values, upcast exactly.
 Measured on the 20-minute demo draft (bf16 target, K=2): 5.9 -> 4.6 ms of draft work per round,
-1.21x -> 1.25x plain greedy (benchmarks/results/spec_loop_fused_drafter_w1.md).
+1.21x -> 1.25x plain greedy (benchmarks/results/spec_loop_fused_drafter_w1.md). Its weights are
+packed once for oneDNN (common/cpu_linear.py::linear_fn): on the AVX2 EPYC, 2 threads, a K=5 proposal
+of the demo's draft took 11.0 ms instead of 15.7 with torch's linears (docs/notes/issue-20.md, session 24).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from common.cpu_linear import linear_fn
 from draft_trainer.methods.eagle3.model import Eagle3Draft, KVCache
 from draft_trainer.model.layers import apply_rope
 
@@ -53,14 +56,15 @@ class _FastDraft:
         self.eps = ml.input_layernorm.eps
         self.ffn = ml.mlp.gate_proj.weight.shape[0]
         self.fc_norm_3H = [f32(n.weight) for n in draft.fc_norm] if draft.fc_norm is not None else None
-        self.fc = f32(draft.fc.weight)
+        # fp32 weights packed once for oneDNN (common/cpu_linear.py): a 1-row step reads each once
+        self.fc = linear_fn(f32(draft.fc.weight))
         self.norm_in, self.norm_hid = f32(ml.input_layernorm.weight), f32(ml.hidden_norm.weight)
-        self.qkv = f32(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        self.o = f32(attn.o_proj.weight)
+        self.qkv = linear_fn(f32(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])))
+        self.o = linear_fn(f32(attn.o_proj.weight))
         self.norm_post = f32(ml.post_attention_layernorm.weight)
-        self.gate_up = f32(torch.cat([ml.mlp.gate_proj.weight, ml.mlp.up_proj.weight]))
-        self.down = f32(ml.mlp.down_proj.weight)
-        self.norm_out, self.head = f32(draft.norm.weight), f32(draft.lm_head.weight)
+        self.gate_up = linear_fn(f32(torch.cat([ml.mlp.gate_proj.weight, ml.mlp.up_proj.weight])))
+        self.down = linear_fn(f32(ml.mlp.down_proj.weight))
+        self.norm_out, self.head = f32(draft.norm.weight), linear_fn(f32(draft.lm_head.weight))
         self.norm_output = draft.cfg.norm_output
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -73,12 +77,12 @@ class _FastDraft:
         aux_1S3H = aux_1S3H.to(torch.float32)
         if self.fc_norm_3H is not None:
             aux_1S3H = torch.cat([self._rms(a, w) for w, a in zip(self.fc_norm_3H, aux_1S3H.chunk(3, dim=-1))], dim=-1)
-        return F.linear(aux_1S3H, self.fc)
+        return self.fc(aux_1S3H)
 
     def step(self, emb_1Th: torch.Tensor, g_1Th: torch.Tensor, pos_1T: torch.Tensor, cache: KVCache) -> torch.Tensor:
         T = g_1Th.shape[1]
         x_1T2h = torch.cat([self._rms(emb_1Th, self.norm_in), self._rms(g_1Th, self.norm_hid)], dim=-1)
-        q_1Tx, k_1Tx, v_1Tx = F.linear(x_1T2h, self.qkv).split([self.nh * self.d, self.nkv * self.d,
+        q_1Tx, k_1Tx, v_1Tx = self.qkv(x_1T2h).split([self.nh * self.d, self.nkv * self.d,
                                                                    self.nkv * self.d], dim=-1)
         cos, sin = self.draft.rope(pos_1T, torch.float32)
         q_1nTd = apply_rope(q_1Tx.view(1, T, self.nh, self.d).transpose(1, 2), cos, sin)
@@ -88,15 +92,15 @@ class _FastDraft:
         # one query sees the whole cache (no mask); T queries are causal among themselves
         mask_TS = None if T == 1 else torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
         o_1nTd = F.scaled_dot_product_attention(q_1nTd, k_all, v_all, attn_mask=mask_TS, enable_gqa=self.nh != self.nkv)
-        g_1Th = g_1Th + F.linear(o_1nTd.transpose(1, 2).reshape(1, T, -1), self.o)
-        gate_1Tf, up_1Tf = F.linear(self._rms(g_1Th, self.norm_post), self.gate_up).split(self.ffn, dim=-1)
-        return g_1Th + F.linear(F.silu(gate_1Tf) * up_1Tf, self.down)
+        g_1Th = g_1Th + self.o(o_1nTd.transpose(1, 2).reshape(1, T, -1))
+        gate_1Tf, up_1Tf = self.gate_up(self._rms(g_1Th, self.norm_post)).split(self.ffn, dim=-1)
+        return g_1Th + self.down(F.silu(gate_1Tf) * up_1Tf)
 
     def feed(self, g_1Th: torch.Tensor) -> torch.Tensor:
         return self._rms(g_1Th, self.norm_out) if self.norm_output else g_1Th
 
     def logits(self, g_1Th: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._rms(g_1Th, self.norm_out), self.head)
+        return self.head(self._rms(g_1Th, self.norm_out))
 
 
 class Eagle3Drafter:
