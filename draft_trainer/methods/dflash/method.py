@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common.contract import ModelInfo
+from common.cpu_linear import prepack_linears
 from common.errors import ConfigError, ContractError
 from common.features import FeatureSpec
 from draft_trainer.data.vocab import VocabMapping
@@ -132,6 +133,8 @@ class DFlashMethod(DraftMethod):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 draft = self.model_from_config(cfg.to_dict()).to(dtype).eval()
+        if dtype == torch.float32:   # inference only: its linears packed once for oneDNN (common/cpu_linear.py)
+            prepack_linears(draft)
         return DFlashDrafter(draft, emb.to(dtype), head.to(dtype))
 
     @classmethod
