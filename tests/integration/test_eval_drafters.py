@@ -193,10 +193,12 @@ def test_eval_command_flags(trained, tiny_llama, tmp_path):
     out = tmp_path / "r.json"
     res = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
                   "--prompts", str(prompts), "--num-steps", "3", "--max-new-tokens", "16", "--speed-rounds", "2",
-                  "--untrained", "--no-prompt-lookup", "--also-k", "1", "--output", str(out), timeout=600)
+                  "--untrained", "--no-prompt-lookup", "--also-k", "1", "--linears", "torch", "--output", str(out),
+                  timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "prompt_lookup" not in r and r["untrained"]["lossless"] and r["speed"]["rounds"] == 2
+    assert r["linear_kernel"] == "torch"      # (the default, prepacked, runs in the other tests)
     assert list(r["by_k"]) == ["1", "3"] and "draft_k1" not in r
     bad = run_cli("draft_trainer", "eval", "--target-model", str(tiny_llama), "--draft", str(export_dir),
                   "--prompts", str(prompts), "--speed-rounds", "0", timeout=600)
