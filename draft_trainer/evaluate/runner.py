@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from common.cpu_linear import prepack_linears
+from common.cpu_linear import prepack_available, prepack_linears
 from common.errors import ContractError, DataError
 from common.hardware import pick_dtype
 from draft_trainer.methods.base import Drafter
@@ -175,7 +175,7 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     attn = {"attn_implementation": rowwise_attention.register()} if rowwise else {}
     # the greedy reference's key in greedy_cache: by dtype, and apart where fp32 attends row by row
     ref_kind = f"{dtype}+rowwise" if rowwise and tdtype == torch.float32 else dtype
-    if linears == "auto" and tdtype == torch.float32:
+    if linears == "auto" and tdtype == torch.float32 and prepack_available():
         ref_kind += "+prepacked"   # another kernel, another rounding: its own greedy reference
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
