@@ -106,9 +106,11 @@ def served(target, drafts, prompts):
 
 @pytest.fixture(scope="module")
 def evaluated(target, drafts, prompts_file):
-    """`draft-trainer eval` on the same prompts; its greedy reference is kept (greedy_cache)."""
+    """`draft-trainer eval` on the same prompts; its greedy reference is kept (greedy_cache). On torch's own
+    linears (`linears="torch"`): the reference is transformers' plain fp32 greedy decoding."""
     cache: dict = {}
-    res = evaluate(target, drafts[0], prompts_file, num_steps=K, max_new_tokens=MAX_NEW, greedy_cache=cache)
+    res = evaluate(target, drafts[0], prompts_file, num_steps=K, max_new_tokens=MAX_NEW, greedy_cache=cache,
+                   linears="torch")
     return res, cache
 
 
