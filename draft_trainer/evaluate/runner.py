@@ -175,14 +175,15 @@ def evaluate(target_model: str | Path, draft_dir: str | Path, prompts_path: str 
     attn = {"attn_implementation": rowwise_attention.register()} if rowwise else {}
     # the greedy reference's key in greedy_cache: by dtype, and apart where fp32 attends row by row
     ref_kind = f"{dtype}+rowwise" if rowwise and tdtype == torch.float32 else dtype
-    if linears == "auto" and tdtype == torch.float32 and prepack_available():
+    prepack = linears == "auto" and tdtype == torch.float32 and prepack_available()   # fp32 only: cpu_linear.py
+    if prepack:
         ref_kind += "+prepacked"   # another kernel, another rounding: its own greedy reference
     target = AutoModelForCausalLM.from_pretrained(target_model, dtype=tdtype, **attn).eval()
     prompts = load_prompts(prompts_path, tok)
     eos = eos_set(target, tok)
     draft = method.drafter(Path(draft_dir), target, dtype=tdtype)
     # after the drafter took what it shares with the target; only fp32 (cpu_linear.py says why)
-    packed = prepack_linears(target) if linears == "auto" and tdtype == torch.float32 else 0
+    packed = prepack_linears(target) if prepack else 0
     runs: dict[str, _Run] = {"draft": _Run(draft, num_steps)}
     if prompt_lookup:
         runs["prompt_lookup"] = _Run(PromptLookupDrafter(max_ngram, min_ngram), num_steps)

@@ -35,6 +35,13 @@ def _prompts(model_dir, n=4):
     return out
 
 
+def _n_linears(model_dir) -> int:
+    """The linear layers a Llama has: q, k, v, o, gate, up, down in each layer, and its head."""
+    from transformers import AutoConfig
+
+    return 7 * AutoConfig.from_pretrained(model_dir).num_hidden_layers + 1
+
+
 class ScriptedDrafter:
     """Knows the greedy reference: proposes its next tokens, wrong from position `wrong_at` on
     (None: never). Records every feature row it is handed, by the position it belongs to."""
@@ -261,10 +268,7 @@ def test_prepacked_linears_are_evaluated_lossless_beside_torchs_own(trained, tin
         packed = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache)
         plain = evaluate(tiny_llama, export_dir, prompts, num_steps=4, max_new_tokens=MAX_NEW, greedy_cache=cache,
                          linears="torch")
-    from transformers import AutoConfig
-
-    # q, k, v, o, gate, up, down in each of the tiny Llama's layers, and its head
-    n_linears = 7 * AutoConfig.from_pretrained(tiny_llama).num_hidden_layers + 1
+    n_linears = _n_linears(tiny_llama)
     assert packed["linear_kernel"] == f"oneDNN prepacked ({n_linears} layers)" and plain["linear_kernel"] == "torch"
     assert packed["lossless"] and plain["lossless"], (packed["mismatches"], plain["mismatches"])
     assert packed["accepted_histogram"] == plain["accepted_histogram"]
@@ -367,9 +371,7 @@ def test_bench_spec_loop_times_an_exported_draft(trained, tiny_llama, tmp_path):
                    "--name", "spec_loop_linears", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec_loop_linears.json").read_text())
     assert rc == 0 and data["lossless"]
-    from transformers import AutoConfig
-
-    n_linears = 7 * AutoConfig.from_pretrained(tiny_llama).num_hidden_layers + 1
+    n_linears = _n_linears(tiny_llama)
     assert data["config"]["prepacked_layers"] == (n_linears if prepack_available() else 0)
     assert data["tau"]["spec_torch_linears"] == data["tau"]["spec"] > 1.0
     assert data["tau"]["greedy_torch_linears"] == 1.0 and data["tokens_per_s"]["greedy_torch_linears"][0] > 0
